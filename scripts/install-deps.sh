@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs the host packages the build, the guest kit and the tests need.
+# Idempotent: installs only what is missing, and touches the network only then.
+# Usage: scripts/install-deps.sh [--qemu]   (--qemu also installs QEMU 10 from
+# bookworm-backports, which only the boot benchmarks need).
+set -euo pipefail
+
+want_qemu=0
+for arg in "$@"; do
+    case "$arg" in
+        --qemu) want_qemu=1 ;;
+        *) echo "install-deps: unknown argument: $arg" >&2; exit 2 ;;
+    esac
+done
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-deps: run as root (it installs Debian packages)" >&2
+    exit 1
+fi
+
+packages=(
+    # Build of the workspace and its C benchmark shim (liburcu's memb flavour).
+    build-essential pkg-config liburcu-dev
+    # Guest kit: the minimal kernel from Debian's kernel source package.
+    linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio xz-utils lz4 dwarves
+    # Guest kit: tiny initramfs /init programs and the busybox user space.
+    binutils
+    # Python QMP client used by the end-to-end tests.
+    python3 python3-venv
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+
+export DEBIAN_FRONTEND=noninteractive
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "install-deps: installing ${missing[*]}" >&2
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ "$want_qemu" -eq 1 ]; then
+    # QEMU 10 lives in bookworm-backports; installing it from there keeps the
+    # machine's backported qemu-utils consistent.
+    if ! command -v qemu-system-x86_64 >/dev/null 2>&1 ||
+        ! qemu-system-x86_64 --version | grep -q 'version 1[0-9]\.'; then
+        list=/etc/apt/sources.list.d/bookworm-backports.list
+        if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo 'deb http://deb.debian.org/debian bookworm-backports main' >"$list"
+        fi
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
+    fi
+fi
+echo "install-deps: host packages ready" >&2
