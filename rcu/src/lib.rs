@@ -1,1 +1,130 @@
-//! Placeholder: filled by a later issue.
+//! Userspace read-copy-update for a virtual machine monitor.
+//!
+//! Readers enter a read-side critical section with [`read_lock`], read values
+//! published in [`RcuCell`]s through the returned [`ReadGuard`], and leave when
+//! the guard drops. Writers publish new values and free old ones after a
+//! *grace period*: [`synchronize_rcu`] waits for one, [`call_rcu`] defers a
+//! callback until one has passed, [`force_rcu`] makes pending callbacks run
+//! promptly, and [`drain_call_rcu`] waits for everything queued so far.
+//! [`stats`] reports what all of it cost.
+//!
+//! The semantics follow QEMU's `util/rcu.c` (itself liburcu's
+//! memory-barrier flavour), including QEMU 10.2's lazy, batching call_rcu
+//! thread and `force_rcu()`. The call_rcu thread's wake-up is a
+//! [`WakeupStrategy`]: QEMU's boolean event, or the counting semaphore that
+//! was proposed instead; choose with [`set_wakeup_strategy`] before first use.
+//!
+//! # The read side
+//!
+//! A registered thread owns a slot with a counter `ctr`. Entering the
+//! outermost section copies the global grace-period counter `gp_ctr` (always
+//! odd) into `ctr`; leaving stores 0. Nested sections only count depth in a
+//! thread-local. No lock, no read-modify-write atomic and no allocation is
+//! involved after the thread's first section (which registers it).
+//!
+//! A grace period advances `gp_ctr` and waits until every slot that was
+//! registered when it started reads 0 (outside) or the new `gp_ctr` (a section
+//! that started after the advance). Every such reader has left the section it
+//! was in when the grace period started.
+//!
+//! # Why readers are safe: the ordering pairs
+//!
+//! Each barrier is named in the code (`domain.rs`) with what it pairs with.
+//!
+//! * **Publication.** `RcuCell::replace` swaps the pointer with release
+//!   ordering; `RcuCell::read` loads it with acquire ordering. A reader that
+//!   sees the new value sees its contents.
+//! * **(R1) with (W1)/(W2): a reader either is seen, or sees the new value.**
+//!   The reader stores `ctr`, then fences (R1), then loads pointers. The
+//!   writer stores the new pointer, then fences (W1, and again W2), then loads
+//!   `ctr`. This is the store-buffering pattern: with a full fence on each
+//!   side, at least one side observes the other's store. Either the grace
+//!   period sees the reader's non-zero, old `ctr` and waits for it, or the
+//!   reader's loads return the new pointer, so it cannot hold the old one.
+//!   A reader that loaded the *new* `gp_ctr` is not waited for; (W1) orders
+//!   the pointer store before the `gp_ctr` store, so such a reader's loads
+//!   after (R1) see the new pointer.
+//! * **(R2) with (W2): no lost wake-up of the writer.** Leaving a section, the
+//!   reader stores `ctr = 0`, fences (R2), then loads its `waiting` flag. A
+//!   hurried grace period stores `waiting = true`, fences (W2), then loads
+//!   `ctr`. Again store buffering: either the writer sees 0, or the reader
+//!   sees `waiting` and sets the grace-period event.
+//! * **The section happens before the free.** Both stores to `ctr` are
+//!   release stores and the grace period loads `ctr` with acquire ordering,
+//!   so every access of the finished section happens before whatever the
+//!   writer does after `synchronize_rcu` returns (such as freeing).
+//! * **Events.** The grace-period event and the call_rcu event are
+//!   set/reset/wait with sequentially consistent read-modify-writes, so a
+//!   `set` either precedes the waiter's `reset` and re-check, or wakes it.
+//!
+//! # Paying for the fences: membarrier
+//!
+//! (R1) and (R2) as real fences cost a few ns each. By default a reader
+//! executes only compiler fences there, and grace periods execute
+//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` in place of (W1) and (W2):
+//! the kernel runs a full barrier on every CPU that is running a thread of
+//! this process at that moment (a thread that is not running passes a full
+//! barrier when it is next scheduled). The effect is as if each reader had
+//! executed a real fence at the point where it was interrupted, which is all
+//! the pairs above need. Where the kernel lacks the command, or
+//! `RCU_NO_MEMBARRIER` is set, every reader uses real fences and writers use a
+//! local fence.
+//!
+//! membarrier interrupts *every* CPU running a thread of the process,
+//! including vCPU threads inside `KVM_RUN`, forcing a VM exit on each. A
+//! thread can opt out with [`set_reader_mode`]`(`[`ReaderMode::Fenced`]`)`: its
+//! sections use real fences, and a grace period issues `membarrier` only if
+//! some *other* registered thread is in [`ReaderMode::Membarrier`]. A VMM whose
+//! threads all read in `Fenced` mode therefore never interrupts its guests for
+//! a grace period.
+//!
+//! # Threads
+//!
+//! Registration happens on a thread's first [`read_lock`] and is undone when
+//! the thread exits, even if it leaked a guard (the section ends with the
+//! thread). The registry holds live threads only.
+//!
+//! # What is checked, and how
+//!
+//! Unit and integration tests (including a torture test in the style of the
+//! kernel's rcutorture), `loom` models of the grace-period and call_rcu
+//! protocols (build with `RUSTFLAGS="--cfg loom"`; the models use fenced
+//! readers, since loom cannot model `membarrier`), and criterion benchmarks
+//! against liburcu, crossbeam-epoch, arc-swap and reader-writer locks.
+
+#![deny(missing_docs)]
+// Under loom only the models (test builds) drive the internals.
+#![cfg_attr(loom, allow(dead_code, unused_imports))]
+
+mod call_rcu;
+#[cfg(not(loom))]
+mod cell;
+mod clock;
+mod domain;
+#[cfg(not(loom))]
+mod global;
+#[cfg(all(test, loom))]
+mod loom_models;
+#[cfg(not(loom))]
+mod membarrier;
+mod primitive;
+mod queue;
+#[cfg(not(loom))]
+mod reader;
+mod stats;
+mod wait;
+
+pub use call_rcu::{MIN_BATCH, POLL_INTERVAL, WakeupStrategy};
+#[cfg(not(loom))]
+pub use cell::RcuCell;
+pub use domain::LAZY_POLLS;
+#[cfg(not(loom))]
+pub use global::{
+    AlreadyStarted, call_rcu, call_rcu_labeled, drain_call_rcu, force_rcu, pending_callbacks,
+    registered_readers, set_wakeup_strategy, stats, synchronize_rcu, wakeup_strategy,
+};
+#[cfg(not(loom))]
+pub use membarrier::DISABLE_ENV as NO_MEMBARRIER_ENV;
+#[cfg(not(loom))]
+pub use reader::{ReadGuard, ReaderMode, in_read_section, read_lock, reader_mode, set_reader_mode};
+pub use stats::{Bucket, Latency, SiteStats, Stats};

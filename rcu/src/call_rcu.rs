@@ -1,0 +1,412 @@
+//! Deferred callbacks: the call_rcu thread and its two wake-up strategies.
+//!
+//! `call_rcu(f)` queues `f` (wait-free) and bumps a pending count. One thread
+//! takes batches: it waits for work, notes how many callbacks are pending
+//! (`n`), runs one grace period, then runs exactly those `n` callbacks, which
+//! were all queued before the grace period began. Unless forced, the grace
+//! period is lazy: while a reader is slow to leave its section, it polls every
+//! [`POLL_INTERVAL`] and hurries only after [`LAZY_POLLS`] polls or once
+//! [`MIN_BATCH`] callbacks are pending, so bursts share one grace period.
+//! `force_rcu()` makes the thread skip that batching for everything queued
+//! before it.
+//!
+//! How the thread is woken is a strategy ([`WakeupStrategy`]), after the
+//! discussion in QEMU of `force_rcu()` (2025-11): a boolean event that the
+//! thread resets and re-checks (QEMU's code), or a counting semaphore (the
+//! proposed alternative), which remembers every notification and so may cost
+//! extra rounds of the thread's loop.
+
+use crate::domain::{Domain, Pacer, Slot};
+use crate::primitive::{AtomicBool, AtomicUsize};
+use crate::queue::{Callback, Queue};
+use crate::stats::{Histogram, SiteTable};
+use crate::wait::{Event, Semaphore, Signal};
+use std::panic::{AssertUnwindSafe, Location};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Pending callbacks at which a lazy grace period stops waiting politely for
+/// slow readers (QEMU's `RCU_CALL_MIN_SIZE`).
+pub const MIN_BATCH: usize = 30;
+
+/// Length of one lazy poll for slow readers (QEMU: 10 ms).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// How long the call_rcu thread measures the TSC rate when it starts (it
+/// runs no callback meanwhile).
+#[cfg(not(loom))]
+const CALIBRATION: Duration = Duration::from_millis(5);
+#[cfg(loom)]
+const CALIBRATION: Duration = Duration::ZERO;
+
+/// How the call_rcu thread is woken when work arrives or is forced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WakeupStrategy {
+    /// A boolean event: notifications before the thread looks are merged
+    /// into one. The thread resets it before reading the pending count and,
+    /// after finding work, resets it again and re-reads the count while a
+    /// `force_rcu` request is pending (QEMU's current `util/rcu.c`).
+    #[default]
+    Event,
+    /// A counting semaphore: every notification is remembered, so no reset
+    /// and re-read dance is needed, at the cost of one extra round of the
+    /// thread's loop per notification it had already handled.
+    Semaphore,
+}
+
+impl WakeupStrategy {
+    /// The strategy's name as the command line and statistics spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Event => "event",
+            Self::Semaphore => "semaphore",
+        }
+    }
+}
+
+impl std::str::FromStr for WakeupStrategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "event" => Ok(Self::Event),
+            "semaphore" => Ok(Self::Semaphore),
+            other => Err(format!(
+                "unknown RCU wake-up strategy '{other}' (expected 'event' or 'semaphore')"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for WakeupStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The loop variant the thread runs. Besides the two public strategies, loom
+/// builds have a deliberately broken one to show the models catch the bug
+/// discussed in the seed thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Variant {
+    Event,
+    Semaphore,
+    /// Event strategy that samples `forced` *before* reading the count and
+    /// then resets the event: a `force_rcu` landing between the two is lost
+    /// (Akihiko Odaki's counter-example). Model-checking only.
+    #[cfg(loom)]
+    BrokenEventSwapFirst,
+}
+
+impl From<WakeupStrategy> for Variant {
+    fn from(s: WakeupStrategy) -> Self {
+        match s {
+            WakeupStrategy::Event => Variant::Event,
+            WakeupStrategy::Semaphore => Variant::Semaphore,
+        }
+    }
+}
+
+enum WakeSignal {
+    Event(Event),
+    Semaphore(Semaphore),
+}
+
+impl WakeSignal {
+    fn as_signal(&self) -> &dyn Signal {
+        match self {
+            Self::Event(e) => e,
+            Self::Semaphore(s) => s,
+        }
+    }
+    fn event(&self) -> Option<&Event> {
+        match self {
+            Self::Event(e) => Some(e),
+            Self::Semaphore(_) => None,
+        }
+    }
+}
+
+/// Counters of the call_rcu machinery (not part of the protocol).
+#[derive(Debug)]
+pub(crate) struct WorkerStats {
+    pub(crate) callbacks_run: AtomicU64,
+    pub(crate) callback_panics: AtomicU64,
+    pub(crate) force_rcu: AtomicU64,
+    pub(crate) wakeups: AtomicU64,
+    pub(crate) empty_wakeups: AtomicU64,
+    pub(crate) loops: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) forced_batches: AtomicU64,
+    pub(crate) max_batch: AtomicU64,
+    pub(crate) lazy_polls: AtomicU64,
+    pub(crate) latency: Histogram,
+    pub(crate) sites: SiteTable,
+}
+
+impl WorkerStats {
+    const fn new() -> Self {
+        Self {
+            callbacks_run: AtomicU64::new(0),
+            callback_panics: AtomicU64::new(0),
+            force_rcu: AtomicU64::new(0),
+            wakeups: AtomicU64::new(0),
+            empty_wakeups: AtomicU64::new(0),
+            loops: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            forced_batches: AtomicU64::new(0),
+            max_batch: AtomicU64::new(0),
+            lazy_polls: AtomicU64::new(0),
+            latency: Histogram::new(),
+            sites: SiteTable::new(),
+        }
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The queue, the pending count and the wake-up signal of one call_rcu
+/// thread.
+pub(crate) struct CallRcu {
+    queue: Queue,
+    /// Callbacks queued and not yet taken into a batch.
+    pending: AtomicUsize,
+    /// Set by `force_rcu`, consumed by the thread.
+    forced: AtomicBool,
+    signal: WakeSignal,
+    variant: Variant,
+    /// Asks the thread to return once nothing is pending (models and tests).
+    stop: AtomicBool,
+    pub(crate) stats: WorkerStats,
+    /// Asked by a lazy grace period as each batching poll begins; if it
+    /// answers `true` and the poll then sleeps to its end, the model fails.
+    /// (Loom models timers as already expired, so a poll sleeps exactly when
+    /// no notification is pending at its start.)
+    #[cfg(loom)]
+    pub(crate) batching_sleep_forbidden: Option<Box<dyn Fn() -> bool + Send + Sync>>,
+}
+
+impl std::fmt::Debug for CallRcu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallRcu")
+            .field("variant", &self.variant)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallRcu {
+    pub(crate) fn new(variant: Variant) -> Self {
+        let signal = match variant {
+            Variant::Semaphore => WakeSignal::Semaphore(Semaphore::new(0)),
+            _ => WakeSignal::Event(Event::new(false)),
+        };
+        Self {
+            queue: Queue::new(),
+            pending: AtomicUsize::new(0),
+            forced: AtomicBool::new(false),
+            signal,
+            variant,
+            stop: AtomicBool::new(false),
+            stats: WorkerStats::new(),
+            #[cfg(loom)]
+            batching_sleep_forbidden: None,
+        }
+    }
+
+    /// Queues `f`. Wait-free apart from the allocation of its node; wakes the
+    /// thread only when the queue was empty.
+    pub(crate) fn call<F: FnOnce() + Send + 'static>(
+        &self,
+        f: F,
+        site: &'static Location<'static>,
+        label: &'static str,
+    ) {
+        self.stats.sites.count_call(site, label);
+        self.queue.push(f, site, label);
+        // SeqCst: pairs with the thread's reset-then-read (Event) so that
+        // either it sees this count or this notification follows its reset.
+        if self.pending.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.signal.as_signal().notify();
+        }
+    }
+
+    /// Asks the thread to run the callbacks queued so far after one grace
+    /// period, without batching sleeps.
+    pub(crate) fn force(&self) {
+        bump(&self.stats.force_rcu);
+        self.forced.store(true, Ordering::SeqCst);
+        self.signal.as_signal().notify();
+    }
+
+    /// Makes `run` return once nothing is pending.
+    #[cfg_attr(not(loom), allow(dead_code))]
+    pub(crate) fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.signal.as_signal().notify();
+    }
+
+    #[cfg_attr(loom, allow(dead_code))]
+    /// The public strategy this machinery implements.
+    pub(crate) fn strategy(&self) -> WakeupStrategy {
+        match self.variant {
+            Variant::Semaphore => WakeupStrategy::Semaphore,
+            _ => WakeupStrategy::Event,
+        }
+    }
+
+    #[cfg_attr(loom, allow(dead_code))]
+    /// Callbacks queued and not yet taken by the thread.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The thread's body. `caller` returns the thread's own reader slot, if
+    /// it has one (a callback may have registered it), so grace periods do
+    /// not wait for or send barriers to the thread running them.
+    pub(crate) fn run(&self, domain: &Domain, caller: &dyn Fn() -> Option<&'static Slot>) {
+        crate::clock::calibrate(CALIBRATION);
+        while let Some((n, lazy)) = self.wait_for_work() {
+            domain.synchronize(caller(), if lazy { Some(self) } else { None });
+            self.pending.fetch_sub(n, Ordering::SeqCst);
+            bump(&self.stats.batches);
+            if !lazy {
+                bump(&self.stats.forced_batches);
+            }
+            self.stats.max_batch.fetch_max(n as u64, Ordering::Relaxed);
+            for _ in 0..n {
+                self.invoke(self.queue.pop_wait());
+            }
+        }
+    }
+
+    /// Waits until callbacks are pending; returns how many to take and
+    /// whether the grace period may be lazy. `None` once stopped and idle.
+    fn wait_for_work(&self) -> Option<(usize, bool)> {
+        match self.variant {
+            Variant::Event => self.wait_event(),
+            Variant::Semaphore => self.wait_semaphore(),
+            #[cfg(loom)]
+            Variant::BrokenEventSwapFirst => self.wait_event_swap_first(),
+        }
+    }
+
+    /// Reads the pending count as one round of the wait loop.
+    fn read_pending(&self, woke: bool) -> usize {
+        bump(&self.stats.loops);
+        let n = self.pending.load(Ordering::SeqCst);
+        if woke && n == 0 {
+            bump(&self.stats.empty_wakeups);
+        }
+        n
+    }
+
+    fn sleep(&self) {
+        self.signal.as_signal().wait();
+        bump(&self.stats.wakeups);
+    }
+
+    /// QEMU's protocol: reset, re-check, sleep; after finding work, reset
+    /// again so a stale notification does not cut the coming grace period
+    /// short, then consume every pending force request, re-reading the count
+    /// after each so a request is never attributed to older callbacks only.
+    fn wait_event(&self) -> Option<(usize, bool)> {
+        let ev = self.signal.event()?;
+        let mut woke = false;
+        let mut n;
+        loop {
+            ev.reset();
+            n = self.read_pending(woke);
+            if n > 0 {
+                break;
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.sleep();
+            woke = true;
+        }
+        ev.reset();
+        let mut lazy = true;
+        while self.forced.swap(false, Ordering::SeqCst) {
+            lazy = false;
+            n = self.pending.load(Ordering::SeqCst);
+        }
+        Some((n, lazy))
+    }
+
+    /// The semaphore protocol: sample `forced`, then the count; every
+    /// notification stays counted in the semaphore, so a force request that
+    /// lands between the two still wakes the coming lazy wait at once.
+    fn wait_semaphore(&self) -> Option<(usize, bool)> {
+        let mut woke = false;
+        loop {
+            let lazy = !self.forced.swap(false, Ordering::SeqCst);
+            let n = self.read_pending(woke);
+            if n > 0 {
+                return Some((n, lazy));
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.sleep();
+            woke = true;
+        }
+    }
+
+    #[cfg(loom)]
+    fn wait_event_swap_first(&self) -> Option<(usize, bool)> {
+        let ev = self.signal.event()?;
+        let mut woke = false;
+        loop {
+            ev.reset();
+            let lazy = !self.forced.swap(false, Ordering::SeqCst);
+            let n = self.read_pending(woke);
+            if n > 0 {
+                ev.reset();
+                return Some((n, lazy));
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.sleep();
+            woke = true;
+        }
+    }
+
+    fn invoke(&self, cb: Callback) {
+        let h = cb.header();
+        let (site, label) = (h.site, h.label);
+        let waited = crate::clock::elapsed_ns(h.queued_at);
+        // Counted before the call: a callback that ends a `drain_call_rcu`
+        // wait is already counted when the drainer returns.
+        bump(&self.stats.callbacks_run);
+        self.stats.sites.count_run(site, label);
+        self.stats.latency.record(waited);
+        if std::panic::catch_unwind(AssertUnwindSafe(move || cb.run())).is_err() {
+            bump(&self.stats.callback_panics);
+        }
+    }
+}
+
+impl Pacer for CallRcu {
+    fn hurry(&self, polls_left: u32) -> bool {
+        if self.pending.load(Ordering::SeqCst) >= MIN_BATCH || polls_left == 0 {
+            return true;
+        }
+        #[cfg(loom)]
+        let forbidden = self.batching_sleep_forbidden.as_ref().is_some_and(|f| f());
+        if self.signal.as_signal().wait_timeout(POLL_INTERVAL) {
+            bump(&self.stats.wakeups);
+            return true;
+        }
+        bump(&self.stats.lazy_polls);
+        #[cfg(loom)]
+        assert!(
+            !forbidden,
+            "batching sleep after force_rcu() returned, with its callback pending"
+        );
+        false
+    }
+}

@@ -1,0 +1,212 @@
+//! The callback queue: wait-free for producers, single consumer (the call_rcu
+//! thread). The algorithm is liburcu's `wfqueue` as used by QEMU: producers
+//! swap themselves into `tail` and then link the previous tail to themselves;
+//! the consumer keeps a stub node so the queue is never empty of nodes.
+//!
+//! A node is `Node<F>`: a type-erased header followed by the closure, one
+//! allocation per callback.
+
+use crate::primitive::{AtomicPtr, spin_yield};
+use std::panic::Location;
+use std::sync::atomic::Ordering;
+
+/// The type-erased part of every queued callback.
+#[repr(C)]
+pub(crate) struct Header {
+    next: AtomicPtr<Header>,
+    /// Consumes the node: runs the closure (`run == true`) or only drops it.
+    consume: unsafe fn(*mut Header, run: bool),
+    /// Where `call_rcu` was called.
+    pub(crate) site: &'static Location<'static>,
+    /// A human label for the site, or "".
+    pub(crate) label: &'static str,
+    /// When `call_rcu` was called ([`crate::clock`] stamp).
+    pub(crate) queued_at: u64,
+}
+
+#[repr(C)]
+struct Node<F> {
+    header: Header,
+    f: F,
+}
+
+/// A callback taken off the queue, owned by the consumer.
+pub(crate) struct Callback {
+    node: *mut Header,
+}
+
+// SAFETY: a Callback owns its node exclusively, and the closure inside is
+// `Send` (enforced by `Queue::push`).
+unsafe impl Send for Callback {}
+
+impl Callback {
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: the node is live and owned by this Callback until consumed.
+        unsafe { &*self.node }
+    }
+
+    /// Runs the closure, consuming the callback. A panic in the closure
+    /// propagates to the caller after the node is freed.
+    pub(crate) fn run(self) {
+        let node = self.node;
+        std::mem::forget(self);
+        // SAFETY: `node` is owned (forgotten above, so consumed once) and its
+        // `consume` function was set for its real type by `push`.
+        unsafe { consume_node(node, true) };
+    }
+}
+
+impl Drop for Callback {
+    fn drop(&mut self) {
+        // SAFETY: as in `run`; dropping without running frees the node and
+        // drops the closure.
+        unsafe { consume_node(self.node, false) };
+    }
+}
+
+/// Runs or drops the node's closure and frees the node.
+///
+/// # Safety
+/// `node` must be a live node from `Queue::push`, owned by the caller, and
+/// not used afterwards.
+unsafe fn consume_node(node: *mut Header, run: bool) {
+    // SAFETY: the caller guarantees `node` is live.
+    let consume = unsafe { (*node).consume };
+    // SAFETY: `consume` was monomorphised for this node's closure type, and
+    // the caller hands over ownership.
+    unsafe { consume(node, run) };
+}
+
+unsafe fn consume<F: FnOnce()>(p: *mut Header, run: bool) {
+    // SAFETY: `p` was produced by `Box::into_raw(Box<Node<F>>)` in `push`
+    // for this very `F` (the function pointer is monomorphised with it), and
+    // Header is the first field of the repr(C) Node.
+    let node = unsafe { Box::from_raw(p.cast::<Node<F>>()) };
+    let f = node.f;
+    if run {
+        f();
+    }
+}
+
+unsafe fn consume_stub(_p: *mut Header, _run: bool) {}
+
+/// Multi-producer, single-consumer queue of callbacks.
+pub(crate) struct Queue {
+    /// Only the consumer reads and writes `head`; an atomic keeps the type
+    /// `Sync` without unsafe code.
+    head: AtomicPtr<Header>,
+    tail: AtomicPtr<Header>,
+    stub: *mut Header,
+}
+
+// SAFETY: all shared mutation goes through atomics; `stub` is an owned
+// allocation freed only in Drop.
+unsafe impl Send for Queue {}
+// SAFETY: as above; the consumer-only operations are documented as such.
+unsafe impl Sync for Queue {}
+
+impl std::fmt::Debug for Queue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+impl Queue {
+    pub(crate) fn new() -> Self {
+        let stub = Box::into_raw(Box::new(Header {
+            next: AtomicPtr::new(std::ptr::null_mut()),
+            consume: consume_stub,
+            site: Location::caller(),
+            label: "",
+            queued_at: crate::clock::now(),
+        }));
+        Self {
+            head: AtomicPtr::new(stub),
+            tail: AtomicPtr::new(stub),
+            stub,
+        }
+    }
+
+    /// Appends a callback. Wait-free: one swap and one store. Callable from
+    /// any thread, including from a callback.
+    pub(crate) fn push<F: FnOnce() + Send + 'static>(
+        &self,
+        f: F,
+        site: &'static Location<'static>,
+        label: &'static str,
+    ) {
+        let node = Box::into_raw(Box::new(Node {
+            header: Header {
+                next: AtomicPtr::new(std::ptr::null_mut()),
+                consume: consume::<F>,
+                site,
+                label,
+                queued_at: crate::clock::now(),
+            },
+            f,
+        }));
+        self.link(node.cast::<Header>());
+    }
+
+    fn link(&self, node: *mut Header) {
+        // Make the node the tail; until the previous tail points at it, the
+        // consumer finds a null `next` there and waits (`pop_wait`).
+        let prev = self.tail.swap(node, Ordering::AcqRel);
+        // SAFETY: `prev` is a node in the queue (or the stub): the consumer
+        // frees a node only after following its non-null `next`, and `prev`'s
+        // `next` is still null, so it is live.
+        unsafe { (*prev).next.store(node, Ordering::Release) };
+    }
+
+    /// Takes the oldest callback, if one is fully linked. Consumer only.
+    fn try_pop(&self) -> Option<Callback> {
+        loop {
+            let node = self.head.load(Ordering::Relaxed);
+            // SAFETY: `head` is always a live node (consumer-owned position).
+            let next = unsafe { (*node).next.load(Ordering::Acquire) };
+            if next.is_null() {
+                return None;
+            }
+            self.head.store(next, Ordering::Relaxed);
+            if node == self.stub {
+                // Put the stub back at the end so the last real node can be
+                // taken, then try again.
+                // SAFETY: the stub is no longer reachable from `head`, so its
+                // `next` may be reset before it is re-linked.
+                unsafe { (*node).next.store(std::ptr::null_mut(), Ordering::Relaxed) };
+                self.link(node);
+                continue;
+            }
+            return Some(Callback { node });
+        }
+    }
+
+    /// Takes the oldest callback, waiting for it if a producer has counted
+    /// it but not yet linked it (a window of a few instructions). Consumer
+    /// only; call it only when a callback is known to be queued.
+    pub(crate) fn pop_wait(&self) -> Callback {
+        let mut spins = 0u32;
+        loop {
+            if let Some(cb) = self.try_pop() {
+                return cb;
+            }
+            spins = spins.saturating_add(1);
+            if cfg!(not(loom)) && spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                spin_yield();
+            }
+        }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        while let Some(cb) = self.try_pop() {
+            drop(cb);
+        }
+        // SAFETY: the stub was allocated in `new` and, the queue being
+        // dropped, nothing else references it.
+        drop(unsafe { Box::from_raw(self.stub) });
+    }
+}

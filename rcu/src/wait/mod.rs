@@ -1,0 +1,34 @@
+//! Blocking primitives for the grace-period and call_rcu protocols.
+//!
+//! Both types are futex-based in normal builds (no allocation, `const`
+//! constructible, no syscall on the uncontended paths) and are built on loom's
+//! `Mutex`/`Condvar` under `--cfg loom`, so the protocols that use them are
+//! model-checked against the same interface.
+//!
+//! The interface both share is [`Signal`]: the call_rcu thread's wake-up
+//! strategy is a choice between the two implementations.
+
+mod event;
+#[cfg(not(loom))]
+mod futex;
+mod semaphore;
+
+pub(crate) use event::Event;
+pub(crate) use semaphore::Semaphore;
+
+use std::time::Duration;
+
+/// A wake-up signal between threads, as the call_rcu thread uses one.
+///
+/// `notify` never blocks and may be called from any thread; `wait` and
+/// `wait_timeout` are called by the thread being woken.
+pub(crate) trait Signal: Send + Sync {
+    /// Makes a current or future `wait` return.
+    fn notify(&self);
+    /// Blocks until notified.
+    fn wait(&self);
+    /// Blocks until notified or until `timeout` passes; returns whether it was
+    /// notified. Under loom the timer is modelled as expiring at once: the call
+    /// returns `true` only if a notification is already pending.
+    fn wait_timeout(&self, timeout: Duration) -> bool;
+}

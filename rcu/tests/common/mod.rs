@@ -1,0 +1,296 @@
+//! Checks shared by the per-strategy test binaries (each binary is its own
+//! process, so each runs the call_rcu thread with one strategy).
+
+#![allow(dead_code)]
+
+use rcu::{RcuCell, ReadGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Serialises the tests of one binary: they compare global counters, and a
+/// concurrent test's readers or `force_rcu` calls would change them.
+pub static EXCLUSIVE: Mutex<()> = Mutex::new(());
+
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    EXCLUSIVE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Waits up to `limit` for `cond`; the limit only bounds a hang, no timing
+/// is asserted.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    cond()
+}
+
+/// A thread inside a read section until told to leave.
+pub struct HeldReader {
+    leave: mpsc::Sender<()>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl HeldReader {
+    pub fn start() -> Self {
+        let (entered_tx, entered_rx) = mpsc::channel();
+        let (leave_tx, leave_rx) = mpsc::channel::<()>();
+        let handle = thread::spawn(move || {
+            let g: ReadGuard = rcu::read_lock();
+            entered_tx.send(()).unwrap();
+            leave_rx.recv().unwrap();
+            drop(g);
+        });
+        entered_rx.recv().unwrap();
+        Self {
+            leave: leave_tx,
+            handle,
+        }
+    }
+    pub fn leave(self) {
+        self.leave.send(()).unwrap();
+        self.handle.join().unwrap();
+    }
+}
+
+/// Callbacks queued after a reader entered its section do not run before
+/// it leaves; they do run afterwards.
+pub fn callback_waits_for_preexisting_reader() {
+    let _x = exclusive();
+    let reader = HeldReader::start();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&ran);
+    rcu::call_rcu(move || r.store(true, Ordering::SeqCst));
+    rcu::force_rcu();
+    // Give the call_rcu thread every chance to misbehave.
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        !ran.load(Ordering::SeqCst),
+        "callback ran inside a pre-existing read section"
+    );
+    reader.leave();
+    assert!(wait_until(Duration::from_secs(30), || ran.load(Ordering::SeqCst)));
+}
+
+/// `synchronize_rcu` does not return while a pre-existing reader is inside
+/// its section.
+pub fn synchronize_waits_for_preexisting_reader() {
+    let _x = exclusive();
+    let reader = HeldReader::start();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let syncer = thread::spawn(move || {
+        rcu::synchronize_rcu();
+        d.store(true, Ordering::SeqCst);
+    });
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "synchronize_rcu returned during a reader's section"
+    );
+    reader.leave();
+    syncer.join().unwrap();
+    assert!(done.load(Ordering::SeqCst));
+}
+
+/// After `drain_call_rcu`, every callback queued before it has run and the
+/// counters agree, the drain marker included.
+pub fn drain_runs_everything_and_counts_agree() {
+    let _x = exclusive();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let before = rcu::stats();
+    for _ in 0..1000 {
+        let r = Arc::clone(&runs);
+        rcu::call_rcu(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        });
+    }
+    rcu::drain_call_rcu();
+    assert_eq!(runs.load(Ordering::SeqCst), 1000);
+    let after = rcu::stats();
+    assert_eq!(after.callbacks_run, after.call_rcu, "{after:#?}");
+    // 1000 callbacks plus the drain marker.
+    assert_eq!(after.call_rcu - before.call_rcu, 1001);
+    assert_eq!(after.drain_call_rcu - before.drain_call_rcu, 1);
+    let marker = after
+        .by_site
+        .iter()
+        .find(|s| s.label == "drain_call_rcu")
+        .expect("drain marker site");
+    assert!(marker.site.contains("common/mod.rs"), "{marker:?}");
+}
+
+/// A replacement from one call site is attributed to it, exactly.
+#[track_caller]
+fn replace_n(cell: &RcuCell<Vec<u64>>, n: u64) {
+    for i in 0..n {
+        cell.replace(vec![i; 4]);
+    }
+}
+
+pub fn per_site_counts_are_exact() {
+    let _x = exclusive();
+    let cell = RcuCell::with_label(vec![0u64; 4], "test cell replace");
+    let line = line!() + 1;
+    replace_n(&cell, 37);
+    rcu::drain_call_rcu();
+    let s = rcu::stats();
+    let site = s
+        .by_site
+        .iter()
+        .find(|e| e.label == "test cell replace")
+        .expect("site of the replacements");
+    assert_eq!(site.calls, 37);
+    assert_eq!(site.run, 37);
+    assert!(
+        site.site.ends_with(&format!("common/mod.rs:{line}:5")),
+        "{site:?}"
+    );
+}
+
+/// A forced callback runs after one grace period without batching sleeps,
+/// even while a slow reader keeps the grace period waiting.
+pub fn forced_callback_skips_batching() {
+    let _x = exclusive();
+    rcu::drain_call_rcu();
+    let before = rcu::stats();
+    let reader = HeldReader::start();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&ran);
+    rcu::call_rcu(move || r.store(true, Ordering::SeqCst));
+    rcu::force_rcu();
+    thread::sleep(Duration::from_millis(60));
+    reader.leave();
+    assert!(wait_until(Duration::from_secs(30), || ran.load(Ordering::SeqCst)));
+    let after = rcu::stats();
+    assert_eq!(
+        after.lazy_polls, before.lazy_polls,
+        "a forced batch slept to batch: before {before:#?} after {after:#?}"
+    );
+}
+
+/// Lets the call_rcu thread consume notifications left over from earlier
+/// work (a `force_rcu` that arrived after its batch was taken leaves the event
+/// set, or a semaphore unit pending, and that makes the next lazy grace period
+/// hurry, by design). Runs one unforced callback, then waits until the
+/// thread's loop counter stops moving.
+pub fn settle() {
+    rcu::drain_call_rcu();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&ran);
+    rcu::call_rcu(move || r.store(true, Ordering::SeqCst));
+    assert!(wait_until(Duration::from_secs(30), || ran.load(Ordering::SeqCst)));
+    let mut loops = rcu::stats().loops;
+    for _ in 0..100 {
+        thread::sleep(Duration::from_millis(20));
+        let now = rcu::stats().loops;
+        if now == loops {
+            return;
+        }
+        loops = now;
+    }
+}
+
+/// Without force, a slow reader makes the call_rcu thread poll lazily.
+pub fn unforced_callback_batches_lazily() {
+    let _x = exclusive();
+    settle();
+    let before = rcu::stats();
+    let reader = HeldReader::start();
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&ran);
+    rcu::call_rcu(move || r.store(true, Ordering::SeqCst));
+    // Long enough for at least one 10 ms poll to end.
+    thread::sleep(Duration::from_millis(100));
+    assert!(!ran.load(Ordering::SeqCst));
+    reader.leave();
+    assert!(wait_until(Duration::from_secs(30), || ran.load(Ordering::SeqCst)));
+    let after = rcu::stats();
+    assert!(after.lazy_polls > before.lazy_polls, "{after:#?}");
+    assert_eq!(after.forced_batches, before.forced_batches);
+}
+
+/// A panicking callback is caught and counted; the thread survives.
+pub fn panicking_callback_is_contained() {
+    let _x = exclusive();
+    let before = rcu::stats();
+    rcu::call_rcu(|| panic!("deliberate panic in an RCU callback (test)"));
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = Arc::clone(&ran);
+    rcu::call_rcu(move || r.store(true, Ordering::SeqCst));
+    rcu::drain_call_rcu();
+    assert!(ran.load(Ordering::SeqCst));
+    let after = rcu::stats();
+    assert_eq!(after.callback_panics - before.callback_panics, 1);
+    assert_eq!(after.callbacks_run, after.call_rcu, "{after:#?}");
+}
+
+/// Callbacks may queue callbacks, force and synchronize.
+pub fn callbacks_can_call_rcu() {
+    let _x = exclusive();
+    let depth = Arc::new(AtomicUsize::new(0));
+    fn chain(depth: Arc<AtomicUsize>, left: usize) {
+        rcu::call_rcu(move || {
+            depth.fetch_add(1, Ordering::SeqCst);
+            if left > 0 {
+                rcu::synchronize_rcu();
+                chain(depth, left - 1);
+                rcu::force_rcu();
+            }
+        });
+    }
+    chain(Arc::clone(&depth), 9);
+    assert!(wait_until(Duration::from_secs(60), || depth
+        .load(Ordering::SeqCst)
+        == 10));
+    rcu::drain_call_rcu();
+    let s = rcu::stats();
+    assert_eq!(s.callbacks_run, s.call_rcu);
+}
+
+/// Read-copy-update through `RcuCell::update` loses no update under
+/// contention, and readers see only whole values.
+pub fn rcu_cell_update_is_atomic() {
+    let _x = exclusive();
+    let cell = Arc::new(RcuCell::new(vec![0u64; 16]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (cell, stop) = (Arc::clone(&cell), Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut reads = 0u64;
+            loop {
+                let g = rcu::read_lock();
+                let v = cell.read(&g);
+                assert!(v.iter().all(|x| *x == v[0]), "torn value {v:?}");
+                reads += 1;
+                if stop.load(Ordering::Relaxed) {
+                    break reads;
+                }
+            }
+        })
+    };
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let cell = Arc::clone(&cell);
+            thread::spawn(move || {
+                for _ in 0..500 {
+                    cell.update(|v| v.iter_mut().for_each(|x| *x += 1));
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.join().unwrap() > 0);
+    assert_eq!(cell.with(|v| v[0]), 2000);
+}

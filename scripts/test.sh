@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of the project: formatting, lints, unit and integration
+# tests, the RCU torture test (release) and the RCU loom models.
+# This is the README's test command; .ci/run runs exactly this.
+# Needs root (it installs Debian packages) and /dev/kvm for the VM tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+started=$(date +%s)
+
+step "host packages"
+scripts/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "unit and integration tests"
+cargo test --workspace --locked
+
+step "RCU torture test, 10 s, release"
+RCU_TORTURE_SECS=10 cargo test --release --locked -p rcu --test torture -- --nocapture
+
+step "RCU loom models (release, bounded to 3 preemptions)"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+    cargo test --release --locked -p rcu --lib loom
+
+step "all tests passed in $(( $(date +%s) - started )) s"
