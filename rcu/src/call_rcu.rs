@@ -32,13 +32,6 @@ pub const MIN_BATCH: usize = 30;
 /// Length of one lazy poll for slow readers (QEMU: 10 ms).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
-/// How long the call_rcu thread measures the TSC rate when it starts (it
-/// runs no callback meanwhile).
-#[cfg(not(loom))]
-const CALIBRATION: Duration = Duration::from_millis(5);
-#[cfg(loom)]
-const CALIBRATION: Duration = Duration::ZERO;
-
 /// How the call_rcu thread is woken when work arrives or is forced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -266,7 +259,6 @@ impl CallRcu {
     /// it has one (a callback may have registered it), so grace periods do
     /// not wait for or send barriers to the thread running them.
     pub(crate) fn run(&self, domain: &Domain, caller: &dyn Fn() -> Option<&'static Slot>) {
-        crate::clock::calibrate(CALIBRATION);
         while let Some((n, lazy)) = self.wait_for_work() {
             domain.synchronize(caller(), if lazy { Some(self) } else { None });
             self.pending.fetch_sub(n, Ordering::SeqCst);

@@ -7,16 +7,24 @@
 //! synchronised across CPUs), stamps are TSC ticks, converted to ns with a
 //! ratio the call_rcu thread measures once at start. Otherwise, and under
 //! loom, stamps are nanoseconds from `Instant`.
+//!
+//! The TSC rate is derived from the time since the clock's first use (ticks
+//! against `Instant`); the two reads of that base are a few ns apart, so the
+//! rate is accurate to a fraction of a percent after 100 us and is fixed
+//! once 50 ms have passed. Nothing ever waits for a calibration.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
+
+/// Once this much time has passed since the base, the rate is fixed.
+const FIX_AFTER_NS: u128 = 50_000_000;
 
 struct Clock {
     tsc: bool,
     base: Instant,
     base_tsc: u64,
-    /// Nanoseconds per tick, as 32.32 fixed point; 0 until calibrated.
+    /// Nanoseconds per tick, as 32.32 fixed point; 0 until fixed.
     ns_per_tick: AtomicU64,
 }
 
@@ -62,24 +70,6 @@ pub(crate) fn now() -> u64 {
     }
 }
 
-/// Measures the TSC rate (blocks for `period`). Called once by the call_rcu
-/// thread before it converts any stamp; a no-op when stamps are ns.
-pub(crate) fn calibrate(period: Duration) {
-    let c = clock();
-    if !c.tsc || c.ns_per_tick.load(Ordering::Relaxed) != 0 {
-        return;
-    }
-    let (t0, k0) = (Instant::now(), rdtsc());
-    std::thread::sleep(period);
-    let (ns, ticks) = (t0.elapsed().as_nanos(), rdtsc().wrapping_sub(k0));
-    let ratio = if ticks == 0 {
-        1u64 << 32
-    } else {
-        u64::try_from((ns << 32) / u128::from(ticks)).unwrap_or(1 << 32)
-    };
-    c.ns_per_tick.store(ratio.max(1), Ordering::Relaxed);
-}
-
 /// Nanoseconds from the stamp `since` to now.
 pub(crate) fn elapsed_ns(since: u64) -> u64 {
     let c = clock();
@@ -90,10 +80,14 @@ pub(crate) fn elapsed_ns(since: u64) -> u64 {
     }
     let mut r = c.ns_per_tick.load(Ordering::Relaxed);
     if r == 0 {
-        // Not calibrated yet: estimate from the time since the clock's base.
         let ns = c.base.elapsed().as_nanos();
         let ticks = now.wrapping_sub(c.base_tsc).max(1);
-        r = u64::try_from((ns << 32) / u128::from(ticks)).unwrap_or(1 << 32);
+        r = u64::try_from((ns << 32) / u128::from(ticks))
+            .unwrap_or(1 << 32)
+            .max(1);
+        if ns >= FIX_AFTER_NS {
+            c.ns_per_tick.store(r, Ordering::Relaxed);
+        }
     }
     u64::try_from((u128::from(d) * u128::from(r)) >> 32).unwrap_or(u64::MAX)
 }
@@ -104,9 +98,8 @@ mod tests {
 
     #[test]
     fn elapsed_follows_real_time() {
-        calibrate(Duration::from_millis(5));
         let s = now();
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(std::time::Duration::from_millis(20));
         let ns = elapsed_ns(s);
         assert!(ns >= 19_000_000, "{ns} ns");
         assert!(ns < 20_000_000_000, "{ns} ns");

@@ -1,0 +1,182 @@
+//! The serial console on the terminal: stdin to COM1, with QEMU's escape
+//! (Ctrl-A x quits, Ctrl-A Ctrl-A sends Ctrl-A) when stdin is a terminal in
+//! raw mode.
+
+use devices::Serial;
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+const CTRL_A: u8 = 0x01;
+
+/// What a chunk of terminal input means.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes for the guest.
+    pub guest: Vec<u8>,
+    /// The user asked to quit (Ctrl-A x).
+    pub quit: bool,
+}
+
+/// Decodes QEMU-style escapes from terminal input.
+#[derive(Debug, Default)]
+pub struct EscapeDecoder {
+    after_ctrl_a: bool,
+}
+
+impl EscapeDecoder {
+    /// Splits `input` into guest bytes and escape commands.
+    pub fn decode(&mut self, input: &[u8]) -> Decoded {
+        let mut d = Decoded::default();
+        for &b in input {
+            if self.after_ctrl_a {
+                self.after_ctrl_a = false;
+                match b {
+                    b'x' | b'X' => {
+                        d.quit = true;
+                        return d;
+                    }
+                    CTRL_A => d.guest.push(CTRL_A),
+                    // Unknown escape: QEMU ignores it.
+                    _ => {}
+                }
+            } else if b == CTRL_A {
+                self.after_ctrl_a = true;
+            } else {
+                d.guest.push(b);
+            }
+        }
+        d
+    }
+}
+
+/// Puts the terminal on a file descriptor into raw mode and restores it when
+/// dropped.
+pub struct RawTerminal {
+    fd: RawFd,
+    saved: libc::termios,
+}
+
+impl std::fmt::Debug for RawTerminal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawTerminal").field("fd", &self.fd).finish()
+    }
+}
+
+impl RawTerminal {
+    /// Raw mode on stdin if it is a terminal; `None` otherwise.
+    pub fn stdin() -> Option<Self> {
+        let fd = std::io::stdin().as_raw_fd();
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain old data; tcgetattr fills it.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid out-pointer for the terminal on `fd`.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only modifies the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so the guest's "\n" still returns the
+        // carriage on the host terminal as the guest intends it ("\r\n").
+        raw.c_oflag = saved.c_oflag;
+        // SAFETY: `raw` is a valid termios for this terminal.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(Self { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from the same terminal.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Input waiting for room in the guest's serial FIFO.
+#[derive(Debug)]
+pub struct ConsoleInput {
+    serial: Arc<Serial>,
+    pending: VecDeque<u8>,
+    decoder: EscapeDecoder,
+    /// Whether escapes are decoded (only for an interactive terminal).
+    escapes: bool,
+}
+
+impl ConsoleInput {
+    /// Input for `serial`; `escapes` enables Ctrl-A commands.
+    pub fn new(serial: Arc<Serial>, escapes: bool) -> Self {
+        Self {
+            serial,
+            pending: VecDeque::new(),
+            decoder: EscapeDecoder::default(),
+            escapes,
+        }
+    }
+
+    /// Takes bytes read from stdin; returns `true` if the user asked to quit.
+    pub fn input(&mut self, bytes: &[u8]) -> bool {
+        let d = if self.escapes {
+            self.decoder.decode(bytes)
+        } else {
+            Decoded {
+                guest: bytes.to_vec(),
+                quit: false,
+            }
+        };
+        self.pending.extend(d.guest);
+        self.flush();
+        d.quit
+    }
+
+    /// Moves as much pending input as fits into the serial FIFO.
+    pub fn flush(&mut self) {
+        while !self.pending.is_empty() {
+            let (a, _) = self.pending.as_slices();
+            match self.serial.queue_input(a) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+            }
+        }
+    }
+
+    /// Whether input is waiting for the guest.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Bytes waiting for the guest.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_one() {
+        let mut d = EscapeDecoder::default();
+        assert_eq!(
+            d.decode(b"ab\x01\x01c"),
+            Decoded {
+                guest: b"ab\x01c".to_vec(),
+                quit: false
+            }
+        );
+        let r = d.decode(b"ls\x01");
+        assert_eq!(r.guest, b"ls");
+        let r = d.decode(b"x");
+        assert!(r.quit);
+        let r = d.decode(b"\x01zq");
+        assert_eq!(r.guest, b"q");
+    }
+}

@@ -1,0 +1,245 @@
+//! The control thread: one event loop for the console, device requests to
+//! end the VM, fatal vCPU errors and termination signals (and, with the QMP
+//! server, its clients).
+
+use crate::console::ConsoleInput;
+use crate::signals::SignalFd;
+use crate::vcpu::FatalErrors;
+use devices::{ExitRequest, ExitSink};
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why the VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// The guest powered off or reset.
+    Guest(ExitRequest),
+    /// The user quit (Ctrl-A x, QMP `quit`).
+    Quit,
+    /// A termination signal.
+    Signal(libc::c_int),
+    /// A vCPU hit an error it cannot recover from.
+    Fatal(String),
+}
+
+impl StopReason {
+    /// The process exit status for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            StopReason::Fatal(_) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// Errors of the event loop itself.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The event manager failed.
+    #[error("control thread event loop failed")]
+    EventLoop(#[source] event_manager::Error),
+}
+
+/// The shared "VM should stop" slot the subscribers fill.
+pub type StopSlot = Arc<Mutex<Option<StopReason>>>;
+
+fn set_stop(slot: &StopSlot, reason: StopReason) {
+    let mut s = slot
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if s.is_none() {
+        *s = Some(reason);
+    }
+}
+
+/// Watches device exit requests, fatal errors and signals.
+#[derive(Debug)]
+pub struct Lifecycle {
+    exit: Arc<ExitSink>,
+    fatal: Arc<FatalErrors>,
+    signals: SignalFd,
+    stop: StopSlot,
+}
+
+impl Lifecycle {
+    /// A watcher that records the first reason to stop in `stop`.
+    pub fn new(
+        exit: Arc<ExitSink>,
+        fatal: Arc<FatalErrors>,
+        signals: SignalFd,
+        stop: StopSlot,
+    ) -> Self {
+        Self {
+            exit,
+            fatal,
+            signals,
+            stop,
+        }
+    }
+}
+
+impl MutEventSubscriber for Lifecycle {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [
+            self.exit.event_fd().as_raw_fd(),
+            self.fatal.event_fd().as_raw_fd(),
+            self.signals.as_raw_fd(),
+        ] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!("cannot watch a lifecycle event: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd = events.fd();
+        if fd == self.fatal.event_fd().as_raw_fd() {
+            let _ = self.fatal.event_fd().read();
+            if let Some(msg) = self.fatal.first() {
+                set_stop(&self.stop, StopReason::Fatal(msg));
+            }
+        } else if fd == self.exit.event_fd().as_raw_fd() {
+            let _ = self.exit.event_fd().read();
+            if let Some(req) = self.exit.first() {
+                set_stop(&self.stop, StopReason::Guest(req));
+            }
+        } else if fd == self.signals.as_raw_fd()
+            && let Some(sig) = self.signals.read()
+        {
+            set_stop(&self.stop, StopReason::Signal(sig));
+        }
+    }
+}
+
+/// Feeds stdin to the guest's serial port.
+#[derive(Debug)]
+pub struct Console {
+    input: ConsoleInput,
+    drained: EventFd,
+    stdin_open: bool,
+    stdin_watched: bool,
+    stop: StopSlot,
+}
+
+/// Pending input above which stdin is not read until the guest catches up.
+const MAX_PENDING: usize = 64 * 1024;
+
+impl Console {
+    /// A console for `input`; `drained` fires when the guest emptied the FIFO.
+    pub fn new(input: ConsoleInput, drained: EventFd, stop: StopSlot) -> Self {
+        Self {
+            input,
+            drained,
+            stdin_open: true,
+            stdin_watched: false,
+            stop,
+        }
+    }
+
+    fn watch_stdin(&mut self, ops: &mut EventOps, on: bool) {
+        let ev = Events::new_raw(std::io::stdin().as_raw_fd(), EventSet::IN);
+        if on && !self.stdin_watched && self.stdin_open {
+            match ops.add(ev) {
+                Ok(()) => self.stdin_watched = true,
+                Err(e) => {
+                    // Regular files and /dev/null cannot be polled: the guest
+                    // then gets no console input.
+                    log::debug!("stdin not usable as console input: {e}");
+                    self.stdin_open = false;
+                }
+            }
+        } else if !on && self.stdin_watched {
+            let _ = ops.remove(ev);
+            self.stdin_watched = false;
+        }
+    }
+}
+
+impl MutEventSubscriber for Console {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.drained, EventSet::IN)) {
+            log::error!("cannot watch the serial input FIFO: {e}");
+        }
+        self.watch_stdin(ops, true);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            self.input.flush();
+        } else if events.fd() == std::io::stdin().as_raw_fd() {
+            let mut buf = [0u8; 4096];
+            match std::io::stdin().lock().read(&mut buf) {
+                Ok(0) => {
+                    self.watch_stdin(ops, false);
+                    self.stdin_open = false;
+                }
+                Ok(n) => {
+                    if self.input.input(&buf[..n]) {
+                        set_stop(&self.stop, StopReason::Quit);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    log::warn!("console input closed: {e}");
+                    self.watch_stdin(ops, false);
+                    self.stdin_open = false;
+                }
+            }
+        }
+        let full = self.input.pending_len() > MAX_PENDING;
+        self.watch_stdin(ops, !full);
+    }
+}
+
+/// The control thread's event loop.
+pub struct ControlLoop {
+    em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    stop: StopSlot,
+}
+
+impl std::fmt::Debug for ControlLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlLoop").finish_non_exhaustive()
+    }
+}
+
+impl ControlLoop {
+    /// An empty loop with its stop slot.
+    pub fn new(stop: StopSlot) -> Result<Self, ControlError> {
+        Ok(Self {
+            em: EventManager::new().map_err(ControlError::EventLoop)?,
+            stop,
+        })
+    }
+
+    /// Adds an event source.
+    pub fn add(&mut self, s: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
+        self.em.add_subscriber(s);
+    }
+
+    /// Runs until a subscriber records a reason to stop, and returns it.
+    pub fn run(&mut self) -> Result<StopReason, ControlError> {
+        loop {
+            if let Some(r) = self
+                .stop
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+            {
+                return Ok(r);
+            }
+            match self.em.run_with_timeout(1000) {
+                Ok(_) => {}
+                Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
+                Err(e) => return Err(ControlError::EventLoop(e)),
+            }
+        }
+    }
+}

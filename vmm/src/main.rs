@@ -1,0 +1,48 @@
+//! The `vmm` command: parse the command line, run the VM, report errors on
+//! one line, exit with the VM's status.
+
+use clap::Parser;
+use clap::error::ErrorKind;
+use std::time::Instant;
+use vmm::{Args, VmConfig, error_chain};
+
+fn main() {
+    let start = Instant::now();
+    // Before any other thread exists, so all of them inherit the mask and
+    // termination signals reach the control loop's signalfd.
+    if let Err(e) = vmm::signals::block_termination() {
+        eprintln!("vmm: cannot block termination signals: {e}");
+        std::process::exit(1);
+    }
+    vmm::logger::init();
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => match e.kind() {
+            ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                print!("{e}");
+                std::process::exit(0);
+            }
+            _ => {
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or("invalid arguments");
+                let first = first.strip_prefix("error: ").unwrap_or(first);
+                eprintln!("vmm: {first} (see vmm --help)");
+                std::process::exit(2);
+            }
+        },
+    };
+    let config = match VmConfig::try_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: {}", error_chain(&e));
+            std::process::exit(2);
+        }
+    };
+    match vmm::run(config, start) {
+        Ok(status) => std::process::exit(status),
+        Err(e) => {
+            eprintln!("vmm: {}", error_chain(&e));
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,487 @@
+//! vCPU threads: the run loop, exit dispatch through the RCU-published
+//! buses, and pause / resume / stop requests.
+//!
+//! A vCPU thread reads the buses and the guest memory map inside RCU read
+//! sections, in `Fenced` reader mode so grace periods never need to interrupt
+//! it (see the `rcu` crate). Nothing on the exit path takes a lock shared with
+//! other vCPUs: the bus tables are immutable and each device has its own lock.
+
+use crate::emulation::{self, Outcome};
+use crate::guest_memory::SharedMemory;
+use crate::kick;
+use devices::{Bus, ExitRequest, ExitSink};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use rcu::RcuCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use thiserror::Error;
+
+/// Errors starting a vCPU thread.
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    /// The thread could not be created.
+    #[error("cannot start the thread of vCPU {index}")]
+    Spawn {
+        /// Which vCPU.
+        index: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the VM's devices and buses look like to a vCPU.
+#[derive(Clone, Debug)]
+pub struct VcpuContext {
+    /// The port-I/O bus.
+    pub pio: Arc<RcuCell<Bus>>,
+    /// The MMIO bus.
+    pub mmio: Arc<RcuCell<Bus>>,
+    /// The guest memory map.
+    pub memory: SharedMemory,
+    /// Where power-off and reset requests go (triple faults, system events).
+    pub exit: Arc<ExitSink>,
+    /// Where fatal vCPU errors go.
+    pub fatal: Arc<FatalErrors>,
+    /// Process-wide timing marks.
+    pub marks: Arc<Marks>,
+}
+
+/// Fatal errors reported by vCPU threads to the control thread.
+#[derive(Debug)]
+pub struct FatalErrors {
+    messages: Mutex<Vec<String>>,
+    evt: vmm_sys_util::eventfd::EventFd,
+}
+
+impl FatalErrors {
+    /// An empty list with its notification eventfd.
+    pub fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            messages: Mutex::new(Vec::new()),
+            evt: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+    /// Records `msg` and wakes the control thread. Never blocks for long.
+    pub fn report(&self, msg: String) {
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(msg);
+        // A full counter (impossible in practice) still leaves it readable.
+        let _ = self.evt.write(1);
+    }
+    /// The first error reported, if any.
+    pub fn first(&self) -> Option<String> {
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .first()
+            .cloned()
+    }
+    /// The eventfd the control thread watches.
+    pub fn event_fd(&self) -> &vmm_sys_util::eventfd::EventFd {
+        &self.evt
+    }
+}
+
+/// Time marks the metrics report uses.
+#[derive(Debug)]
+pub struct Marks {
+    /// When `main` started.
+    pub start: Instant,
+    /// Nanoseconds from `start` to the first `KVM_RUN` of any vCPU (0: none yet).
+    pub first_run_ns: AtomicU64,
+}
+
+impl Marks {
+    /// Marks taken from now.
+    pub fn new(start: Instant) -> Self {
+        Self {
+            start,
+            first_run_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Exit counters of one vCPU.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct VcpuStats {
+    /// Port-I/O exits.
+    pub io: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// Accesses no device claimed.
+    pub unclaimed: AtomicU64,
+    /// Returns from `KVM_RUN` because of a kick or signal.
+    pub interrupted: AtomicU64,
+    /// Other exits.
+    pub other: AtomicU64,
+    /// `int3` instructions completed for the emulator.
+    pub int3_completed: AtomicU64,
+    /// Nanoseconds spent outside `KVM_RUN` handling exits.
+    pub handling_ns: AtomicU64,
+    /// CPU time of the vCPU thread (guest time included), set when it ends.
+    pub thread_cpu_ns: AtomicU64,
+}
+
+impl VcpuStats {
+    /// All exits counted.
+    pub fn exits(&self) -> u64 {
+        self.io.load(Ordering::Relaxed)
+            + self.mmio.load(Ordering::Relaxed)
+            + self.interrupted.load(Ordering::Relaxed)
+            + self.other.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    Running,
+    Paused,
+}
+
+/// Requests to a vCPU thread and its acknowledgements.
+#[derive(Debug)]
+struct Control {
+    /// Set to leave `KVM_RUN` and look at `state`/`stop`.
+    pending: AtomicBool,
+    stop: AtomicBool,
+    state: Mutex<(RunState, bool /* parked */)>,
+    cv: Condvar,
+}
+
+/// The control thread's handle on a running vCPU.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: u32,
+    control: Arc<Control>,
+    stats: Arc<VcpuStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Next {
+    Continue,
+    Stop,
+}
+
+impl VcpuHandle {
+    /// Starts vCPU `index` on its own thread.
+    pub fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        let control = Arc::new(Control {
+            pending: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            state: Mutex::new((RunState::Running, false)),
+            cv: Condvar::new(),
+        });
+        let stats = Arc::new(VcpuStats::default());
+        let (c, s) = (Arc::clone(&control), Arc::clone(&stats));
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || run(index, vcpu, ctx, &c, &s))
+            .map_err(|source| VcpuError::Spawn { index, source })?;
+        Ok(Self {
+            index,
+            control,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// This vCPU's index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Exit counters.
+    pub fn stats(&self) -> &VcpuStats {
+        &self.stats
+    }
+
+    /// Exit counters, shared.
+    pub fn stats_arc(&self) -> Arc<VcpuStats> {
+        Arc::clone(&self.stats)
+    }
+
+    fn kick(&self) {
+        self.control.pending.store(true, Ordering::SeqCst);
+        if let Some(t) = &self.thread {
+            kick::kick(t);
+        }
+    }
+
+    /// Asks the vCPU to pause and waits until it is out of `KVM_RUN`.
+    pub fn pause(&self) {
+        {
+            let mut st = lock(&self.control.state);
+            st.0 = RunState::Paused;
+        }
+        self.kick();
+        let mut st = lock(&self.control.state);
+        while !st.1 && !self.finished() {
+            st = match self
+                .control
+                .cv
+                .wait_timeout(st, std::time::Duration::from_millis(10))
+            {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+            if !st.1 {
+                // The kick may have raced with the thread entering the
+                // pause check; kicks are idempotent.
+                self.kick();
+            }
+        }
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        let mut st = lock(&self.control.state);
+        st.0 = RunState::Running;
+        self.control.cv.notify_all();
+    }
+
+    /// Whether the thread has ended.
+    pub fn finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops the vCPU thread and waits for it to end.
+    pub fn stop(&mut self) {
+        self.control.stop.store(true, Ordering::SeqCst);
+        self.resume();
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            while !t.is_finished() {
+                kick::kick(&t);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext, control: &Control, stats: &VcpuStats) {
+    // vCPU threads must never be interrupted by RCU grace periods.
+    rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+    let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
+    // SAFETY: the pointer is into this vCPU's kvm_run mapping, which lives as
+    // long as `vcpu`; it is cleared below before `vcpu` is dropped.
+    unsafe { kick::set_thread_vcpu(immediate_exit) };
+    run_loop(index, &mut vcpu, &ctx, control, stats);
+    kick::clear_thread_vcpu();
+    stats
+        .thread_cpu_ns
+        .store(thread_cpu_ns(), Ordering::Relaxed);
+}
+
+/// CPU time used by the calling thread.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+fn run_loop(
+    index: u32,
+    vcpu: &mut VcpuFd,
+    ctx: &VcpuContext,
+    control: &Control,
+    stats: &VcpuStats,
+) {
+    let mut first = true;
+    loop {
+        if control.pending.swap(false, Ordering::SeqCst) || control.stop.load(Ordering::SeqCst) {
+            if control.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if wait_while_paused(control) {
+                return;
+            }
+        }
+        if first {
+            first = false;
+            let ns = u64::try_from(ctx.marks.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let _ = ctx.marks.first_run_ns.compare_exchange(
+                0,
+                ns,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+        let result = vcpu.run();
+        let t = Instant::now();
+        let next = match result {
+            Ok(exit) => handle_exit(index, exit, ctx, stats),
+            Err(e) => match e.errno() {
+                libc::EINTR => {
+                    stats.interrupted.fetch_add(1, Ordering::Relaxed);
+                    Ok(Next::Continue)
+                }
+                libc::EAGAIN => Ok(Next::Continue),
+                _ => Err(NeedsVcpu::Fatal(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                ))),
+            },
+        };
+        // Clear a kick's immediate exit before the next KVM_RUN (requests
+        // are re-checked at the top of the loop first).
+        vcpu.set_kvm_immediate_exit(0);
+        let next = match next {
+            Err(NeedsVcpu::InternalError) => {
+                let g = rcu::read_lock();
+                match emulation::handle_internal_error(vcpu, index, ctx.memory.read(&g)) {
+                    Outcome::Completed => {
+                        stats.int3_completed.fetch_add(1, Ordering::Relaxed);
+                        Next::Continue
+                    }
+                    Outcome::Fatal(msg) => {
+                        ctx.fatal.report(msg);
+                        Next::Stop
+                    }
+                }
+            }
+            Err(NeedsVcpu::Fatal(msg)) => {
+                ctx.fatal.report(msg);
+                Next::Stop
+            }
+            Ok(n) => n,
+        };
+        stats.handling_ns.fetch_add(
+            u64::try_from(t.elapsed().as_nanos()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        if let Next::Stop = next {
+            return;
+        }
+    }
+}
+
+/// Blocks while the vCPU is paused; returns `true` if it must stop.
+fn wait_while_paused(control: &Control) -> bool {
+    let mut st = lock(&control.state);
+    while st.0 == RunState::Paused && !control.stop.load(Ordering::SeqCst) {
+        st.1 = true;
+        control.cv.notify_all();
+        st = match control.cv.wait(st) {
+            Ok(g) => g,
+            Err(e) => e.into_inner(),
+        };
+    }
+    st.1 = false;
+    control.stop.load(Ordering::SeqCst)
+}
+
+/// Exits that need the vCPU itself (not just the exit data) to handle.
+enum NeedsVcpu {
+    InternalError,
+    Fatal(String),
+}
+
+impl From<String> for NeedsVcpu {
+    fn from(s: String) -> Self {
+        NeedsVcpu::Fatal(s)
+    }
+}
+
+fn handle_exit(
+    index: u32,
+    exit: VcpuExit<'_>,
+    ctx: &VcpuContext,
+    stats: &VcpuStats,
+) -> Result<Next, NeedsVcpu> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            let g = rcu::read_lock();
+            if !ctx.pio.read(&g).dispatch_read(u64::from(port), data) {
+                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Next::Continue)
+        }
+        VcpuExit::IoOut(port, data) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            let g = rcu::read_lock();
+            if !ctx.pio.read(&g).dispatch_write(u64::from(port), data) {
+                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Next::Continue)
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            let g = rcu::read_lock();
+            if !ctx.mmio.read(&g).dispatch_read(addr, data) {
+                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Next::Continue)
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            let g = rcu::read_lock();
+            if !ctx.mmio.read(&g).dispatch_write(addr, data) {
+                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Next::Continue)
+        }
+        VcpuExit::Shutdown => {
+            // Triple fault: a reset, which ends the VM (as QEMU's -no-reboot).
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            ctx.exit.request(ExitRequest::Reset);
+            Ok(Next::Stop)
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
+                    ctx.exit.request(ExitRequest::PowerOff);
+                }
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                    ctx.exit.request(ExitRequest::Reset);
+                }
+                other => {
+                    return Err(format!("vCPU {index}: guest system event {other} (crash)").into());
+                }
+            }
+            Ok(Next::Stop)
+        }
+        VcpuExit::Hlt => {
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            Ok(Next::Continue)
+        }
+        VcpuExit::Intr => {
+            stats.interrupted.fetch_add(1, Ordering::Relaxed);
+            Ok(Next::Continue)
+        }
+        VcpuExit::IoapicEoi(_) => {
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            Ok(Next::Continue)
+        }
+        VcpuExit::InternalError => {
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            Err(NeedsVcpu::InternalError)
+        }
+        VcpuExit::FailEntry(reason, cpu) => Err(format!(
+            "vCPU {index}: KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
+        )
+        .into()),
+        other => Err(format!("vCPU {index}: unexpected exit from KVM_RUN: {other:?}").into()),
+    }
+}
