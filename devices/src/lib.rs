@@ -9,6 +9,8 @@
 //! - [`ged`]: the ACPI Generic Event Device with the power button ([`Ged`]).
 //! - [`exit`]: how devices report power-off and reset requests ([`ExitSink`]).
 //! - [`interrupt`]: the interrupt lines devices raise ([`Interrupt`]).
+//! - [`virtio`]: the virtio-mmio transport ([`VirtioMmio`]) and the virtio-mem device
+//!   ([`VirtioMem`]), whose memory work goes through a [`MemoryBackend`] the VMM provides.
 //!
 //! This crate knows nothing of KVM, QMP or RCU. Devices are called on vCPU threads,
 //! concurrently; each keeps its own fine-grained synchronisation and none takes a lock
@@ -22,8 +24,8 @@
 //! - Port-I/O devices ([`Serial`], [`I8042`], [`AcpiPm`]) split a wide access into one
 //!   byte per consecutive port, as the ISA bus does. Ports that exist but hold no state
 //!   read as 0; bytes outside the device's ports read as `0xff`.
-//! - MMIO devices ([`Ged`]) read as 0 wherever no register is defined in their window,
-//!   and ignore writes there.
+//! - MMIO devices ([`Ged`], [`VirtioMmio`]) read as 0 wherever no register is defined in
+//!   their window, and ignore writes there.
 
 pub mod acpi_pm;
 pub mod bus;
@@ -32,6 +34,7 @@ pub mod ged;
 pub mod i8042;
 pub mod interrupt;
 pub mod serial;
+pub mod virtio;
 
 pub use acpi_pm::{AcpiPm, AcpiPmConfig};
 pub use bus::{Bus, BusBuilder, BusDevice, BusError, BusRange, BusTarget, UnclaimedAccesses};
@@ -40,6 +43,10 @@ pub use ged::{Ged, GedError};
 pub use i8042::I8042;
 pub use interrupt::{Interrupt, InterruptError};
 pub use serial::{Serial, SerialError, SerialStats};
+pub use virtio::{
+    MemoryBackend, MemoryBackendError, MmioError, QueueOutcome, VirtioDevice, VirtioMem,
+    VirtioMemConfig, VirtioMemError, VirtioMemInfo, VirtioMmio,
+};
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -63,6 +70,8 @@ mod tests {
         assert_send_sync::<I8042>();
         assert_send_sync::<AcpiPm>();
         assert_send_sync::<Ged>();
+        assert_send_sync::<VirtioMmio>();
+        assert_send_sync::<VirtioMem>();
     }
 
     /// The machine's two buses with every device of this crate on them.

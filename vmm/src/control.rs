@@ -25,13 +25,15 @@ pub enum StopReason {
     Signal(libc::c_int),
     /// A vCPU hit an error it cannot recover from.
     Fatal(String),
+    /// The run's time limit passed (tests).
+    Timeout,
 }
 
 impl StopReason {
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::Fatal(_) => 1,
+            StopReason::Fatal(_) | StopReason::Timeout => 1,
             _ => 0,
         }
     }
@@ -202,6 +204,7 @@ impl MutEventSubscriber for Console {
 pub struct ControlLoop {
     em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     stop: StopSlot,
+    deadline: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for ControlLoop {
@@ -216,6 +219,7 @@ impl ControlLoop {
         Ok(Self {
             em: EventManager::new().map_err(ControlError::EventLoop)?,
             stop,
+            deadline: None,
         })
     }
 
@@ -224,9 +228,20 @@ impl ControlLoop {
         self.em.add_subscriber(s);
     }
 
+    /// Makes [`run`](Self::run) return [`StopReason::Timeout`] at `when`.
+    pub fn set_deadline(&mut self, when: std::time::Instant) {
+        self.deadline = Some(when);
+    }
+
     /// Runs until a subscriber records a reason to stop, and returns it.
     pub fn run(&mut self) -> Result<StopReason, ControlError> {
         loop {
+            if self
+                .deadline
+                .is_some_and(|d| std::time::Instant::now() >= d)
+            {
+                set_stop(&self.stop, StopReason::Timeout);
+            }
             if let Some(r) = self
                 .stop
                 .lock()
@@ -235,7 +250,12 @@ impl ControlLoop {
             {
                 return Ok(r);
             }
-            match self.em.run_with_timeout(1000) {
+            let wait_ms = self.deadline.map_or(1000, |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+                    .as_millis()
+                    .clamp(1, 1000) as i32
+            });
+            match self.em.run_with_timeout(wait_ms) {
                 Ok(_) => {}
                 Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}
                 Err(e) => return Err(ControlError::EventLoop(e)),

@@ -123,6 +123,23 @@ impl DeviceManager {
         Ok(())
     }
 
+    /// Adds `device` at `range` on the port-I/O bus, as [`add_mmio`]
+    /// does on the MMIO bus.
+    ///
+    /// [`add_mmio`]: Self::add_mmio
+    #[track_caller]
+    pub fn add_pio(&self, range: BusRange, device: Arc<dyn BusDevice>) -> Result<(), DeviceError> {
+        let g = rcu::read_lock();
+        let next = self
+            .pio
+            .read(&g)
+            .with_device(range, device)
+            .map_err(DeviceError::Bus)?;
+        drop(g);
+        self.pio.replace(next);
+        Ok(())
+    }
+
     /// The ACPI description of these devices.
     pub fn acpi_config(&self, cpus: u32) -> boot::acpi::AcpiConfig {
         let mut c = boot::acpi::AcpiConfig::new(cpus);

@@ -36,7 +36,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::{Args, ConfigError, VmConfig};
-pub use machine::{Machine, MachineError};
+pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};
 
 use std::time::Instant;
 
@@ -60,13 +60,17 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// powered off or reset or the user quit, 1 on a fatal guest error. Set-up
 /// errors are returned as `Err`.
 pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
-    let mut machine = Machine::build(config, start)?;
-    let outcome = machine.run()?;
-    let cfg = machine.config().clone();
+    let mut machine = Machine::build(&config, start)?;
+    let outcome = machine.run(machine::RunOptions {
+        console: true,
+        timeout: None,
+    })?;
+    let cfg = config;
     let mut status = outcome.reason.exit_code();
     match &outcome.reason {
         control::StopReason::Fatal(msg) => eprintln!("vmm: {msg}"),
         control::StopReason::Signal(sig) => eprintln!("vmm: terminating on signal {sig}"),
+        control::StopReason::Timeout => eprintln!("vmm: time limit reached"),
         _ => {}
     }
 

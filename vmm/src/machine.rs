@@ -65,6 +65,9 @@ pub enum MachineError {
     /// A vCPU could not be set up.
     #[error(transparent)]
     VcpuSetup(#[from] boot::VcpuSetupError),
+    /// The boot vCPU's entry registers could not be set.
+    #[error("cannot set the boot vCPU's entry registers")]
+    Regs(#[source] boot::cpu::regs::RegsError),
     /// A vCPU thread could not start.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -84,8 +87,9 @@ pub enum MachineError {
 
 /// A VM ready to run.
 pub struct Machine {
-    config: VmConfig,
+    spec: HardwareSpec,
     host: HostKind,
+    map: boot::MemoryMap,
     /// The VM (kept alive for the memory slots and vCPUs).
     pub vm: Arc<Vm>,
     /// The RCU-published guest memory map.
@@ -96,7 +100,7 @@ pub struct Machine {
     vcpus: Vec<VcpuHandle>,
     fatal: Arc<FatalErrors>,
     marks: Arc<Marks>,
-    boot: BootInfo,
+    boot: Option<BootInfo>,
     /// The kernel command line as given to the guest.
     pub cmdline: String,
 }
@@ -119,36 +123,39 @@ pub struct RunOutcome {
     pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
 }
 
+/// The hardware of a VM, without anything to boot.
+#[derive(Debug, Clone, Copy)]
+pub struct HardwareSpec {
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Hot-plug region in bytes (0: none).
+    pub hotplug_memory: u64,
+}
+
+/// How [`Machine::run`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Connect stdin to the serial console.
+    pub console: bool,
+    /// Stop the VM after this long (tests); `None` runs until it ends.
+    pub timeout: Option<std::time::Duration>,
+}
+
 impl Machine {
-    /// Creates the VM, its memory and devices, loads the kernel and sets up
-    /// every vCPU. Nothing runs yet.
-    pub fn build(config: VmConfig, start: Instant) -> Result<Self, MachineError> {
-        rcu::set_wakeup_strategy(config.rcu_wakeup).map_err(MachineError::RcuStrategy)?;
+    /// Creates the VM with its RAM, devices and vCPUs (CPUID, MSRs, FPU and
+    /// LAPIC set up; no entry state): the hardware, with nothing loaded.
+    /// [`load_linux`](Self::load_linux) then boots a kernel; tests may
+    /// instead write their own code and set the boot vCPU's registers.
+    pub fn create(spec: HardwareSpec, start: Instant) -> Result<Self, MachineError> {
         let host = HostKind::detect();
-        if let Some(notice) = host.notice() {
-            eprintln!("{notice}");
-        }
-        let kvm = kvm::open(config.cpus)?;
+        let kvm = kvm::open(spec.cpus)?;
         let vm = Arc::new(Vm::new(kvm)?);
-        let map = boot::MemoryMap::new(config.memory, config.hotplug_memory)
+        let map = boot::MemoryMap::new(spec.memory, spec.hotplug_memory)
             .map_err(MachineError::MemoryMap)?;
         let (mem, _slots) = guest_memory::create_ram(&vm, &map.mmap_ranges())?;
         let devices = DeviceManager::new(&vm, Box::new(std::io::stdout()))?;
-
-        let acpi = devices.acpi_config(config.cpus);
-        let rsdp = boot::acpi::create_acpi_tables(&mem, &acpi).map_err(MachineError::Acpi)?;
-        let appended = appended_args(&config.cmdline, host, config.hotplug_memory > 0);
-        let cmdline = boot::cmdline::build_cmdline(&config.cmdline, &appended)?;
-        let boot = boot::load_kernel(
-            &mem,
-            &boot::BootConfig {
-                kernel: &config.kernel,
-                initrd: config.initrd.as_deref(),
-                cmdline: &cmdline,
-                memory: &map,
-                rsdp: Some(rsdp),
-            },
-        )?;
 
         let mut cpuid = boot::cpu::cpuid::supported_cpuid(vm.kvm()).map_err(MachineError::Cpuid)?;
         if host == HostKind::EmulationOnly {
@@ -159,33 +166,19 @@ impl Machine {
                 boot::cpu::cpuid::KVM_FEATURE_PV_SEND_IPI,
             );
         }
-        let mut vcpu_fds = Vec::with_capacity(config.cpus as usize);
-        for index in 0..config.cpus {
+        let mut vcpu_fds = Vec::with_capacity(spec.cpus as usize);
+        for index in 0..spec.cpus {
             let fd = vm
                 .fd()
                 .create_vcpu(u64::from(index))
                 .map_err(|source| MachineError::CreateVcpu { index, source })?;
-            boot::configure_vcpu(
-                &fd,
-                &mem,
-                &cpuid,
-                index,
-                config.cpus,
-                (index == 0).then_some(&boot),
-            )?;
+            boot::configure_vcpu(&fd, &mem, &cpuid, index, spec.cpus, None)?;
             vcpu_fds.push(fd);
         }
-        let cmdline_text = String::from_utf8_lossy(
-            &boot::cmdline::cmdline_bytes(&cmdline)?
-                .into_iter()
-                .take_while(|b| *b != 0)
-                .collect::<Vec<u8>>(),
-        )
-        .into_owned();
-
         Ok(Self {
-            config,
+            spec,
             host,
+            map,
             vm,
             memory: Arc::new(RcuCell::with_label(mem, MEMORY_MAP_LABEL)),
             devices,
@@ -193,9 +186,79 @@ impl Machine {
             vcpus: Vec::new(),
             fatal: Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?),
             marks: Arc::new(Marks::new(start)),
-            boot,
-            cmdline: cmdline_text,
+            boot: None,
+            cmdline: String::new(),
         })
+    }
+
+    /// Builds the VM `config` describes and loads its kernel: the whole
+    /// set-up before the first `KVM_RUN`.
+    pub fn build(config: &VmConfig, start: Instant) -> Result<Self, MachineError> {
+        rcu::set_wakeup_strategy(config.rcu_wakeup).map_err(MachineError::RcuStrategy)?;
+        let mut m = Self::create(
+            HardwareSpec {
+                cpus: config.cpus,
+                memory: config.memory,
+                hotplug_memory: config.hotplug_memory,
+            },
+            start,
+        )?;
+        if let Some(notice) = m.host.notice() {
+            eprintln!("{notice}");
+        }
+        m.load_linux(config)?;
+        Ok(m)
+    }
+
+    /// Writes the ACPI tables, loads the kernel, initrd and command line of
+    /// `config`, and puts the boot vCPU at the kernel's entry.
+    pub fn load_linux(&mut self, config: &VmConfig) -> Result<(), MachineError> {
+        let g = rcu::read_lock();
+        let mem = self.memory.read(&g);
+        let acpi = self.devices.acpi_config(self.spec.cpus);
+        let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(MachineError::Acpi)?;
+        let appended = appended_args(&config.cmdline, self.host, self.spec.hotplug_memory > 0);
+        let cmdline = boot::cmdline::build_cmdline(&config.cmdline, &appended)?;
+        let boot = boot::load_kernel(
+            mem,
+            &boot::BootConfig {
+                kernel: &config.kernel,
+                initrd: config.initrd.as_deref(),
+                cmdline: &cmdline,
+                memory: &self.map,
+                rsdp: Some(rsdp),
+            },
+        )?;
+        let bsp = self.vcpu_fds.first().ok_or(MachineError::CreateVcpu {
+            index: 0,
+            source: kvm_ioctls::Error::new(libc::ENODEV),
+        })?;
+        match boot.protocol {
+            boot::BootProtocol::Linux64 => {
+                boot::cpu::regs::setup_linux64(mem, bsp, boot.entry, boot.boot_params)
+            }
+            boot::BootProtocol::Pvh => {
+                boot::cpu::regs::setup_pvh(mem, bsp, boot.entry, boot.boot_params)
+            }
+        }
+        .map_err(MachineError::Regs)?;
+        let bytes = boot::cmdline::cmdline_bytes(&cmdline)?;
+        self.cmdline = String::from_utf8_lossy(&bytes)
+            .trim_end_matches('\0')
+            .to_string();
+        self.boot = Some(boot);
+        Ok(())
+    }
+
+    /// The vCPU file descriptors, before [`run`](Self::run) hands them to
+    /// their threads (tests set registers through them).
+    pub fn vcpu_fds(&self) -> &[kvm_ioctls::VcpuFd] {
+        &self.vcpu_fds
+    }
+
+    /// The memory layout.
+    pub fn memory_map(&self) -> &boot::MemoryMap {
+        &self.map
     }
 
     /// The host kind detected at build time.
@@ -203,9 +266,9 @@ impl Machine {
         self.host
     }
 
-    /// How the kernel was loaded.
-    pub fn boot_info(&self) -> &BootInfo {
-        &self.boot
+    /// How the kernel was loaded, if one was.
+    pub fn boot_info(&self) -> Option<&BootInfo> {
+        self.boot.as_ref()
     }
 
     /// Time marks (start, first `KVM_RUN`).
@@ -215,7 +278,7 @@ impl Machine {
 
     /// Starts the vCPUs and runs the control loop until the VM ends; stops
     /// every vCPU before returning.
-    pub fn run(&mut self) -> Result<RunOutcome, MachineError> {
+    pub fn run(&mut self, options: RunOptions) -> Result<RunOutcome, MachineError> {
         let stop: StopSlot = Arc::new(Mutex::new(None));
         let signals = SignalFd::new().map_err(MachineError::Signals)?;
         let mut control = ControlLoop::new(Arc::clone(&stop))?;
@@ -225,15 +288,23 @@ impl Machine {
             signals,
             Arc::clone(&stop),
         ))));
-        let raw = RawTerminal::stdin();
-        control.add(Arc::new(Mutex::new(Console::new(
-            ConsoleInput::new(Arc::clone(&self.devices.serial), raw.is_some()),
-            self.devices
-                .serial_drained
-                .try_clone()
-                .map_err(MachineError::EventFd)?,
-            Arc::clone(&stop),
-        ))));
+        let raw = if options.console {
+            let raw = RawTerminal::stdin();
+            control.add(Arc::new(Mutex::new(Console::new(
+                ConsoleInput::new(Arc::clone(&self.devices.serial), raw.is_some()),
+                self.devices
+                    .serial_drained
+                    .try_clone()
+                    .map_err(MachineError::EventFd)?,
+                Arc::clone(&stop),
+            ))));
+            raw
+        } else {
+            None
+        };
+        if let Some(t) = options.timeout {
+            control.set_deadline(Instant::now() + t);
+        }
 
         kick::install_handler()?;
         let ctx = VcpuContext {
@@ -259,8 +330,13 @@ impl Machine {
         })
     }
 
-    /// The configuration the VM was built from.
-    pub fn config(&self) -> &VmConfig {
-        &self.config
+    /// The hardware the VM was created with.
+    pub fn spec(&self) -> HardwareSpec {
+        self.spec
+    }
+
+    /// Where fatal errors of vCPUs are collected.
+    pub fn fatal_errors(&self) -> &Arc<FatalErrors> {
+        &self.fatal
     }
 }

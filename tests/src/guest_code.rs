@@ -1,0 +1,49 @@
+//! Tiny guests written in assembly, assembled by rustc into the test binary.
+//!
+//! ```ignore
+//! guest_code! {
+//!     /// Writes 0x42 to port 0x80 and powers off.
+//!     pub fn out_and_off(out_start, out_end) {
+//!         ".code64",
+//!         "mov al, 0x42",
+//!         "out 0x80, al",
+//!     }
+//! }
+//! let bytes: &[u8] = out_and_off();
+//! ```
+//!
+//! The two identifiers name the start and end symbols of the blob (they
+//! must be unique in the test binary). Code is position-independent unless
+//! it is loaded where its absolute references expect; use relative jumps.
+//! Blocks in `.code16`/`.code32` are fine; the macro restores `.code64`.
+
+/// Defines `fn $name() -> &'static [u8]` returning the assembled bytes.
+#[macro_export]
+macro_rules! guest_code {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($start:ident, $end:ident) { $($line:literal),* $(,)? }) => {
+        ::core::arch::global_asm!(
+            concat!(".pushsection .rodata.guest_", stringify!($name), ",\"a\",@progbits"),
+            concat!(".globl ", stringify!($start)),
+            concat!(stringify!($start), ":"),
+            $($line,)*
+            ".code64",
+            concat!(".globl ", stringify!($end)),
+            concat!(stringify!($end), ":"),
+            ".popsection",
+        );
+        $(#[$doc])*
+        $vis fn $name() -> &'static [u8] {
+            unsafe extern "C" {
+                static $start: u8;
+                static $end: u8;
+            }
+            let start = &raw const $start;
+            let end = &raw const $end;
+            let len = (end as usize).saturating_sub(start as usize);
+            // SAFETY: both symbols are defined above around the blob, in one
+            // read-only section of this binary, so `start..start + len` is
+            // initialised, immutable memory for the whole program.
+            unsafe { ::core::slice::from_raw_parts(start, len) }
+        }
+    };
+}

@@ -1,0 +1,125 @@
+//! Running the `vmm` binary as a user would, with a time limit, and looking
+//! at what it and the guest printed.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The result of one run.
+#[derive(Debug)]
+pub struct VmmRun {
+    /// Exit status (`None` if it was killed at the time limit).
+    pub status: Option<ExitStatus>,
+    /// What the guest printed on the serial console.
+    pub stdout: String,
+    /// What the VMM printed.
+    pub stderr: String,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+}
+
+impl VmmRun {
+    /// The exit code, or a panic explaining the run did not end by itself.
+    pub fn code(&self) -> i32 {
+        match self.status {
+            Some(s) => s
+                .code()
+                .unwrap_or_else(|| panic!("vmm died of a signal: {s:?}\n{self}")),
+            None => panic!("vmm did not finish in time\n{self}"),
+        }
+    }
+}
+
+impl std::fmt::Display for VmmRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tail: Vec<&str> = self.stdout.lines().rev().take(40).collect();
+        writeln!(f, "--- vmm stderr ---\n{}", self.stderr)?;
+        writeln!(f, "--- guest console (last 40 lines) ---")?;
+        for l in tail.iter().rev() {
+            writeln!(f, "{l}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `bin args...`, feeding `stdin` (then closing it), killing it after
+/// `limit`.
+pub fn run(bin: &Path, args: &[&str], stdin: &[u8], limit: Duration) -> VmmRun {
+    run_as(bin, args, stdin, limit, None)
+}
+
+/// As [`run`], with `prefix` (for example `["setpriv", "--reuid", "nobody",
+/// ...]`) prepended to the command.
+pub fn run_as(
+    bin: &Path,
+    args: &[&str],
+    stdin: &[u8],
+    limit: Duration,
+    prefix: Option<&[&str]>,
+) -> VmmRun {
+    let mut cmd = match prefix {
+        Some(p) => {
+            let mut c = Command::new(p[0]);
+            c.args(&p[1..]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
+    let start = Instant::now();
+    let mut child = cmd
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start vmm");
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        let _ = tx.send((true, s));
+    });
+    std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        let _ = tx2.send((false, s));
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let elapsed = start.elapsed();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        if let Ok((is_out, s)) = rx.recv_timeout(Duration::from_secs(10)) {
+            if is_out {
+                stdout = s;
+            } else {
+                stderr = s;
+            }
+        }
+    }
+    VmmRun {
+        status,
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        elapsed,
+    }
+}
