@@ -123,3 +123,106 @@ pub fn run_as(
         elapsed,
     }
 }
+
+/// An interactive run: the test reads the console as it comes and writes
+/// to it (for guests with a shell).
+#[derive(Debug)]
+pub struct Session {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    out_rx: mpsc::Receiver<Vec<u8>>,
+    /// Everything the guest printed so far.
+    pub console: String,
+    start: Instant,
+}
+
+impl Session {
+    /// Starts `bin args...` with piped stdin/stdout (stderr inherited).
+    pub fn start(bin: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vmm");
+        let stdin = child.stdin.take();
+        let mut out = child.stdout.take().expect("stdout");
+        let (tx, out_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(buf[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            out_rx,
+            console: String::new(),
+            start: Instant::now(),
+        }
+    }
+
+    /// Waits until the console shows `needle`; returns whether it did
+    /// within `limit`.
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        while !self.console.contains(needle) {
+            let Some(left) = end.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            match self
+                .out_rx
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
+                Ok(b) => self.console.push_str(&String::from_utf8_lossy(&b)),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return self.console.contains(needle),
+            }
+        }
+        true
+    }
+
+    /// Types `text` on the console.
+    pub fn send(&mut self, text: &str) {
+        if let Some(i) = self.stdin.as_mut() {
+            let _ = i.write_all(text.as_bytes());
+            let _ = i.flush();
+        }
+    }
+
+    /// Waits up to `limit` for the VMM to exit; returns its status and how
+    /// long the wait took. Kills it if it does not exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> (Option<ExitStatus>, Duration) {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return (Some(s), t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (None, t.elapsed())
+    }
+
+    /// Time since start.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

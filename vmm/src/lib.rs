@@ -61,6 +61,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// errors are returned as `Err`.
 pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let mut machine = Machine::build(&config, start)?;
+    // Said once, after set-up succeeded (errors stay on one line).
+    if let Some(notice) = machine.host().notice() {
+        eprintln!("{notice}");
+    }
     let outcome = machine.run(machine::RunOptions {
         console: true,
         timeout: None,

@@ -203,9 +203,6 @@ impl Machine {
             },
             start,
         )?;
-        if let Some(notice) = m.host.notice() {
-            eprintln!("{notice}");
-        }
         m.load_linux(config)?;
         Ok(m)
     }

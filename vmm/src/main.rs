@@ -6,6 +6,20 @@ use clap::error::ErrorKind;
 use std::time::Instant;
 use vmm::{Args, VmConfig, error_chain};
 
+/// clap's first paragraph (before the usage), on one line.
+fn one_line(text: &str) -> String {
+    let para: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let joined = para.join(" ");
+    joined
+        .strip_prefix("error: ")
+        .unwrap_or(&joined)
+        .to_string()
+}
+
 fn main() {
     let start = Instant::now();
     // Before any other thread exists, so all of them inherit the mask and
@@ -23,10 +37,7 @@ fn main() {
                 std::process::exit(0);
             }
             _ => {
-                let text = e.to_string();
-                let first = text.lines().next().unwrap_or("invalid arguments");
-                let first = first.strip_prefix("error: ").unwrap_or(first);
-                eprintln!("vmm: {first} (see vmm --help)");
+                eprintln!("vmm: {} (see vmm --help)", one_line(&e.to_string()));
                 std::process::exit(2);
             }
         },

@@ -1,0 +1,247 @@
+//! Bad input from the command line or the environment: a one-line error, a
+//! non-zero exit status, never a panic or a backtrace.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tests::vmm_process::{VmmRun, run, run_as};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A scratch directory that user `nobody` can read.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-bad-input-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    d
+}
+
+fn kernel() -> PathBuf {
+    tests::kit::file("bzImage")
+}
+
+/// Checks the run failed cleanly: status `code`, one line on stderr that
+/// contains `needle`.
+#[track_caller]
+fn assert_clean_failure(r: &VmmRun, code: i32, needle: &str) {
+    assert_eq!(r.code(), code, "{r}");
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr:\n{r}");
+    assert!(lines[0].starts_with("vmm: "), "{r}");
+    assert!(lines[0].contains(needle), "expected '{needle}':\n{r}");
+    assert!(
+        !r.stderr.contains("panicked") && !r.stderr.contains("backtrace"),
+        "{r}"
+    );
+    assert!(r.stdout.is_empty(), "no guest should have run:\n{r}");
+}
+
+fn vmm(args: &[&str]) -> VmmRun {
+    run(Path::new(VMM), args, b"", LIMIT)
+}
+
+#[test]
+fn missing_kernel() {
+    let r = vmm(&["--kernel", "/nonexistent/bzImage"]);
+    assert_clean_failure(&r, 2, "cannot open kernel '/nonexistent/bzImage'");
+}
+
+#[test]
+fn corrupt_kernel() {
+    let d = scratch("corrupt");
+    let garbage = d.join("garbage");
+    let bytes: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&garbage, &bytes).unwrap();
+    let r = vmm(&["--kernel", garbage.to_str().unwrap(), "--memory", "128M"]);
+    assert_clean_failure(&r, 1, "not a");
+
+    // A real bzImage cut short.
+    let cut = d.join("truncated");
+    let real = std::fs::read(kernel()).unwrap();
+    std::fs::write(&cut, &real[..real.len() / 3]).unwrap();
+    let r = vmm(&["--kernel", cut.to_str().unwrap(), "--memory", "128M"]);
+    assert_eq!(r.code(), 1, "{r}");
+    assert_eq!(r.stderr.lines().count(), 1, "{r}");
+    assert!(!r.stderr.contains("panicked"), "{r}");
+}
+
+#[test]
+fn kernel_is_a_directory_or_empty() {
+    let d = scratch("dir");
+    let r = vmm(&["--kernel", d.to_str().unwrap()]);
+    assert_clean_failure(&r, 2, "is a directory");
+    let empty = d.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let r = vmm(&["--kernel", empty.to_str().unwrap()]);
+    assert_clean_failure(&r, 2, "is empty");
+}
+
+#[test]
+fn unreadable_initrd() {
+    let d = scratch("initrd");
+    let k = d.join("bzImage");
+    std::fs::copy(kernel(), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let initrd = d.join("initrd");
+    std::fs::write(&initrd, b"not for nobody").unwrap();
+    std::fs::set_permissions(&initrd, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = run_as(
+        Path::new(VMM),
+        &[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
+        b"",
+        LIMIT,
+        Some(&[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ]),
+    );
+    assert_clean_failure(&r, 2, "cannot open initrd");
+    assert!(r.stderr.contains("Permission denied"), "{r}");
+
+    let r = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        "/nonexistent/initrd",
+    ]);
+    assert_clean_failure(&r, 2, "cannot open initrd '/nonexistent/initrd'");
+}
+
+#[test]
+fn no_permission_for_dev_kvm() {
+    let d = scratch("perm");
+    let k = d.join("bzImage");
+    std::fs::copy(kernel(), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let meta = std::fs::metadata("/dev/kvm").expect("/dev/kvm");
+    assert_eq!(
+        meta.permissions().mode() & 0o006,
+        0,
+        "/dev/kvm is open to everyone here"
+    );
+    let r = run_as(
+        Path::new(VMM),
+        &["--kernel", k.to_str().unwrap(), "--memory", "128M"],
+        b"",
+        LIMIT,
+        Some(&[
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+        ]),
+    );
+    assert_clean_failure(&r, 1, "no permission to open /dev/kvm");
+}
+
+#[test]
+fn no_dev_kvm() {
+    // A private mount namespace whose /dev is an empty tmpfs.
+    let k = kernel();
+    let r = run_as(
+        Path::new(VMM),
+        &["--kernel", k.to_str().unwrap(), "--memory", "128M"],
+        b"",
+        LIMIT,
+        Some(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs none /dev && exec \"$@\"",
+            "sh",
+        ]),
+    );
+    assert_clean_failure(&r, 1, "/dev/kvm does not exist");
+}
+
+#[test]
+fn malformed_sizes() {
+    let k = kernel();
+    let k = k.to_str().unwrap();
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--memory", "12Q"]),
+        2,
+        "invalid --memory",
+    );
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--memory", ""]),
+        2,
+        "invalid --memory",
+    );
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--hotplug-memory", "lots"]),
+        2,
+        "invalid --hotplug-memory",
+    );
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--memory", "99999999999999999999"]),
+        2,
+        "too large",
+    );
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--memory", "16M"]),
+        1,
+        "below the minimum",
+    );
+}
+
+#[test]
+fn zero_or_too_many_vcpus() {
+    let k = kernel();
+    let k = k.to_str().unwrap();
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--cpus", "0"]),
+        2,
+        "must be between 1 and 254",
+    );
+    assert_clean_failure(
+        &vmm(&["--kernel", k, "--cpus", "300"]),
+        2,
+        "must be between 1 and 254",
+    );
+    assert_clean_failure(&vmm(&["--kernel", k, "--cpus", "two"]), 2, "not a number");
+}
+
+#[test]
+fn initrd_that_does_not_fit() {
+    let d = scratch("bigrd");
+    let big = d.join("initrd");
+    let f = std::fs::File::create(&big).unwrap();
+    f.set_len(200 << 20).unwrap(); // Sparse: 200 MiB for a 128 MiB guest.
+    let k = kernel();
+    let r = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        big.to_str().unwrap(),
+        "--memory",
+        "128M",
+    ]);
+    assert_clean_failure(&r, 1, "initrd");
+    assert!(
+        r.stderr.contains("bytes of guest RAM are free for it"),
+        "{r}"
+    );
+}
+
+#[test]
+fn unknown_flag_and_missing_kernel_flag() {
+    assert_clean_failure(&vmm(&["--kernal", "x"]), 2, "unexpected argument");
+    assert_clean_failure(&vmm(&[]), 2, "--kernel");
+}
