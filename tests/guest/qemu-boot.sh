@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Boots a guest-kit kernel under QEMU (10, from scripts/install-deps.sh --qemu)
 # the way the benchmarks compare our VMM against it: machine microvm without
-# ACPI (SMP through the MP table), KVM, the serial console on stdout, and
-# -no-reboot so that a guest reset (panic=-1 after the halt initramfs's ud2)
-# ends QEMU. QEMU's exit status is this script's.
+# ACPI (SMP through the MP table) plus an i8042 for the reboot=k reset, KVM,
+# the serial console on stdout, and -no-reboot so that a guest reset
+# (panic=-1 after the halt initramfs's ud2) ends QEMU with status 0.
+# QEMU's exit status is this script's.
 #
 # Usage: tests/guest/qemu-boot.sh [options] [-- extra QEMU arguments]
 #   -k, --kernel PATH    kernel (default: the kit's vmlinux, entered via PVH)
@@ -71,8 +72,11 @@ if [ -z "$cpu" ]; then
         cpu=max
     elif [ -d /sys/module/kvm_pvm ]; then
         # Software-nested KVM (PVM) refuses the IA32_ARCH_CAPABILITIES value
-        # QEMU derives for "host" (QEMU aborts on "failed to set MSR 0x10a").
-        cpu=host,-arch-capabilities
+        # QEMU derives for "host" (QEMU aborts on "failed to set MSR 0x10a"),
+        # and a guest's KVM_HC_SEND_IPI hypercall never returns there (SMP
+        # bring-up hangs in kvm_send_ipi_mask), so PV IPIs (and the PV
+        # sched-yield hypercall) are hidden from the guest.
+        cpu=host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-sched-yield=off
     else
         cpu=host
     fi
@@ -82,7 +86,13 @@ qemu=$(command -v qemu-system-x86_64) || die "qemu-system-x86_64 not found; run 
 cmd=("$qemu" -nodefaults -no-user-config -display none -no-reboot
     -M "$machine" -accel "$accel" -cpu "$cpu" -smp "$cpus" -m "$memory"
     -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
-    -serial stdio "$@")
+    -serial stdio)
+case "$machine" in
+    # microvm has no keyboard controller; reboot=k resets the guest by writing
+    # 0xfe to its port 0x64, which then ends QEMU (-no-reboot).
+    microvm*) cmd+=(-device i8042) ;;
+esac
+cmd+=("$@")
 if [ "$dry_run" -eq 1 ]; then
     printf '%q ' "${cmd[@]}"
     echo

@@ -34,12 +34,24 @@ impl BareVm {
     /// Creates the VM (`cpus` vCPUs, `memory` bytes) and loads `code` at
     /// [`CODE_ADDR`]. Recorder reads return `read_value`.
     pub fn new(cpus: u32, memory: u64, code: &[u8], read_value: u64) -> Self {
+        Self::with_hotplug(cpus, memory, 0, code, read_value)
+    }
+
+    /// As [`new`](Self::new), with a virtio-mem hot-plug region of
+    /// `hotplug` bytes (placed from 4 GiB).
+    pub fn with_hotplug(
+        cpus: u32,
+        memory: u64,
+        hotplug: u64,
+        code: &[u8],
+        read_value: u64,
+    ) -> Self {
         crate::require_kvm();
         let machine = Machine::create(
             HardwareSpec {
                 cpus,
                 memory,
-                hotplug_memory: 0,
+                hotplug_memory: hotplug,
             },
             Instant::now(),
         )
@@ -85,7 +97,7 @@ impl BareVm {
     pub fn start_long_mode(&self, offset: u64, user_pages: bool) {
         let g = rcu::read_lock();
         boot::cpu::regs::enter_long_mode(
-            self.machine.memory.read(&g),
+            self.machine.memory.read(&g).memory(),
             &self.machine.vcpu_fds()[0],
             &boot::cpu::regs::LongModeEntry {
                 rip: CODE_ADDR + offset,
@@ -94,6 +106,60 @@ impl BareVm {
             },
         )
         .unwrap();
+    }
+
+    /// Puts vCPU `index` (an AP: made runnable without INIT/SIPI) in long
+    /// mode at [`CODE_ADDR`] + `offset` with stack `rsp`, then applies
+    /// `regs` to its general registers.
+    pub fn start_vcpu(
+        &self,
+        index: usize,
+        offset: u64,
+        rsp: u64,
+        user_pages: bool,
+        regs: impl FnOnce(&mut kvm_bindings::kvm_regs),
+    ) {
+        let fd = &self.machine.vcpu_fds()[index];
+        if index > 0 {
+            fd.set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            })
+            .unwrap();
+        }
+        let g = rcu::read_lock();
+        boot::cpu::regs::enter_long_mode(
+            self.machine.memory.read(&g).memory(),
+            fd,
+            &boot::cpu::regs::LongModeEntry {
+                rip: CODE_ADDR + offset,
+                rsp,
+                user_pages,
+            },
+        )
+        .unwrap();
+        drop(g);
+        let mut r = fd.get_regs().unwrap();
+        regs(&mut r);
+        fd.set_regs(&r).unwrap();
+    }
+
+    /// Extends the identity page tables (user-accessible 2 MiB pages) over
+    /// `[start, start + size)` above 4 GiB, with page directories at
+    /// 0x40000.. (free in bare VMs). `start` and `size` are GiB-aligned.
+    pub fn map_high(&self, start: u64, size: u64) {
+        const PDPT: u64 = 0xa000;
+        const PD_AREA: u64 = 0x4_0000;
+        let first = start >> 30;
+        for (k, gib) in (first..first + (size >> 30)).enumerate() {
+            let pd = PD_AREA + k as u64 * 0x1000;
+            let mut entries = Vec::with_capacity(4096);
+            for i in 0..512u64 {
+                let e = ((gib << 30) + (i << 21)) | 0x87; // P | RW | US | PS
+                entries.extend_from_slice(&e.to_le_bytes());
+            }
+            self.write(pd, &entries);
+            self.write(PDPT + gib * 8, &(pd | 0x7).to_le_bytes());
+        }
     }
 
     /// Runs until the guest ends or `limit` passes.

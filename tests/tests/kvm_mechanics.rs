@@ -315,3 +315,21 @@ fn bus_swapped_under_a_running_vcpu_takes_effect() {
         "the old bus was not freed through call_rcu"
     );
 }
+
+/// KVM's own exit counters can be read for a vCPU (the hot-plug checks use
+/// them to count exits caused by grace periods).
+#[test]
+fn kvm_vcpu_statistics_are_readable() {
+    let mut vm = BareVm::new(1, 64 << 20, io_and_mmio(), 0);
+    vm.start_long_mode(0, false);
+    let stats = vmm::kvm_stats::KvmStats::open(&vm.machine.vcpu_fds()[0]).expect("stats fd");
+    let before = stats.get("exits").expect("an 'exits' counter");
+    assert_eq!(vm.run(LIMIT), StopReason::Guest(ExitRequest::PowerOff));
+    let after = stats.get("exits").unwrap();
+    // Two port writes, one read, two MMIO writes, one MMIO read, power-off.
+    assert!(
+        after >= before + 7,
+        "exits {before} -> {after}; have {:?}",
+        stats.names()
+    );
+}

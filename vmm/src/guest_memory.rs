@@ -10,11 +10,106 @@
 use crate::vm::{Vm, VmError};
 use rcu::RcuCell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// The published guest memory map.
-pub type SharedMemory = Arc<RcuCell<GuestMemoryMmap>>;
+pub type SharedMemory = Arc<RcuCell<GuestMap>>;
+
+/// One published version of the guest memory map.
+///
+/// Versions are numbered from 1 in publication order. Because a single
+/// writer (the control thread) publishes them and retires each predecessor
+/// through `call_rcu`, whose callbacks run in order, versions are freed in
+/// order too: [`MapVersions::freed_up_to`] is the newest freed version. A
+/// reader holding version `g` can therefore check, without touching freed
+/// memory, that its map is still alive ([`GuestMap::freed_under_reader`]):
+/// it must be, for as long as the reader is inside its RCU read section.
+#[derive(Debug)]
+pub struct GuestMap {
+    mem: GuestMemoryMmap,
+    generation: u64,
+    versions: Arc<MapVersions>,
+}
+
+/// Bookkeeping shared by all versions of one VM's map.
+#[derive(Debug, Default)]
+pub struct MapVersions {
+    freed_up_to: AtomicU64,
+    published: AtomicU64,
+}
+
+impl MapVersions {
+    /// The newest version that has been freed (0: none).
+    pub fn freed_up_to(&self) -> u64 {
+        self.freed_up_to.load(Ordering::Acquire)
+    }
+    /// Versions published so far.
+    pub fn published(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+}
+
+impl GuestMap {
+    /// The first version of a VM's map.
+    pub fn first(mem: GuestMemoryMmap) -> Self {
+        let versions = Arc::new(MapVersions::default());
+        versions.published.store(1, Ordering::Relaxed);
+        Self {
+            mem,
+            generation: 1,
+            versions,
+        }
+    }
+
+    /// The version after `self`, holding `mem`. Control thread only (one
+    /// writer keeps versions in publication order).
+    pub fn next(&self, mem: GuestMemoryMmap) -> Self {
+        let generation = self.versions.published.fetch_add(1, Ordering::Relaxed) + 1;
+        Self {
+            mem,
+            generation,
+            versions: Arc::clone(&self.versions),
+        }
+    }
+
+    /// This version's number.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The VM's version bookkeeping.
+    pub fn versions(&self) -> &Arc<MapVersions> {
+        &self.versions
+    }
+
+    /// Whether this version has been freed although the caller still holds
+    /// it: an RCU violation. Always `false` when RCU works.
+    pub fn freed_under_reader(&self) -> bool {
+        self.versions.freed_up_to() >= self.generation
+    }
+
+    /// The map itself.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+impl std::ops::Deref for GuestMap {
+    type Target = GuestMemoryMmap;
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+impl Drop for GuestMap {
+    fn drop(&mut self) {
+        self.versions
+            .freed_up_to
+            .fetch_max(self.generation, Ordering::Release);
+    }
+}
 
 /// Label under which replacements of the map are counted in RCU statistics.
 pub const MEMORY_MAP_LABEL: &str = "memory map replace";
@@ -57,6 +152,7 @@ pub fn create_ram(
                 source,
             }
         })?;
+        name_mapping(&r, "guest-ram");
         regions.push(r);
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(GuestMemoryError::Layout)?;
@@ -91,4 +187,33 @@ pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
         }
     }
     total
+}
+
+/// Names an anonymous mapping in `/proc/PID/maps` (`[anon:NAME]`), so guest
+/// RAM and hot-plug slots can be told apart from the VMM's own memory, and
+/// so the kernel does not merge them with neighbouring mappings. Best
+/// effort: kernels without `CONFIG_ANON_VMA_NAME` ignore it.
+pub fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
+    const PR_SET_VMA: libc::c_int = 0x53564d41;
+    const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
+    let Ok(cname) = std::ffi::CString::new(name) else {
+        return;
+    };
+    // SAFETY: the address range is a live mapping owned by `region`; the
+    // name is a NUL-terminated string the kernel copies during the call.
+    let rc = unsafe {
+        libc::prctl(
+            PR_SET_VMA,
+            PR_SET_VMA_ANON_NAME,
+            region.as_ptr() as libc::c_ulong,
+            region.len() as libc::c_ulong,
+            cname.as_ptr() as libc::c_ulong,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "cannot name mapping {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

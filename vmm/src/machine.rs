@@ -7,6 +7,7 @@ use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, 
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
 use crate::host::HostKind;
+use crate::hotplug::{Hotplug, HotplugWorker};
 use crate::kernel_cmdline::appended_args;
 use crate::kick::{self, KickError};
 use crate::kvm::{self, KvmError};
@@ -83,6 +84,9 @@ pub enum MachineError {
     /// The control loop failed.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The hot-plug device could not be created.
+    #[error(transparent)]
+    Hotplug(#[from] crate::hotplug::HotplugSetupError),
 }
 
 /// A VM ready to run.
@@ -96,6 +100,8 @@ pub struct Machine {
     pub memory: SharedMemory,
     /// Devices and buses.
     pub devices: DeviceManager,
+    /// The virtio-mem device, with `--hotplug-memory`.
+    pub hotplug: Option<Arc<Hotplug>>,
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     vcpus: Vec<VcpuHandle>,
     fatal: Arc<FatalErrors>,
@@ -166,13 +172,32 @@ impl Machine {
                 boot::cpu::cpuid::KVM_FEATURE_PV_SEND_IPI,
             );
         }
+        let memory: SharedMemory = Arc::new(RcuCell::with_label(
+            guest_memory::GuestMap::first(mem),
+            MEMORY_MAP_LABEL,
+        ));
+        let hotplug = match map.hotplug_region() {
+            Some(r) => Some(Arc::new(Hotplug::new(
+                &vm, &memory, &devices, r.start, r.size,
+            )?)),
+            None => None,
+        };
         let mut vcpu_fds = Vec::with_capacity(spec.cpus as usize);
         for index in 0..spec.cpus {
             let fd = vm
                 .fd()
                 .create_vcpu(u64::from(index))
                 .map_err(|source| MachineError::CreateVcpu { index, source })?;
-            boot::configure_vcpu(&fd, &mem, &cpuid, index, spec.cpus, None)?;
+            let g = rcu::read_lock();
+            boot::configure_vcpu(
+                &fd,
+                memory.read(&g).memory(),
+                &cpuid,
+                index,
+                spec.cpus,
+                None,
+            )?;
+            drop(g);
             vcpu_fds.push(fd);
         }
         Ok(Self {
@@ -180,8 +205,9 @@ impl Machine {
             host,
             map,
             vm,
-            memory: Arc::new(RcuCell::with_label(mem, MEMORY_MAP_LABEL)),
+            memory,
             devices,
+            hotplug,
             vcpu_fds,
             vcpus: Vec::new(),
             fatal: Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?),
@@ -211,8 +237,11 @@ impl Machine {
     /// `config`, and puts the boot vCPU at the kernel's entry.
     pub fn load_linux(&mut self, config: &VmConfig) -> Result<(), MachineError> {
         let g = rcu::read_lock();
-        let mem = self.memory.read(&g);
-        let acpi = self.devices.acpi_config(self.spec.cpus);
+        let mem = self.memory.read(&g).memory();
+        let mut acpi = self.devices.acpi_config(self.spec.cpus);
+        if let Some(h) = &self.hotplug {
+            acpi.virtio_mmio.push(h.acpi());
+        }
         let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(MachineError::Acpi)?;
         let appended = appended_args(&config.cmdline, self.host, self.spec.hotplug_memory > 0);
         let cmdline = boot::cmdline::build_cmdline(&config.cmdline, &appended)?;
@@ -303,6 +332,16 @@ impl Machine {
             control.set_deadline(Instant::now() + t);
         }
 
+        // The control thread reads the memory map (virtio-mem requests, QMP)
+        // and must not make grace periods interrupt the vCPUs either.
+        rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+        if let Some(h) = &self.hotplug {
+            control.add(Arc::new(Mutex::new(HotplugWorker::new(
+                Arc::clone(h),
+                Arc::clone(&self.memory),
+                Box::new(|size| log::info!("virtio-mem: plugged size now {size:#x}")),
+            ))));
+        }
         kick::install_handler()?;
         let ctx = VcpuContext {
             pio: Arc::clone(&self.devices.pio),
