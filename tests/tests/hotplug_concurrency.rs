@@ -277,7 +277,7 @@ fn thousands_of_map_swaps_under_running_vcpus() {
         rounds.iter().all(|r| *r > 256),
         "vCPUs did not run: {rounds:?}"
     );
-    assert!(generation >= 1 + 2 * cycles, "maps published: {generation}");
+    assert!(generation > 2 * cycles, "maps published: {generation}");
     assert_eq!(
         st.slots_unmapped.load(Ordering::Relaxed),
         cycles,
