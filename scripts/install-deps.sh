@@ -56,4 +56,12 @@ if [ "$want_qemu" -eq 1 ]; then
         apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 >/dev/null
     fi
 fi
+# The QEMU QMP client the end-to-end tests drive the VMM with (PyPI's
+# qemu.qmp), in a virtual environment outside the clone so CI runs reuse it.
+venv=${VMM_PY_VENV:-/var/cache/vmm-venv}
+if ! "$venv/bin/python3" -c 'import qemu.qmp' 2>/dev/null; then
+    echo "install-deps: creating $venv with qemu.qmp" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'qemu.qmp==0.0.6'
+fi
 echo "install-deps: host packages ready" >&2

@@ -173,6 +173,7 @@ impl BareVm {
             .run(RunOptions {
                 console: false,
                 timeout: Some(limit),
+                qmp: None,
             })
             .expect("run")
     }

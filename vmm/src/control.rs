@@ -27,6 +27,18 @@ pub enum StopReason {
     Fatal(String),
     /// The run's time limit passed (tests).
     Timeout,
+    /// A QMP client ended the VM (`quit`, or `system_reset`, which ends it
+    /// as QEMU's `-no-reboot` does).
+    Qmp(QmpStop),
+}
+
+/// Which QMP command ended the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QmpStop {
+    /// `quit`.
+    Quit,
+    /// `system_reset`.
+    SystemReset,
 }
 
 impl StopReason {
@@ -50,7 +62,8 @@ pub enum ControlError {
 /// The shared "VM should stop" slot the subscribers fill.
 pub type StopSlot = Arc<Mutex<Option<StopReason>>>;
 
-fn set_stop(slot: &StopSlot, reason: StopReason) {
+/// Records `reason` unless a reason to stop was recorded already.
+pub fn set_stop(slot: &StopSlot, reason: StopReason) {
     let mut s = slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

@@ -32,11 +32,15 @@ pub mod logger;
 pub mod machine;
 pub mod memory_manager;
 pub mod metrics;
+pub mod qmp;
+pub mod rcu_lifetime;
+pub mod rcu_plot;
 pub mod report;
 pub mod signals;
 pub mod size;
 pub mod vcpu;
 pub mod vm;
+pub mod vm_controller;
 
 pub use config::{Args, ConfigError, VmConfig};
 pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};
@@ -63,6 +67,9 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// powered off or reset or the user quit, 1 on a fatal guest error. Set-up
 /// errors are returned as `Err`.
 pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
+    // This thread becomes the control thread. No thread of the VMM reads in
+    // membarrier mode, so grace periods never interrupt running vCPUs.
+    rcu::set_reader_mode(rcu::ReaderMode::Fenced);
     let mut machine = Machine::build(&config, start)?;
     // Said once, after set-up succeeded (errors stay on one line).
     if let Some(notice) = machine.host().notice() {
@@ -71,6 +78,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let outcome = machine.run(machine::RunOptions {
         console: true,
         timeout: None,
+        qmp: config.qmp.clone(),
     })?;
     let cfg = config;
     let mut status = outcome.reason.exit_code();

@@ -7,16 +7,18 @@ use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, 
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
 use crate::host::HostKind;
-use crate::hotplug::{Hotplug, HotplugWorker};
+use crate::hotplug::{Hotplug, HotplugWorker, VMEM_ID};
 use crate::kernel_cmdline::appended_args;
 use crate::kick::{self, KickError};
 use crate::kvm::{self, KvmError};
+use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::signals::SignalFd;
 use crate::vcpu::{FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
 use crate::vm::{Vm, VmError};
+use crate::vm_controller::VmController;
 use boot::BootInfo;
 use rcu::RcuCell;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 use thiserror::Error;
 
@@ -87,6 +89,9 @@ pub enum MachineError {
     /// The hot-plug device could not be created.
     #[error(transparent)]
     Hotplug(#[from] crate::hotplug::HotplugSetupError),
+    /// The QMP socket could not be served.
+    #[error("cannot serve QMP")]
+    Qmp(#[source] crate::qmp::ServerError),
 }
 
 /// A VM ready to run.
@@ -103,7 +108,7 @@ pub struct Machine {
     /// The virtio-mem device, with `--hotplug-memory`.
     pub hotplug: Option<Arc<Hotplug>>,
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
-    vcpus: Vec<VcpuHandle>,
+    vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
     fatal: Arc<FatalErrors>,
     marks: Arc<Marks>,
     boot: Option<BootInfo>,
@@ -141,12 +146,14 @@ pub struct HardwareSpec {
 }
 
 /// How [`Machine::run`] runs.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     /// Connect stdin to the serial console.
     pub console: bool,
     /// Stop the VM after this long (tests); `None` runs until it ends.
     pub timeout: Option<std::time::Duration>,
+    /// Serve QMP on a unix socket at this path.
+    pub qmp: Option<std::path::PathBuf>,
 }
 
 impl Machine {
@@ -209,7 +216,7 @@ impl Machine {
             devices,
             hotplug,
             vcpu_fds,
-            vcpus: Vec::new(),
+            vcpus: Arc::new(OnceLock::new()),
             fatal: Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?),
             marks: Arc::new(Marks::new(start)),
             boot: None,
@@ -335,11 +342,41 @@ impl Machine {
         // The control thread reads the memory map (virtio-mem requests, QMP)
         // and must not make grace periods interrupt the vCPUs either.
         rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+
+        // QMP listens before the guest runs, as with QEMU.
+        let qmp = match &options.qmp {
+            Some(path) => {
+                let ops = VmController::new(
+                    Arc::clone(&self.vcpus),
+                    Arc::clone(&self.devices.ged),
+                    Arc::clone(&stop),
+                    self.hotplug.clone(),
+                    self.spec.memory,
+                    Box::new(|| serde_json::to_value(rcu::stats()).unwrap_or_default()),
+                );
+                let server = Arc::new(Mutex::new(
+                    QmpServer::new(path, Box::new(ops)).map_err(MachineError::Qmp)?,
+                ));
+                control.add(server.clone());
+                Some(server)
+            }
+            None => None,
+        };
+        let events = qmp.as_ref().map(|q| lock(q).event_sender());
         if let Some(h) = &self.hotplug {
+            let events = events.clone();
             control.add(Arc::new(Mutex::new(HotplugWorker::new(
                 Arc::clone(h),
                 Arc::clone(&self.memory),
-                Box::new(|size| log::info!("virtio-mem: plugged size now {size:#x}")),
+                Box::new(move |size| {
+                    log::info!("virtio-mem: plugged size now {size:#x}");
+                    if let Some(e) = &events {
+                        e.send(QmpEvent::MemoryDeviceSizeChange {
+                            id: VMEM_ID.to_string(),
+                            size,
+                        });
+                    }
+                }),
             ))));
         }
         kick::install_handler()?;
@@ -351,18 +388,28 @@ impl Machine {
             fatal: Arc::clone(&self.fatal),
             marks: Arc::clone(&self.marks),
         };
+        let mut handles = Vec::with_capacity(self.vcpu_fds.len());
         for (index, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
-            self.vcpus.push(VcpuHandle::spawn(index, fd, ctx.clone())?);
+            handles.push(VcpuHandle::spawn(index, fd, ctx.clone())?);
         }
+        let vcpus: Arc<[VcpuHandle]> = handles.into();
+        let _ = self.vcpus.set(Arc::clone(&vcpus));
         let result = control.run();
-        for v in &mut self.vcpus {
+        for v in vcpus.iter() {
             v.stop();
         }
         drop(raw);
+        if let (Some(q), Ok(reason)) = (&qmp, &result) {
+            // QMP's own `quit` and `system_reset` already announced it.
+            if let Some(cause) = shutdown_cause(reason) {
+                lock(q).event_sender().send(QmpEvent::Shutdown(cause));
+            }
+            lock(q).shutdown(std::time::Duration::from_millis(200));
+        }
         let reason = result?;
         Ok(RunOutcome {
             reason,
-            vcpu_stats: self.vcpus.iter().map(|v| v.stats_arc()).collect(),
+            vcpu_stats: vcpus.iter().map(VcpuHandle::stats_arc).collect(),
         })
     }
 
@@ -374,5 +421,21 @@ impl Machine {
     /// Where fatal errors of vCPUs are collected.
     pub fn fatal_errors(&self) -> &Arc<FatalErrors> {
         &self.fatal
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The QMP `SHUTDOWN` cause of a reason to stop that QMP did not cause.
+fn shutdown_cause(reason: &StopReason) -> Option<ShutdownCause> {
+    match reason {
+        StopReason::Guest(devices::ExitRequest::PowerOff) => Some(ShutdownCause::GuestShutdown),
+        StopReason::Guest(devices::ExitRequest::Reset) => Some(ShutdownCause::GuestReset),
+        StopReason::Signal(_) => Some(ShutdownCause::HostSignal),
+        StopReason::Quit => Some(ShutdownCause::HostUi),
+        StopReason::Fatal(_) | StopReason::Timeout => Some(ShutdownCause::HostError),
+        StopReason::Qmp(_) => None,
     }
 }

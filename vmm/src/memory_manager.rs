@@ -77,6 +77,9 @@ pub struct HotplugStats {
     pub slots_mapped: AtomicU64,
     /// Slots removed from KVM and retired.
     pub slots_retired: AtomicU64,
+    /// Unplug calls that retired at least one slot (each publishes one map,
+    /// queues one extra callback that records the unmapping, and forces).
+    pub retire_events: AtomicU64,
     /// Slot mappings actually unmapped (by call_rcu callbacks).
     pub slots_unmapped: AtomicU64,
     /// Bytes returned with `MADV_DONTNEED` from slots still in use.
@@ -163,6 +166,31 @@ impl MemoryManager {
     /// Slots currently mapped.
     pub fn mapped_slots(&self) -> usize {
         self.lock().iter().filter(|s| s.region.is_some()).count()
+    }
+
+    /// The state `x-query-hotplug` reports: mapped slots and counters.
+    pub fn state_json(&self) -> serde_json::Value {
+        let slots: Vec<serde_json::Value> = self
+            .lock()
+            .iter()
+            .filter_map(|s| {
+                s.region.as_ref().map(|r| {
+                    serde_json::json!({
+                        "gpa": s.gpa,
+                        "host": r.as_ptr() as u64,
+                        "size": SLOT_SIZE,
+                        "kvm-slot": s.kvm_slot,
+                        "plugged-blocks": s.plugged_count,
+                    })
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "slot-size": SLOT_SIZE,
+            "block-size": self.block_size,
+            "mapped-slots": slots,
+            "stats": serde_json::to_value(&*self.stats).unwrap_or_default(),
+        })
     }
 
     /// `(guest address, host address, length)` of every mapped slot.
@@ -363,6 +391,7 @@ impl MemoryManager {
             self.stats
                 .slots_retired
                 .fetch_add(emptied.len() as u64, Ordering::Relaxed);
+            self.stats.retire_events.fetch_add(1, Ordering::Relaxed);
             // Give the memory back within one grace period.
             rcu::force_rcu();
             self.record_swap(t);

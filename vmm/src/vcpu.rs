@@ -154,13 +154,15 @@ struct Control {
     cv: Condvar,
 }
 
-/// The control thread's handle on a running vCPU.
+/// The control thread's handle on a running vCPU. Shareable: every method
+/// takes `&self`.
 #[derive(Debug)]
 pub struct VcpuHandle {
     index: u32,
     control: Arc<Control>,
     stats: Arc<VcpuStats>,
-    thread: Option<JoinHandle<()>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    tid: Arc<std::sync::atomic::AtomicI64>,
 }
 
 enum Next {
@@ -178,16 +180,22 @@ impl VcpuHandle {
             cv: Condvar::new(),
         });
         let stats = Arc::new(VcpuStats::default());
-        let (c, s) = (Arc::clone(&control), Arc::clone(&stats));
+        let tid = Arc::new(std::sync::atomic::AtomicI64::new(0));
+        let (c, s, t) = (Arc::clone(&control), Arc::clone(&stats), Arc::clone(&tid));
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || run(index, vcpu, ctx, &c, &s))
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                t.store(i64::from(unsafe { libc::gettid() }), Ordering::Release);
+                run(index, vcpu, ctx, &c, &s)
+            })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(Self {
             index,
             control,
             stats,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
+            tid,
         })
     }
 
@@ -206,9 +214,14 @@ impl VcpuHandle {
         Arc::clone(&self.stats)
     }
 
+    /// The host thread id of the vCPU thread (0 until it started).
+    pub fn thread_id(&self) -> i64 {
+        self.tid.load(Ordering::Acquire)
+    }
+
     fn kick(&self) {
         self.control.pending.store(true, Ordering::SeqCst);
-        if let Some(t) = &self.thread {
+        if let Some(t) = lock(&self.thread).as_ref() {
             kick::kick(t);
         }
     }
@@ -247,15 +260,18 @@ impl VcpuHandle {
 
     /// Whether the thread has ended.
     pub fn finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+        lock(&self.thread)
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
     }
 
     /// Stops the vCPU thread and waits for it to end.
-    pub fn stop(&mut self) {
+    pub fn stop(&self) {
         self.control.stop.store(true, Ordering::SeqCst);
         self.resume();
         self.kick();
-        if let Some(t) = self.thread.take() {
+        let taken = lock(&self.thread).take();
+        if let Some(t) = taken {
             while !t.is_finished() {
                 kick::kick(&t);
                 std::thread::sleep(std::time::Duration::from_millis(1));

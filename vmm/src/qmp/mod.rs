@@ -1,0 +1,67 @@
+//! A QMP-compatible control socket: QEMU's monitor protocol
+//! (`docs/interop/qmp-spec.rst`) on a unix socket, so QEMU tooling (the
+//! `qemu.qmp` Python package, `qmp-shell`) can drive this VMM.
+//!
+//! # Using it
+//!
+//! The control side implements [`VmOps`], creates a [`QmpServer`] on the
+//! socket path and adds it to the control thread's event loop (it is an
+//! `event_manager` [`MutEventSubscriber`](event_manager::MutEventSubscriber)).
+//! Events flow the other way through an [`EventSender`]; when the loop ends,
+//! [`QmpServer::shutdown`] delivers the last replies and events and removes
+//! the socket file.
+//!
+//! # The protocol
+//!
+//! * On connect the server sends the greeting
+//!   `{"QMP": {"version": {...}, "capabilities": []}}`.
+//! * Input is a stream of JSON values, not lines (module `json_splitter`
+//!   documents framing, error recovery and limits). Every reply and event is one line of compact JSON ending in
+//!   `\r\n`.
+//! * Until `qmp_capabilities` succeeds, every other command is answered with
+//!   `CommandNotFound` "Expecting capabilities negotiation with
+//!   'qmp_capabilities'", and no events are sent.
+//! * `{"execute": NAME, "arguments": {...}, "id": ANY}` is answered with
+//!   `{"return": VALUE, "id": ...}` or
+//!   `{"error": {"class": CLASS, "desc": DESC}, "id": ...}`; errors use
+//!   QEMU's classes and wording. Input that is not valid JSON is answered
+//!   without `id`.
+//! * Events: `{"event": NAME, "data": {...}, "timestamp": {"seconds": S,
+//!   "microseconds": U}}`, `data` omitted when empty.
+//!
+//! Commands, with QEMU's names, arguments and return shapes:
+//! `qmp_capabilities`, `query-version`, `query-commands`, `query-status`,
+//! `query-cpus-fast`, `query-memory-size-summary`, `query-memory-devices`,
+//! `qom-get` / `qom-set` (virtio-mem devices, see module `qom`),
+//! `stop`, `cont`, `system_powerdown`, `system_reset`, `quit`, and the
+//! extension `x-query-rcu` (the RCU statistics).
+//!
+//! # Robustness
+//!
+//! Nothing a client sends can panic the VMM or stall it: sockets are
+//! non-blocking, input and output are bounded per client (module
+//! `connection`), malformed input gets an error reply
+//! and the connection goes on, and only a message beyond
+//! [`MAX_MESSAGE_SIZE`] closes (that client's) connection.
+
+mod args;
+mod commands;
+mod connection;
+mod error;
+mod event;
+mod json_splitter;
+mod listener;
+mod protocol;
+mod qom;
+mod server;
+mod vm_ops;
+
+pub use commands::command_names;
+pub use connection::{MAX_MESSAGE_SIZE, OUTPUT_HARD_LIMIT, OUTPUT_SOFT_LIMIT, READ_CHUNK};
+pub use error::{ErrorClass, QmpError};
+pub use event::{EventSender, MAX_QUEUED_EVENTS, QmpEvent, ShutdownCause};
+pub use json_splitter::MAX_NESTING;
+pub use listener::ListenerError;
+pub use protocol::{QEMU_VERSION, Timestamp, package};
+pub use server::{MAX_CLIENTS, QmpServer, ServerError};
+pub use vm_ops::{CpuInfo, MemoryDeviceInfo, RunState, VmOps};

@@ -1,0 +1,155 @@
+//! What QMP commands do to the VM: the control side's implementation of
+//! [`VmOps`], on the control thread.
+
+use crate::control::{QmpStop, StopReason, StopSlot, set_stop};
+use crate::hotplug::{Hotplug, VMEM_ID};
+use crate::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, RunState, VmOps};
+use crate::vcpu::VcpuHandle;
+use devices::Ged;
+use std::sync::{Arc, OnceLock};
+
+/// The VM as QMP sees it.
+pub struct VmController {
+    /// The vCPUs, set once they run (QMP starts listening before).
+    pub vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
+    state: RunState,
+    ged: Arc<Ged>,
+    stop: StopSlot,
+    hotplug: Option<Arc<Hotplug>>,
+    base_memory: u64,
+    rcu_report: Box<dyn Fn() -> serde_json::Value + Send>,
+}
+
+impl std::fmt::Debug for VmController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmController")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmController {
+    /// A controller; `rcu_report` produces `x-query-rcu`'s answer.
+    pub fn new(
+        vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
+        ged: Arc<Ged>,
+        stop: StopSlot,
+        hotplug: Option<Arc<Hotplug>>,
+        base_memory: u64,
+        rcu_report: Box<dyn Fn() -> serde_json::Value + Send>,
+    ) -> Self {
+        Self {
+            vcpus,
+            state: RunState::Running,
+            ged,
+            stop,
+            hotplug,
+            base_memory,
+            rcu_report,
+        }
+    }
+
+    fn each_vcpu(&self, f: impl Fn(&VcpuHandle)) {
+        if let Some(v) = self.vcpus.get() {
+            v.iter().for_each(f);
+        }
+    }
+}
+
+impl VmOps for VmController {
+    fn run_state(&self) -> RunState {
+        if self
+            .stop
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some()
+        {
+            RunState::Shutdown
+        } else {
+            self.state
+        }
+    }
+
+    fn stop(&mut self) -> Result<(), QmpError> {
+        self.each_vcpu(VcpuHandle::pause);
+        self.state = RunState::Paused;
+        Ok(())
+    }
+
+    fn cont(&mut self) -> Result<(), QmpError> {
+        self.each_vcpu(VcpuHandle::resume);
+        self.state = RunState::Running;
+        Ok(())
+    }
+
+    fn system_powerdown(&mut self) -> Result<(), QmpError> {
+        self.ged
+            .power_button()
+            .map_err(|e| QmpError::generic(format!("cannot press the power button: {e}")))
+    }
+
+    fn system_reset(&mut self) -> Result<(), QmpError> {
+        set_stop(&self.stop, StopReason::Qmp(QmpStop::SystemReset));
+        Ok(())
+    }
+
+    fn quit(&mut self) {
+        set_stop(&self.stop, StopReason::Qmp(QmpStop::Quit));
+    }
+
+    fn cpus(&self) -> Vec<CpuInfo> {
+        self.vcpus.get().map_or_else(Vec::new, |v| {
+            v.iter()
+                .map(|c| CpuInfo {
+                    index: c.index(),
+                    thread_id: c.thread_id(),
+                })
+                .collect()
+        })
+    }
+
+    fn base_memory(&self) -> u64 {
+        self.base_memory
+    }
+
+    fn memory_devices(&self) -> Vec<MemoryDeviceInfo> {
+        self.hotplug
+            .iter()
+            .map(|h| {
+                let i = h.vmem.info();
+                MemoryDeviceInfo {
+                    id: VMEM_ID.to_string(),
+                    memaddr: i.addr,
+                    requested_size: i.requested_size,
+                    size: i.plugged_size,
+                    max_size: i.region_size,
+                    block_size: i.block_size,
+                    node: u32::from(i.node_id),
+                    memdev: format!("/objects/{VMEM_ID}-memdev"),
+                }
+            })
+            .collect()
+    }
+
+    fn set_requested_size(&mut self, id: &str, size: u64) -> Result<(), QmpError> {
+        match &self.hotplug {
+            Some(h) if id == VMEM_ID => h
+                .vmem
+                .set_requested_size(size)
+                .map_err(|e| QmpError::generic(e.to_string())),
+            _ => Err(QmpError::device_not_found(format!(
+                "Device '{id}' not found"
+            ))),
+        }
+    }
+
+    fn rcu_stats(&self) -> serde_json::Value {
+        (self.rcu_report)()
+    }
+
+    fn hotplug_state(&self) -> serde_json::Value {
+        self.hotplug
+            .as_ref()
+            .map_or(serde_json::Value::Null, |h| h.manager.state_json())
+    }
+}
