@@ -24,3 +24,28 @@ pub fn require_kvm() {
         panic!("this test needs /dev/kvm, which cannot be opened: {e}");
     }
 }
+
+/// The Python with QEMU's `qemu.qmp` client: `$QMP_PYTHON`, or the venv
+/// `scripts/install-deps.sh` makes (`$VMM_PY_VENV`, default
+/// `/var/cache/vmm-venv`). Panics with what to run if it is missing.
+pub fn qmp_python() -> std::path::PathBuf {
+    let p = std::env::var_os("QMP_PYTHON").map_or_else(
+        || {
+            std::path::PathBuf::from(
+                std::env::var_os("VMM_PY_VENV").unwrap_or_else(|| "/var/cache/vmm-venv".into()),
+            )
+            .join("bin/python3")
+        },
+        std::path::PathBuf::from,
+    );
+    let ok = std::process::Command::new(&p)
+        .args(["-c", "import qemu.qmp"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{} cannot import qemu.qmp: run scripts/install-deps.sh (as root) first",
+        p.display()
+    );
+    p
+}

@@ -49,6 +49,10 @@ pub struct Args {
     /// The call_rcu thread's wake-up strategy.
     #[arg(long, value_name = "event|semaphore", default_value = "event")]
     pub rcu_wakeup: String,
+    /// Write a plot (SVG) of the RCU counts over the VM's lifetime, with
+    /// boot, plugs, unplugs and the end marked, to this file at exit.
+    #[arg(long, value_name = "PATH")]
+    pub rcu_plot: Option<PathBuf>,
     /// Write the VMM's own costs (set-up time, exits, CPU time, memory) as
     /// JSON to this file at exit.
     #[arg(long, value_name = "PATH")]
@@ -79,6 +83,8 @@ pub struct VmConfig {
     pub rcu_stats: Option<PathBuf>,
     /// The call_rcu thread's wake-up strategy.
     pub rcu_wakeup: WakeupStrategy,
+    /// Where to write the RCU lifetime plot at exit.
+    pub rcu_plot: Option<PathBuf>,
     /// Where to write the VMM's own metrics at exit.
     pub metrics: Option<PathBuf>,
     /// Suppress the RCU report at exit.
@@ -208,6 +214,7 @@ impl TryFrom<Args> for VmConfig {
             qmp: a.qmp,
             rcu_stats: a.rcu_stats,
             rcu_wakeup,
+            rcu_plot: a.rcu_plot,
             metrics: a.metrics,
             quiet: a.quiet,
         })

@@ -42,6 +42,20 @@ pub enum QmpStop {
 }
 
 impl StopReason {
+    /// A short description ("guest powered off", "signal 15", ...).
+    pub fn describe(&self) -> String {
+        match self {
+            StopReason::Guest(ExitRequest::PowerOff) => "guest powered off".into(),
+            StopReason::Guest(ExitRequest::Reset) => "guest reset".into(),
+            StopReason::Quit => "user quit".into(),
+            StopReason::Signal(s) => format!("signal {s}"),
+            StopReason::Fatal(_) => "fatal error".into(),
+            StopReason::Timeout => "time limit".into(),
+            StopReason::Qmp(QmpStop::Quit) => "QMP quit".into(),
+            StopReason::Qmp(QmpStop::SystemReset) => "QMP system_reset".into(),
+        }
+    }
+
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -218,7 +232,12 @@ pub struct ControlLoop {
     em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     stop: StopSlot,
     deadline: Option<std::time::Instant>,
+    tick: Option<Tick>,
 }
+
+/// Periodic work of the control thread: called on every loop round with
+/// the time; returns how long the loop may wait before calling it again.
+pub type Tick = Box<dyn FnMut(std::time::Instant) -> std::time::Duration + Send>;
 
 impl std::fmt::Debug for ControlLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,12 +252,18 @@ impl ControlLoop {
             em: EventManager::new().map_err(ControlError::EventLoop)?,
             stop,
             deadline: None,
+            tick: None,
         })
     }
 
     /// Adds an event source.
     pub fn add(&mut self, s: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
         self.em.add_subscriber(s);
+    }
+
+    /// Calls `tick` on every round of the loop (see [`Tick`]).
+    pub fn set_tick(&mut self, tick: Tick) {
+        self.tick = Some(tick);
     }
 
     /// Makes [`run`](Self::run) return [`StopReason::Timeout`] at `when`.
@@ -263,11 +288,15 @@ impl ControlLoop {
             {
                 return Ok(r);
             }
-            let wait_ms = self.deadline.map_or(1000, |d| {
-                d.saturating_duration_since(std::time::Instant::now())
-                    .as_millis()
-                    .clamp(1, 1000) as i32
-            });
+            let now = std::time::Instant::now();
+            let mut wait = std::time::Duration::from_secs(1);
+            if let Some(t) = self.tick.as_mut() {
+                wait = wait.min(t(now));
+            }
+            if let Some(d) = self.deadline {
+                wait = wait.min(d.saturating_duration_since(now));
+            }
+            let wait_ms = wait.as_millis().clamp(1, 1000) as i32;
             match self.em.run_with_timeout(wait_ms) {
                 Ok(_) => {}
                 Err(event_manager::Error::Epoll(e)) if e.errno() == libc::EINTR => {}

@@ -91,11 +91,21 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
 
     // Every callback queued during the VM's life has run once this returns.
     rcu::drain_call_rcu();
-    let stats = rcu::stats();
+    let lifetime = outcome
+        .lifetime
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .report(Instant::now());
     if let Some(path) = &cfg.rcu_stats
-        && let Err(e) = report::write_json("RCU statistics", path, &stats)
+        && let Err(e) = report::write_json("RCU statistics", path, &lifetime)
     {
         eprintln!("vmm: {}", error_chain(&e));
+        status = status.max(1);
+    }
+    if let Some(path) = &cfg.rcu_plot
+        && let Err(e) = rcu_plot::write_plot(path, &lifetime)
+    {
+        eprintln!("vmm: cannot write the RCU plot: {}", error_chain(&e));
         status = status.max(1);
     }
     if let Some(path) = &cfg.metrics {
@@ -112,7 +122,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         }
     }
     if !cfg.quiet {
-        eprint!("{}", report::rcu_table(&stats));
+        eprint!("{}", report::lifetime_table(&lifetime));
     }
     Ok(status)
 }

@@ -12,6 +12,7 @@ use crate::kernel_cmdline::appended_args;
 use crate::kick::{self, KickError};
 use crate::kvm::{self, KvmError};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
+use crate::rcu_lifetime::LifetimeRecorder;
 use crate::signals::SignalFd;
 use crate::vcpu::{FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
 use crate::vm::{Vm, VmError};
@@ -132,6 +133,8 @@ pub struct RunOutcome {
     pub reason: StopReason,
     /// Per-vCPU exit counters.
     pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
+    /// The RCU lifetime recorder (end marked).
+    pub lifetime: Arc<Mutex<LifetimeRecorder>>,
 }
 
 /// The hardware of a VM, without anything to boot.
@@ -343,16 +346,46 @@ impl Machine {
         // and must not make grace periods interrupt the vCPUs either.
         rcu::set_reader_mode(rcu::ReaderMode::Fenced);
 
+        // The RCU lifetime: sampled by the loop, marked at boot, plugs and
+        // unplugs, and at the end.
+        let lifetime = Arc::new(Mutex::new(LifetimeRecorder::new(self.marks.start)));
+        {
+            let (rec, marks) = (Arc::clone(&lifetime), Arc::clone(&self.marks));
+            let mut booted = false;
+            control.set_tick(Box::new(move |now| {
+                let mut r = lock(&rec);
+                if !booted {
+                    let ns = marks
+                        .first_run_ns
+                        .load(std::sync::atomic::Ordering::Relaxed);
+                    if ns != 0 {
+                        booted = true;
+                        r.mark_boot(marks.start + std::time::Duration::from_nanos(ns));
+                    }
+                }
+                r.maybe_sample(now);
+                let next = r.next_sample_in(now);
+                if booted {
+                    next
+                } else {
+                    next.min(std::time::Duration::from_millis(10))
+                }
+            }));
+        }
+
         // QMP listens before the guest runs, as with QEMU.
         let qmp = match &options.qmp {
             Some(path) => {
+                let rec = Arc::clone(&lifetime);
                 let ops = VmController::new(
                     Arc::clone(&self.vcpus),
                     Arc::clone(&self.devices.ged),
                     Arc::clone(&stop),
                     self.hotplug.clone(),
                     self.spec.memory,
-                    Box::new(|| serde_json::to_value(rcu::stats()).unwrap_or_default()),
+                    Box::new(move || {
+                        serde_json::to_value(lock(&rec).report(Instant::now())).unwrap_or_default()
+                    }),
                 );
                 let server = Arc::new(Mutex::new(
                     QmpServer::new(path, Box::new(ops)).map_err(MachineError::Qmp)?,
@@ -365,11 +398,13 @@ impl Machine {
         let events = qmp.as_ref().map(|q| lock(q).event_sender());
         if let Some(h) = &self.hotplug {
             let events = events.clone();
+            let rec = Arc::clone(&lifetime);
             control.add(Arc::new(Mutex::new(HotplugWorker::new(
                 Arc::clone(h),
                 Arc::clone(&self.memory),
                 Box::new(move |size| {
                     log::info!("virtio-mem: plugged size now {size:#x}");
+                    lock(&rec).plugged_size(Instant::now(), size);
                     if let Some(e) = &events {
                         e.send(QmpEvent::MemoryDeviceSizeChange {
                             id: VMEM_ID.to_string(),
@@ -407,9 +442,11 @@ impl Machine {
             lock(q).shutdown(std::time::Duration::from_millis(200));
         }
         let reason = result?;
+        lock(&lifetime).mark_end(Instant::now(), &reason.describe());
         Ok(RunOutcome {
             reason,
             vcpu_stats: vcpus.iter().map(VcpuHandle::stats_arc).collect(),
+            lifetime,
         })
     }
 

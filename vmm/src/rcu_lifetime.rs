@@ -75,6 +75,22 @@ impl Sample {
         }
     }
 
+    /// `self`, with its time and each counter raised to `prev`'s where lower:
+    /// counters are cumulative and time moves on, whatever the caller's
+    /// instants or a snapshot racing with updates say.
+    fn not_before(self, prev: &Sample) -> Sample {
+        Sample {
+            t_ms: self.t_ms.max(prev.t_ms),
+            call_rcu: self.call_rcu.max(prev.call_rcu),
+            callbacks_run: self.callbacks_run.max(prev.callbacks_run),
+            grace_periods: self.grace_periods.max(prev.grace_periods),
+            force_rcu: self.force_rcu.max(prev.force_rcu),
+            wakeups: self.wakeups.max(prev.wakeups),
+            loops: self.loops.max(prev.loops),
+            reader_waits: self.reader_waits.max(prev.reader_waits),
+        }
+    }
+
     /// Whether the counters (not the time) are equal.
     fn same_counts(&self, other: &Sample) -> bool {
         Sample { t_ms: 0, ..*self } == Sample { t_ms: 0, ..*other }
@@ -114,7 +130,8 @@ pub struct Marker {
     pub t_ms: u64,
     /// What happened.
     pub kind: MarkerKind,
-    /// Details for people: the new plugged size, the end's reason.
+    /// Details for people: the new plugged size (as `--memory` spells
+    /// sizes: "512M"), the end's reason.
     pub detail: String,
     /// Plugged memory after a `plug` or `unplug`, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,8 +177,8 @@ pub struct LifetimeRecorder {
     /// recorded one: recorded before the next change, so a quiet period
     /// shows as flat rather than as a slope.
     held: Option<Sample>,
-    /// Plugged memory as last told.
-    plugged: Option<u64>,
+    /// Plugged memory as last told (0 at start).
+    plugged: u64,
 }
 
 impl LifetimeRecorder {
@@ -175,7 +192,7 @@ impl LifetimeRecorder {
             markers_dropped: 0,
             last_read: None,
             held: None,
-            plugged: None,
+            plugged: 0,
         }
     }
 
@@ -225,17 +242,18 @@ impl LifetimeRecorder {
         self.mark(at, MarkerKind::Boot, "first KVM_RUN");
     }
 
-    /// Tells the plugged memory size: the first call sets the starting size
-    /// silently; later calls mark a `plug` when it grew and an `unplug` when
-    /// it shrank (nothing when it is unchanged).
+    /// Tells the plugged hot-plug memory size (all devices together): marks
+    /// a `plug` when it grew and an `unplug` when it shrank since the last
+    /// call (or since start, when nothing is plugged), nothing when it is
+    /// unchanged.
     pub fn plugged_size(&mut self, at: Instant, bytes: u64) {
-        let before = self.plugged.replace(bytes);
-        let kind = match before {
-            Some(b) if bytes > b => MarkerKind::Plug,
-            Some(b) if bytes < b => MarkerKind::Unplug,
-            _ => return,
+        let before = std::mem::replace(&mut self.plugged, bytes);
+        let kind = match bytes.cmp(&before) {
+            std::cmp::Ordering::Greater => MarkerKind::Plug,
+            std::cmp::Ordering::Less => MarkerKind::Unplug,
+            std::cmp::Ordering::Equal => return,
         };
-        self.push_marker(at, kind, format_size(bytes), Some(bytes));
+        self.push_marker(at, kind, crate::size::format_size(bytes), Some(bytes));
         self.sample_now(at);
     }
 
@@ -256,9 +274,13 @@ impl LifetimeRecorder {
     /// [`report`](Self::report) with statistics the caller already took.
     pub fn report_with(&self, now: Instant, stats: Stats) -> LifetimeReport {
         let last_t = self.samples.last().map_or(0, |s| s.t_ms);
-        let uptime_ms = self.ms(now).max(last_t);
+        let held_t = self.held.map_or(0, |s| s.t_ms);
+        let uptime_ms = self.ms(now).max(last_t).max(held_t);
         let mut timeline = self.samples.clone();
-        let fin = Sample::from_stats(uptime_ms, &stats);
+        let mut fin = Sample::from_stats(uptime_ms, &stats);
+        if let Some(l) = timeline.last() {
+            fin = fin.not_before(l);
+        }
         match timeline.last() {
             Some(l) if *l == fin => {}
             Some(l) if !l.same_counts(&fin) => {
@@ -282,22 +304,13 @@ impl LifetimeRecorder {
 
     /// Records reading `s` taken at `now`; `force` records it even when
     /// nothing changed.
-    fn observe(&mut self, now: Instant, mut s: Sample, force: bool) {
+    fn observe(&mut self, now: Instant, s: Sample, force: bool) {
         self.last_read = Some(now);
         let Some(last) = self.samples.last().copied() else {
             self.push_sample(s);
             return;
         };
-        // Counters are cumulative and time moves on: keep both monotone even
-        // if the caller's instants or a racy snapshot say otherwise.
-        s.t_ms = s.t_ms.max(last.t_ms);
-        s.call_rcu = s.call_rcu.max(last.call_rcu);
-        s.callbacks_run = s.callbacks_run.max(last.callbacks_run);
-        s.grace_periods = s.grace_periods.max(last.grace_periods);
-        s.force_rcu = s.force_rcu.max(last.force_rcu);
-        s.wakeups = s.wakeups.max(last.wakeups);
-        s.loops = s.loops.max(last.loops);
-        s.reader_waits = s.reader_waits.max(last.reader_waits);
+        let s = s.not_before(&last);
         if !s.same_counts(&last) {
             if let Some(h) = self.held.take() {
                 self.push_sample(h);
@@ -368,28 +381,6 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `bytes` in the largest binary unit that shows it exactly up to one
-/// decimal ("512 MiB", "1.5 GiB").
-fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-        ("B", 1),
-    ];
-    for (name, unit) in UNITS {
-        if bytes >= unit {
-            let v = bytes as f64 / unit as f64;
-            return if bytes % unit == 0 {
-                format!("{} {name}", bytes / unit)
-            } else {
-                format!("{v:.1} {name}")
-            };
-        }
-    }
-    "0 B".to_string()
-}
-
 /// A short human name for a `call_rcu` call site: its label when it has
 /// one (the VMM's "memory map replace", "bus replace", "hot-plug slot
 /// unmapped", and the RCU core's "RcuCell::replace" and "drain_call_rcu"),
@@ -448,6 +439,12 @@ mod tests {
         }
         r.observe(now, s, false);
         true
+    }
+
+    #[test]
+    fn recorder_can_move_to_the_control_thread() {
+        fn send<T: Send>(_: &T) {}
+        send(&LifetimeRecorder::new(Instant::now()));
     }
 
     #[test]
@@ -538,13 +535,13 @@ mod tests {
         let start = Instant::now();
         let mut r = LifetimeRecorder::new(start);
         r.mark_boot(at(start, 5));
+        // Plug, unplug, plug, ...: one marker each.
         for i in 0..MAX_MARKERS as u64 + 10 {
-            r.plugged_size(at(start, 10 + i), (i % 2) << 27);
+            r.plugged_size(at(start, 10 + i), (1 - i % 2) << 27);
         }
         assert_eq!(r.markers.len(), MAX_MARKERS);
         assert_eq!(r.markers[0].kind, MarkerKind::Boot);
-        // The first plugged_size call only set the starting size.
-        assert_eq!(r.markers_dropped, 10);
+        assert_eq!(r.markers_dropped, 11);
         let last = r.markers.last().unwrap();
         assert_eq!(last.t_ms, 10 + MAX_MARKERS as u64 + 9);
     }
@@ -553,7 +550,7 @@ mod tests {
     fn plugged_size_marks_plug_and_unplug_with_the_new_size() {
         let start = Instant::now();
         let mut r = LifetimeRecorder::new(start);
-        r.plugged_size(at(start, 1), 0);
+        r.plugged_size(at(start, 1), 0); // nothing plugged at start
         r.plugged_size(at(start, 2), 256 << 20);
         r.plugged_size(at(start, 3), 256 << 20);
         r.plugged_size(at(start, 4), 128 << 20);
@@ -565,8 +562,8 @@ mod tests {
         assert_eq!(
             m,
             [
-                (MarkerKind::Plug, "256 MiB", Some(256 << 20)),
-                (MarkerKind::Unplug, "128 MiB", Some(128 << 20)),
+                (MarkerKind::Plug, "256M", Some(256 << 20)),
+                (MarkerKind::Unplug, "128M", Some(128 << 20)),
             ]
         );
         // Each marker forced a sample at its time.
@@ -585,7 +582,6 @@ mod tests {
             rcu::call_rcu(|| {});
         }
         rcu::drain_call_rcu();
-        r.plugged_size(at(start, 20), 0);
         r.plugged_size(at(start, 30), 1 << 30);
         r.mark_end(at(start, 40), "guest powered off");
         let rep = r.report(at(start, 50));
@@ -701,13 +697,5 @@ mod tests {
         );
         assert_eq!(short_site("/abs/x.rs:7"), "x.rs:7");
         assert_eq!(short_site("(other sites)"), "(other sites)");
-    }
-
-    #[test]
-    fn sizes_read_as_people_write_them() {
-        assert_eq!(format_size(0), "0 B");
-        assert_eq!(format_size(512 << 20), "512 MiB");
-        assert_eq!(format_size(3 << 29), "1.5 GiB");
-        assert_eq!(format_size(4 << 30), "4 GiB");
     }
 }

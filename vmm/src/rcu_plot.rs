@@ -8,8 +8,8 @@
 //! get their own scale on the right-hand axis, so both stay readable.
 
 use crate::rcu_lifetime::{LifetimeReport, MarkerKind};
+use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
-use plotters::style::FontTransform;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -21,16 +21,25 @@ pub const SIZE: (u32, u32) = (1100, 620);
 /// least this factor.
 const SECOND_AXIS_RATIO: u64 = 8;
 
-/// Least horizontal distance between two marker labels, in pixels; a label
-/// closer than that to one already placed is left out (its line stays).
-const LABEL_GAP: i32 = 15;
+/// Least horizontal distance between two marker labels, in pixels.
+const LABEL_GAP: i32 = 8;
+
+/// Rows of marker labels above the plot.
+const LABEL_ROWS: usize = 3;
+
+/// Height of one row of marker labels, in pixels.
+const ROW_HEIGHT: i32 = 20;
+
+/// Font size of marker labels (plotters' units: the SVG font size is this
+/// divided by 1.24).
+const MARKER_FONT: u32 = 17;
 
 /// The plot could not be made or written.
 #[derive(Debug, Error)]
 pub enum PlotError {
-    /// The chart library failed to draw.
-    #[error("cannot draw the RCU lifetime plot: {0}")]
-    Draw(String),
+    /// The chart library failed to draw (a range or text it cannot lay out).
+    #[error("cannot draw the RCU lifetime plot")]
+    Draw(#[source] DrawingAreaErrorKind<std::io::Error>),
     /// Writing the file failed.
     #[error("cannot write the RCU lifetime plot to '{path}'")]
     Write {
@@ -40,10 +49,6 @@ pub enum PlotError {
         #[source]
         source: std::io::Error,
     },
-}
-
-fn draw_err<E: std::fmt::Debug>(e: E) -> PlotError {
-    PlotError::Draw(format!("{e:?}"))
 }
 
 const CALLS: RGBColor = RGBColor(31, 119, 180);
@@ -97,19 +102,16 @@ pub fn render_svg(report: &LifetimeReport) -> Result<String, PlotError> {
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         draw(&root, report)?;
-        root.present().map_err(draw_err)?;
+        root.present().map_err(PlotError::Draw)?;
     }
     Ok(svg)
 }
 
-fn draw<DB: DrawingBackend>(
-    root: &DrawingArea<DB, plotters::coord::Shift>,
+fn draw(
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     report: &LifetimeReport,
-) -> Result<(), PlotError>
-where
-    DB::ErrorType: 'static,
-{
-    root.fill(&WHITE).map_err(draw_err)?;
+) -> Result<(), PlotError> {
+    root.fill(&WHITE).map_err(PlotError::Draw)?;
     let tl = &report.timeline;
     let last_ms = tl
         .last()
@@ -140,13 +142,14 @@ where
         report.rcu.wakeup.name()
     );
     let mut chart = ChartBuilder::on(root)
-        .caption(title, ("sans-serif", 19))
+        .caption(title, ("sans-serif", 24))
         .margin(14)
-        .x_label_area_size(48)
+        .top_x_label_area_size(ROW_HEIGHT * LABEL_ROWS as i32 + 6)
+        .x_label_area_size(52)
         .y_label_area_size(72)
         .right_y_label_area_size(if two_axes { 72 } else { 14 })
         .build_cartesian_2d(0f64..x_max, 0f64..y_max)
-        .map_err(draw_err)?
+        .map_err(PlotError::Draw)?
         .set_secondary_coord(0f64..x_max, 0f64..y2_max);
 
     let int_label = |v: &f64| {
@@ -173,27 +176,31 @@ where
         .x_label_formatter(&x_label)
         .y_labels(10)
         .y_label_formatter(&int_label)
-        .label_style(("sans-serif", 14))
-        .axis_desc_style(("sans-serif", 15))
+        .label_style(("sans-serif", 17))
+        .axis_desc_style(("sans-serif", 18))
         .light_line_style(RGBColor(240, 240, 240))
         .bold_line_style(RGBColor(215, 215, 215))
         .draw()
-        .map_err(draw_err)?;
+        .map_err(PlotError::Draw)?;
     if two_axes {
         chart
             .configure_secondary_axes()
             .y_desc("grace periods")
+            // The secondary time axis is the primary one: no ticks on top,
+            // where the marker labels go.
+            .x_labels(0)
             .y_labels(10)
             .y_label_formatter(&int_label)
-            .label_style(("sans-serif", 14))
-            .axis_desc_style(("sans-serif", 15))
+            .label_style(("sans-serif", 17))
+            .axis_desc_style(("sans-serif", 18))
             .draw()
-            .map_err(draw_err)?;
+            .map_err(PlotError::Draw)?;
     }
 
-    // Markers under the curves: a dashed line each, labelled when there is
-    // room.
+    // Markers under the curves: a dashed line each, continued up into the
+    // label band to its label when there is room for one.
     let plot_area = chart.plotting_area().clone();
+    let (px_range, py_range) = plot_area.get_pixel_range();
     for m in &report.markers {
         let x = x_of(m.t_ms);
         chart
@@ -203,23 +210,37 @@ where
                 4,
                 marker_color(m.kind).stroke_width(1),
             ))
-            .map_err(draw_err)?;
+            .map_err(PlotError::Draw)?;
     }
-    for (i, text) in marker_labels(report, |t_ms| {
-        plot_area.map_coordinate(&(x_of(t_ms), y_max)).0
-    }) {
-        let Some(m) = report.markers.get(i) else {
+    let label_font = ("sans-serif", MARKER_FONT).into_font();
+    let width = |text: &str| {
+        root.estimate_text_size(text, &label_font.clone().into_text_style(root))
+            .map_or(text.len() as i32 * MARKER_FONT as i32 / 2, |(w, _)| {
+                w as i32
+            })
+    };
+    let line_x = |t_ms: u64| plot_area.map_coordinate(&(x_of(t_ms), y_max)).0;
+    // Within the plot's width: the axes' labels are beside it.
+    let (x_lo, x_hi) = (px_range.start, px_range.end);
+    let band_bottom = py_range.start;
+    for l in place_labels(report, line_x, width, (x_lo, x_hi)) {
+        let Some(m) = report.markers.get(l.index) else {
             continue;
         };
-        let (px, py) = plot_area.map_coordinate(&(x_of(m.t_ms), y_max));
-        let style = ("sans-serif", 13)
-            .into_font()
-            .transform(FontTransform::Rotate90)
-            .color(&marker_color(m.kind));
-        root.draw(&Text::new(text, (px + 3, py + 4), style))
-            .map_err(draw_err)?;
+        let color = marker_color(m.kind);
+        let row_top = band_bottom - (l.row as i32 + 1) * ROW_HEIGHT;
+        root.draw(&PathElement::new(
+            [
+                (l.line_x, band_bottom),
+                (l.line_x, row_top + ROW_HEIGHT - 2),
+            ],
+            color.stroke_width(1),
+        ))
+        .map_err(PlotError::Draw)?;
+        let style = label_font.clone().color(&color);
+        root.draw(&Text::new(l.text, (l.x0, row_top + 2), style))
+            .map_err(PlotError::Draw)?;
     }
-
     let pts = |f: fn(&crate::rcu_lifetime::Sample) -> u64| {
         tl.iter()
             .map(move |s| (x_of(s.t_ms), f(s) as f64))
@@ -227,7 +248,7 @@ where
     };
     chart
         .draw_series(LineSeries::new(pts(|s| s.call_rcu), CALLS.stroke_width(3)))
-        .map_err(draw_err)?
+        .map_err(PlotError::Draw)?
         .label("call_rcu calls")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 22, y)], CALLS.stroke_width(3)));
     chart
@@ -235,7 +256,7 @@ where
             pts(|s| s.callbacks_run),
             RUN.stroke_width(2),
         ))
-        .map_err(draw_err)?
+        .map_err(PlotError::Draw)?
         .label("callbacks run")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 22, y)], RUN.stroke_width(2)));
     let gp_style = GRACE.stroke_width(2);
@@ -245,7 +266,7 @@ where
     } else {
         chart.draw_series(gp_series)
     };
-    gp.map_err(draw_err)?
+    gp.map_err(PlotError::Draw)?
         .label(if two_axes {
             "grace periods (right axis)"
         } else {
@@ -254,53 +275,103 @@ where
         .legend(move |(x, y)| PathElement::new([(x, y), (x + 22, y)], gp_style));
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font(("sans-serif", 17))
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(160, 160, 160))
         .draw()
-        .map_err(draw_err)?;
+        .map_err(PlotError::Draw)?;
     Ok(())
 }
 
-/// The markers to label, as (index into `report.markers`, text): the end
-/// first, then boot, then the others in time order, each left out if its
-/// line (at pixel `px(t_ms)`) is within [`LABEL_GAP`] of a label already
-/// placed.
-fn marker_labels(report: &LifetimeReport, px: impl Fn(u64) -> i32) -> Vec<(usize, String)> {
+/// A marker label placed in the band above the plot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PlacedLabel {
+    /// Index into the report's markers.
+    index: usize,
+    text: String,
+    /// Row in the band, 0 nearest the plot.
+    row: usize,
+    /// Left edge of the text, in pixels.
+    x0: i32,
+    /// Right edge of the text, in pixels.
+    x1: i32,
+    /// The marker line's x, in pixels.
+    line_x: i32,
+}
+
+/// The text of marker `m`'s label.
+fn label_text(m: &crate::rcu_lifetime::Marker) -> String {
+    match m.kind {
+        MarkerKind::Boot => "boot".to_string(),
+        MarkerKind::End if m.detail.is_empty() => "end".to_string(),
+        MarkerKind::End => format!("end: {}", m.detail),
+        MarkerKind::Plug | MarkerKind::Unplug if m.detail.is_empty() => m.kind.name().to_string(),
+        MarkerKind::Plug | MarkerKind::Unplug => format!("{} to {}", m.kind.name(), m.detail),
+    }
+}
+
+/// Places marker labels in [`LABEL_ROWS`] rows above the plot: the end
+/// first, then boot, then the others in time order (of markers at the same
+/// time, the last first). Each label is centred
+/// on its line where the image's edges (`bounds`) allow, in the lowest row
+/// where it overlaps no other label (with [`LABEL_GAP`] between them) and
+/// no other label's connector line crosses it or its own connector crosses
+/// another label; a label that fits nowhere is left out (its line stays).
+/// `line_x` maps a time to the line's pixel x; `width` estimates a text's
+/// width in pixels.
+fn place_labels(
+    report: &LifetimeReport,
+    line_x: impl Fn(u64) -> i32,
+    width: impl Fn(&str) -> i32,
+    bounds: (i32, i32),
+) -> Vec<PlacedLabel> {
     let rank = |k: MarkerKind| match k {
         MarkerKind::End => 0,
         MarkerKind::Boot => 1,
         MarkerKind::Plug | MarkerKind::Unplug => 2,
     };
     let mut order: Vec<usize> = (0..report.markers.len()).collect();
-    order.sort_by_key(|&i| report.markers.get(i).map(|m| (rank(m.kind), m.t_ms)));
-    let mut placed: Vec<i32> = Vec::new();
-    let mut out = Vec::new();
-    for i in order {
-        let Some(m) = report.markers.get(i) else {
+    // Of markers at the same time, the last says where things ended up.
+    order.sort_by_key(|&i| {
+        report
+            .markers
+            .get(i)
+            .map(|m| (rank(m.kind), m.t_ms, std::cmp::Reverse(i)))
+    });
+    let mut placed: Vec<PlacedLabel> = Vec::new();
+    for index in order {
+        let Some(m) = report.markers.get(index) else {
             continue;
         };
-        let x = px(m.t_ms);
-        if placed.iter().any(|p| (p - x).abs() < LABEL_GAP) {
-            continue;
+        let text = label_text(m);
+        let lx = line_x(m.t_ms);
+        let w = width(&text);
+        let x0 = (lx - w / 2).min(bounds.1 - w).max(bounds.0);
+        let x1 = x0 + w;
+        let covers = |a: i32, b: i32, x: i32| x >= a - LABEL_GAP / 2 && x <= b + LABEL_GAP / 2;
+        let fits = |row: usize| {
+            placed.iter().all(|p| match p.row.cmp(&row) {
+                std::cmp::Ordering::Equal => x1 + LABEL_GAP <= p.x0 || p.x1 + LABEL_GAP <= x0,
+                // Our connector passes through the lower row.
+                std::cmp::Ordering::Less => !covers(p.x0, p.x1, lx),
+                // Its connector passes through our row.
+                std::cmp::Ordering::Greater => !covers(x0, x1, p.line_x),
+            })
+        };
+        if let Some(row) = (0..LABEL_ROWS).find(|&r| fits(r)) {
+            placed.push(PlacedLabel {
+                index,
+                text,
+                row,
+                x0,
+                x1,
+                line_x: lx,
+            });
         }
-        placed.push(x);
-        let text = if m.detail.is_empty() {
-            m.kind.name().to_string()
-        } else {
-            match m.kind {
-                MarkerKind::Boot => m.kind.name().to_string(),
-                MarkerKind::End => format!("end: {}", m.detail),
-                MarkerKind::Plug | MarkerKind::Unplug => {
-                    format!("{} to {}", m.kind.name(), m.detail)
-                }
-            }
-        };
-        out.push((i, text));
     }
-    out.sort_by_key(|(i, _)| *i);
-    out
+    placed.sort_by_key(|l| l.index);
+    placed
 }
 
 #[cfg(test)]
@@ -341,8 +412,8 @@ mod tests {
             timeline,
             markers: vec![
                 marker(5, MarkerKind::Boot, "first KVM_RUN", None),
-                marker(40, MarkerKind::Plug, "512 MiB", Some(512 << 20)),
-                marker(70, MarkerKind::Unplug, "128 MiB", Some(128 << 20)),
+                marker(40, MarkerKind::Plug, "512M", Some(512 << 20)),
+                marker(70, MarkerKind::Unplug, "128M", Some(128 << 20)),
                 marker(100, MarkerKind::End, "guest powered off", None),
             ],
         }
@@ -402,8 +473,8 @@ mod tests {
             "callbacks run",
             "grace periods (right axis)",
             "boot",
-            "plug to 512 MiB",
-            "unplug to 128 MiB",
+            "plug to 512M",
+            "unplug to 128M",
             "end: guest powered off",
             "time since VMM start (s)",
         ] {
@@ -412,12 +483,60 @@ mod tests {
         // Tick labels on the time axis, up to the 90 s lifetime.
         assert!(t.iter().any(|x| x == "0"));
         assert!(t.iter().any(|x| x == "90"));
-        // Three curves and four marker lines.
-        assert_eq!(svg.matches("<polyline").count(), 3 + 4 + 3);
+        // Each series is a polyline in its own colour.
         for c in [CALLS, RUN, GRACE] {
-            let rgb = format!("#{:02X}{:02X}{:02X}", c.0, c.1, c.2);
-            assert!(svg.contains(&rgb), "no series in {rgb}");
+            let rgb = format!("stroke=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2);
+            let lines = svg
+                .split("<polyline")
+                .skip(1)
+                .filter(|p| {
+                    p.split('>')
+                        .next()
+                        .is_some_and(|attrs| attrs.contains(&rgb))
+                })
+                .count();
+            // The curve, and its sample in the legend.
+            assert!(lines >= 1, "no series drawn with {rgb}");
         }
+    }
+
+    #[test]
+    fn marker_labels_never_overlap_and_crowded_ones_are_left_out() {
+        let mut r = report(60_000, 20);
+        // Ten plugs a few pixels apart, and one far away.
+        for i in 0..10 {
+            r.markers.push(Marker {
+                t_ms: 30_000 + i * 50,
+                kind: MarkerKind::Plug,
+                detail: format!("{}M", 128 * (i + 1)),
+                plugged_bytes: None,
+            });
+        }
+        r.markers.sort_by_key(|m| m.t_ms);
+        // 10 px per second, 10 px per character.
+        let placed = place_labels(&r, |t| (t / 100) as i32, |s| 10 * s.len() as i32, (0, 700));
+        let n = r.markers.len();
+        assert!(placed.len() < n, "all {n} crowded labels placed");
+        // The end and boot always get theirs.
+        for kind in [MarkerKind::End, MarkerKind::Boot] {
+            assert!(placed.iter().any(|l| r.markers[l.index].kind == kind));
+        }
+        for (i, a) in placed.iter().enumerate() {
+            assert!(a.row < LABEL_ROWS && a.x0 >= 0 && a.x1 <= 700);
+            for b in &placed[i + 1..] {
+                if a.row == b.row {
+                    assert!(a.x1 + LABEL_GAP <= b.x0 || b.x1 + LABEL_GAP <= a.x0);
+                }
+                // No connector crosses a label nearer the plot.
+                let (low, high) = if a.row < b.row { (a, b) } else { (b, a) };
+                if low.row != high.row {
+                    assert!(high.line_x < low.x0 || high.line_x > low.x1);
+                }
+            }
+        }
+        // The end marker at the right edge keeps its label inside.
+        let end = placed.iter().find(|l| l.text.starts_with("end")).unwrap();
+        assert_eq!(end.x1, 700);
     }
 
     #[test]
@@ -436,7 +555,7 @@ mod tests {
             r.markers.push(Marker {
                 t_ms: 3600 * 1000 + i * 600,
                 kind: MarkerKind::Plug,
-                detail: "1 GiB".into(),
+                detail: "1G".into(),
                 plugged_bytes: Some(1 << 30),
             });
         }
@@ -444,7 +563,7 @@ mod tests {
         let svg = render_svg(&r).unwrap();
         let t = texts(&svg);
         assert!(t.iter().any(|x| x == "time since VMM start (h)"));
-        let labels = t.iter().filter(|x| x.as_str() == "plug to 1 GiB").count();
+        let labels = t.iter().filter(|x| x.as_str() == "plug to 1G").count();
         assert!((1..5).contains(&labels), "{labels} crowded labels");
     }
 

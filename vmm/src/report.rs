@@ -2,6 +2,7 @@
 //! (`--rcu-stats`), a short table of them on stderr, and the metrics
 //! (`--metrics`).
 
+use crate::rcu_lifetime::{LifetimeReport, MarkerKind, short_site, site_label};
 use rcu::Stats;
 use std::io::Write;
 use std::path::Path;
@@ -54,61 +55,232 @@ pub fn write_json<T: serde::Serialize>(
     result.map_err(err)
 }
 
-fn us(ns: u64) -> String {
-    if ns >= 10_000_000 {
-        format!("{:.1} ms", ns as f64 / 1e6)
+/// A duration in ns, in the unit that keeps it short ("16.4 us", "3.6 ms").
+fn duration(ns: u64) -> String {
+    let ns = ns as f64;
+    if ns < 1e6 {
+        format!("{:.1} us", ns / 1e3)
+    } else if ns < 1e9 {
+        format!("{:.1} ms", ns / 1e6)
     } else {
-        format!("{:.1} us", ns as f64 / 1e3)
+        format!("{:.2} s", ns / 1e9)
     }
 }
 
-/// The lifetime table printed at exit.
+/// Most call sites listed in the table.
+const TABLE_SITES: usize = 5;
+
+/// The RCU table printed at exit (at most 18 lines): counts, the call_rcu
+/// thread's work, latency, and the busiest call sites by human label.
 pub fn rcu_table(s: &Stats) -> String {
-    let mut t = String::new();
-    t.push_str(&format!(
-        "RCU over this VM's lifetime (wake-up: {}, membarrier: {})\n",
-        s.wakeup,
-        if s.membarrier { "yes" } else { "no" }
-    ));
+    table(
+        s,
+        format!(
+            "RCU over this VM's lifetime (wake-up: {}, membarrier: {})",
+            s.wakeup.name(),
+            if s.membarrier { "yes" } else { "no" }
+        ),
+    )
+}
+
+/// [`rcu_table`] headed with the lifetime's length and its boot, plug and
+/// unplug markers.
+pub fn lifetime_table(r: &LifetimeReport) -> String {
+    let count = |k: MarkerKind| r.markers.iter().filter(|m| m.kind == k).count();
+    let mut events = vec![duration(r.uptime_ms.saturating_mul(1_000_000))];
+    for (k, one, many) in [
+        (MarkerKind::Plug, "plug", "plugs"),
+        (MarkerKind::Unplug, "unplug", "unplugs"),
+    ] {
+        match count(k) {
+            0 => {}
+            1 => events.push(format!("1 {one}")),
+            n => events.push(format!("{n} {many}")),
+        }
+    }
+    table(
+        &r.rcu,
+        format!(
+            "RCU over this VM's lifetime ({}; wake-up: {}, membarrier: {})",
+            events.join(", "),
+            r.rcu.wakeup.name(),
+            if r.rcu.membarrier { "yes" } else { "no" }
+        ),
+    )
+}
+
+fn table(s: &Stats, heading: String) -> String {
+    let mut t = heading;
+    t.push('\n');
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let mut run = s.callbacks_run.to_string();
+    if s.callback_panics > 0 {
+        run.push_str(&format!(" ({} panicked)", s.callback_panics));
+    }
+    let latency = if s.latency.histogram.is_empty() {
+        "none measured".to_string()
+    } else {
+        format!(
+            "max {}, p50 < {}, p99 < {}",
+            duration(s.latency.max_ns),
+            duration(s.latency.p50_ns),
+            duration(s.latency.p99_ns)
+        )
+    };
     let rows: [(&str, String); 10] = [
         ("call_rcu calls", s.call_rcu.to_string()),
-        ("callbacks run", s.callbacks_run.to_string()),
-        ("grace periods", s.grace_periods.to_string()),
-        ("force_rcu calls", s.force_rcu.to_string()),
+        ("callbacks run", run),
+        (
+            "grace periods",
+            format!(
+                "{} ({} by synchronize_rcu; {}, {} forced, largest {})",
+                s.grace_periods,
+                s.synchronize_rcu,
+                plural(s.batches, "batch", "batches"),
+                s.forced_batches,
+                s.max_batch
+            ),
+        ),
+        (
+            "force_rcu calls",
+            format!("{} ({} by drain_call_rcu)", s.force_rcu, s.drain_call_rcu),
+        ),
         (
             "call_rcu thread wake-ups",
             format!("{} ({} found nothing to do)", s.wakeups, s.empty_wakeups),
         ),
         ("call_rcu thread loop rounds", s.loops.to_string()),
-        ("reader waits in grace periods", s.reader_waits.to_string()),
+        (
+            "reader waits",
+            format!("{} (in synchronize_rcu and grace periods)", s.reader_waits),
+        ),
         (
             "membarrier calls",
-            format!("{} ({} avoided)", s.membarriers, s.membarriers_skipped),
+            format!("{} ({} not needed)", s.membarriers, s.membarriers_skipped),
         ),
-        (
-            "call-to-callback latency",
-            format!(
-                "max {}, p50 < {}, p99 < {}",
-                us(s.latency.max_ns),
-                us(s.latency.p50_ns),
-                us(s.latency.p99_ns)
-            ),
-        ),
-        ("call_rcu thread CPU", us(s.thread_cpu_ns)),
+        ("call-to-callback latency", latency),
+        ("call_rcu thread CPU time", duration(s.thread_cpu_ns)),
     ];
     for (k, v) in rows {
-        t.push_str(&format!("  {k:<32} {v}\n"));
+        t.push_str(&format!("  {k:<28} {v}\n"));
     }
     if !s.by_site.is_empty() {
-        t.push_str("  top call sites:\n");
-        for site in s.by_site.iter().take(5) {
-            let label = if site.label.is_empty() {
-                String::new()
-            } else {
-                format!("{}  ", site.label)
-            };
-            t.push_str(&format!("    {:>6}  {label}{}\n", site.calls, site.site));
+        t.push_str("  top call_rcu sites:\n");
+        let shown = s.by_site.iter().take(TABLE_SITES);
+        let width = shown
+            .clone()
+            .map(|x| site_label(x).len())
+            .max()
+            .unwrap_or(0);
+        for site in shown {
+            t.push_str(&format!(
+                "    {:>8}  {:<width$}  {}\n",
+                site.calls,
+                site_label(site),
+                short_site(&site.site)
+            ));
+        }
+        let rest: u64 = s.by_site.iter().skip(TABLE_SITES).map(|x| x.calls).sum();
+        if rest > 0 {
+            let n = s.by_site.len() - TABLE_SITES;
+            t.push_str(&format!(
+                "    {rest:>8}  at {}\n",
+                plural(n as u64, "other site", "other sites")
+            ));
         }
     }
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcu::SiteStats;
+
+    fn stats() -> Stats {
+        let site = |s: &str, l: &str, calls| SiteStats {
+            site: s.into(),
+            label: l.into(),
+            calls,
+            run: calls,
+        };
+        Stats {
+            call_rcu: 1490,
+            callbacks_run: 1490,
+            grace_periods: 63,
+            force_rcu: 2,
+            wakeups: 62,
+            loops: 127,
+            reader_waits: 4,
+            latency: rcu::Latency {
+                max_ns: 3_600_000,
+                p50_ns: 16_384,
+                p99_ns: 65_536,
+                histogram: vec![rcu::Bucket {
+                    lt_ns: 16_384,
+                    count: 1490,
+                }],
+            },
+            by_site: vec![
+                site("vmm/src/device_manager.rs:140:22", "bus replace", 1440),
+                site("vmm/src/memory_manager.rs:230:9", "memory map replace", 20),
+                site(
+                    "vmm/src/memory_manager.rs:243:13",
+                    "hot-plug slot unmapped",
+                    10,
+                ),
+                site("vmm/src/lib.rs:86:5", "drain_call_rcu", 1),
+                site("vmm/src/x.rs:1:1", "RcuCell::replace", 1),
+                site("vmm/src/control.rs:77:3", "", 15),
+                site("vmm/src/y.rs:9:1", "", 3),
+            ],
+            ..Stats::default()
+        }
+    }
+
+    #[test]
+    fn table_is_short_and_names_sites_by_label() {
+        let t = rcu_table(&stats());
+        assert!(t.lines().count() <= 20, "{t}");
+        for want in [
+            "call_rcu calls               1490",
+            "grace periods                63",
+            "force_rcu calls              2",
+            "call_rcu thread wake-ups     62",
+            "call_rcu thread loop rounds  127",
+            "reader waits                 4",
+            "max 3.6 ms, p50 < 16.4 us, p99 < 65.5 us",
+            "call_rcu thread CPU time",
+        ] {
+            assert!(t.contains(want), "no '{want}' in\n{t}");
+        }
+        let line = |label: &str| {
+            t.lines()
+                .find(|l| l.contains(label))
+                .unwrap_or_else(|| panic!("no '{label}' in\n{t}"))
+                .to_string()
+        };
+        assert!(line("bus replace").contains("1440"));
+        assert!(line("bus replace").contains("device_manager.rs:140"));
+        assert!(line("hot-plug slot unmapped").contains("memory_manager.rs:243"));
+        assert!(line("1  drain_call_rcu").contains("lib.rs:86"));
+        // Top five by the core's order; the rest summed.
+        assert!(!t.contains("control.rs"));
+        assert!(line("other sites").contains("18"));
+    }
+
+    #[test]
+    fn lifetime_table_heads_with_uptime_and_events() {
+        let start = std::time::Instant::now();
+        let at = |ms| start + std::time::Duration::from_millis(ms);
+        let mut rec = crate::rcu_lifetime::LifetimeRecorder::new(start);
+        rec.plugged_size(at(10), 1 << 30);
+        rec.plugged_size(at(20), 2 << 30);
+        rec.plugged_size(at(30), 1 << 30);
+        let r = rec.report_with(at(42_000), stats());
+        let t = lifetime_table(&r);
+        let head = t.lines().next().unwrap();
+        assert!(head.contains("42.00 s, 2 plugs, 1 unplug"), "{head}");
+        assert!(t.contains("bus replace"));
+    }
 }

@@ -498,14 +498,12 @@ fn h_vm() -> FakeVm {
 }
 
 /// Drives the server with QEMU's Python client. Run with
-/// `QMP_PYTHON=/path/to/python cargo test -p vmm --test qmp_server -- --ignored`
-/// where that Python has `qemu.qmp` installed
-/// (`python3 -m venv /tmp/qmpvenv && /tmp/qmpvenv/bin/pip install qemu.qmp`).
+/// The Python is `tests::qmp_python()`: the venv `scripts/install-deps.sh`
+/// makes, or `$QMP_PYTHON`.
 #[test]
-#[ignore = "needs a Python with qemu.qmp, named by QMP_PYTHON"]
 fn test_qmp_with_python_qemu_qmp_client() {
     let _serial = serial();
-    let python = std::env::var("QMP_PYTHON").expect("QMP_PYTHON must name a Python with qemu.qmp");
+    let python = tests::qmp_python();
     let h = Harness::start("python");
     let script = r#"
 import asyncio, sys
