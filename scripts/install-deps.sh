@@ -22,7 +22,7 @@ packages=(
     # Build of the workspace and its C benchmark shim (liburcu's memb flavour).
     build-essential pkg-config liburcu-dev
     # Guest kit: the minimal kernel from Debian's kernel source package.
-    linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio xz-utils lz4 dwarves
+    linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio xz-utils lz4 dwarves patch
     # Guest kit: tiny initramfs /init programs and the busybox user space.
     binutils
     # Python QMP client used by the end-to-end tests.

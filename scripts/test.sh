@@ -12,6 +12,14 @@ started=$(date +%s)
 step "host packages"
 scripts/install-deps.sh
 
+step "guest kit (cached outside the clone; a kernel build takes minutes once)"
+tests/guest/build-kit.sh
+if [ -e /sys/module/kvm_pvm ] || ! grep -qwE 'vmx|svm' /proc/cpuinfo; then
+    echo "emulation-only KVM here: the distribution-kernel kit (for hardware hosts) is not built" >&2
+else
+    tests/guest/build-kit.sh --distro
+fi
+
 step "cargo fmt --check"
 cargo fmt --all --check
 

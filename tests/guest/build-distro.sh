@@ -138,7 +138,7 @@ build() {
         printf '%s\n' "${pkgs[@]}"
         echo "modules=${order[*]}"
     } >"$out/packages.txt"
-    say "built $(basename "$out"): vmlinuz $(stat -c %s "$out/vmlinuz") bytes," \
+    say "built: vmlinuz $(stat -c %s "$out/vmlinuz") bytes," \
         "initramfs $(stat -c %s "$out/initramfs.cpio.gz") bytes"
 }
 

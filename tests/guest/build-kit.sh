@@ -69,12 +69,11 @@ hash_inputs() {
     } | sha256sum | cut -c1-16
 }
 
-# Makes a fresh scratch directory in the cache, removed when the script ends.
+# Sets $t to a fresh scratch directory in the cache, removed when the script
+# ends (not called in a subshell, so that tmp_dirs sees it).
 new_tmp() {
-    local d
-    d=$(mktemp -d "$cache/.tmp-$1.XXXXXX")
-    tmp_dirs+=("$d")
-    echo "$d"
+    t=$(mktemp -d "$cache/.tmp-$1.XXXXXX")
+    tmp_dirs+=("$t")
 }
 
 # ---------------------------------------------------------------- kernel
@@ -91,7 +90,7 @@ if [ -f "$kernel_dir/vmlinux" ] && [ -f "$kernel_dir/bzImage" ]; then
     say "kernel: cached ($kernel_dir)"
 else
     say "kernel: building into $kernel_dir (linux-source-6.1 $source_version)"
-    t=$(new_tmp "kernel-$kernel_key")
+    new_tmp "kernel-$kernel_key"
     "$here/build-kernel.sh" "$kernel_tarball" "$here/minimal.config" "$here/patches" \
         "$t/work" "$t/out"
     rm -rf "$t/work"
@@ -118,7 +117,7 @@ build_init() {
 if [ -f "$init_dir/initramfs-halt.cpio" ] && [ -f "$init_dir/initramfs-idle.cpio" ]; then
     say "initramfs: cached ($init_dir)"
 else
-    t=$(new_tmp "initramfs-$init_key")
+    new_tmp "initramfs-$init_key"
     mkdir "$t/out"
     build_init halt "$t"
     build_init idle "$t"
@@ -137,7 +136,7 @@ if [ "$want_distro" -eq 1 ]; then
         say "distro: cached ($distro_dir)"
     else
         say "distro: building into $distro_dir ($(echo "$resolved" | tr '\n' ' '))"
-        t=$(new_tmp "distro-$distro_key")
+        new_tmp "distro-$distro_key"
         "$here/build-distro.sh" build "$t/work" "$t/out"
         rm -rf "$t/work"
         mv -T "$t/out" "$distro_dir"

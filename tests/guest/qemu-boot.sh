@@ -13,7 +13,11 @@
 #   -m, --memory SIZE    guest RAM, QEMU syntax (default 128M)
 #   -a, --append ARGS    extra kernel arguments, after the kit's
 #       --cmdline ARGS   replace the kit's kernel arguments entirely
-#   -M, --machine SPEC   QEMU machine (default microvm,acpi=off)
+#   -M, --machine SPEC   QEMU machine (default microvm,acpi=off). With
+#                        microvm,acpi=on add pic=off under KVM: Linux takes
+#                        the hardware-reduced FADT as "no 8259", leaves it
+#                        unprogrammed, and its interrupts then arrive as
+#                        vectors 0-15 (#DE, #OF, ... at boot)
 #       --accel ACCEL    kvm (default) or tcg
 #       --cpu MODEL      QEMU CPU model (default host with kvm, without the
 #                        arch-capabilities MSR on software-nested PVM hosts;

@@ -153,6 +153,7 @@ pub fn create_ram(
             }
         })?;
         name_mapping(&r, "guest-ram");
+        advise_hugepages(&r);
         regions.push(r);
     }
     let mem = GuestMemoryMmap::from_regions(regions).map_err(GuestMemoryError::Layout)?;
@@ -213,6 +214,27 @@ pub fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
     if rc != 0 {
         log::debug!(
             "cannot name mapping {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Asks for transparent huge pages on guest memory (as QEMU does): fewer
+/// host page faults and TLB misses, and KVM can map the guest with 2 MiB
+/// pages. Best effort: hosts with THP off ignore it.
+pub fn advise_hugepages(region: &vm_memory::GuestRegionMmap) {
+    // SAFETY: the range is a live mapping owned by `region`; MADV_HUGEPAGE
+    // only changes how the kernel backs it, never its contents or validity.
+    let rc = unsafe {
+        libc::madvise(
+            region.as_ptr().cast(),
+            region.len() as usize,
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if rc != 0 {
+        log::debug!(
+            "MADV_HUGEPAGE on guest memory: {}",
             std::io::Error::last_os_error()
         );
     }

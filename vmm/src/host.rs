@@ -24,12 +24,18 @@ pub enum HostKind {
 /// emulator lacks (XSAVE, FSGSBASE, PCID, CMPXCHG16B, POPCNT, SMAP's
 /// CLAC/STAC, ...). CPUID set with `KVM_SET_CPUID2` does not fully reach the
 /// guest on such hosts, so the features are hidden on the command line.
+///
+/// The last two only save time there: making kernel data read-only and
+/// the embedded per-CPU allocator's page-table work cost seconds of
+/// emulated code per boot.
 pub const EMULATION_ONLY_KERNEL_ARGS: &[&str] = &[
     "noxsave",
     "nofsgsbase",
     "nopcid",
     "tsc=reliable",
     "clearcpuid=cx16,popcnt,rdrand,rdseed,rdtscp,rdpid,invpcid,clflushopt,clwb,movbe,smap,erms,fsrm",
+    "rodata=off",
+    "percpu_alloc=page",
 ];
 
 impl HostKind {

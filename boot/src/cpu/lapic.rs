@@ -52,14 +52,24 @@ pub fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
     (reg & !DELIVERY_MODE_MASK) | ((mode << 8) & DELIVERY_MODE_MASK)
 }
 
-/// Programs LINT0 as ExtINT and LINT1 as NMI on `vcpu`'s in-kernel LAPIC.
+/// LVT mask bit.
+pub const APIC_LVT_MASKED: u32 = 1 << 16;
+
+/// Programs LINT0 as *masked* ExtINT and LINT1 as NMI on `vcpu`'s in-kernel
+/// LAPIC.
+///
+/// LINT0 is masked because the platform is ACPI hardware-reduced: Linux then
+/// never programs the 8259 PIC (it assumes none), while KVM's reset state
+/// (quirk `LINT0_REENABLED`) leaves the boot CPU's LINT0 unmasked, so a PIC
+/// interrupt would arrive as an exception with the PIC's default vector
+/// base. A guest that wants virtual-wire mode unmasks LINT0 itself.
 pub fn setup_lint(vcpu: &VcpuFd) -> Result<(), LapicError> {
     let mut state = vcpu.get_lapic().map_err(LapicError::Get)?;
     let lint0 = lapic_reg(&state, APIC_LVT0);
     set_lapic_reg(
         &mut state,
         APIC_LVT0,
-        with_delivery_mode(lint0, APIC_MODE_EXTINT),
+        with_delivery_mode(lint0, APIC_MODE_EXTINT) | APIC_LVT_MASKED,
     );
     let lint1 = lapic_reg(&state, APIC_LVT1);
     set_lapic_reg(

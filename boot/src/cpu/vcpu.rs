@@ -217,6 +217,11 @@ mod tests {
 
         let lapic = vcpu.get_lapic().unwrap();
         assert_eq!((lapic_reg(&lapic, APIC_LVT0) >> 8) & 7, 7, "LINT0 ExtINT");
+        assert_ne!(
+            lapic_reg(&lapic, APIC_LVT0) & crate::cpu::lapic::APIC_LVT_MASKED,
+            0,
+            "LINT0 masked"
+        );
         assert_eq!((lapic_reg(&lapic, APIC_LVT1) >> 8) & 7, 4, "LINT1 NMI");
 
         // KVM_SET_FPU does not load MXCSR (see `setup_fpu`); only the control word is ours.
