@@ -74,9 +74,11 @@ pub struct Stats {
 pub struct Latency {
     /// Largest latency seen, in nanoseconds.
     pub max_ns: u64,
-    /// Median, as the upper bound of its histogram bucket, in nanoseconds.
+    /// Median, as the upper bound of its histogram bucket (capped at the
+    /// maximum), in nanoseconds.
     pub p50_ns: u64,
-    /// 99th percentile, as the upper bound of its histogram bucket.
+    /// 99th percentile, as the upper bound of its histogram bucket (capped
+    /// at the maximum).
     pub p99_ns: u64,
     /// Non-empty buckets: `count` callbacks waited less than `lt_ns` and at
     /// least the previous bucket's bound (buckets are powers of two).
@@ -308,10 +310,12 @@ impl Histogram {
             }
             u64::MAX
         };
+        let max_ns = self.max.load(Ordering::Relaxed);
         Latency {
-            max_ns: self.max.load(Ordering::Relaxed),
-            p50_ns: quantile(0.50),
-            p99_ns: quantile(0.99),
+            max_ns,
+            // A bucket's bound can exceed the largest sample in it.
+            p50_ns: quantile(0.50).min(max_ns),
+            p99_ns: quantile(0.99).min(max_ns),
             histogram: counts
                 .iter()
                 .enumerate()
@@ -341,6 +345,9 @@ mod tests {
         assert_eq!(l.max_ns, 3_000_000);
         assert_eq!(l.p50_ns, 1024);
         assert_eq!(l.p99_ns, 8192);
+        let h = Histogram::new();
+        h.record(1000);
+        assert_eq!(h.snapshot().p99_ns, 1000, "capped at the maximum");
         assert_eq!(
             l.histogram,
             vec![

@@ -25,7 +25,7 @@ async def main(path, plug_mib):
         try:
             await q.connect(path)
             break
-        except (OSError, ConnectionError):
+        except Exception:  # qemu.qmp ConnectError until the socket exists
             await asyncio.sleep(0.1)
     else:
         raise SystemExit(f"cannot connect to {path}")

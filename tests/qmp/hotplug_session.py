@@ -99,7 +99,7 @@ async def main(path, pid, sizes):
         try:
             await q.connect(path)
             break
-        except (OSError, ConnectionError):
+        except Exception:  # qemu.qmp ConnectError until the socket exists
             await asyncio.sleep(0.1)
     events = []
 

@@ -1,0 +1,356 @@
+//! Hot-plug benchmarks.
+//!
+//! 1. The control thread's own cost per map swap: plug (map a slot + new KVM
+//!    memory slot + publish the map) and unplug (delete the KVM slot +
+//!    publish + `call_rcu` + `force_rcu`), min/median over N cycles, with
+//!    two vCPUs running a tiny guest, and the time from retiring a slot to
+//!    its `munmap` by the call_rcu thread.
+//! 2. The wake-up stress variant of the RCU experiment: plug/unplug as fast
+//!    as possible, and at fixed rates, for each call_rcu wake-up strategy
+//!    (each in its own process, since the strategy is chosen per process),
+//!    showing where the semaphore's extra loop rounds begin to cost.
+//! 3. With a Linux guest (the kit's minimal kernel): time from `qom-set` to
+//!    the guest's plug being complete, and from the unplug request to the
+//!    mapping being returned to the host, over QMP with QEMU's client.
+//!
+//! `cargo bench -p vmm --bench hotplug` (root, /dev/kvm, guest kit, the
+//! qemu.qmp venv from scripts/install-deps.sh). `HOTPLUG_CYCLES` (200),
+//! `STRESS_SECS` (5), `LINUX_CYCLES` (5); `-- quick` skips part 3.
+
+use devices::virtio::MemoryBackend;
+use devices::{BusRange, ExitRequest};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tests::bare_vm::BareVm;
+use tests::guest_code;
+use vmm::memory_manager::SLOT_SIZE;
+
+const HOTPLUG_BASE: u64 = 1 << 32;
+
+guest_code! {
+    /// Drops to CPL3 and keeps touching its RAM word and the first
+    /// hot-plug slot (user stack in r13, word in rdi, slot in rsi).
+    fn busy(busy_start, busy_end) {
+        ".code64",
+        "push 0x33",
+        "push r13",
+        "pushfq",
+        "push 0x3b",
+        "lea rax, [rip + 2f]",
+        "push rax",
+        "iretq",
+        "2:",
+        "inc r12",
+        "mov qword ptr [rdi], r12",
+        "mov qword ptr [rsi], r12",
+        "jmp 2b",
+    }
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A bare VM with 2 vCPUs busy in CPL3 and a 4-slot hot-plug region; slot 0
+/// stays plugged (the vCPUs touch it).
+fn busy_vm() -> BareVm {
+    let vm = BareVm::with_hotplug(2, 64 << 20, 4 * SLOT_SIZE, busy(), 0);
+    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    hp.manager
+        .plug(HOTPLUG_BASE, SLOT_SIZE)
+        .expect("plug slot 0");
+    for cpu in 0..2u64 {
+        vm.start_vcpu(cpu as usize, 0, 0x7_0000 - cpu * 0x1000, true, |r| {
+            r.rdi = 0x20_0000 + cpu * 0x1_0000;
+            r.rsi = HOTPLUG_BASE + cpu * 0x1000;
+            r.r13 = 0x6_0000 - cpu * 0x1000;
+        });
+    }
+    vm.map_high(HOTPLUG_BASE, 1 << 30);
+    let _ = BusRange::new(0, 1);
+    vm
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let p = |q: f64| v[((v.len() - 1) as f64 * q) as usize];
+    (v[0], p(0.5), p(0.99))
+}
+
+/// Part 1, in this process.
+fn swap_cost() {
+    rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+    let cycles = env("HOTPLUG_CYCLES", 200);
+    let mut vm = busy_vm();
+    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let exit = Arc::clone(&vm.machine.devices.exit);
+    let driver = std::thread::spawn(move || {
+        rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+        std::thread::sleep(Duration::from_millis(200));
+        let (mut plug, mut unplug, mut unmap) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..cycles {
+            let gpa = HOTPLUG_BASE + (1 + i % 3) * SLOT_SIZE;
+            let t = Instant::now();
+            hp.manager.plug(gpa, SLOT_SIZE).expect("plug");
+            plug.push(t.elapsed().as_secs_f64() * 1e6);
+            let t = Instant::now();
+            hp.manager.unplug(gpa, SLOT_SIZE).expect("unplug");
+            unplug.push(t.elapsed().as_secs_f64() * 1e6);
+            // Wait for the unmapping, so each cycle's figure is its own.
+            let want = i + 1;
+            let st = hp.manager.stats();
+            while st.slots_unmapped.load(Ordering::Relaxed) < want {
+                std::hint::spin_loop();
+            }
+            unmap.push(st.last_retire_to_unmap_ns.load(Ordering::Relaxed) as f64 / 1e3);
+        }
+        exit.request(ExitRequest::PowerOff);
+        (plug, unplug, unmap)
+    });
+    let _ = vm.run(Duration::from_secs(600));
+    let (plug, unplug, unmap) = driver.join().expect("driver");
+    println!(
+        "\n1. Control-thread cost per map swap ({cycles} cycles, 2 vCPUs running; microseconds)"
+    );
+    println!("{:<58} {:>9} {:>9} {:>9}", "", "min", "median", "p99");
+    for (name, v) in [
+        ("plug: mmap + KVM memory slot + publish map", plug),
+        (
+            "unplug: delete KVM slot + publish + call_rcu + force_rcu",
+            unplug,
+        ),
+        (
+            "retire to munmap on the call_rcu thread (grace period)",
+            unmap,
+        ),
+    ] {
+        let (a, b, c) = stats(v);
+        println!("{name:<58} {a:>9.1} {b:>9.1} {c:>9.1}");
+    }
+}
+
+/// Part 2, child process: runs the stress for one strategy and rate and
+/// prints one JSON line.
+fn stress_child(strategy: &str, per_sec: u64) {
+    rcu::set_wakeup_strategy(strategy.parse().expect("strategy")).expect("set strategy");
+    rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+    let secs = env("STRESS_SECS", 5);
+    let mut vm = busy_vm();
+    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let exit = Arc::clone(&vm.machine.devices.exit);
+    let driver = std::thread::spawn(move || {
+        rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+        std::thread::sleep(Duration::from_millis(200));
+        rcu::drain_call_rcu();
+        let before = rcu::stats();
+        let start = Instant::now();
+        let mut n = 0u64;
+        while start.elapsed() < Duration::from_secs(secs) {
+            let gpa = HOTPLUG_BASE + (1 + n % 3) * SLOT_SIZE;
+            hp.manager.plug(gpa, SLOT_SIZE).expect("plug");
+            hp.manager.unplug(gpa, SLOT_SIZE).expect("unplug");
+            n += 1;
+            if per_sec > 0 {
+                // Pace: cycle n starts no earlier than n / rate.
+                let due = Duration::from_secs_f64(n as f64 / per_sec as f64);
+                if let Some(w) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(w);
+                }
+            }
+        }
+        let took = start.elapsed().as_secs_f64();
+        rcu::drain_call_rcu();
+        let after = rcu::stats();
+        exit.request(ExitRequest::PowerOff);
+        (n, took, before, after)
+    });
+    let _ = vm.run(Duration::from_secs(600));
+    let (n, took, b, a) = driver.join().expect("driver");
+    let j = serde_json::json!({
+        "strategy": strategy,
+        "rate": per_sec,
+        "cycles": n,
+        "secs": took,
+        "call_rcu": a.call_rcu - b.call_rcu,
+        "grace_periods": a.grace_periods - b.grace_periods,
+        "wakeups": a.wakeups - b.wakeups,
+        "empty_wakeups": a.empty_wakeups - b.empty_wakeups,
+        "loops": a.loops - b.loops,
+        "batches": a.batches - b.batches,
+        "thread_cpu_ms": (a.thread_cpu_ns - b.thread_cpu_ns) as f64 / 1e6,
+        "p50_us": a.latency.p50_ns as f64 / 1e3,
+        "p99_us": a.latency.p99_ns as f64 / 1e3,
+        "max_us": a.latency.max_ns as f64 / 1e3,
+    });
+    println!("STRESS {j}");
+}
+
+/// Part 2, parent: runs the children and prints the comparison.
+fn stress() {
+    let exe = std::env::current_exe().expect("exe");
+    println!(
+        "\n2. Wake-up stress: plug/unplug cycles (2 map swaps and 3 call_rcu each) for {} s per row",
+        env("STRESS_SECS", 5)
+    );
+    println!(
+        "{:<10} {:>8} {:>7} {:>9} {:>8} {:>8} {:>15} {:>7} {:>9} {:>11} {:>17}",
+        "wake-up",
+        "target/s",
+        "cycles",
+        "call_rcu",
+        "gps",
+        "batches",
+        "wakeups (empty)",
+        "loops",
+        "loops/cb",
+        "thread CPU",
+        "latency p50/p99"
+    );
+    for rate in [0u64, 1000, 100] {
+        for strategy in ["event", "semaphore"] {
+            let out = Command::new(&exe)
+                .env("HOTPLUG_BENCH_CHILD", format!("{strategy}:{rate}"))
+                .output()
+                .expect("child");
+            let text = String::from_utf8_lossy(&out.stdout);
+            let Some(line) = text.lines().find_map(|l| l.strip_prefix("STRESS ")) else {
+                println!(
+                    "{strategy}: child failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                continue;
+            };
+            let j: serde_json::Value = serde_json::from_str(line).expect("json");
+            let f = |k: &str| j[k].as_f64().unwrap_or(f64::NAN);
+            let rate_s = if rate == 0 {
+                "max".to_string()
+            } else {
+                rate.to_string()
+            };
+            let wakeups = format!("{} ({})", j["wakeups"], j["empty_wakeups"]);
+            let latency = format!("{:.0}/{:.0} us", f("p50_us"), f("p99_us"));
+            println!(
+                "{:<10} {:>8} {:>7} {:>9} {:>8} {:>8} {:>15} {:>7} {:>9.2} {:>8.1} ms {:>17}",
+                strategy,
+                rate_s,
+                j["cycles"].to_string(),
+                j["call_rcu"].to_string(),
+                j["grace_periods"].to_string(),
+                j["batches"].to_string(),
+                wakeups,
+                j["loops"].to_string(),
+                f("loops") / f("call_rcu").max(1.0),
+                f("thread_cpu_ms"),
+                latency,
+            );
+        }
+    }
+}
+
+/// Part 3: the Linux guest over QMP.
+fn linux() {
+    let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest-kit");
+    let dir = std::env::temp_dir().join(format!("hotplug-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sock = dir.join("qmp.sock");
+    let cycles = env("LINUX_CYCLES", 5);
+    let mut vmm = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["--kernel", kit.join("vmlinux").to_str().unwrap_or_default()])
+        .args([
+            "--initrd",
+            kit.join("initramfs-idle.cpio").to_str().unwrap_or_default(),
+        ])
+        .args([
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--hotplug-memory",
+            "1G",
+            "--quiet",
+        ])
+        .args(["--qmp", sock.to_str().unwrap_or_default()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("vmm");
+    let out = Command::new(tests::qmp_python())
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/qmp/lifetime_session.py"),
+        )
+        .arg(&sock)
+        .arg(cycles.to_string())
+        .arg("128")
+        .output()
+        .expect("session");
+    let _ = vmm.wait();
+    let Ok(j) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        println!(
+            "\n3. Linux guest: session failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    };
+    let col = |k: &str| -> Vec<f64> {
+        j["cycles"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|x| x[k].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    println!("\n3. Linux guest (minimal kernel, 2 vCPUs), 128 MiB per cycle, {cycles} cycles");
+    println!("{:<58} {:>9} {:>9} {:>9}", "", "min", "median", "max");
+    for (name, v, scale, unit) in [
+        (
+            "qom-set to the guest's plug complete",
+            col("plug_s"),
+            1.0,
+            "s",
+        ),
+        (
+            "unplug request to the mapping returned to the host",
+            col("unplug_s"),
+            1.0,
+            "s",
+        ),
+        (
+            "of which: retire to munmap (call_rcu + force_rcu)",
+            col("retire_to_unmap_us"),
+            1e-3,
+            "ms",
+        ),
+    ] {
+        if v.is_empty() {
+            continue;
+        }
+        let (a, b, _) = stats(v.clone());
+        let max = v.iter().copied().fold(f64::MIN, f64::max);
+        println!(
+            "{:<58} {:>7.2}{unit:>2} {:>7.2}{unit:>2} {:>7.2}{unit:>2}",
+            name,
+            a * scale,
+            b * scale,
+            max * scale
+        );
+    }
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var("HOTPLUG_BENCH_CHILD") {
+        let (s, rate) = spec.split_once(':').unwrap_or((&spec, "0"));
+        stress_child(s, rate.parse().unwrap_or(0));
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "quick");
+    swap_cost();
+    stress();
+    if !quick {
+        linux();
+    }
+}
