@@ -1,0 +1,211 @@
+//! Faults from outside the guest: a termination signal, a QMP client killed
+//! in the middle of a command, and a full disk under `--rcu-stats`. The VMM
+//! ends cleanly (or carries on) and says what happened on one line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VMM: &str = env!("CARGO_BIN_EXE_vmm");
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-faults-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn start_vmm(extra: &[&str]) -> Child {
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-idle.cpio");
+    Command::new(VMM)
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(["--cpus", "2", "--memory", "128M"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    None
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    let mut s = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut s);
+    s
+}
+
+/// A negotiated raw QMP connection.
+fn qmp(sock: &Path) -> (UnixStream, BufReader<UnixStream>) {
+    let end = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => panic!("cannot connect to QMP: {e}"),
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("QMP"), "{line}");
+    let mut w = s.try_clone().unwrap();
+    w.write_all(br#"{"execute":"qmp_capabilities"}"#).unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("return"), "{line}");
+    (s, r)
+}
+
+fn execute(c: &mut (UnixStream, BufReader<UnixStream>), cmd: &str) -> Value {
+    c.0.write_all(cmd.as_bytes()).unwrap();
+    loop {
+        let mut line = String::new();
+        c.1.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v.get("event").is_none() {
+            return v;
+        }
+    }
+}
+
+/// A QMP client process killed in the middle of a command leaves the VM
+/// running; SIGTERM then ends the guest cleanly, with exit status 0, and
+/// the RCU statistics are still written.
+#[test]
+fn killed_qmp_client_and_sigterm() {
+    tests::require_kvm();
+    let d = scratch("sigterm");
+    let sock = d.join("qmp.sock");
+    let stats = d.join("rcu.json");
+    let mut vmm = start_vmm(&[
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--rcu-stats",
+        stats.to_str().unwrap(),
+    ]);
+    let mut c = qmp(&sock);
+    assert_eq!(execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"], "running");
+
+    // A separate client process that negotiates, sends half a command, and
+    // is killed with SIGKILL before it can finish.
+    let script = format!(
+        "import socket, os, time\n\
+         s = socket.socket(socket.AF_UNIX)\n\
+         s.connect({:?})\n\
+         s.recv(4096)\n\
+         s.sendall(b'{{\"execute\":\"qmp_capabilities\"}}')\n\
+         s.recv(4096)\n\
+         s.sendall(b'{{\"execute\":\"qom-set\",\"arguments\":{{\"path\":\"vm')\n\
+         print('ready', flush=True)\n\
+         time.sleep(60)\n",
+        sock.to_str().unwrap()
+    );
+    let mut victim = Command::new("python3")
+        .args(["-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(victim.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "ready");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+
+    // The VM and the other client carry on.
+    assert_eq!(execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"], "running");
+    assert!(vmm.try_wait().unwrap().is_none(), "the VMM ended");
+    std::thread::sleep(Duration::from_secs(1));
+
+    // SIGTERM: orderly end.
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    assert!(err.contains("vmm: terminating on signal 15"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // The other QMP client got SHUTDOWN with the host-signal reason.
+    let mut events = String::new();
+    let _ = c.1.read_to_string(&mut events);
+    assert!(events.contains(r#""reason":"host-signal""#), "{events}");
+    let s: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(s["callbacks_run"], s["call_rcu"]);
+    assert!(
+        s["markers"].as_array().unwrap().iter().any(|m| m["kind"] == "end"
+            && m["detail"] == "signal 15"),
+        "{}",
+        s["markers"]
+    );
+}
+
+/// A full disk under `--rcu-stats`: one clear line, a clean exit with a
+/// non-zero status, and no partial file left behind.
+#[test]
+fn full_disk_when_writing_rcu_stats() {
+    tests::require_kvm();
+    let d = scratch("fulldisk");
+    let mnt = d.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "this test needs root to mount a small tmpfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    // Fill it.
+    let mut f = std::fs::File::create(mnt.join("fill")).unwrap();
+    let block = vec![0u8; 4096];
+    while f.write_all(&block).is_ok() {}
+    drop(f);
+
+    let stats = mnt.join("rcu.json");
+    let mut vmm = start_vmm(&["--rcu-stats", stats.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("RCU statistics"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].starts_with("vmm: cannot write RCU statistics to"), "{err}");
+    assert!(lines[0].contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!stats.exists(), "a partial statistics file was left");
+    let leftovers: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "fill")
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
