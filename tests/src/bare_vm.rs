@@ -167,13 +167,15 @@ impl BareVm {
         self.run_outcome(limit).reason
     }
 
-    /// As [`run`](Self::run), with the vCPUs' exit counters.
+    /// As [`run`](Self::run), with the vCPUs' exit counters. The vCPU
+    /// threads run under the `vmm` command's vCPU seccomp filter.
     pub fn run_outcome(&mut self, limit: Duration) -> vmm::machine::RunOutcome {
         self.machine
             .run(RunOptions {
                 console: false,
                 timeout: Some(limit),
                 qmp: None,
+                seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
             })
             .expect("run")
     }

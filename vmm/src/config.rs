@@ -60,6 +60,10 @@ pub struct Args {
     /// Do not print the RCU report at exit.
     #[arg(long)]
     pub quiet: bool,
+    /// Run without seccomp filters (for debugging: a system call a thread
+    /// is not expected to make then runs instead of killing the VMM).
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 /// A checked VM configuration.
@@ -89,6 +93,9 @@ pub struct VmConfig {
     pub metrics: Option<PathBuf>,
     /// Suppress the RCU report at exit.
     pub quiet: bool,
+    /// Confine every thread to its seccomp allow-list (on unless
+    /// `--no-seccomp`).
+    pub seccomp: bool,
 }
 
 /// A command line that cannot describe a VM.
@@ -217,6 +224,7 @@ impl TryFrom<Args> for VmConfig {
             rcu_plot: a.rcu_plot,
             metrics: a.metrics,
             quiet: a.quiet,
+            seccomp: !a.no_seccomp,
         })
     }
 }
@@ -239,8 +247,10 @@ mod tests {
         assert_eq!(c.memory, 128 << 20);
         assert_eq!(c.hotplug_memory, 1 << 30);
         assert_eq!(c.rcu_wakeup, WakeupStrategy::Event);
-        let c = args(&["--rcu-wakeup", "semaphore"]).unwrap();
+        assert!(c.seccomp, "seccomp is on by default");
+        let c = args(&["--rcu-wakeup", "semaphore", "--no-seccomp"]).unwrap();
         assert_eq!(c.rcu_wakeup, WakeupStrategy::Semaphore);
+        assert!(!c.seccomp);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! * [`host`], [`emulation`]: behaving well on hosts whose KVM emulates
 //!   guest kernel code.
 //! * [`report`], [`metrics`]: what is written at exit.
+//! * [`seccomp`]: the system calls each kind of thread may make once the
+//!   VM is set up.
 
 #![deny(missing_docs)]
 
@@ -36,6 +38,7 @@ pub mod qmp;
 pub mod rcu_lifetime;
 pub mod rcu_plot;
 pub mod report;
+pub mod seccomp;
 pub mod signals;
 pub mod size;
 pub mod vcpu;
@@ -79,6 +82,11 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         console: true,
         timeout: None,
         qmp: config.qmp.clone(),
+        seccomp: if config.seccomp {
+            seccomp::SeccompMode::AllThreads
+        } else {
+            seccomp::SeccompMode::Off
+        },
     })?;
     let cfg = config;
     let mut status = outcome.reason.exit_code();

@@ -93,6 +93,9 @@ pub enum MachineError {
     /// The QMP socket could not be served.
     #[error("cannot serve QMP")]
     Qmp(#[source] crate::qmp::ServerError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// A VM ready to run.
@@ -157,6 +160,8 @@ pub struct RunOptions {
     pub timeout: Option<std::time::Duration>,
     /// Serve QMP on a unix socket at this path.
     pub qmp: Option<std::path::PathBuf>,
+    /// Which threads run under their seccomp filters.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl Machine {
@@ -415,6 +420,10 @@ impl Machine {
             ))));
         }
         kick::install_handler()?;
+        let filters = crate::seccomp::RunFilters::prepare(options.seccomp)?;
+        if options.seccomp != crate::seccomp::SeccompMode::Off {
+            install_filtered_panic_hook();
+        }
         let ctx = VcpuContext {
             pio: Arc::clone(&self.devices.pio),
             mmio: Arc::clone(&self.devices.mmio),
@@ -422,12 +431,17 @@ impl Machine {
             exit: Arc::clone(&self.devices.exit),
             fatal: Arc::clone(&self.fatal),
             marks: Arc::clone(&self.marks),
+            seccomp: filters.vcpu.clone(),
         };
         let mut handles = Vec::with_capacity(self.vcpu_fds.len());
         for (index, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
             handles.push(VcpuHandle::spawn(index, fd, ctx.clone())?);
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
+        if let Err(e) = filters.enter_control() {
+            vcpus.iter().for_each(VcpuHandle::stop);
+            return Err(e.into());
+        }
         let _ = self.vcpus.set(Arc::clone(&vcpus));
         let result = control.run();
         for v in vcpus.iter() {
@@ -475,4 +489,28 @@ fn shutdown_cause(reason: &StopReason) -> Option<ShutdownCause> {
         StopReason::Fatal(_) | StopReason::Timeout => Some(ShutdownCause::HostError),
         StopReason::Qmp(_) => None,
     }
+}
+
+/// Replaces the panic hook with one that prints the message and location
+/// without capturing a backtrace: capturing one reads files (the executable,
+/// the working directory), which the seccomp filters forbid, so the default
+/// hook with `RUST_BACKTRACE` set would turn a reportable panic into SIGSYS.
+fn install_filtered_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or("unnamed");
+            let location = info
+                .location()
+                .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+            let payload = info
+                .payload()
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| info.payload().downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            eprintln!("vmm: thread '{name}' panicked{location}: {payload}");
+        }));
+    });
 }

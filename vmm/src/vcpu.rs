@@ -47,6 +47,9 @@ pub struct VcpuContext {
     pub fatal: Arc<FatalErrors>,
     /// Process-wide timing marks.
     pub marks: Arc<Marks>,
+    /// The seccomp filter the thread applies to itself before its run
+    /// loop; `None` runs it unfiltered.
+    pub seccomp: Option<Arc<crate::seccomp::BpfProgram>>,
 }
 
 /// Fatal errors reported by vCPU threads to the control thread.
@@ -292,13 +295,34 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext, control: &Control, stats: &VcpuStats) {
+    // Before anything the guest can influence runs on this thread.
+    if let Some(filter) = &ctx.seccomp
+        && let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, filter)
+    {
+        ctx.fatal
+            .report(format!("vCPU {index}: {}", crate::error_chain(&e)));
+        return;
+    }
     // vCPU threads must never be interrupted by RCU grace periods.
     rcu::set_reader_mode(rcu::ReaderMode::Fenced);
     let immediate_exit: *mut u8 = &mut vcpu.get_kvm_run().immediate_exit;
     // SAFETY: the pointer is into this vCPU's kvm_run mapping, which lives as
     // long as `vcpu`; it is cleared below before `vcpu` is dropped.
     unsafe { kick::set_thread_vcpu(immediate_exit) };
-    run_loop(index, &mut vcpu, &ctx, control, stats);
+    // A panic here is a bug in the VMM (never a guest's doing): stop the VM
+    // with a message instead of leaving it running without this vCPU.
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_loop(index, &mut vcpu, &ctx, control, stats);
+    }));
+    if let Err(p) = ran {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        ctx.fatal
+            .report(format!("vCPU {index}: internal error (a VMM bug): {what}"));
+    }
     kick::clear_thread_vcpu();
     stats
         .thread_cpu_ns

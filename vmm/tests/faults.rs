@@ -104,7 +104,10 @@ fn killed_qmp_client_and_sigterm() {
         stats.to_str().unwrap(),
     ]);
     let mut c = qmp(&sock);
-    assert_eq!(execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"], "running");
+    assert_eq!(
+        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        "running"
+    );
 
     // A separate client process that negotiates, sends half a command, and
     // is killed with SIGKILL before it can finish.
@@ -126,13 +129,18 @@ fn killed_qmp_client_and_sigterm() {
         .spawn()
         .unwrap();
     let mut ready = String::new();
-    BufReader::new(victim.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+    BufReader::new(victim.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
     assert_eq!(ready.trim(), "ready");
     victim.kill().unwrap();
     victim.wait().unwrap();
 
     // The VM and the other client carry on.
-    assert_eq!(execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"], "running");
+    assert_eq!(
+        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        "running"
+    );
     assert!(vmm.try_wait().unwrap().is_none(), "the VMM ended");
     std::thread::sleep(Duration::from_secs(1));
 
@@ -151,8 +159,11 @@ fn killed_qmp_client_and_sigterm() {
     let s: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     assert_eq!(s["callbacks_run"], s["call_rcu"]);
     assert!(
-        s["markers"].as_array().unwrap().iter().any(|m| m["kind"] == "end"
-            && m["detail"] == "signal 15"),
+        s["markers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["kind"] == "end" && m["detail"] == "signal 15"),
         "{}",
         s["markers"]
     );
@@ -167,7 +178,14 @@ fn full_disk_when_writing_rcu_stats() {
     let mnt = d.join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
     let ok = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs", mnt.to_str().unwrap()])
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
         .status()
         .unwrap();
     assert!(ok.success(), "this test needs root to mount a small tmpfs");
@@ -197,7 +215,10 @@ fn full_disk_when_writing_rcu_stats() {
         .filter(|l| l.contains("RCU statistics"))
         .collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].starts_with("vmm: cannot write RCU statistics to"), "{err}");
+    assert!(
+        lines[0].starts_with("vmm: cannot write RCU statistics to"),
+        "{err}"
+    );
     assert!(lines[0].contains("No space left on device"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
     assert!(!stats.exists(), "a partial statistics file was left");

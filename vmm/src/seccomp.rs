@@ -1,0 +1,452 @@
+//! Seccomp filters: after set-up, each kind of VMM thread may make only the
+//! system calls its job needs; any other call (or an allowed call with
+//! arguments it never uses) kills the whole process with `SIGSYS`, which
+//! the kernel logs (audit type 1326, with the thread's name and the call's
+//! number). A compromised or buggy thread cannot quietly do what the VMM
+//! never does.
+//!
+//! Thread kinds and when their filters go on ([`ThreadKind`]):
+//!
+//! * **vCPU** threads apply theirs first thing, before their run loop.
+//! * The **control** thread (the one that calls
+//!   [`Machine::run`](crate::Machine::run)) applies its filter once the
+//!   vCPU threads started, just before its event loop, and keeps it until
+//!   the process exits, reports included.
+//! * The **call_rcu** thread (the `rcu` crate's, started on first use)
+//!   applies its filter itself, in an RCU callback queued before the vCPUs
+//!   start; [`install_on_call_rcu_thread`] waits until it ran. The `rcu`
+//!   crate needs no hook for this: a callback runs on that thread by
+//!   definition.
+//!
+//! There are no device threads: virtio-mem requests are processed on the
+//! control thread and every other device runs on the vCPU thread that
+//! touched it.
+//!
+//! Set-up (opening the kernel and `/dev/kvm`, creating the VM, its vCPUs,
+//! eventfds, the QMP socket and the threads) happens before any filter, so
+//! `socket`, `bind`, `clone`, `execve`, KVM's creation ioctls and opening a
+//! file for reading and writing are never allowed afterwards. Filters are
+//! inherited by threads created later, which is why the call_rcu thread
+//! must exist before the control thread filters itself.
+//!
+//! `--no-seccomp` ([`SeccompMode::Off`]) turns filtering off, for
+//! debugging: a panic on a filtered thread prints its message, but with
+//! `RUST_BACKTRACE` set, collecting the backtrace (which reads the
+//! executable) then kills the process.
+
+mod allow_list;
+mod call_rcu;
+mod common;
+mod control;
+mod vcpu;
+
+use allow_list::AllowList;
+pub use seccompiler::BpfProgram;
+use std::sync::{Arc, Mutex, PoisonError};
+use thiserror::Error;
+
+/// The kinds of threads the VMM runs after set-up, each with its own
+/// allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// A vCPU thread: `KVM_RUN` and exit handling.
+    Vcpu,
+    /// The control thread: event loop, QMP, hot-plug, reports at exit.
+    Control,
+    /// The `rcu` crate's call_rcu thread: grace periods and callbacks.
+    CallRcu,
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Vcpu => "vCPU",
+            Self::Control => "control",
+            Self::CallRcu => "call_rcu",
+        })
+    }
+}
+
+/// Which threads of a run get filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    /// No filter (`--no-seccomp`; the library's default).
+    #[default]
+    Off,
+    /// Only the vCPU threads the run starts: for tests, whose process
+    /// also runs a test harness that must stay unfiltered.
+    VcpuThreads,
+    /// Every thread: the vCPU threads, the calling thread (for the rest of
+    /// the process's life) and the call_rcu thread (once per process).
+    /// What the `vmm` command does unless `--no-seccomp` is given.
+    AllThreads,
+}
+
+/// Errors building or installing a filter.
+#[derive(Debug, Error)]
+pub enum SeccompError {
+    /// The allow-list does not compile (a programming error).
+    #[error("cannot build the seccomp filter of the {0} threads")]
+    Build(ThreadKind, #[source] seccompiler::BackendError),
+    /// The kernel refused the filter (no seccomp support, for example).
+    #[error("cannot install the seccomp filter of the {0} thread")]
+    Install(ThreadKind, #[source] seccompiler::Error),
+    /// The call_rcu thread ran the queued callback but it did not report.
+    #[error("the call_rcu thread did not report installing its seccomp filter")]
+    CallRcuSilent,
+}
+
+/// The compiled filter of thread kind `kind`. The control filter allows
+/// signals to this process only, so compile it in the process that uses it.
+pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(kind, e);
+    let mut list = AllowList::default();
+    common::allow(&mut list).map_err(build)?;
+    match kind {
+        ThreadKind::Vcpu => vcpu::allow(&mut list),
+        ThreadKind::Control => control::allow(&mut list, std::process::id()),
+        ThreadKind::CallRcu => call_rcu::allow(&mut list),
+    }
+    .map_err(build)?;
+    list.compile().map_err(build)
+}
+
+/// Applies `program` (compiled for `kind`) to the calling thread, for the
+/// rest of its life; threads it creates afterwards inherit it. Sets
+/// `no_new_privs` first, as the kernel requires. Makes no allocation on
+/// success.
+pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))
+}
+
+/// Has the call_rcu thread apply its own filter (starting the thread if it
+/// has not started yet) and waits until it did. Once per process: later
+/// calls return at once. Call it before any filter is on the calling
+/// thread (it may create the call_rcu thread), outside RCU read sections
+/// and not from an RCU callback (it waits for one).
+pub fn install_on_call_rcu_thread() -> Result<(), SeccompError> {
+    static INSTALLED: Mutex<bool> = Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(PoisonError::into_inner);
+    if *installed {
+        return Ok(());
+    }
+    let program = program(ThreadKind::CallRcu)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    rcu::call_rcu_labeled("seccomp filter", move || {
+        let _ = tx.send(apply(ThreadKind::CallRcu, &program));
+    });
+    // Every callback queued before this has run once it returns.
+    rcu::drain_call_rcu();
+    let result = rx.try_recv().unwrap_or(Err(SeccompError::CallRcuSilent));
+    *installed = result.is_ok();
+    result
+}
+
+/// The filters of one [`Machine::run`](crate::Machine::run), compiled
+/// before any of its threads start.
+#[derive(Debug, Default)]
+pub struct RunFilters {
+    /// What each vCPU thread applies to itself before its run loop.
+    pub vcpu: Option<Arc<BpfProgram>>,
+    control: Option<BpfProgram>,
+}
+
+impl RunFilters {
+    /// Compiles the filters `mode` asks for. With
+    /// [`SeccompMode::AllThreads`] the call_rcu thread also gets its filter
+    /// now ([`install_on_call_rcu_thread`]). Call it on the thread that will
+    /// run the control loop, before the vCPU threads start.
+    pub fn prepare(mode: SeccompMode) -> Result<Self, SeccompError> {
+        Ok(match mode {
+            SeccompMode::Off => Self::default(),
+            SeccompMode::VcpuThreads => Self {
+                vcpu: Some(Arc::new(program(ThreadKind::Vcpu)?)),
+                control: None,
+            },
+            SeccompMode::AllThreads => {
+                let vcpu = Arc::new(program(ThreadKind::Vcpu)?);
+                let control = program(ThreadKind::Control)?;
+                install_on_call_rcu_thread()?;
+                Self {
+                    vcpu: Some(vcpu),
+                    control: Some(control),
+                }
+            }
+        })
+    }
+
+    /// Applies the control filter, if the mode has one, to the calling
+    /// thread for the rest of its life; does nothing on a thread that
+    /// already has it (a later run on the same thread). Call it after the
+    /// last thread the run creates has started, just before the control
+    /// loop.
+    pub fn enter_control(&self) -> Result<(), SeccompError> {
+        thread_local! {
+            static FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        }
+        match &self.control {
+            Some(p) if !FILTERED.get() => {
+                apply(ThreadKind::Control, p)?;
+                FILTERED.set(true);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How a forked child ended.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Ended {
+        Exited(i32),
+        Killed(i32),
+    }
+
+    /// Forks; the child applies `program`, makes the raw system call(s) in
+    /// `call` and exits 0 (with `exit`, which every list allows; 99 if the
+    /// filter could not be applied). Returns how the child ended.
+    fn in_filtered_child(program: &BpfProgram, call: fn()) -> Ended {
+        PARENT.store(std::process::id(), std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: the child of this multi-threaded process only makes
+        // async-signal-safe calls (setrlimit, prctl, seccomp, the raw
+        // system calls of `call`, exit): no allocation, no lock.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `no_core` is a valid rlimit. No core dump when killed.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            let code: libc::c_long = if seccompiler::apply_filter(program).is_ok() {
+                call();
+                0
+            } else {
+                99
+            };
+            // SAFETY: ends the child's only thread, hence the child.
+            unsafe { libc::syscall(libc::SYS_exit, code) };
+            std::process::abort();
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid out-pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        if libc::WIFEXITED(status) {
+            Ended::Exited(libc::WEXITSTATUS(status))
+        } else {
+            Ended::Killed(libc::WTERMSIG(status))
+        }
+    }
+
+    const ALLOWED: Ended = Ended::Exited(0);
+    const KILLED: Ended = Ended::Killed(libc::SIGSYS);
+
+    fn sys_socket() {
+        // SAFETY: creates (at most) a socket in a child about to exit.
+        unsafe { libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+    }
+    fn sys_open_read() {
+        // SAFETY: the path is a valid C string; the file does not exist.
+        unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/nonexistent-vmm-seccomp".as_ptr(),
+                libc::O_RDONLY | libc::O_CLOEXEC,
+            )
+        };
+    }
+    fn sys_open_rdwr() {
+        // SAFETY: as above.
+        unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                c"/nonexistent-vmm-seccomp".as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC,
+            )
+        };
+    }
+    fn ioctl_bad_fd(request: u64) {
+        // SAFETY: fd -1: the call fails with EBADF if the filter lets it.
+        unsafe { libc::syscall(libc::SYS_ioctl, -1, request, 0) };
+    }
+    fn sys_write_bad_fd() {
+        // SAFETY: fd -1: fails with EBADF.
+        unsafe { libc::syscall(libc::SYS_write, -1, c"x".as_ptr(), 1) };
+    }
+    fn mmap(prot: libc::c_int, flags: libc::c_int) {
+        // SAFETY: a fresh anonymous (or failing, fd -1) mapping, unused.
+        unsafe { libc::syscall(libc::SYS_mmap, 0, 4096, prot, flags, -1, 0) };
+    }
+    fn futex_wake(op: libc::c_int) {
+        let word = 0u32;
+        // SAFETY: `word` is a live u32; wake and PI commands on a word
+        // nobody waits on return at once.
+        unsafe { libc::syscall(libc::SYS_futex, &word, op, 1, 0, 0, 0) };
+    }
+    fn tgkill_parent(sig: libc::c_int) {
+        // The filter was compiled in the parent: its pid is "this process".
+        // Thread id 0 makes the call fail with EINVAL when let through.
+        let parent = PARENT.load(std::sync::atomic::Ordering::SeqCst);
+        // SAFETY: sends nothing (invalid thread id).
+        unsafe { libc::syscall(libc::SYS_tgkill, parent, 0, sig) };
+    }
+    /// The test process's pid, stored before forking (the child may not
+    /// ask for it: `getppid` is in no allow-list).
+    static PARENT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    fn membarrier(cmd: u64) {
+        // SAFETY: the child is not registered: fails with EPERM or returns
+        // the supported commands; no memory is touched.
+        unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0) };
+    }
+
+    #[test]
+    fn vcpu_filter_allows_its_ioctls_and_kills_on_anything_else() {
+        let p = program(ThreadKind::Vcpu).unwrap();
+        assert_eq!(
+            in_filtered_child(&p, || ioctl_bad_fd(0xae80)),
+            ALLOWED,
+            "KVM_RUN"
+        );
+        assert_eq!(in_filtered_child(&p, sys_write_bad_fd), ALLOWED);
+        assert_eq!(
+            in_filtered_child(&p, || mmap(
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+            )),
+            ALLOWED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || futex_wake(
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG
+            )),
+            ALLOWED
+        );
+        // KVM_CREATE_VM: not a vCPU ioctl.
+        assert_eq!(in_filtered_child(&p, || ioctl_bad_fd(0xae01)), KILLED);
+        // KVM_SET_USER_MEMORY_REGION: the control thread's, not a vCPU's.
+        assert_eq!(in_filtered_child(&p, || ioctl_bad_fd(0x4020_ae46)), KILLED);
+        assert_eq!(in_filtered_child(&p, sys_socket), KILLED);
+        assert_eq!(in_filtered_child(&p, sys_open_read), KILLED);
+        assert_eq!(
+            in_filtered_child(&p, || mmap(
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+            )),
+            KILLED,
+            "executable memory"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || mmap(libc::PROT_READ, libc::MAP_SHARED)),
+            KILLED,
+            "file mapping"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || futex_wake(libc::FUTEX_UNLOCK_PI)),
+            KILLED,
+            "PI futex"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || tgkill_parent(crate::kick::kick_signal())),
+            KILLED
+        );
+    }
+
+    #[test]
+    fn vcpu_ioctl_list_is_what_the_filter_allows() {
+        let p = program(ThreadKind::Vcpu).unwrap();
+        // Each listed request passes, in a child of its own.
+        let ended: Vec<Ended> = vcpu::ioctls()
+            .iter()
+            .map(|&r| {
+                // fn pointers cannot capture: pass the request through a
+                // static for the child to read.
+                REQUEST.store(r, std::sync::atomic::Ordering::SeqCst);
+                in_filtered_child(&p, || {
+                    ioctl_bad_fd(REQUEST.load(std::sync::atomic::Ordering::SeqCst))
+                })
+            })
+            .collect();
+        assert!(ended.iter().all(|e| *e == ALLOWED), "{ended:?}");
+    }
+    static REQUEST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    #[test]
+    fn control_filter_signals_only_its_own_process_and_opens_files_only_to_read_or_create() {
+        let p = program(ThreadKind::Control).unwrap();
+        assert_eq!(
+            in_filtered_child(&p, || tgkill_parent(crate::kick::kick_signal())),
+            ALLOWED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || tgkill_parent(libc::SIGKILL)),
+            KILLED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || {
+                // SAFETY: thread id 0: fails with EINVAL if let through.
+                unsafe { libc::syscall(libc::SYS_tgkill, 1, 0, crate::kick::kick_signal()) };
+            }),
+            KILLED,
+            "another process"
+        );
+        assert_eq!(in_filtered_child(&p, sys_open_read), ALLOWED);
+        assert_eq!(in_filtered_child(&p, sys_open_rdwr), KILLED);
+        assert_eq!(in_filtered_child(&p, || ioctl_bad_fd(0x4020_ae46)), ALLOWED);
+        assert_eq!(
+            in_filtered_child(&p, || ioctl_bad_fd(0xae80)),
+            KILLED,
+            "KVM_RUN"
+        );
+        assert_eq!(in_filtered_child(&p, sys_socket), KILLED);
+        assert_eq!(
+            in_filtered_child(&p, || {
+                // SAFETY: a fork of the child, if let through, exits at once.
+                if unsafe { libc::syscall(libc::SYS_fork) } == 0 {
+                    // SAFETY: ends the grandchild.
+                    unsafe { libc::syscall(libc::SYS_exit, 0) };
+                }
+            }),
+            KILLED,
+            "no new process or thread after set-up"
+        );
+    }
+
+    #[test]
+    fn call_rcu_filter_allows_only_the_expedited_barrier() {
+        let p = program(ThreadKind::CallRcu).unwrap();
+        assert_eq!(in_filtered_child(&p, || membarrier(1 << 3)), ALLOWED);
+        assert_eq!(in_filtered_child(&p, || membarrier(0)), KILLED, "query");
+        assert_eq!(in_filtered_child(&p, sys_write_bad_fd), ALLOWED);
+        assert_eq!(in_filtered_child(&p, || ioctl_bad_fd(0xae80)), KILLED);
+        assert_eq!(in_filtered_child(&p, sys_open_read), KILLED);
+    }
+
+    #[test]
+    fn every_program_fits_and_off_compiles_nothing() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::Control, ThreadKind::CallRcu] {
+            let p = program(kind).unwrap();
+            assert!(!p.is_empty() && p.len() < 4096, "{kind}: {}", p.len());
+        }
+        let f = RunFilters::prepare(SeccompMode::Off).unwrap();
+        assert!(f.vcpu.is_none());
+        f.enter_control().unwrap();
+        let f = RunFilters::prepare(SeccompMode::VcpuThreads).unwrap();
+        assert!(f.vcpu.is_some());
+        // No control filter in this mode: applying it is a no-op, and this
+        // test thread stays unfiltered.
+        f.enter_control().unwrap();
+        // SAFETY: creates a socket, closed at once.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is ours.
+        unsafe { libc::close(fd) };
+    }
+}

@@ -1,0 +1,108 @@
+//! The control thread's allow-list, from the moment it enters its event loop
+//! to the process's exit: the loop itself (console, signals, device
+//! requests, QMP clients), memory hot-plug, stopping the vCPUs, and the
+//! reports written at exit.
+//!
+//! Files are opened only after the VM ended (the JSON reports, the plot,
+//! `/proc/self/stat` for the metrics); the socket, eventfds and signalfd
+//! were all created during set-up, so `socket`, `bind`, `eventfd2` and
+//! friends are not allowed.
+
+use super::allow_list::{AllowList, arg_eq};
+use crate::kick::kick_signal;
+use kvm_bindings::{KVMIO, kvm_userspace_memory_region};
+use seccompiler::BackendError;
+
+/// VM ioctl request numbers, from the kernel's `linux/kvm.h`.
+#[allow(missing_docs)]
+mod request {
+    use super::*;
+    vmm_sys_util::ioctl_iow_nr!(
+        KVM_SET_USER_MEMORY_REGION,
+        KVMIO,
+        0x46,
+        kvm_userspace_memory_region
+    );
+}
+
+/// The ioctls the control thread makes.
+pub(crate) fn ioctls() -> [u64; 4] {
+    [
+        // Memory hot-plug adds and deletes memory slots.
+        request::KVM_SET_USER_MEMORY_REGION(),
+        // QMP connections are made non-blocking when accepted.
+        libc::FIONBIO,
+        // The terminal is put back in its mode when the VM ends (and
+        // `isatty` asks for it).
+        libc::TCSETS,
+        libc::TCGETS,
+    ]
+}
+
+/// Adds the control thread's own calls to `list`; `pid` is the process id
+/// (the only process it may signal).
+pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> {
+    list.any(&[
+        // The event loop and what it watches.
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_read,
+        // QMP clients.
+        libc::SYS_accept4,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        // Waiting for vCPUs to stop, giving QMP clients time to read.
+        libc::SYS_clock_nanosleep,
+        // `pthread_kill` and report file names use it.
+        libc::SYS_getpid,
+        // Metrics: how much guest RAM is resident.
+        libc::SYS_mincore,
+        // Reports at exit (written to a temporary file, synced and renamed
+        // into place) and the QMP socket removed at shutdown, after
+        // checking it is still ours.
+        libc::SYS_fsync,
+        libc::SYS_rename,
+        libc::SYS_unlink,
+        libc::SYS_statx,
+        libc::SYS_newfstatat,
+        // Process exit.
+        libc::SYS_exit_group,
+    ]);
+    list.when_arg_in(libc::SYS_ioctl, 1, &ioctls())?;
+    // Kicking a vCPU out of KVM_RUN: the kick signal, to a thread of this
+    // process only.
+    list.when(
+        libc::SYS_tgkill,
+        vec![arg_eq(0, u64::from(pid))?, arg_eq(2, kick_signal() as u64)?],
+    )?;
+    // Hot-plugged slots are named in /proc/PID/maps; unplugged blocks are
+    // returned (MADV_DONTNEED, in the common list); guest memory may ask
+    // for transparent huge pages.
+    list.when(libc::SYS_prctl, vec![arg_eq(0, libc::PR_SET_VMA as u64)?])?;
+    list.when(
+        libc::SYS_madvise,
+        vec![arg_eq(2, libc::MADV_HUGEPAGE as u64)?],
+    )?;
+    // Files are read (/proc/self/stat and status) or created and truncated
+    // (reports); no other way of opening is allowed.
+    list.when_arg_in(
+        libc::SYS_openat,
+        2,
+        &[
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64,
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memslot_request_number_matches_the_kernel_header() {
+        // _IOW(0xAE, 0x46, struct kvm_userspace_memory_region) (32 bytes).
+        assert_eq!(request::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+    }
+}
