@@ -279,36 +279,98 @@ fn synchronize(c: &mut Criterion) {
     g.finish();
 }
 
+/// Enqueue throughput, in two situations: with the call_rcu thread free to
+/// consume callbacks as they arrive (it then contends with the producer for
+/// the queue's cache lines and the allocator's arena), and with a reader
+/// holding a read section, so the thread sits in its grace period and the
+/// producer runs alone (liburcu's thread also sleeps 10 ms between batches).
 fn enqueue(c: &mut Criterion) {
     let mut g = c.benchmark_group("call_rcu_enqueue");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("rcu", |b| {
-        b.iter_custom(|iters| {
-            // One allocation per callback (the node holding the closure),
-            // as liburcu's side allocates one rcu_head.
-            let t = Instant::now();
-            for i in 0..iters {
-                rcu::call_rcu(move || {
-                    black_box(i);
-                });
-            }
-            let d = t.elapsed();
+    for held in [false, true] {
+        let suffix = if held { ", reader in section" } else { "" };
+        {
+            let holder = held.then(HeldSection::rcu);
+            g.bench_function(format!("rcu{suffix}"), |b| {
+                b.iter_custom(|iters| {
+                    // One allocation per callback (the node holding the
+                    // closure), as liburcu's side allocates one rcu_head.
+                    let t = Instant::now();
+                    for i in 0..iters {
+                        rcu::call_rcu(move || {
+                            black_box(i);
+                        });
+                    }
+                    t.elapsed()
+                })
+            });
+            drop(holder);
             rcu::drain_call_rcu();
-            d
-        })
-    });
-    urcu::shim_register();
-    g.bench_function("liburcu memb", |b| {
-        b.iter_custom(|iters| {
-            let t = Instant::now();
-            urcu::shim_call_rcu_loop(iters);
-            let d = t.elapsed();
+        }
+        {
+            let holder = held.then(HeldSection::urcu);
+            urcu::shim_register();
+            g.bench_function(format!("liburcu memb{suffix}"), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    urcu::shim_call_rcu_loop(iters);
+                    t.elapsed()
+                })
+            });
+            drop(holder);
             urcu::shim_barrier();
-            d
-        })
-    });
-    urcu::shim_unregister();
+            urcu::shim_unregister();
+        }
+    }
     g.finish();
+}
+
+/// A thread holding one read section open until dropped.
+struct HeldSection {
+    stop: Arc<AtomicBool>,
+    handle: Option<thread::JoinHandle<()>>,
+}
+
+impl HeldSection {
+    fn rcu() -> Self {
+        Self::spawn(|stop| {
+            let g = rcu::read_lock();
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            drop(g);
+        })
+    }
+    fn urcu() -> Self {
+        Self::spawn(|stop| {
+            urcu::shim_register();
+            urcu::shim_read_lock();
+            while !stop.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(1));
+            }
+            urcu::shim_read_unlock();
+            urcu::shim_unregister();
+        })
+    }
+    fn spawn(f: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = Arc::clone(&stop);
+        let handle = thread::spawn(move || f(s));
+        thread::sleep(Duration::from_millis(20));
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for HeldSection {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn call_to_callback(c: &mut Criterion) {

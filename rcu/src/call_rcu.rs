@@ -17,7 +17,7 @@
 //! extra rounds of the thread's loop.
 
 use crate::domain::{Domain, Pacer, Slot};
-use crate::primitive::{AtomicBool, AtomicUsize};
+use crate::primitive::{AtomicBool, AtomicUsize, CachePadded};
 use crate::queue::{Callback, Queue};
 use crate::stats::{Histogram, SiteTable};
 use crate::wait::{Event, Semaphore, Signal};
@@ -164,15 +164,18 @@ fn bump(c: &AtomicU64) {
 /// thread.
 pub(crate) struct CallRcu {
     queue: Queue,
-    /// Callbacks queued and not yet taken into a batch.
-    pending: AtomicUsize,
+    /// Callbacks queued and not yet taken into a batch (written by every
+    /// producer: a line of its own).
+    pending: CachePadded<AtomicUsize>,
     /// Set by `force_rcu`, consumed by the thread.
     forced: AtomicBool,
     signal: WakeSignal,
     variant: Variant,
     /// Asks the thread to return once nothing is pending (models and tests).
     stop: AtomicBool,
-    pub(crate) stats: WorkerStats,
+    /// Written by the call_rcu thread (and the per-site call counts by
+    /// producers, on lines of their own).
+    pub(crate) stats: CachePadded<WorkerStats>,
     /// Asked by a lazy grace period as each batching poll begins; if it
     /// answers `true` and the poll then sleeps to its end, the model fails.
     /// (Loom models timers as already expired, so a poll sleeps exactly when
@@ -197,12 +200,12 @@ impl CallRcu {
         };
         Self {
             queue: Queue::new(),
-            pending: AtomicUsize::new(0),
+            pending: CachePadded(AtomicUsize::new(0)),
             forced: AtomicBool::new(false),
             signal,
             variant,
             stop: AtomicBool::new(false),
-            stats: WorkerStats::new(),
+            stats: CachePadded(WorkerStats::new()),
             #[cfg(loom)]
             batching_sleep_forbidden: None,
         }

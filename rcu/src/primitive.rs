@@ -51,3 +51,17 @@ pub(crate) fn spin_yield() {
     #[cfg(not(loom))]
     std::thread::yield_now();
 }
+
+/// Gives its content cache lines of its own (two 64-byte lines, as the
+/// adjacent-line prefetcher of x86 pulls pairs), so that a word one thread
+/// writes never shares a line with a word another thread writes.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}

@@ -6,7 +6,7 @@
 //! A node is `Node<F>`: a type-erased header followed by the closure, one
 //! allocation per callback.
 
-use crate::primitive::{AtomicPtr, spin_yield};
+use crate::primitive::{AtomicPtr, CachePadded, spin_yield};
 use std::panic::Location;
 use std::sync::atomic::Ordering;
 
@@ -93,9 +93,9 @@ unsafe fn consume_stub(_p: *mut Header, _run: bool) {}
 /// Multi-producer, single-consumer queue of callbacks.
 pub(crate) struct Queue {
     /// Only the consumer reads and writes `head`; an atomic keeps the type
-    /// `Sync` without unsafe code.
-    head: AtomicPtr<Header>,
-    tail: AtomicPtr<Header>,
+    /// `Sync` without unsafe code. Producers write `tail`: separate lines.
+    head: CachePadded<AtomicPtr<Header>>,
+    tail: CachePadded<AtomicPtr<Header>>,
     stub: *mut Header,
 }
 
@@ -121,8 +121,8 @@ impl Queue {
             queued_at: crate::clock::now(),
         }));
         Self {
-            head: AtomicPtr::new(stub),
-            tail: AtomicPtr::new(stub),
+            head: CachePadded(AtomicPtr::new(stub)),
+            tail: CachePadded(AtomicPtr::new(stub)),
             stub,
         }
     }
