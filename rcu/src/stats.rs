@@ -109,7 +109,11 @@ pub struct SiteStats {
 
 /// Number of distinct (site, label) pairs tracked individually; further
 /// sites are summed in an overflow entry.
+#[cfg(not(loom))]
 const SITES: usize = 256;
+/// Under loom the tables live on the models' small coroutine stacks.
+#[cfg(loom)]
+const SITES: usize = 8;
 
 const EMPTY: u8 = 0;
 const CLAIMING: u8 = 1;
@@ -180,7 +184,7 @@ impl SiteTable {
         let h = (site as *const Location<'_> as usize >> 3)
             .wrapping_add(label.as_ptr() as usize)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15_usize);
-        let start = h >> (usize::BITS - 8);
+        let start = (h >> (usize::BITS - 16)) % SITES;
         for i in 0..SITES {
             let idx = (start + i) % SITES;
             let e = &self.entries[idx];
