@@ -37,6 +37,7 @@ pub mod initrd;
 pub mod layout;
 pub mod loader;
 pub mod memory_map;
+pub mod mptable;
 pub mod pvh;
 mod setup;
 

@@ -48,6 +48,9 @@ pub enum MachineError {
     /// The ACPI tables could not be built.
     #[error("cannot build the ACPI tables")]
     Acpi(#[source] boot::acpi::AcpiError),
+    /// The MP table could not be built.
+    #[error("cannot build the MP table")]
+    Mptable(#[source] boot::mptable::MptableError),
     /// The kernel command line is invalid.
     #[error(transparent)]
     Cmdline(#[from] boot::cmdline::CmdlineError),
@@ -258,6 +261,7 @@ impl Machine {
             acpi.virtio_mmio.push(h.acpi());
         }
         let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(MachineError::Acpi)?;
+        boot::mptable::write_mptable(mem, self.spec.cpus).map_err(MachineError::Mptable)?;
         let appended = appended_args(&config.cmdline, self.host, self.spec.hotplug_memory > 0);
         let cmdline = boot::cmdline::build_cmdline(&config.cmdline, &appended)?;
         let boot = boot::load_kernel(
