@@ -273,9 +273,6 @@ fn main() {
     row("VMM CPU outside the vCPUs, to Run /init", "ms", &|r| {
         Some(r.vmm_cpu_ms)
     });
-    row("KVM exits to 'Run /init' (debugfs)", "k", &|r| {
-        r.exits_at_init.map(|e| e as f64 / 1e3)
-    });
     row("RSS less guest RAM touched, at Run /init", "MiB", &|r| {
         Some(r.overhead_kib as f64 / 1024.0)
     });
