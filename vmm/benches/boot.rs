@@ -225,11 +225,13 @@ fn main() {
         .expect("guest kit: tests/guest/build-kit.sh")
         .trim()
         .to_string();
+    let no_acpi = format!("{cmdline} acpi=off");
     let mut results: BTreeMap<&str, Vec<Run>> = BTreeMap::new();
     for i in 0..runs {
-        // Alternate so drift on a shared machine hits both alike.
+        // Alternate so drift on a shared machine hits all alike.
         for (name, f) in [
             ("vmm", &(|| run_vmm(&cmdline)) as &dyn Fn() -> Run),
+            ("vmm-noacpi", &(|| run_vmm(&no_acpi)) as &dyn Fn() -> Run),
             ("qemu", &run_qemu),
         ] {
             let r = f();
@@ -246,7 +248,7 @@ fn main() {
         )
     };
     let row = |label: &str, unit: &str, f: &dyn Fn(&Run) -> Option<f64>| {
-        let (a, b) = (col("vmm", f), col("qemu", f));
+        let (a, b, c) = (col("vmm", f), col("vmm-noacpi", f), col("qemu", f));
         let show = |x: f64| {
             if x.is_nan() {
                 "n/a".to_string()
@@ -254,7 +256,12 @@ fn main() {
                 format!("{x:.1} {unit}")
             }
         };
-        println!("{label:<40} {:>16} {:>22}", show(a), show(b));
+        println!(
+            "{label:<42} {:>12} {:>18} {:>18}",
+            show(a),
+            show(b),
+            show(c)
+        );
     };
     println!(
         "\nBoot of the minimal kernel, 2 vCPUs, 128 MiB, PVH vmlinux, halt initramfs \
@@ -289,8 +296,9 @@ fn main() {
             .map_or(0, |v| v.iter().filter(|r| r.ok).count())
     };
     println!(
-        "successful runs: vmm {}/{runs}, qemu {}/{runs}",
+        "successful runs: vmm {}/{runs}, vmm acpi=off {}/{runs}, qemu {}/{runs}",
         ok("vmm"),
+        ok("vmm-noacpi"),
         ok("qemu")
     );
     println!(
