@@ -37,7 +37,7 @@ fi
 sock=$out/qmp.sock
 rm -f "$sock"
 say "booting $kernel with 2 vCPUs, $memory of RAM and a 1G hot-plug region; QMP on $sock"
-target/release/vmm --kernel "$kernel" --initrd "$initrd" --cpus 2 --memory "$memory" \
+"${CARGO_TARGET_DIR:-target}/release/vmm" --kernel "$kernel" --initrd "$initrd" --cpus 2 --memory "$memory" \
     --hotplug-memory 1G --qmp "$sock" --cmdline "$cmdline" \
     --rcu-stats "$out/rcu.json" --rcu-plot "$out/rcu.svg" --metrics "$out/metrics.json" \
     </dev/null &

@@ -42,7 +42,7 @@ for run in $(seq 1 "$runs"); do
             mkdir -p "$dir"
             rm -f "$dir/qmp.sock"
             echo "rcu-experiment: run $run/$runs, $cpus vCPUs, $s wake-up" >&2
-            target/release/vmm --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline" \
+            "${CARGO_TARGET_DIR:-target}/release/vmm" --kernel "$kernel" --initrd "$initrd" --cmdline "$cmdline" \
                 --cpus "$cpus" --memory 256M --hotplug-memory 1G --qmp "$dir/qmp.sock" \
                 --rcu-wakeup "$s" --rcu-stats "$dir/rcu.json" --rcu-plot "$dir/rcu.svg" \
                 --metrics "$dir/metrics.json" --quiet \
