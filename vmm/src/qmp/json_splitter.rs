@@ -45,7 +45,7 @@ pub const MAX_NESTING: usize = 100;
 
 /// What the splitter found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Frame {
+pub enum Frame {
     /// A complete top-level JSON text, not validated beyond its framing.
     Message(Vec<u8>),
     /// Input that cannot be JSON: answered with this description; the
@@ -95,7 +95,7 @@ enum Step {
 
 /// An incremental splitter; see the [module docs](self).
 #[derive(Debug)]
-pub(crate) struct JsonSplitter {
+pub struct JsonSplitter {
     lex: Lex,
     depth: usize,
     msg: Vec<u8>,
@@ -105,7 +105,7 @@ pub(crate) struct JsonSplitter {
 
 impl JsonSplitter {
     /// A splitter that rejects messages longer than `max_len` bytes.
-    pub(crate) fn new(max_len: usize) -> Self {
+    pub fn new(max_len: usize) -> Self {
         Self {
             lex: Lex::Start,
             depth: 0,
@@ -119,7 +119,7 @@ impl JsonSplitter {
     /// Returns how many bytes were consumed and the frame, if one completed;
     /// without a frame, all of `input` was consumed and the partial message
     /// is kept for the next call.
-    pub(crate) fn feed(&mut self, input: &[u8]) -> (usize, Option<Frame>) {
+    pub fn feed(&mut self, input: &[u8]) -> (usize, Option<Frame>) {
         for (i, &b) in input.iter().enumerate() {
             loop {
                 match self.step(b) {
@@ -134,7 +134,7 @@ impl JsonSplitter {
     }
 
     /// Whether a message has started and not completed.
-    pub(crate) fn in_message(&self) -> bool {
+    pub fn in_message(&self) -> bool {
         !self.msg.is_empty() || !matches!(self.lex, Lex::Start | Lex::Recovery)
     }
 

@@ -49,6 +49,8 @@ mod commands;
 mod connection;
 mod error;
 mod event;
+#[doc(hidden)]
+pub mod fuzz_api;
 mod json_splitter;
 mod listener;
 mod protocol;

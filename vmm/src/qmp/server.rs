@@ -198,12 +198,7 @@ impl QmpServer {
     }
 
     fn handle_frame(&mut self, conn: &mut Connection, frame: Frame) {
-        let message = match frame {
-            Frame::Message(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| QmpError::generic(format!("JSON parse error, {e}"))),
-            Frame::Error(desc) | Frame::TooLarge(desc) => Err(QmpError::generic(desc)),
-        };
-        let message = match message {
+        let message = match frame_message(frame) {
             Ok(message) => message,
             Err(e) => {
                 conn.queue(&protocol::encode(&protocol::response(None, Err(e))));
@@ -273,6 +268,16 @@ impl QmpServer {
                 }
             }
         }
+    }
+}
+
+/// The JSON value a frame carries, or the error to answer it with (without
+/// an `id`): input that is not JSON, or that the splitter refused.
+pub(crate) fn frame_message(frame: Frame) -> Result<serde_json::Value, QmpError> {
+    match frame {
+        Frame::Message(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| QmpError::generic(format!("JSON parse error, {e}"))),
+        Frame::Error(desc) | Frame::TooLarge(desc) => Err(QmpError::generic(desc)),
     }
 }
 
