@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, unit and integration
-# tests, the RCU torture test (release) and the RCU loom models.
+# tests, the RCU torture test (release), the RCU loom models and a short
+# fuzzing run of the QMP and virtio-mem input paths.
 # This is the README's test command; .ci/run runs exactly this.
 # Needs root (it installs Debian packages) and /dev/kvm for the VM tests.
 set -euo pipefail
@@ -35,5 +36,8 @@ RCU_TORTURE_SECS=10 cargo test --release --locked -p rcu --test torture -- --noc
 step "RCU loom models (release, bounded to 3 preemptions)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     cargo test --release --locked -p rcu --lib loom
+
+step "fuzzing: replay seeds and regressions, then 60 s per target (docs/fuzzing.md)"
+scripts/fuzz.sh --ci
 
 step "all tests passed in $(( $(date +%s) - started )) s"
