@@ -9,7 +9,9 @@
 
 pub mod bare_vm;
 pub mod guest_code;
+pub mod guest_driver;
 pub mod kit;
+pub mod panic_watch;
 pub mod recorder;
 pub mod vmm_process;
 
