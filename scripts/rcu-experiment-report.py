@@ -45,8 +45,11 @@ def main(root):
                 "lat_p99_ms": rcu["latency"]["p99_ns"] / 1e6,
                 "lat_max_ms": rcu["latency"]["max_ns"] / 1e6,
                 "unplug_s": med([c["unplug_s"] for c in cyc]),
+                "unplug_min_s": min((c["unplug_s"] for c in cyc), default=None),
                 "unmap_us": med([c["retire_to_unmap_us"] for c in cyc]),
+                "unmap_min_us": min((c["retire_to_unmap_us"] for c in cyc), default=None),
                 "swap_us": med([c["last_swap_us"] for c in cyc]),
+                "swap_min_us": min((c["last_swap_us"] for c in cyc), default=None),
                 "uptime_s": rcu["uptime_ms"] / 1000,
                 "sites": {s["label"] or s["site"]: s["calls"] for s in rcu["by_site"]},
             })
@@ -59,13 +62,24 @@ def main(root):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for cpus, strategy, runs in rows:
         m = lambda k: med([r[k] for r in runs])  # noqa: E731
+        lo = lambda k: min((r[k] for r in runs if r[k] is not None), default=None)  # noqa: E731
+
+        def spread(k, digits=0):
+            lo_k, hi_k = lo(k), max((r[k] for r in runs if r[k] is not None), default=None)
+            if lo_k == hi_k:
+                return fmt(m(k), digits)
+            return f"{fmt(m(k), digits)} [{fmt(lo_k, digits)}-{fmt(hi_k, digits)}]"
+
         print(f"| {cpus} | {strategy} | {len(runs)} | {fmt(m('call_rcu'))} | {fmt(m('callbacks_run'))} "
-              f"| {fmt(m('grace_periods'))} | {fmt(m('force_rcu'))} "
-              f"| {fmt(m('wakeups'))} ({fmt(m('empty_wakeups'))}) | {fmt(m('loops'))} "
+              f"| {spread('grace_periods')} | {fmt(m('force_rcu'))} "
+              f"| {spread('wakeups')} ({spread('empty_wakeups')}) | {spread('loops')} "
               f"| {fmt(m('cpu_us'))} us | {fmt(m('lat_p99_ms'), 1)} / {fmt(m('lat_max_ms'), 1)} ms "
-              f"| {fmt(m('unplug_s'), 1)} s | {fmt(m('unmap_us'))} us | {fmt(m('swap_us'))} us |")
+              f"| {fmt(m('unplug_s'), 1)} s ({fmt(lo('unplug_min_s'), 1)} s) "
+              f"| {fmt(m('unmap_us'))} us ({fmt(lo('unmap_min_us'))} us) "
+              f"| {fmt(m('swap_us'))} us ({fmt(lo('swap_min_us'))} us) |")
     print()
-    print("Medians over runs; per run, the unplug and unmap figures are medians over its cycles.")
+    print("Medians over runs, [range] where runs differ; per run, the timing figures are medians "
+          "over its cycles, and (the smallest single cycle of all runs) follows them.")
     sites = {}
     for _, _, runs in rows:
         for r in runs:
