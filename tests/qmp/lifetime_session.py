@@ -2,7 +2,9 @@
 plug/unplug cycles of SIZE MiB over QMP (QEMU's qemu.qmp client), timing
 each plug (qom-set until the guest reports the size) and each unplug
 (qom-set 0 until the host has unmapped the slot memory), then quits.
-Prints one JSON object on stdout.
+Prints one JSON object on stdout. Against QEMU, which has no
+x-query-hotplug, an unplug is complete when the device reports size 0, and
+the host-side figures are left out.
 
 Usage: lifetime_session.py SOCKET CYCLES SIZE_MIB
 """
@@ -26,6 +28,8 @@ async def main(path, cycles, size_mib):
             break
         except Exception:  # qemu.qmp ConnectError until the socket exists
             await asyncio.sleep(0.05)
+
+    ours = "x-query-hotplug" in [c["name"] for c in await q.execute("query-commands")]
 
     async def device():
         return (await q.execute("query-memory-devices"))[0]["data"]
@@ -54,18 +58,24 @@ async def main(path, cycles, size_mib):
         await q.execute("qom-set", {"path": "vmem0", "property": "requested-size", "value": 0})
 
         async def returned():
+            if not ours:
+                return await size_is(0)
             h = await hotplug()
             st = h["stats"]
             return (await device())["size"] == 0 and not h["mapped-slots"] \
                 and st["slots_unmapped"] == st["slots_retired"]
 
         c["unplug_s"] = await wait(returned)
+        if not ours:
+            out["cycles"].append(c)
+            continue
         h = await hotplug()
         c["retire_to_unmap_us"] = h["stats"]["last_retire_to_unmap_ns"] / 1000
         c["last_swap_us"] = h["stats"]["last_swap_ns"] / 1000
         out["cycles"].append(c)
 
-    out["hotplug"] = await hotplug()
+    if ours:
+        out["hotplug"] = await hotplug()
     out["wall_s"] = time.time() - t_start
     await q.execute("quit")
     try:
