@@ -200,6 +200,8 @@ async def main(path, pid, sizes):
     await asyncio.sleep(0.5)
     rep["events"] = list(events)
     rep["status_end"] = await q.execute("query-status")
+    # The last live report: the test compares it with --rcu-stats's file.
+    rep["rcu_end"] = await q.execute("x-query-rcu")
     await q.execute("quit")
     collector.cancel()
     try:

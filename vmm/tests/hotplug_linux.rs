@@ -314,6 +314,42 @@ fn memory_hotplug_over_qmp_with_a_linux_guest() {
     // At exit, every queued callback has run.
     let s: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     assert_eq!(s["callbacks_run"], s["call_rcu"]);
+    // The file against x-query-rcu taken just before `quit`: the same
+    // report, and between the two the only call_rcu is the exit path's
+    // drain marker (counted as one call_rcu, one drain, one force_rcu).
+    let end = &rep["rcu_end"];
+    let keys = |v: &Value| {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(keys(&s), keys(end), "file and x-query-rcu differ in keys");
+    assert_eq!(u(&s["call_rcu"]), u(&end["call_rcu"]) + 1, "{end}");
+    assert_eq!(u(&s["drain_call_rcu"]), u(&end["drain_call_rcu"]) + 1);
+    assert_eq!(u(&s["force_rcu"]), u(&end["force_rcu"]) + 1);
+    assert!(u(&s["callbacks_run"]) >= u(&end["callbacks_run"]));
+    for label in [
+        "memory map replace",
+        "hot-plug slot unmapped",
+        "bus replace",
+        "seccomp filter",
+    ] {
+        assert_eq!(site_calls(&s, label), site_calls(end, label), "{label}");
+    }
+    assert_eq!(
+        site_calls(&s, "drain_call_rcu"),
+        site_calls(end, "drain_call_rcu") + 1
+    );
+    let (file_marks, live_marks) = (
+        s["markers"].as_array().unwrap(),
+        end["markers"].as_array().unwrap(),
+    );
+    assert!(
+        file_marks.starts_with(live_marks) && file_marks.len() > live_marks.len(),
+        "the file's markers do not continue the live report's: {live_marks:?} / {file_marks:?}"
+    );
     println!(
         "hot-plug test: {:.0} s including boot",
         start.elapsed().as_secs_f64()
