@@ -158,6 +158,10 @@ async def main(path, pid, sizes):
     async def size_is(want):
         return await size_now() == want
 
+    async def event_seen(size):
+        last = [e for e in events if e["event"] == "MEMORY_DEVICE_SIZE_CHANGE"]
+        return bool(last) and last[-1]["data"]["size"] == size
+
     async def wait_until(pred, limit):
         end = time.time() + limit
         while time.time() < end:
@@ -174,6 +178,9 @@ async def main(path, pid, sizes):
         await q.execute("qom-set", {"path": "vmem0", "property": "requested-size", "value": mib * MIB})
         c["plugged"] = await wait_until(lambda: size_is(mib * MIB), LIMIT)
         c["plug_s"] = time.time() - t0
+        # Size-change events are rate-limited as in QEMU (one per second per
+        # device, the last value always delivered): wait for the final one.
+        c["plug_event"] = await wait_until(lambda: event_seen(mib * MIB), 5)
         c["devices_plugged"] = await q.execute("query-memory-devices")
         c["summary_plugged"] = await q.execute("query-memory-size-summary")
         c["hotplug_plugged"] = await q.execute("x-query-hotplug")
@@ -190,6 +197,7 @@ async def main(path, pid, sizes):
 
         c["returned"] = await wait_until(unmapped, 60)
         c["unplug_s"] = time.time() - t0
+        c["unplug_event"] = await wait_until(lambda: event_seen(0), 5)
         c["hotplug_after"] = await q.execute("x-query-hotplug")
         c["rcu_after"] = await q.execute("x-query-rcu")
         c["maps_after"] = [m[2] for m in proc_maps(pid)]

@@ -238,6 +238,10 @@ fn memory_hotplug_over_qmp_with_a_linux_guest() {
                     && e["data"]["size"] == want),
             "no MEMORY_DEVICE_SIZE_CHANGE for {want}: {events:?}"
         );
+        // The last size change of each phase arrives, at most a second
+        // late (the rate limit), and is the size the device reports.
+        assert_eq!(c["plug_event"], true, "{events:?}");
+        assert_eq!(c["unplug_event"], true, "{events:?}");
         // The new memory slots: one KVM slot per 128 MiB slot, plugged.
         let slots = c["hotplug_plugged"]["mapped-slots"].as_array().unwrap();
         let slot_size = u(&c["hotplug_plugged"]["slot-size"]);

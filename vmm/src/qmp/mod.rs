@@ -56,6 +56,7 @@ mod listener;
 mod protocol;
 mod qom;
 mod server;
+mod throttle;
 mod vm_ops;
 
 pub use commands::command_names;

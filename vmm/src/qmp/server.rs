@@ -6,6 +6,9 @@
 //! their commands, delivering events. Sockets are non-blocking, so one
 //! client never holds up another or the VM; module `connection` documents
 //! the limits that bound what a client can make the server buffer.
+//! Events the guest drives (`MEMORY_DEVICE_SIZE_CHANGE`) are rate-limited
+//! per device as QEMU does (module `throttle`), with a timerfd in the same
+//! loop delivering the held ones.
 
 use super::commands;
 use super::connection::{Connection, ReadStatus};
@@ -14,6 +17,7 @@ use super::event::{EventQueue, EventSender, QmpEvent};
 use super::json_splitter::Frame;
 use super::listener::{ListenerError, SocketListener};
 use super::protocol::{self, Timestamp};
+use super::throttle::{EventThrottle, THROTTLE_PERIOD};
 use super::vm_ops::VmOps;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::collections::{BTreeSet, HashMap};
@@ -24,6 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Connections beyond this many are accepted and closed at once.
 pub const MAX_CLIENTS: usize = 64;
@@ -40,6 +45,9 @@ pub enum ServerError {
     /// The event queue's eventfd could not be created.
     #[error("cannot create the QMP event queue")]
     EventQueue(#[source] io::Error),
+    /// The event throttle's timerfd could not be created.
+    #[error("cannot create the QMP event timer")]
+    Timer(#[source] io::Error),
 }
 
 /// A QMP server on a unix socket, driven by the control thread's event loop.
@@ -60,6 +68,10 @@ pub struct QmpServer {
     events: Arc<EventQueue>,
     /// Connections whose output or state changed during this wake-up.
     dirty: BTreeSet<RawFd>,
+    /// Guest-driven events held back by the rate limit.
+    throttle: EventThrottle,
+    /// Armed while the throttle holds a window open.
+    timer: TimerFd,
 }
 
 impl std::fmt::Debug for QmpServer {
@@ -77,6 +89,7 @@ impl QmpServer {
     /// `vm`. Nothing is accepted until the server is added to an event loop.
     pub fn new(path: &Path, vm: Box<dyn VmOps + Send>) -> Result<Self, ServerError> {
         let events = EventQueue::new().map_err(ServerError::EventQueue)?;
+        let timer = TimerFd::new().map_err(|e| ServerError::Timer(e.into()))?;
         let listener = SocketListener::bind(path)?;
         Ok(Self {
             listener: Some(listener),
@@ -84,6 +97,8 @@ impl QmpServer {
             vm,
             events,
             dirty: BTreeSet::new(),
+            throttle: EventThrottle::new(THROTTLE_PERIOD),
+            timer,
         })
     }
 
@@ -114,6 +129,9 @@ impl QmpServer {
             return;
         }
         self.deliver_queued_events(None);
+        for (event, at) in self.throttle.drain_held() {
+            self.broadcast(None, &event, at);
+        }
         let deadline = Instant::now() + grace;
         for conn in self.clients.values_mut() {
             conn.flush_until(deadline);
@@ -236,9 +254,40 @@ impl QmpServer {
         }
     }
 
+    /// Delivers what senders queued, except what the rate limit holds.
     fn deliver_queued_events(&mut self, mut current: Option<&mut Connection>) {
-        for (event, at) in self.events.drain() {
-            self.broadcast(current.as_deref_mut(), &event, at);
+        let now = Instant::now();
+        for stamped in self.events.drain() {
+            if let Some((event, at)) = self.throttle.offer(now, stamped) {
+                self.broadcast(current.as_deref_mut(), &event, at);
+            }
+        }
+        self.arm_timer(now);
+    }
+
+    /// Delivers the held events whose window has ended.
+    fn deliver_held_events(&mut self) {
+        let now = Instant::now();
+        for (event, at) in self.throttle.due(now) {
+            self.broadcast(None, &event, at);
+        }
+        self.arm_timer(now);
+    }
+
+    /// Arms the timer for the end of the earliest open window, or disarms
+    /// it. Either way its expirations are reset, so epoll stops reporting
+    /// it until it fires again; it is never read.
+    fn arm_timer(&mut self, now: Instant) {
+        let result = match self.throttle.next_deadline() {
+            Some(ends) => self.timer.reset(
+                ends.saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+                None,
+            ),
+            None => self.timer.clear(),
+        };
+        if let Err(e) = result {
+            log::warn!("cannot set the QMP event timer: {e}");
         }
     }
 
@@ -294,6 +343,9 @@ impl MutEventSubscriber for QmpServer {
         if let Err(e) = ops.add(Events::new(self.events.wake_fd(), EventSet::IN)) {
             log::error!("cannot watch the QMP event queue: {e}");
         }
+        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+            log::error!("cannot watch the QMP event timer: {e}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -303,6 +355,8 @@ impl MutEventSubscriber for QmpServer {
             self.accept(ops);
         } else if fd == self.events.wake_fd().as_raw_fd() {
             self.deliver_queued_events(None);
+        } else if fd == self.timer.as_raw_fd() {
+            self.deliver_held_events();
         } else if self.clients.contains_key(&fd) {
             self.serve(fd, events.event_set());
         } else {
@@ -458,6 +512,59 @@ mod tests {
         assert_eq!(got[0]["data"]["size"], 1u64 << 30);
         assert!(got[0]["timestamp"]["seconds"].as_u64().unwrap() > 0);
         assert!(b.recv_all().is_empty(), "not negotiated: no events");
+    }
+
+    /// A guest plugging in many small steps: the first size goes out at
+    /// once, the rest are held and the last one arrives when the window
+    /// ends, by the timer; other events are not held; at shutdown a held
+    /// size is still delivered. (No timing is asserted: on a loaded machine
+    /// a window may end within the burst, which only adds a delivery.)
+    #[test]
+    fn test_size_changes_are_rate_limited_per_device() {
+        let mut f = Fixture::new("throttle");
+        let mut c = f.connect();
+        negotiate(&mut f, &mut c);
+        let tx = f.server.lock().unwrap().event_sender();
+        let size = |s: u64| QmpEvent::MemoryDeviceSizeChange {
+            id: "vmem0".into(),
+            size: s << 20,
+        };
+        let sizes = |v: &[Value]| -> Vec<u64> {
+            v.iter()
+                .filter(|e| e["event"] == "MEMORY_DEVICE_SIZE_CHANGE")
+                .map(|e| e["data"]["size"].as_u64().unwrap() >> 20)
+                .collect()
+        };
+        for s in 1..=50 {
+            tx.send(size(s));
+            if s % 10 == 0 {
+                f.pump();
+            }
+        }
+        tx.send(QmpEvent::Stop);
+        let mut got = Vec::new();
+        let t = Instant::now();
+        while sizes(&got).last() != Some(&50) && t.elapsed() < Duration::from_secs(30) {
+            f.pump();
+            got.extend(c.recv_all());
+        }
+        let seen = sizes(&got);
+        assert_eq!(seen.first(), Some(&1), "{got:?}");
+        assert_eq!(seen.last(), Some(&50), "the last size never came: {got:?}");
+        assert!(seen.len() < 10, "sizes were not held back: {seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+        assert!(got.iter().any(|e| e["event"] == "STOP"), "{got:?}");
+        // The delivery of 50 reopened the window: 60 is normally held until
+        // the end, and shutdown still delivers it.
+        tx.send(size(60));
+        f.pump();
+        let mut tail = c.recv_all();
+        f.server
+            .lock()
+            .unwrap()
+            .shutdown(Duration::from_millis(200));
+        tail.extend(c.recv_all());
+        assert_eq!(sizes(&tail), [60]);
     }
 
     #[test]

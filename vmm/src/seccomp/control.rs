@@ -53,6 +53,8 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
         libc::SYS_sendto,
         // Waiting for vCPUs to stop, giving QMP clients time to read.
         libc::SYS_clock_nanosleep,
+        // The QMP server's event rate-limit timer.
+        libc::SYS_timerfd_settime,
         // `pthread_kill` and report file names use it.
         libc::SYS_getpid,
         // Metrics: how much guest RAM is resident.
