@@ -143,6 +143,15 @@ pub fn create_ram(
     vm: &Vm,
     ranges: &[(GuestAddress, usize)],
 ) -> Result<(GuestMemoryMmap, u32), GuestMemoryError> {
+    let mem = map_ram(ranges)?;
+    let slots = register_ram(vm, &mem)?;
+    Ok((mem, slots))
+}
+
+/// Maps guest RAM for `ranges` (anonymous, private, lazily allocated,
+/// named, with transparent huge pages advised) without telling KVM; see
+/// [`register_ram`].
+pub fn map_ram(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, GuestMemoryError> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(gpa, size) in ranges {
         let r = vm_memory::GuestRegionMmap::from_range(gpa, size, None).map_err(|source| {
@@ -156,7 +165,15 @@ pub fn create_ram(
         advise_hugepages(&r);
         regions.push(r);
     }
-    let mem = GuestMemoryMmap::from_regions(regions).map_err(GuestMemoryError::Layout)?;
+    GuestMemoryMmap::from_regions(regions).map_err(GuestMemoryError::Layout)
+}
+
+/// Registers each region of `mem` as a KVM memory slot numbered from 0 and
+/// returns the number of slots used. The caller keeps `mem` mapped for as
+/// long as the VM lives (the slots point into it). Safe to run on another
+/// thread while `mem` is being written and vCPUs are being created; no
+/// vCPU may run before it returns.
+pub fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<u32, GuestMemoryError> {
     let mut slot = 0u32;
     for region in mem.iter() {
         let host = region.as_ptr() as u64;
@@ -168,7 +185,7 @@ pub fn create_ram(
             .map_err(GuestMemoryError::Register)?;
         slot += 1;
     }
-    Ok((mem, slot))
+    Ok(slot)
 }
 
 /// Bytes of `mem` that are resident in host RAM (pages the guest touched).

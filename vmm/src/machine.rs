@@ -173,12 +173,79 @@ impl Machine {
     /// [`load_linux`](Self::load_linux) then boots a kernel; tests may
     /// instead write their own code and set the boot vCPU's registers.
     pub fn create(spec: HardwareSpec, start: Instant) -> Result<Self, MachineError> {
+        Self::create_and_load(spec, start, None)
+    }
+
+    /// Builds the VM `config` describes and loads its kernel: the whole
+    /// set-up before the first `KVM_RUN`.
+    pub fn build(config: &VmConfig, start: Instant) -> Result<Self, MachineError> {
+        rcu::set_wakeup_strategy(config.rcu_wakeup).map_err(MachineError::RcuStrategy)?;
+        Self::create_and_load(
+            HardwareSpec {
+                cpus: config.cpus,
+                memory: config.memory,
+                hotplug_memory: config.hotplug_memory,
+            },
+            start,
+            Some(config),
+        )
+    }
+
+    /// [`create`](Self::create), then [`load_linux`](Self::load_linux) if
+    /// `config` is given. KVM can take milliseconds to add a large memory
+    /// slot, and nothing before the first `KVM_RUN` needs the slots: guest
+    /// RAM is registered on a helper thread while this one creates the
+    /// devices and vCPUs and loads the kernel into the same memory. Both
+    /// are done when this returns.
+    fn create_and_load(
+        spec: HardwareSpec,
+        start: Instant,
+        config: Option<&VmConfig>,
+    ) -> Result<Self, MachineError> {
         let host = HostKind::detect();
         let kvm = kvm::open(spec.cpus)?;
         let vm = Arc::new(Vm::new(kvm)?);
         let map = boot::MemoryMap::new(spec.memory, spec.hotplug_memory)
             .map_err(MachineError::MemoryMap)?;
-        let (mem, _slots) = guest_memory::create_ram(&vm, &map.mmap_ranges())?;
+        let mem = guest_memory::map_ram(&map.mmap_ranges())?;
+        // Dropped after the helper is joined, whatever happens here, so the
+        // slots never point at memory that was unmapped.
+        let registered_mem = mem.clone();
+        std::thread::scope(|scope| {
+            let register = || guest_memory::register_ram(&vm, &registered_mem);
+            let helper = std::thread::Builder::new()
+                .name("vmm-memslots".into())
+                .spawn_scoped(scope, register);
+            // No thread to spare: register here, before anything else.
+            let inline = helper.is_err().then(register);
+            let machine = Self::assemble(spec, start, host, map, &vm, mem).and_then(|mut m| {
+                if let Some(config) = config {
+                    m.load_linux(config)?;
+                }
+                Ok(m)
+            });
+            let registered = match helper {
+                Ok(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => inline.unwrap_or_else(register),
+            };
+            registered?;
+            machine
+        })
+    }
+
+    /// The VM's devices and vCPUs around `mem` (CPUID, MSRs, FPU and LAPIC
+    /// set up; nothing loaded). Does not need `mem` registered with KVM.
+    fn assemble(
+        spec: HardwareSpec,
+        start: Instant,
+        host: HostKind,
+        map: boot::MemoryMap,
+        vm: &Arc<Vm>,
+        mem: vm_memory::GuestMemoryMmap,
+    ) -> Result<Self, MachineError> {
+        let vm = Arc::clone(vm);
         let devices = DeviceManager::new(&vm, Box::new(std::io::stdout()))?;
 
         let mut cpuid = boot::cpu::cpuid::supported_cpuid(vm.kvm()).map_err(MachineError::Cpuid)?;
@@ -233,22 +300,6 @@ impl Machine {
             boot: None,
             cmdline: String::new(),
         })
-    }
-
-    /// Builds the VM `config` describes and loads its kernel: the whole
-    /// set-up before the first `KVM_RUN`.
-    pub fn build(config: &VmConfig, start: Instant) -> Result<Self, MachineError> {
-        rcu::set_wakeup_strategy(config.rcu_wakeup).map_err(MachineError::RcuStrategy)?;
-        let mut m = Self::create(
-            HardwareSpec {
-                cpus: config.cpus,
-                memory: config.memory,
-                hotplug_memory: config.hotplug_memory,
-            },
-            start,
-        )?;
-        m.load_linux(config)?;
-        Ok(m)
     }
 
     /// Writes the ACPI tables, loads the kernel, initrd and command line of
