@@ -199,14 +199,16 @@ fn read_side(c: &mut Criterion) {
     }
 }
 
-/// A thread that keeps entering and leaving read sections until dropped.
-struct BusyReader {
+/// A reader thread running until dropped: either busy (entering and
+/// leaving read sections in a loop) or holding one section open.
+struct ReaderThread {
     stop: Arc<AtomicBool>,
     handle: Option<thread::JoinHandle<()>>,
 }
 
-impl BusyReader {
-    fn rcu(mode: ReaderMode) -> Self {
+impl ReaderThread {
+    /// Keeps entering and leaving `rcu` read sections, in `mode`.
+    fn busy_rcu(mode: ReaderMode) -> Self {
         Self::spawn(move |stop| {
             rcu::set_reader_mode(mode);
             while !stop.load(Ordering::Relaxed) {
@@ -218,7 +220,8 @@ impl BusyReader {
             }
         })
     }
-    fn urcu() -> Self {
+    /// Keeps entering and leaving liburcu read sections.
+    fn busy_urcu() -> Self {
         Self::spawn(|stop| {
             urcu::shim_register();
             while !stop.load(Ordering::Relaxed) {
@@ -231,108 +234,8 @@ impl BusyReader {
             urcu::shim_unregister();
         })
     }
-    fn spawn(f: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
-        let handle = thread::spawn(move || f(s));
-        thread::sleep(Duration::from_millis(20));
-        Self {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for BusyReader {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn synchronize(c: &mut Criterion) {
-    let mut g = c.benchmark_group("synchronize_rcu");
-    for busy in [0usize, 1] {
-        {
-            let _r = (busy == 1).then(|| BusyReader::rcu(ReaderMode::Membarrier));
-            g.bench_function(BenchmarkId::new("rcu, membarrier-mode reader", busy), |b| {
-                b.iter(rcu::synchronize_rcu)
-            });
-        }
-        {
-            let _r = (busy == 1).then(|| BusyReader::rcu(ReaderMode::Fenced));
-            g.bench_function(BenchmarkId::new("rcu, fenced reader", busy), |b| {
-                b.iter(rcu::synchronize_rcu)
-            });
-        }
-        {
-            let _r = (busy == 1).then(BusyReader::urcu);
-            urcu::shim_register();
-            g.bench_function(BenchmarkId::new("liburcu memb", busy), |b| {
-                b.iter(|| urcu::shim_synchronize())
-            });
-            urcu::shim_unregister();
-        }
-    }
-    g.finish();
-}
-
-/// Enqueue throughput, in two situations: with the call_rcu thread free to
-/// consume callbacks as they arrive (it then contends with the producer for
-/// the queue's cache lines and the allocator's arena), and with a reader
-/// holding a read section, so the thread sits in its grace period and the
-/// producer runs alone (liburcu's thread also sleeps 10 ms between batches).
-fn enqueue(c: &mut Criterion) {
-    let mut g = c.benchmark_group("call_rcu_enqueue");
-    g.throughput(Throughput::Elements(1));
-    for held in [false, true] {
-        let suffix = if held { ", reader in section" } else { "" };
-        {
-            let holder = held.then(HeldSection::rcu);
-            g.bench_function(format!("rcu{suffix}"), |b| {
-                b.iter_custom(|iters| {
-                    // One allocation per callback (the node holding the
-                    // closure), as liburcu's side allocates one rcu_head.
-                    let t = Instant::now();
-                    for i in 0..iters {
-                        rcu::call_rcu(move || {
-                            black_box(i);
-                        });
-                    }
-                    t.elapsed()
-                })
-            });
-            drop(holder);
-            rcu::drain_call_rcu();
-        }
-        {
-            let holder = held.then(HeldSection::urcu);
-            urcu::shim_register();
-            g.bench_function(format!("liburcu memb{suffix}"), |b| {
-                b.iter_custom(|iters| {
-                    let t = Instant::now();
-                    urcu::shim_call_rcu_loop(iters);
-                    t.elapsed()
-                })
-            });
-            drop(holder);
-            urcu::shim_barrier();
-            urcu::shim_unregister();
-        }
-    }
-    g.finish();
-}
-
-/// A thread holding one read section open until dropped.
-struct HeldSection {
-    stop: Arc<AtomicBool>,
-    handle: Option<thread::JoinHandle<()>>,
-}
-
-impl HeldSection {
-    fn rcu() -> Self {
+    /// Holds one `rcu` read section open.
+    fn held_rcu() -> Self {
         Self::spawn(|stop| {
             let g = rcu::read_lock();
             while !stop.load(Ordering::Relaxed) {
@@ -341,7 +244,8 @@ impl HeldSection {
             drop(g);
         })
     }
-    fn urcu() -> Self {
+    /// Holds one liburcu read section open.
+    fn held_urcu() -> Self {
         Self::spawn(|stop| {
             urcu::shim_register();
             urcu::shim_read_lock();
@@ -364,13 +268,86 @@ impl HeldSection {
     }
 }
 
-impl Drop for HeldSection {
+impl Drop for ReaderThread {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
     }
+}
+
+fn synchronize(c: &mut Criterion) {
+    let mut g = c.benchmark_group("synchronize_rcu");
+    for busy in [0usize, 1] {
+        {
+            let _r = (busy == 1).then(|| ReaderThread::busy_rcu(ReaderMode::Membarrier));
+            g.bench_function(BenchmarkId::new("rcu, membarrier-mode reader", busy), |b| {
+                b.iter(rcu::synchronize_rcu)
+            });
+        }
+        {
+            let _r = (busy == 1).then(|| ReaderThread::busy_rcu(ReaderMode::Fenced));
+            g.bench_function(BenchmarkId::new("rcu, fenced reader", busy), |b| {
+                b.iter(rcu::synchronize_rcu)
+            });
+        }
+        {
+            let _r = (busy == 1).then(ReaderThread::busy_urcu);
+            urcu::shim_register();
+            g.bench_function(BenchmarkId::new("liburcu memb", busy), |b| {
+                b.iter(|| urcu::shim_synchronize())
+            });
+            urcu::shim_unregister();
+        }
+    }
+    g.finish();
+}
+
+/// Enqueue throughput, in two situations: with the call_rcu thread free to
+/// consume callbacks as they arrive (it then contends with the producer for
+/// the queue's cache lines and the allocator's arena), and with a reader
+/// holding a read section, so the thread sits in its grace period and the
+/// producer runs alone (liburcu's thread also sleeps 10 ms between batches).
+fn enqueue(c: &mut Criterion) {
+    let mut g = c.benchmark_group("call_rcu_enqueue");
+    g.throughput(Throughput::Elements(1));
+    for held in [false, true] {
+        let suffix = if held { ", reader in section" } else { "" };
+        {
+            let holder = held.then(ReaderThread::held_rcu);
+            g.bench_function(format!("rcu{suffix}"), |b| {
+                b.iter_custom(|iters| {
+                    // One allocation per callback (the node holding the
+                    // closure), as liburcu's side allocates one rcu_head.
+                    let t = Instant::now();
+                    for i in 0..iters {
+                        rcu::call_rcu(move || {
+                            black_box(i);
+                        });
+                    }
+                    t.elapsed()
+                })
+            });
+            drop(holder);
+            rcu::drain_call_rcu();
+        }
+        {
+            let holder = held.then(ReaderThread::held_urcu);
+            urcu::shim_register();
+            g.bench_function(format!("liburcu memb{suffix}"), |b| {
+                b.iter_custom(|iters| {
+                    let t = Instant::now();
+                    urcu::shim_call_rcu_loop(iters);
+                    t.elapsed()
+                })
+            });
+            drop(holder);
+            urcu::shim_barrier();
+            urcu::shim_unregister();
+        }
+    }
+    g.finish();
 }
 
 fn call_to_callback(c: &mut Criterion) {
