@@ -18,8 +18,31 @@
 //! Blocks in `.code16`/`.code32` are fine; the macro restores `.code64`.
 
 /// Defines `fn $name() -> &'static [u8]` returning the assembled bytes.
+///
+/// `fn name(start, end) in user mode { ... }` prefixes the lines with the
+/// drop to CPL3 that the tiny guests share: entered at CPL0 in long mode
+/// with the user stack in r13, it `iretq`s to the next instruction with SS
+/// and CS set to the user selectors of `boot::cpu::gdt` (0x33, 0x3b), so
+/// the given lines run at CPL3. rax is clobbered.
 #[macro_export]
 macro_rules! guest_code {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($start:ident, $end:ident) in user mode { $($line:literal),* $(,)? }) => {
+        $crate::guest_code! {
+            $(#[$doc])*
+            $vis fn $name($start, $end) {
+                ".code64",
+                "push 0x33",
+                "push r13",
+                "pushfq",
+                "push 0x3b",
+                "lea rax, [rip + 1f]",
+                "push rax",
+                "iretq",
+                "1:",
+                $($line,)*
+            }
+        }
+    };
     ($(#[$doc:meta])* $vis:vis fn $name:ident($start:ident, $end:ident) { $($line:literal),* $(,)? }) => {
         ::core::arch::global_asm!(
             concat!(".pushsection .rodata.guest_", stringify!($name), ",\"a\",@progbits"),

@@ -189,15 +189,7 @@ crate::guest_code! {
 crate::guest_code! {
     /// Drops to CPL3 (user stack in R13) and increments the 64-bit counter
     /// at RDI forever.
-    pub fn heartbeat(heartbeat_start, heartbeat_end) {
-        ".code64",
-        "push 0x33",
-        "push r13",
-        "pushfq",
-        "push 0x3b",
-        "lea rax, [rip + 2f]",
-        "push rax",
-        "iretq",
+    pub fn heartbeat(heartbeat_start, heartbeat_end) in user mode {
         "2:",
         "inc qword ptr [rdi]",
         "jmp 2b",

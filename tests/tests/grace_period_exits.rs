@@ -20,15 +20,7 @@ use vmm::kvm_stats::KvmStats;
 
 guest_code! {
     /// Drops to CPL3 (user stack in r13) and spins there without exits.
-    fn spin_cpl3(spin_cpl3_start, spin_cpl3_end) {
-        ".code64",
-        "push 0x33",
-        "push r13",
-        "pushfq",
-        "push 0x3b",
-        "lea rax, [rip + 2f]",
-        "push rax",
-        "iretq",
+    fn spin_cpl3(spin_cpl3_start, spin_cpl3_end) in user mode {
         "2:",
         "inc r12",
         "mov qword ptr [rdi], r12",

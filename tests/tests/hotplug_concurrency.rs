@@ -33,15 +33,7 @@ guest_code! {
     /// CPL0: drop to CPL3 (user stack in r13), then the loop. Registers:
     /// rdi = base RAM word, rsi = stable hot-plug word, rbp = cycling
     /// hot-plug word, rbx = DMA device, r12 = round counter.
-    fn hotplug_loop(hotplug_loop_start, hotplug_loop_end) {
-        ".code64",
-        "push 0x33",
-        "push r13",
-        "pushfq",
-        "push 0x3b",
-        "lea rax, [rip + 2f]",
-        "push rax",
-        "iretq",
+    fn hotplug_loop(hotplug_loop_start, hotplug_loop_end) in user mode {
         "2:",
         "inc r12",
         "mov qword ptr [rdi], r12",

@@ -32,15 +32,7 @@ const HOTPLUG_BASE: u64 = 1 << 32;
 guest_code! {
     /// Drops to CPL3 and keeps touching its RAM word and the first
     /// hot-plug slot (user stack in r13, word in rdi, slot in rsi).
-    fn busy(busy_start, busy_end) {
-        ".code64",
-        "push 0x33",
-        "push r13",
-        "pushfq",
-        "push 0x3b",
-        "lea rax, [rip + 2f]",
-        "push rax",
-        "iretq",
+    fn busy(busy_start, busy_end) in user mode {
         "2:",
         "inc r12",
         "mov qword ptr [rdi], r12",
