@@ -12,6 +12,7 @@ pub mod guest_code;
 pub mod guest_driver;
 pub mod kit;
 pub mod panic_watch;
+pub mod proc_maps;
 pub mod recorder;
 pub mod vmm_process;
 

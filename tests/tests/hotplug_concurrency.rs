@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_code;
+use tests::proc_maps::{address_range, overlaps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::control::StopReason;
 use vmm::guest_memory::SharedMemory;
@@ -133,14 +134,7 @@ fn footprint() -> (u64, usize, usize) {
         .unwrap()
         .lines()
         .filter(|l| {
-            let (a, b) = l
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            let a = u64::from_str_radix(a, 16).unwrap();
-            let b = u64::from_str_radix(b, 16).unwrap();
+            let (a, b) = address_range(l);
             b - a >= SLOT_SIZE
         })
         .count();
@@ -153,13 +147,7 @@ fn mappings_overlapping(start: u64, len: u64) -> Vec<String> {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
-        .filter(|l| {
-            let range = l.split_whitespace().next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let a = u64::from_str_radix(a, 16).unwrap();
-            let b = u64::from_str_radix(b, 16).unwrap();
-            a < start + len && start < b
-        })
+        .filter(|l| overlaps(l, start, len))
         .map(str::to_string)
         .collect()
 }

@@ -15,6 +15,7 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::proc_maps::{address_range, overlaps};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -39,32 +40,15 @@ fn site_calls(rcu: &Value, label: &str) -> u64 {
 fn overlapping(maps: &[Value], start: u64, len: u64) -> Vec<String> {
     maps.iter()
         .map(|l| l.as_str().unwrap().to_string())
-        .filter(|l| {
-            let (a, b) = l
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            let a = u64::from_str_radix(a, 16).unwrap();
-            let b = u64::from_str_radix(b, 16).unwrap();
-            a < start + len && start < b
-        })
+        .filter(|l| overlaps(l, start, len))
         .collect()
 }
 
 fn mapped_bytes(maps: &[Value]) -> u64 {
     maps.iter()
         .map(|l| {
-            let (a, b) = l
-                .as_str()
-                .unwrap()
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .split_once('-')
-                .unwrap();
-            u64::from_str_radix(b, 16).unwrap() - u64::from_str_radix(a, 16).unwrap()
+            let (a, b) = address_range(l.as_str().unwrap());
+            b - a
         })
         .sum()
 }
