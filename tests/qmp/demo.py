@@ -10,7 +10,7 @@ import asyncio
 import sys
 import time
 
-from qemu.qmp import QMPClient
+from qmp_connect import connect
 
 MIB = 1 << 20
 
@@ -20,15 +20,7 @@ def say(msg):
 
 
 async def main(path, plug_mib):
-    q = QMPClient("demo")
-    for _ in range(600):
-        try:
-            await q.connect(path)
-            break
-        except Exception:  # qemu.qmp ConnectError until the socket exists
-            await asyncio.sleep(0.1)
-    else:
-        raise SystemExit(f"cannot connect to {path}")
+    q = await connect("demo", path, 60)
     v = await q.execute("query-version")
     say(f"connected to QMP ({v['package']})")
 

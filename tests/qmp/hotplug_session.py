@@ -16,7 +16,8 @@ import socket
 import sys
 import time
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ExecuteError
+from qmp_connect import connect
 
 MIB = 1 << 20
 LIMIT = 600  # seconds to wait for the guest's driver; it is emulated here
@@ -94,13 +95,7 @@ async def error_of(q, cmd, args=None):
 
 
 async def main(path, pid, sizes):
-    q = QMPClient("vmm-hotplug-test")
-    for _ in range(600):
-        try:
-            await q.connect(path)
-            break
-        except Exception:  # qemu.qmp ConnectError until the socket exists
-            await asyncio.sleep(0.1)
+    q = await connect("vmm-hotplug-test", path, 60)
     events = []
 
     async def collect():

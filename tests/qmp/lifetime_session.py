@@ -14,20 +14,14 @@ import json
 import sys
 import time
 
-from qemu.qmp import QMPClient
+from qmp_connect import connect
 
 MIB = 1 << 20
 
 
 async def main(path, cycles, size_mib):
-    q = QMPClient("rcu-experiment")
     t_start = time.time()
-    for _ in range(6000):
-        try:
-            await q.connect(path)
-            break
-        except Exception:  # qemu.qmp ConnectError until the socket exists
-            await asyncio.sleep(0.05)
+    q = await connect("rcu-experiment", path, 300, poll_s=0.05)
 
     ours = "x-query-hotplug" in [c["name"] for c in await q.execute("query-commands")]
 
