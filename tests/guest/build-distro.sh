@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The distribution-kernel part of the guest kit (for hosts with hardware
 # virtualization): Debian's cloud kernel and a busybox initramfs that loads the
-# kernel's own virtio, virtio_ring, virtio_mmio and virtio_mem modules.
+# kernel's own virtio, virtio_ring, virtio_mmio, virtio_pci (for QEMU q35 in
+# the comparisons) and virtio_mem modules, evdev and button for the ACPI power
+# button (busybox acpid runs a handler that powers off), and memcheck, a
+# static program that fills and verifies memory (memcheck.c, built here with
+# the host's gcc).
 # The packages are fetched with `apt-get download` and unpacked with
 # `dpkg-deb -x`; nothing is installed on the host. This file's contents are part
 # of the cache key that build-kit.sh computes.
@@ -16,7 +20,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 meta=linux-image-cloud-amd64
 # Loaded in dependency order (computed below from each module's modinfo).
-modules=(virtio virtio_ring virtio_mmio virtio_mem)
+modules=(virtio virtio_ring virtio_mmio virtio_pci virtio_mem evdev button)
 
 say() { echo "kit: [distro $(date +%H:%M:%S)] $*" >&2; }
 die() { echo "kit: ERROR: $*" >&2; exit 1; }
@@ -113,12 +117,23 @@ build() {
     for m in "${modules[@]}"; do visit "$m"; done
     say "module load order: ${order[*]}"
 
+    gcc -static -O2 -Wall -Wextra -Werror -o "$work/memcheck" "$here/memcheck.c" ||
+        die "building memcheck.c failed (gcc and libc6-dev: scripts/install-deps.sh)"
+    # busybox acpid runs /etc/acpi/PWRF/00000080 when the power button
+    # (ACPI's PWRF event, code 0x80) is pressed.
+    # acpid runs it with its log file as stdout: say it on the console.
+    printf '#!/bin/sh\necho "acpid: power button pressed, powering off" >/dev/console\npoweroff -f\n' \
+        >"$work/power-button"
+
     # The initramfs: busybox, /init, the modules and their order.
     spec=$work/initramfs.spec
     {
-        for d in /bin /sbin /usr /usr/bin /usr/sbin /dev /proc /sys /tmp /etc /lib /lib/modules; do
+        for d in /bin /sbin /usr /usr/bin /usr/sbin /dev /proc /sys /tmp /etc /etc/acpi \
+            /etc/acpi/PWRF /lib /lib/modules /var; do
             echo "dir $d 0755 0 0"
         done
+        echo "file /bin/memcheck $work/memcheck 0755 0 0"
+        echo "file /etc/acpi/PWRF/00000080 $work/power-button 0755 0 0"
         echo "nod /dev/console 0600 0 0 c 5 1"
         echo "file /bin/busybox $work/busybox/bin/busybox 0755 0 0"
         echo "slink /bin/sh busybox 0777 0 0"

@@ -129,8 +129,8 @@ fi
 distro_dir=
 if [ "$want_distro" -eq 1 ]; then
     resolved=$("$here/build-distro.sh" resolve)
-    distro_key=$(hash_inputs "$here/build-distro.sh" "$here/distro-init.sh" "$here/mkcpio.py" -- \
-        "$resolved")
+    distro_key=$(hash_inputs "$here/build-distro.sh" "$here/distro-init.sh" "$here/mkcpio.py" \
+        "$here/memcheck.c" -- "$resolved" "$(gcc --version | head -n 1)")
     distro_dir=$cache/distro-$distro_key
     if [ -f "$distro_dir/vmlinuz" ] && [ -f "$distro_dir/initramfs.cpio.gz" ]; then
         say "distro: cached ($distro_dir)"
