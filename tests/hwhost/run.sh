@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Runs scenarios on the hardware-virtualization test host: a Linux guest of
+# QEMU TCG (-cpu max emulates AMD SVM with nested paging) that loads Debian's
+# kvm-amd, so our vmm boots the distribution kernel with a busybox user space
+# there as on a user's machine. One QEMU boot runs every scenario named.
+#
+# Usage: tests/hwhost/run.sh [options] SCENARIO...
+#        tests/hwhost/run.sh --ci          the scenarios CI runs
+#        tests/hwhost/run.sh --list        the scenarios there are
+# Options:
+#   --smp N          test-host vCPUs (default 4: the 8-vCPU guests need them)
+#   --mem SIZE       test-host memory (default 6G)
+#   --out DIR        logs and results (default target/hwhost)
+#   --timeout S      limit for the whole QEMU run (default 3600)
+#   --stall S        stop when nothing new arrives for S seconds (default 900)
+#   --driver ARGS    extra arguments for the driver, e.g. "--runs 3 --cycles 5"
+#   --qemu-files DIR also put QEMU in the test host (DIR from qemu-files.sh)
+#   --follow         print the test host's console (with the guests') as it comes
+# What it does: builds the release vmm, the distribution kit and the cached
+# test-host image (build-l1.sh), appends a segment with what changes per
+# build (the vmm, the driver, test binaries), boots QEMU and reports through
+# monitor.py. Needs qemu-system-x86_64 (scripts/install-deps.sh --qemu).
+# Environment: CARGO_TARGET_DIR, VMM_KIT_CACHE, VMM_GUEST_KIT as elsewhere.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+cd "$repo"
+target=${CARGO_TARGET_DIR:-$repo/target}
+
+ci_set=(lifecycle-1cpu lifecycle-2cpu lifecycle-8cpu reset-during-command hotplug cargo-tests)
+all_set=("${ci_set[@]}" experiment qemu-count bench-boot demo)
+
+say() { echo "hwhost: $*" >&2; }
+die() { echo "hwhost: ERROR: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+
+smp=4 mem=6G out=$target/hwhost timeout=3600 stall=900 driver_args="" qemu_files="" follow=()
+scenarios=()
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --ci) scenarios+=("${ci_set[@]}") ;;
+        --list) printf '%s\n' "${all_set[@]}"; exit 0 ;;
+        --smp) smp=$2; shift ;;
+        --mem) mem=$2; shift ;;
+        --out) out=$2; shift ;;
+        --timeout) timeout=$2; shift ;;
+        --stall) stall=$2; shift ;;
+        --driver) driver_args=$2; shift ;;
+        --qemu-files) qemu_files=$2; shift ;;
+        --follow) follow=(--follow) ;;
+        -h | --help) usage 0 ;;
+        -*) echo "hwhost: unknown option $1" >&2; usage ;;
+        *)
+            printf '%s\n' "${all_set[@]}" | grep -qx -- "$1" ||
+                die "unknown scenario '$1' (known: ${all_set[*]})"
+            scenarios+=("$1")
+            ;;
+    esac
+    shift
+done
+[ "${#scenarios[@]}" -gt 0 ] || usage
+
+qemu=$(command -v qemu-system-x86_64) ||
+    die "qemu-system-x86_64 not found: install it with scripts/install-deps.sh --qemu (as root)"
+"$qemu" -accel help 2>/dev/null | grep -qx tcg || die "$qemu has no TCG accelerator"
+"$qemu" -cpu help 2>/dev/null | grep -qw svm ||
+    die "$qemu does not list the svm CPU feature: it cannot emulate AMD SVM"
+
+say "building the release vmm"
+cargo build --release --locked --bin vmm
+vmm=$target/release/vmm
+
+tests_json=
+if printf '%s\n' "${scenarios[@]}" | grep -qx cargo-tests; then
+    say "building the integration tests that need hardware virtualization"
+    tests_json=$(mktemp)
+    cargo test --no-run --locked --message-format=json \
+        -p vmm --test boot_linux -p tests --test kvm_mechanics --test grace_period_exits \
+        >"$tests_json"
+fi
+
+tests/guest/build-kit.sh --distro
+base=$("$here/build-l1.sh" | tail -n 1)
+
+mkdir -p "$out"
+work=$(mktemp -d "$out/.segment.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+spec=$work/spec
+{
+    for d in /opt /opt/vmm /opt/vmm/driver /opt/vmm/tests; do echo "dir $d 0755 0 0"; done
+    strip -o "$work/vmm" "$vmm"
+    echo "file /opt/vmm/vmm $work/vmm 0755 0 0"
+    for f in "$here"/driver/*.py; do
+        echo "file /opt/vmm/driver/$(basename "$f") $f 0644 0 0"
+    done
+    bins=("$vmm")
+    if [ -n "$tests_json" ]; then
+        # name<TAB>executable for each test target built above.
+        python3 -c '
+import json, sys
+for line in open(sys.argv[1]):
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"] + "\t" + m["executable"])
+' "$tests_json" | while IFS=$'\t' read -r name exe; do
+            strip -o "$work/$name" "$exe"
+            echo "file /opt/vmm/tests/$name $work/$name 0755 0 0"
+            # The distribution-kernel test is the one of boot_linux that
+            # needs hardware virtualization; the others boot the minimal kit.
+            [ "$name" != boot_linux ] || {
+                echo distribution_kernel >"$work/$name.args"
+                echo "file /opt/vmm/tests/$name.args $work/$name.args 0644 0 0"
+            }
+            ldd "$exe" | "$here/libs-spec.sh"
+        done
+        # boot_linux runs the debug vmm at the path it was built at.
+        dbg=$target/debug/vmm
+        strip -o "$work/vmm-debug" "$dbg"
+        d=$(dirname "$dbg") parts=()
+        while [ "$d" != / ]; do parts=("$d" "${parts[@]}"); d=$(dirname "$d"); done
+        for p in "${parts[@]}"; do echo "dir $p 0755 0 0"; done
+        echo "file $dbg $work/vmm-debug 0755 0 0"
+    fi
+    ldd "$vmm" | "$here/libs-spec.sh"
+    if [ -n "$qemu_files" ]; then
+        cat "$qemu_files/spec"
+    fi
+} >"$spec"
+awk '!seen[$1 " " $2]++' "$spec" >"$spec.u"
+python3 tests/guest/mkcpio.py "$spec.u" "$work/segment.cpio"
+gzip -1 -n <"$work/segment.cpio" >"$work/segment.cpio.gz"
+cat "$base/base.cpio.gz" "$work/segment.cpio.gz" >"$out/initrd.img"
+[ -z "$tests_json" ] || rm -f "$tests_json"
+
+list=$(IFS=,; echo "${scenarios[*]}")
+dargs=$(echo "$driver_args" | tr ' ' ',')
+append="console=ttyS0 panic=-1 quiet hwhost.scenarios=$list"
+[ -z "$dargs" ] || append+=" hwhost.args=$dargs"
+say "booting the test host: QEMU TCG, -cpu max, $smp vCPUs, $mem; scenarios: ${scenarios[*]}"
+say "console: $out/console.log; results: $out/results.jsonl"
+exec python3 "$here/monitor.py" --out "$out" --timeout "$timeout" --stall "$stall" --expect "$list" \
+    "${follow[@]}" -- \
+    "$qemu" -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" -nodefaults -display none \
+    -no-reboot -kernel "$base/vmlinuz" -initrd "$out/initrd.img" -append "$append" \
+    -serial "file:$out/console.log" -serial "file:$out/results.jsonl"
