@@ -2,7 +2,8 @@
 # Installs the host packages the build, the guest kit and the tests need.
 # Idempotent: installs only what is missing, and touches the network only then.
 # Usage: scripts/install-deps.sh [--qemu]   (--qemu also installs QEMU 10 from
-# bookworm-backports, which only the boot benchmarks need).
+# bookworm-backports, which the hardware-virtualization test host, the boot
+# benchmarks and the QEMU comparisons need; scripts/test.sh passes it).
 set -euo pipefail
 
 want_qemu=0

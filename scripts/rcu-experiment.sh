@@ -6,11 +6,37 @@
 # the summary table (scripts/rcu-experiment-report.py).
 #
 # Usage: scripts/rcu-experiment.sh [-n RUNS] [-c "2 8"] [-s "event semaphore"]
+#        scripts/rcu-experiment.sh --hwhost [-n RUNS] [-k CYCLES]
 # The guest is the kit's minimal kernel with the idle initramfs (kernel-only,
 # as on emulation-only hosts); KERNEL/INITRD/CMDLINE override it (for the
 # distribution kernel on hardware hosts).
+# --hwhost runs the seed's shape on the hardware-virtualization test host
+# (tests/hwhost): 8 vCPUs, 4 GiB, the distribution kernel, boot -> shell ->
+# poweroff and the same with CYCLES 1 GiB hot-plug cycles, both strategies,
+# RUNS runs each, and QEMU q35's call_rcu1 count for the same lifetimes in the
+# same test host; prints the tables of docs/rcu-lifetime.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = --hwhost ]; then
+    shift
+    runs=3 cycles=5
+    while getopts "n:k:" o; do
+        case "$o" in
+            n) runs=$OPTARG ;;
+            k) cycles=$OPTARG ;;
+            *) echo "usage: $0 --hwhost [-n RUNS] [-k CYCLES]" >&2; exit 2 ;;
+        esac
+    done
+    scripts/install-deps.sh --qemu
+    out=${OUT:-target/rcu-experiment-hwhost}
+    mkdir -p "$out"
+    tests/hwhost/qemu-files.sh "$out/qemu-files"
+    tests/hwhost/run.sh --out "$out" --qemu-files "$out/qemu-files" --timeout 14400 \
+        --driver "--runs $runs --cycles $cycles" experiment qemu-count
+    python3 scripts/hwhost-experiment-report.py "$out/data.jsonl"
+    exit 0
+fi
 
 runs=3 cpus_list="2 8" strategies="event semaphore" cycles=5 size=128
 while getopts "n:c:s:k:m:" o; do

@@ -34,9 +34,15 @@ grep -qw call_rcu1 "$out/symbols.txt" || die "$qemu does not export call_rcu1"
     echo "file /opt/qemu/symbols.txt $out/symbols.txt 0644 0 0"
     # q35 and microvm firmware, the Linux loader option ROMs, and the PVH
     # loader.
+    # (Debian's SeaBIOS lives in its own package's directory.)
     for f in bios-256k.bin qboot.rom linuxboot_dma.bin linuxboot.bin kvmvapic.bin pvh.bin \
         multiboot_dma.bin; do
-        [ -e "$fw/$f" ] && echo "file /opt/qemu/share/$f $(readlink -f "$fw/$f") 0644 0 0"
+        src=
+        for d in "$fw" /usr/share/seabios; do
+            [ -e "$d/$f" ] && { src=$d/$f; break; }
+        done
+        [ -n "$src" ] || die "QEMU firmware file $f not found in $fw or /usr/share/seabios"
+        echo "file /opt/qemu/share/$f $(readlink -f "$src") 0644 0 0"
     done
     ldd "$qemu" | "$here/libs-spec.sh"
 } >"$out/spec"

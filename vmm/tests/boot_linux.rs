@@ -104,7 +104,8 @@ fn minimal_kernel_bzimage_one_vcpu() {
 
 /// The distribution kernel with a busybox user space: what users boot on
 /// hardware. Guest user space cannot make system calls on emulation-only
-/// hosts, so there the test says why it does not run.
+/// hosts, so there the test says why it does not run; the test host of
+/// `tests/hwhost` runs it on every machine.
 #[test]
 fn distribution_kernel_boots_to_a_shell_and_powers_off() {
     tests::require_kvm();
@@ -115,7 +116,9 @@ fn distribution_kernel_boots_to_a_shell_and_powers_off() {
             "SKIPPED distribution_kernel_boots_to_a_shell_and_powers_off: this host's KVM \
              has no hardware virtualization (guest kernel code is emulated and guest user \
              space cannot make system calls), so the busybox shell cannot run; this test \
-             runs where VT-x or AMD-V is available"
+             runs where VT-x or AMD-V is available, and on every machine inside the \
+             hardware-virtualization test host (tests/hwhost, scenario cargo-tests, which \
+             scripts/test.sh runs)"
         );
         return;
     }

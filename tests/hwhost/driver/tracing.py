@@ -15,8 +15,23 @@ LINE = re.compile(r"\(\s*(\d+|-+)\)\s+\[\d+\]\s+\S+\s+([\d.]+): (\w+): (.*)")
 
 
 def _write(path, text, append=False):
-    with open(path, "a" if append else "w") as f:
-        f.write(text + "\n")
+    # os.open, not open(): Python's append mode seeks to the end, which
+    # tracefs files refuse (EINVAL).
+    flags = os.O_WRONLY | (os.O_APPEND if append else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags)
+        try:
+            os.write(fd, (text + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError as e:
+        try:
+            with open(TRACEFS + "/error_log") as f:
+                log = f.read()[-1000:]
+        except OSError:
+            log = ""
+        raise OSError(e.errno, f"writing '{text}' to {path}: {e.strerror}; "
+                      f"tracing's error_log: {log}") from e
 
 
 class Trace:

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Summarises the test host's `experiment` and `qemu-count` runs (the
+data.jsonl that tests/hwhost/run.sh writes) as the Markdown tables of
+docs/rcu-lifetime.md: our call_rcu counts per wake-up strategy, and QEMU's
+for the same lifetimes.
+
+Usage: hwhost-experiment-report.py DATA.jsonl
+"""
+
+import collections
+import json
+import sys
+
+
+def span(values, digits=0):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    lo, hi = min(values), max(values)
+    f = (lambda v: f"{v:.{digits}f}") if digits else (lambda v: f"{v:.0f}")
+    return f(lo) if f(lo) == f(hi) else f"{f(lo)}-{f(hi)}"
+
+
+def main(path):
+    ours = collections.defaultdict(list)
+    qemu = collections.defaultdict(list)
+    for line in open(path):
+        rec = json.loads(line)
+        v = rec["value"]
+        if not isinstance(v, dict):
+            continue
+        if v.get("vmm") == "ours" and "rcu" in v:
+            ours[(v["hotplug_cycles"], v["strategy"])].append(v)
+        elif v.get("vmm") == "qemu" and "call_rcu1" in v:
+            qemu[(v["hotplug_cycles"], v["dynamic_memslots"])].append(v)
+
+    def lifetime(cycles):
+        return "boot -> shell -> poweroff" if not cycles else f"... + {cycles} x 1 GiB plug/unplug"
+
+    print("Our vmm, 8 vCPUs, 4 GiB, Debian cloud kernel + busybox, on the test host's KVM:\n")
+    print("| lifetime | wake-up | runs | call_rcu (= callbacks run) | grace periods | force_rcu "
+          "| wake-ups (empty) | loop rounds | call_rcu thread CPU | vmm start to shell | poweroff to exit |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (cycles, strategy), runs in sorted(ours.items()):
+        r = [x["rcu"] for x in runs]
+        assert all(x["call_rcu"] == x["callbacks_run"] for x in r)
+        print(f"| {lifetime(cycles)} | {strategy} | {len(runs)} | {span([x['call_rcu'] for x in r])} "
+              f"| {span([x['grace_periods'] for x in r])} | {span([x['force_rcu'] for x in r])} "
+              f"| {span([x['wakeups'] for x in r])} ({span([x['empty_wakeups'] for x in r])}) "
+              f"| {span([x['loops'] for x in r])} "
+              f"| {span([x['thread_cpu_ns'] / 1e6 for x in r], 1)} ms "
+              f"| {span([x['start_to_shell_s'] for x in runs], 1)} s "
+              f"| {span([x['poweroff_to_exit_s'] for x in runs], 2)} s |")
+    sites = collections.defaultdict(set)
+    for (cycles, _), runs in ours.items():
+        for x in runs:
+            for s in x["rcu"]["by_site"]:
+                sites[(cycles, s["label"] or s["site"])].add(s["calls"])
+    if sites:
+        print("\nOur call_rcu by call site (every run and strategy):\n")
+        print("| lifetime | site | calls |")
+        print("|---|---|---|")
+        for (cycles, label), calls in sorted(sites.items()):
+            print(f"| {lifetime(cycles)} | {label} | {span(sorted(calls))} |")
+
+    if qemu:
+        print("\nQEMU q35 (virtio-mem-pci), same kernel, initramfs and lifetimes, under the same "
+              "KVM; call_rcu1 counted with uprobes:\n")
+        print("| lifetime | dynamic-memslots | runs | call_rcu1 | drain_call_rcu | top callbacks |")
+        print("|---|---|---|---|---|---|")
+        for (cycles, dyn), runs in sorted(qemu.items()):
+            top = collections.Counter()
+            for x in runs:
+                top.update(x["by_callback"])
+            top_s = ", ".join(f"{k} {v // len(runs)}" for k, v in top.most_common(3))
+            print(f"| {lifetime(cycles)} | {'on' if dyn else 'off'} | {len(runs)} "
+                  f"| {span([x['call_rcu1'] for x in runs])} "
+                  f"| {span([x['drain_call_rcu'] for x in runs])} | {top_s} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
