@@ -54,8 +54,11 @@ def main(path):
     sites = collections.defaultdict(set)
     for (cycles, _), runs in ours.items():
         for x in runs:
+            per_label = collections.Counter()
             for s in x["rcu"]["by_site"]:
-                sites[(cycles, s["label"] or s["site"])].add(s["calls"])
+                per_label[s["label"] or s["site"]] += s["calls"]
+            for label, calls in per_label.items():
+                sites[(cycles, label)].add(calls)
     if sites:
         print("\nOur call_rcu by call site (every run and strategy):\n")
         print("| lifetime | site | calls |")

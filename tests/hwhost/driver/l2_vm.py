@@ -17,6 +17,9 @@ VMM = os.environ.get("HWHOST_VMM", "/opt/vmm/vmm")
 L2_KERNEL = "/kit/distro/vmlinuz"
 L2_INITRD = "/kit/distro/initramfs.cpio.gz"
 MIB = 1 << 20
+# The guest kernel's log level: "quiet" unless the driver is run with
+# --loud (every kernel line then shows on the console, slower to boot).
+GUEST_QUIET = ["quiet"]
 
 
 class Failed(Exception):
@@ -61,7 +64,7 @@ class Vm:
     chunk arrived (the test host's monotonic clock).
     """
 
-    def __init__(self, name, cpus, memory, hotplug=None, qmp=True, cmdline="quiet",
+    def __init__(self, name, cpus, memory, hotplug=None, qmp=True, cmdline=None,
                  extra=(), workdir="/tmp", argv=None):
         self.name = name
         self.cpus = cpus
@@ -71,6 +74,8 @@ class Vm:
         self.qmp_path = os.path.join(self.dir, "qmp.sock") if qmp else None
         self.stats_path = os.path.join(self.dir, "rcu.json")
         self.metrics_path = os.path.join(self.dir, "metrics.json")
+        if cmdline is None:
+            cmdline = " ".join(GUEST_QUIET)
         args = [VMM, "--kernel", L2_KERNEL, "--initrd", L2_INITRD, "--cpus", str(cpus),
                 "--memory", memory, "--cmdline", cmdline,
                 "--rcu-stats", self.stats_path, "--metrics", self.metrics_path]

@@ -39,7 +39,7 @@ class Trace:
     given, uprobes on QEMU_BINARY's call_rcu1 and drain_call_rcu. Times are
     CLOCK_MONOTONIC (Python's time.monotonic())."""
 
-    def __init__(self, qemu_binary=None, qemu_symbols=None):
+    def __init__(self, qemu_binary=None, qemu_symbols=None, vm_entries=False):
         self.syms = []
         self.probes = []
         self.stop()
@@ -47,6 +47,10 @@ class Trace:
         _write(INSTANCE + "/trace_clock", "mono")
         _write(INSTANCE + "/options/record-tgid", "1")
         _write(INSTANCE + "/buffer_size_kb", "8192")
+        # A full buffer drops new events instead of overwriting old ones:
+        # the first VM entry must survive, and read() refuses to count
+        # from a buffer that dropped anything.
+        _write(INSTANCE + "/options/overwrite", "0")
         if qemu_symbols:
             with open(qemu_symbols) as f:
                 for line in f:
@@ -63,7 +67,8 @@ class Trace:
                    append=True)
             self.probes = ["call_rcu1", "drain_call_rcu"]
             _write(INSTANCE + "/events/hwhost/enable", "1")
-        _write(INSTANCE + "/events/kvm/kvm_entry/enable", "1")
+        if vm_entries:
+            _write(INSTANCE + "/events/kvm/kvm_entry/enable", "1")
         self.addrs = [a for a, _, _ in self.syms]
 
     def stop(self):
@@ -90,10 +95,26 @@ class Trace:
         start, size, sym = self.syms[i]
         return sym if off < start + size else f"(static, after {sym})"
 
+    def dropped(self):
+        """Events lost since the last clear() (the buffer filled up)."""
+        lost = 0
+        for cpu in os.listdir(INSTANCE + "/per_cpu"):
+            with open(f"{INSTANCE}/per_cpu/{cpu}/stats") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key.strip() in ("overrun", "dropped events"):
+                        lost += int(value.split()[0])
+        return lost
+
     def read(self, tgid, base=0):
         """What PID TGID did since the last clear(): the time of its first
-        VM entry, and its call_rcu1 calls by callback and caller."""
+        VM entry (with vm_entries), and its call_rcu1 calls by callback and
+        caller. Raises RuntimeError if the buffer lost events, when the
+        counts would be wrong."""
         first_entry = None
+        if self.probes and self.dropped():
+            raise RuntimeError(f"the trace buffer dropped {self.dropped()} events: "
+                               "the call_rcu1 count would be short")
         calls, callers, drains = collections.Counter(), collections.Counter(), 0
         with open(INSTANCE + "/trace") as f:
             for line in f:
