@@ -92,8 +92,8 @@ def boot(res, vm, limit=BOOT_LIMIT):
     res.check("guest MemTotal within 88-100% of --memory", 0.88 * want <= mem <= want,
               {"memtotal_kb": mem, "memory_kb": want})
     ram = vm.sh_ok("for d in /sys/firmware/memmap/*; do "
-                   "[ \"$(cat $d/type)\" = 'System RAM' ] && echo $(cat $d/start) $(cat $d/end); "
-                   "done")
+                   "if [ \"$(cat $d/type)\" = 'System RAM' ]; then "
+                   "echo $(cat $d/start) $(cat $d/end); fi; done")
     total = sum(int(e, 16) - int(s, 16) + 1 for s, e in
                 (line.split() for line in ram.splitlines() if line.strip()))
     # The E820 map keeps the legacy hole below 1 MiB out of RAM.
