@@ -34,7 +34,6 @@ if [ "${1:-}" = --hwhost ]; then
     tests/hwhost/qemu-files.sh "$out/qemu-files"
     tests/hwhost/run.sh --out "$out" --qemu-files "$out/qemu-files" --timeout 14400 \
         --driver "--runs $runs --cycles $cycles" experiment qemu-count
-    python3 scripts/hwhost-experiment-report.py "$out/data.jsonl"
     exit 0
 fi
 

@@ -9,6 +9,7 @@
 #        tests/hwhost/run.sh --list        the scenarios there are
 # Options:
 #   --smp N          test-host vCPUs (default 4: the 8-vCPU guests need them)
+#   --cpu MODEL      QEMU's CPU model (default max: the one with SVM emulated)
 #   --mem SIZE       test-host memory (default 6G)
 #   --out DIR        logs and results (default target/hwhost)
 #   --timeout S      limit for the whole QEMU run (default 3600)
@@ -35,13 +36,14 @@ say() { echo "hwhost: $*" >&2; }
 die() { echo "hwhost: ERROR: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit "${1:-2}"; }
 
-smp=4 mem=6G out=$target/hwhost timeout=3600 stall=900 driver_args="" qemu_files="" follow=()
+smp=4 cpu=max mem=6G out=$target/hwhost timeout=3600 stall=900 driver_args="" qemu_files="" follow=()
 scenarios=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
         --ci) scenarios+=("${ci_set[@]}") ;;
         --list) printf '%s\n' "${all_set[@]}"; exit 0 ;;
         --smp) smp=$2; shift ;;
+        --cpu) cpu=$2; shift ;;
         --mem) mem=$2; shift ;;
         --out) out=$2; shift ;;
         --timeout) timeout=$2; shift ;;
@@ -137,10 +139,18 @@ list=$(IFS=,; echo "${scenarios[*]}")
 dargs=$(echo "$driver_args" | tr ' ' ',')
 append="console=ttyS0 panic=-1 quiet hwhost.scenarios=$list"
 [ -z "$dargs" ] || append+=" hwhost.args=$dargs"
-say "booting the test host: QEMU TCG, -cpu max, $smp vCPUs, $mem; scenarios: ${scenarios[*]}"
+say "booting the test host: QEMU TCG, -cpu $cpu, $smp vCPUs, $mem; scenarios: ${scenarios[*]}"
 say "console: $out/console.log; results: $out/results.jsonl"
-exec python3 "$here/monitor.py" --out "$out" --timeout "$timeout" --stall "$stall" --expect "$list" \
+status=0
+python3 "$here/monitor.py" --out "$out" --timeout "$timeout" --stall "$stall" --expect "$list" \
     "${follow[@]}" -- \
-    "$qemu" -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" -nodefaults -display none \
+    "$qemu" -accel tcg,thread=multi -cpu "$cpu" -smp "$smp" -m "$mem" -nodefaults -display none \
     -no-reboot -kernel "$base/vmlinuz" -initrd "$out/initrd.img" -append "$append" \
-    -serial "file:$out/console.log" -serial "file:$out/results.jsonl"
+    -serial "file:$out/console.log" -serial "file:$out/results.jsonl" || status=$?
+# The comparisons send their figures whole: print them as tables.
+if [ -s "$out/data.jsonl" ] &&
+    printf '%s\n' "${scenarios[@]}" | grep -qxE 'experiment|qemu-count|bench-boot'; then
+    echo
+    python3 "$repo/scripts/hwhost-report.py" "$out/data.jsonl"
+fi
+exit "$status"

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Summarises the test host's `experiment` and `qemu-count` runs (the
-data.jsonl that tests/hwhost/run.sh writes) as the Markdown tables of
-docs/rcu-lifetime.md: our call_rcu counts per wake-up strategy, and QEMU's
-for the same lifetimes.
+"""Summarises what the test host's `experiment`, `qemu-count` and
+`bench-boot` scenarios sent back (the data.jsonl that tests/hwhost/run.sh
+writes) as Markdown tables: our call_rcu counts per wake-up strategy and
+QEMU's for the same lifetimes (docs/rcu-lifetime.md), and the boot
+benchmark, ours beside QEMU microvm and q35 (tests/hwhost/README.md).
 
-Usage: hwhost-experiment-report.py DATA.jsonl
+Usage: hwhost-report.py DATA.jsonl
 """
 
 import collections
@@ -24,6 +25,7 @@ def span(values, digits=0):
 def main(path):
     ours = collections.defaultdict(list)
     qemu = collections.defaultdict(list)
+    bench = collections.defaultdict(list)
     for line in open(path):
         rec = json.loads(line)
         v = rec["value"]
@@ -33,10 +35,16 @@ def main(path):
             ours[(v["hotplug_cycles"], v["strategy"])].append(v)
         elif v.get("vmm") == "qemu" and "call_rcu1" in v:
             qemu[(v["hotplug_cycles"], v["dynamic_memslots"])].append(v)
+        elif "start_to_shell_s" in v and "run" in v:
+            bench[(v["cpus"], v["memory"])].append(v)
 
     def lifetime(cycles):
         return "boot -> shell -> poweroff" if not cycles else f"... + {cycles} x 1 GiB plug/unplug"
 
+    if bench:
+        print_bench(bench)
+    if not ours and not qemu:
+        return
     print("Our vmm, 8 vCPUs, 4 GiB, Debian cloud kernel + busybox, on the test host's KVM:\n")
     print("| lifetime | wake-up | runs | call_rcu (= callbacks run) | grace periods | force_rcu "
           "| wake-ups (empty) | loop rounds | call_rcu thread CPU | vmm start to shell | poweroff to exit |")
@@ -79,6 +87,26 @@ def main(path):
             print(f"| {lifetime(cycles)} | {'on' if dyn else 'off'} | {len(runs)} "
                   f"| {span([x['call_rcu1'] for x in runs])} "
                   f"| {span([x['drain_call_rcu'] for x in runs])} | {top_s} |")
+
+
+def print_bench(bench):
+    order = {"ours": 0, "qemu-microvm": 1, "qemu-q35": 2}
+    print("Boot benchmark on the test host (TCG: compare only side by side), ranges over runs:\n")
+    print("| shape | VMM | runs | start to shell | `poweroff -f` to exit | set-up (start to first VM entry) "
+          "| RSS outside guest RAM |")
+    print("|---|---|---|---|---|---|---|")
+    for (cpus, mem), recs in sorted(bench.items()):
+        by = collections.defaultdict(list)
+        for r in recs:
+            by[r["vmm"]].append(r)
+        for vmm in sorted(by, key=lambda k: order.get(k, 9)):
+            rs = by[vmm]
+            print(f"| {cpus} vCPUs, {mem} | {vmm} | {len(rs)} "
+                  f"| {span([r['start_to_shell_s'] for r in rs], 1)} s "
+                  f"| {span([r['poweroff_to_exit_s'] for r in rs], 2)} s "
+                  f"| {span([r['setup_ms'] for r in rs])} ms "
+                  f"| {span([r['rss_less_guest_mib'] for r in rs], 1)} MiB |")
+    print()
 
 
 if __name__ == "__main__":
