@@ -76,7 +76,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let mut machine = Machine::build(&config, start)?;
     // Said once, after set-up succeeded (errors stay on one line).
     if let Some(notice) = machine.host().notice() {
-        eprintln!("{notice}");
+        logger::stderr_line(format_args!("{notice}"));
     }
     let outcome = machine.run(machine::RunOptions {
         console: true,
@@ -91,9 +91,13 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let cfg = config;
     let mut status = outcome.reason.exit_code();
     match &outcome.reason {
-        control::StopReason::Fatal(msg) => eprintln!("vmm: {msg}"),
-        control::StopReason::Signal(sig) => eprintln!("vmm: terminating on signal {sig}"),
-        control::StopReason::Timeout => eprintln!("vmm: time limit reached"),
+        control::StopReason::Fatal(msg) => logger::stderr_line(format_args!("vmm: {msg}")),
+        control::StopReason::Signal(sig) => {
+            logger::stderr_line(format_args!("vmm: terminating on signal {sig}"))
+        }
+        control::StopReason::Timeout => {
+            logger::stderr_line(format_args!("vmm: time limit reached"))
+        }
         _ => {}
     }
 
@@ -107,13 +111,16 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     if let Some(path) = &cfg.rcu_stats
         && let Err(e) = report::write_json("RCU statistics", path, &lifetime)
     {
-        eprintln!("vmm: {}", error_chain(&e));
+        logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
         status = status.max(1);
     }
     if let Some(path) = &cfg.rcu_plot
         && let Err(e) = rcu_plot::write_plot(path, &lifetime)
     {
-        eprintln!("vmm: cannot write the RCU plot: {}", error_chain(&e));
+        logger::stderr_line(format_args!(
+            "vmm: cannot write the RCU plot: {}",
+            error_chain(&e)
+        ));
         status = status.max(1);
     }
     if let Some(path) = &cfg.metrics {
@@ -125,12 +132,12 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         );
         drop(g);
         if let Err(e) = report::write_json("metrics", path, &m) {
-            eprintln!("vmm: {}", error_chain(&e));
+            logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             status = status.max(1);
         }
     }
     if !cfg.quiet {
-        eprint!("{}", report::lifetime_table(&lifetime));
+        logger::stderr_text(&report::lifetime_table(&lifetime));
     }
     Ok(status)
 }

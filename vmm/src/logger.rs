@@ -1,7 +1,25 @@
 //! A minimal stderr logger: `VMM_LOG=debug` (or info, warn, error, trace)
-//! sets the level; the default is `warn`.
+//! sets the level; the default is `warn`. Everything the VMM prints on stderr
+//! goes through [`stderr_line`], which never fails: a closed or broken
+//! stderr (`vmm ... 2>&1 | head`) loses the text, never the VM.
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use std::io::Write;
+
+/// Writes one line (ARGS and a newline) to stderr, ignoring every error.
+/// Unlike `eprintln!`, it never panics: a panic on a broken stderr would
+/// run the panic hook, which prints again, and end the VMM abnormally.
+/// Any thread may call it; lines from different threads are not interleaved.
+pub fn stderr_line(args: std::fmt::Arguments<'_>) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_fmt(args);
+    let _ = err.write_all(b"\n");
+}
+
+/// Writes TEXT to stderr as it is, ignoring every error (see [`stderr_line`]).
+pub fn stderr_text(text: &str) {
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
 
 struct StderrLogger;
 
@@ -18,7 +36,7 @@ impl Log for StderrLogger {
                 Level::Debug => "debug",
                 Level::Trace => "trace",
             };
-            eprintln!("vmm: {level}: {}", r.args());
+            stderr_line(format_args!("vmm: {level}: {}", r.args()));
         }
     }
     fn flush(&self) {}

@@ -565,7 +565,9 @@ fn install_filtered_panic_hook() {
                 .map(|s| (*s).to_string())
                 .or_else(|| info.payload().downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            eprintln!("vmm: thread '{name}' panicked{location}: {payload}");
+            crate::logger::stderr_line(format_args!(
+                "vmm: thread '{name}' panicked{location}: {payload}"
+            ));
         }));
     });
 }

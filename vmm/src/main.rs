@@ -3,6 +3,7 @@
 
 use clap::Parser;
 use clap::error::ErrorKind;
+use std::io::Write;
 use std::time::Instant;
 use vmm::{Args, VmConfig, error_chain};
 
@@ -25,7 +26,7 @@ fn main() {
     // Before any other thread exists, so all of them inherit the mask and
     // termination signals reach the control loop's signalfd.
     if let Err(e) = vmm::signals::block_termination() {
-        eprintln!("vmm: cannot block termination signals: {e}");
+        vmm::logger::stderr_line(format_args!("vmm: cannot block termination signals: {e}"));
         std::process::exit(1);
     }
     vmm::logger::init();
@@ -33,11 +34,15 @@ fn main() {
         Ok(a) => a,
         Err(e) => match e.kind() {
             ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-                print!("{e}");
+                // `vmm --help | head -1`: a closed stdout is not an error.
+                let _ = write!(std::io::stdout(), "{e}");
                 std::process::exit(0);
             }
             _ => {
-                eprintln!("vmm: {} (see vmm --help)", one_line(&e.to_string()));
+                vmm::logger::stderr_line(format_args!(
+                    "vmm: {} (see vmm --help)",
+                    one_line(&e.to_string())
+                ));
                 std::process::exit(2);
             }
         },
@@ -45,14 +50,14 @@ fn main() {
     let config = match VmConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmm: {}", error_chain(&e));
+            vmm::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             std::process::exit(2);
         }
     };
     match vmm::run(config, start) {
         Ok(status) => std::process::exit(status),
         Err(e) => {
-            eprintln!("vmm: {}", error_chain(&e));
+            vmm::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             std::process::exit(1);
         }
     }

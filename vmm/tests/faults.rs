@@ -230,3 +230,50 @@ fn full_disk_when_writing_rcu_stats() {
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
 }
+
+/// `vmm ... 2>&1 | head -3`: the console and stderr share a pipe whose reader
+/// leaves after three lines. Writes then fail with EPIPE; the VM must carry
+/// on (the guest's output is dropped and counted), the exit status must be
+/// the guest's (the halt initramfs ends the boot, exit 0), not a signal, and
+/// the report must be written.
+#[test]
+fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
+    tests::require_kvm();
+    let d = scratch("broken-pipe");
+    let stats = d.join("rcu.json");
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-halt.cpio");
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let writer2 = writer.try_clone().unwrap();
+    let mut child = Command::new(VMM)
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(["--cpus", "1", "--memory", "128M", "--cmdline", "panic=-1"])
+        .args(["--rcu-stats", stats.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(writer2)
+        .spawn()
+        .unwrap();
+    // `head -3`: read three lines, then go away.
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while seen.iter().filter(|b| **b == b'\n').count() < 3 {
+        match reader.read(&mut byte) {
+            Ok(1) => seen.push(byte[0]),
+            _ => break,
+        }
+    }
+    drop(reader);
+    let status = wait_exit(&mut child, Duration::from_secs(900)).expect("the vmm did not exit");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "the vmm ended with {status:?} (signal {:?}) after its output pipe broke; it read:\n{}",
+        status.signal(),
+        String::from_utf8_lossy(&seen)
+    );
+    let s: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    assert_eq!(s["callbacks_run"], s["call_rcu"], "{s}");
+}

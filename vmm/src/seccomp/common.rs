@@ -1,7 +1,7 @@
 //! What every thread of the VMM needs after set-up, whatever its job: the
 //! system calls Rust's standard library, glibc and the allocator make on
-//! their own (memory, locks, time, signals, thread exit) and writing a
-//! message to stderr.
+//! their own (memory, locks, time, signals, thread exit, resuming an
+//! interrupted wait, aborting), and writing a message to stderr.
 
 use super::allow_list::{AllowList, arg_eq, arg_masked_eq};
 use seccompiler::BackendError;
@@ -42,7 +42,23 @@ pub(crate) fn allow(list: &mut AllowList) -> Result<(), BackendError> {
         // returns its stack (madvise, below), then the thread exits.
         libc::SYS_sigaltstack,
         libc::SYS_exit,
+        // The kernel resumes a timed wait (futex, nanosleep, poll) that a
+        // stop signal interrupted (`kill -STOP`/`-CONT`, a cgroup freeze, a
+        // debugger attaching) with this call; without it the VMM would die
+        // of SIGSYS on the next SIGCONT.
+        libc::SYS_restart_syscall,
+        // A clean abort (a panic while panicking, an `rcu` invariant
+        // broken): glibc's `abort()` sends SIGABRT to the calling thread
+        // with tgkill(getpid(), gettid(), SIGABRT), allowed below.
+        libc::SYS_getpid,
     ]);
+    list.when(
+        libc::SYS_tgkill,
+        vec![
+            arg_eq(0, u64::from(std::process::id()))?,
+            arg_eq(2, libc::SIGABRT as u64)?,
+        ],
+    )?;
     // Debug builds of std check that a descriptor is still open before
     // closing it (reads its flags; changes nothing).
     list.when(libc::SYS_fcntl, vec![arg_eq(1, libc::F_GETFD as u64)?])?;
