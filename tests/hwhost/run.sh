@@ -116,13 +116,13 @@ for line in open(sys.argv[1]):
             }
             ldd "$exe" | "$here/libs-spec.sh"
         done
-        # boot_linux runs the debug vmm at the path it was built at.
-        dbg=$target/debug/vmm
-        strip -o "$work/vmm-debug" "$dbg"
-        d=$(dirname "$dbg") parts=()
-        while [ "$d" != / ]; do parts=("$d" "${parts[@]}"); d=$(dirname "$d"); done
-        for p in "${parts[@]}"; do echo "dir $p 0755 0 0"; done
-        echo "file $dbg $work/vmm-debug 0755 0 0"
+        # boot_linux runs the debug vmm at the path it was built at; the
+        # driver links that path to this copy (the path may be under /tmp,
+        # which the test host mounts over).
+        strip -o "$work/vmm-debug" "$target/debug/vmm"
+        echo "file /opt/vmm/vmm-debug $work/vmm-debug 0755 0 0"
+        echo "$target/debug/vmm" >"$work/vmm-debug.path"
+        echo "file /opt/vmm/vmm-debug.path $work/vmm-debug.path 0644 0 0"
     fi
     ldd "$vmm" | "$here/libs-spec.sh"
     if [ -n "$qemu_files" ]; then
