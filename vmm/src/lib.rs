@@ -30,6 +30,7 @@ pub mod kernel_cmdline;
 pub mod kick;
 pub mod kvm;
 pub mod kvm_stats;
+pub mod log_limit;
 pub mod logger;
 pub mod machine;
 pub mod memory_manager;

@@ -1,8 +1,11 @@
 //! A minimal stderr logger: `VMM_LOG=debug` (or info, warn, error, trace)
-//! sets the level; the default is `warn`. Everything the VMM prints on stderr
+//! sets the level; the default is `warn`. Each call site prints at most
+//! [`log_limit::BURST`](crate::log_limit::BURST) messages a second; the
+//! rest are counted and the count printed with the next one. Everything the VMM prints on stderr
 //! goes through [`stderr_line`], which never fails: a closed or broken
 //! stderr (`vmm ... 2>&1 | head`) loses the text, never the VM.
 
+use crate::log_limit::{Admit, LogLimiter};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::io::Write;
 
@@ -21,7 +24,9 @@ pub fn stderr_text(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 
-struct StderrLogger;
+struct StderrLogger {
+    limit: std::sync::OnceLock<LogLimiter>,
+}
 
 impl Log for StderrLogger {
     fn enabled(&self, m: &Metadata<'_>) -> bool {
@@ -29,6 +34,24 @@ impl Log for StderrLogger {
     }
     fn log(&self, r: &Record<'_>) {
         if self.enabled(r.metadata()) {
+            let site = (
+                r.file_static().or(r.module_path_static()).unwrap_or("?"),
+                r.line().unwrap_or(0),
+            );
+            let suppressed = match self
+                .limit
+                .get_or_init(LogLimiter::new)
+                .admit(site, std::time::Instant::now())
+            {
+                Admit::Suppress => return,
+                Admit::Print { suppressed } => suppressed,
+            };
+            if suppressed > 0 {
+                stderr_line(format_args!(
+                    "vmm: ({suppressed} more messages from {}:{} were not printed)",
+                    site.0, site.1
+                ));
+            }
             let level = match r.level() {
                 Level::Error => "error",
                 Level::Warn => "warning",
@@ -42,7 +65,9 @@ impl Log for StderrLogger {
     fn flush(&self) {}
 }
 
-static LOGGER: StderrLogger = StderrLogger;
+static LOGGER: StderrLogger = StderrLogger {
+    limit: std::sync::OnceLock::new(),
+};
 
 /// Installs the logger once; later calls do nothing.
 pub fn init() {
