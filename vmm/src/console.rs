@@ -91,6 +91,21 @@ impl RawTerminal {
     }
 }
 
+/// Reads what is waiting on stdin into `buf`, straight from the descriptor.
+///
+/// std's `Stdin` keeps an 8 KiB buffer of its own: a read smaller than that
+/// can leave bytes in it that the descriptor no longer reports as readable,
+/// so an event loop would only see them at the next keystroke. This read
+/// never buffers: whatever it does not return stays in the kernel and keeps
+/// the descriptor readable. Blocks only if stdin is blocking and empty
+/// (callers read after the event loop said it is readable).
+pub fn read_stdin(buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole
+    // call; read(2) writes at most that many and keeps no pointer.
+    let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
 impl Drop for RawTerminal {
     fn drop(&mut self) {
         // SAFETY: restores the settings read from the same terminal.

@@ -7,7 +7,6 @@ use crate::signals::SignalFd;
 use crate::vcpu::FatalErrors;
 use devices::{ExitRequest, ExitSink};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use thiserror::Error;
@@ -203,7 +202,7 @@ impl MutEventSubscriber for Console {
             self.input.flush();
         } else if events.fd() == std::io::stdin().as_raw_fd() {
             let mut buf = [0u8; 4096];
-            match std::io::stdin().lock().read(&mut buf) {
+            match crate::console::read_stdin(&mut buf) {
                 Ok(0) => {
                     self.watch_stdin(ops, false);
                     self.stdin_open = false;

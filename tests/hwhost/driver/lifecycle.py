@@ -46,6 +46,16 @@ def lifecycle_2cpu(res, args):
         s0 = clock_sample(vm)
         out = vm.sh_ok("grep -c ^processor /proc/cpuinfo")
         res.check("/proc/cpuinfo lists 2 CPUs", out.strip() == "2", out)
+        # A paste: 6 KiB of shell lines in one write. All of it must reach
+        # the guest without another keystroke (a read smaller than the
+        # console's own buffer once left the tail waiting for one).
+        start = vm.mark()
+        paste = ("true # " + "x" * 33 + "\n") * 150 + "echo pasted-$((40+2))\n"
+        vm.type(paste)
+        t0 = time.monotonic()
+        m = vm.wait_for(r"pasted-42", 120, start, what=f"the last line of a {len(paste)}-byte paste")
+        res.check(f"a {len(paste)}-byte paste reaches the shell whole", m is not None)
+        res.figure("paste to its last line's output", round(time.monotonic() - t0, 2), "s")
         end_from_guest(res, vm, "reboot -f", "Restarting system", s0)
         after_exit(res, vm)
     finally:
