@@ -1,9 +1,11 @@
 //! A minimal stderr logger: `VMM_LOG=debug` (or info, warn, error, trace)
 //! sets the level; the default is `warn`. Each call site prints at most
 //! [`log_limit::BURST`](crate::log_limit::BURST) messages a second; the
-//! rest are counted and the count printed with the next one. Everything the VMM prints on stderr
-//! goes through [`stderr_line`], which never fails: a closed or broken
-//! stderr (`vmm ... 2>&1 | head`) loses the text, never the VM.
+//! rest are counted and the count printed with the next one.
+//!
+//! Everything the VMM prints on stderr goes through [`stderr_line`] or
+//! [`stderr_text`], which never fail: a closed or broken stderr
+//! (`vmm ... 2>&1 | head`) loses the text, never the VM.
 
 use crate::log_limit::{Admit, LogLimiter};
 use log::{Level, LevelFilter, Log, Metadata, Record};
