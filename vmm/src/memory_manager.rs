@@ -283,6 +283,7 @@ impl MemoryManager {
             )?,
         );
         crate::guest_memory::name_mapping(&region, &format!("{SLOT_MAPPING_NAME}-{:x}", slot.gpa));
+        crate::guest_memory::exclude_from_core_dumps(&region);
         let host = region.as_ptr() as u64;
         // SAFETY: the mapping is owned by `region`, which the slot and every
         // map published while the KVM slot exists keep alive; the KVM slot

@@ -56,6 +56,20 @@ def proc_maps(pid):
     return out
 
 
+def vm_flags(pid, addr):
+    """The VmFlags of PID's mapping that holds ADDR (empty if none does)."""
+    inside = False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                inside = a <= addr < b
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
+
+
 class Vm:
     """Starts `vmm` with the distribution kit and the given options.
 

@@ -77,13 +77,14 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
         libc::SYS_tgkill,
         vec![arg_eq(0, u64::from(pid))?, arg_eq(2, kick_signal() as u64)?],
     )?;
-    // Hot-plugged slots are named in /proc/PID/maps; unplugged blocks are
-    // returned (MADV_DONTNEED, in the common list); guest memory may ask
-    // for transparent huge pages.
+    // Hot-plugged slots are named in /proc/PID/maps and left out of core
+    // dumps; unplugged blocks are returned (MADV_DONTNEED, in the common
+    // list); guest memory may ask for transparent huge pages.
     list.when(libc::SYS_prctl, vec![arg_eq(0, libc::PR_SET_VMA as u64)?])?;
-    list.when(
+    list.when_arg_in(
         libc::SYS_madvise,
-        vec![arg_eq(2, libc::MADV_HUGEPAGE as u64)?],
+        2,
+        &[libc::MADV_HUGEPAGE as u64, libc::MADV_DONTDUMP as u64],
     )?;
     // Files are read (/proc/self/stat and status) or created and truncated
     // (reports); no other way of opening is allowed.
