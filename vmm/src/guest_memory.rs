@@ -237,25 +237,26 @@ pub fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
     }
 }
 
+/// `madvise(ADVICE)` over the whole of `region`.
+fn advise(region: &vm_memory::GuestRegionMmap, advice: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: the range is a live mapping owned by `region`; the advice
+    // callers give (MADV_DONTDUMP, MADV_HUGEPAGE) only changes flags on the
+    // mapping or how the kernel backs it, never its contents or validity.
+    let rc = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, advice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Leaves guest memory out of the VMM's core dumps (`MADV_DONTDUMP`, as
 /// QEMU's `dump-guest-core=off` does): a crash must not write the guest's
 /// secrets, or GiBs of RAM, into a core file. Best effort: a failure is
 /// logged and changes nothing else.
 pub fn exclude_from_core_dumps(region: &vm_memory::GuestRegionMmap) {
-    // SAFETY: the range is a live mapping owned by `region`; MADV_DONTDUMP
-    // only sets a flag on the mapping, never touches its contents.
-    let rc = unsafe {
-        libc::madvise(
-            region.as_ptr().cast(),
-            region.len() as usize,
-            libc::MADV_DONTDUMP,
-        )
-    };
-    if rc != 0 {
-        log::warn!(
-            "cannot leave guest memory out of core dumps (MADV_DONTDUMP): {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = advise(region, libc::MADV_DONTDUMP) {
+        log::warn!("cannot leave guest memory out of core dumps (MADV_DONTDUMP): {e}");
     }
 }
 
@@ -263,20 +264,8 @@ pub fn exclude_from_core_dumps(region: &vm_memory::GuestRegionMmap) {
 /// host page faults and TLB misses, and KVM can map the guest with 2 MiB
 /// pages. Best effort: hosts with THP off ignore it.
 pub fn advise_hugepages(region: &vm_memory::GuestRegionMmap) {
-    // SAFETY: the range is a live mapping owned by `region`; MADV_HUGEPAGE
-    // only changes how the kernel backs it, never its contents or validity.
-    let rc = unsafe {
-        libc::madvise(
-            region.as_ptr().cast(),
-            region.len() as usize,
-            libc::MADV_HUGEPAGE,
-        )
-    };
-    if rc != 0 {
-        log::debug!(
-            "MADV_HUGEPAGE on guest memory: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = advise(region, libc::MADV_HUGEPAGE) {
+        log::debug!("MADV_HUGEPAGE on guest memory: {e}");
     }
 }
 
