@@ -179,6 +179,7 @@ async def main(path, pid, sizes):
         c["devices_plugged"] = await q.execute("query-memory-devices")
         c["summary_plugged"] = await q.execute("query-memory-size-summary")
         c["hotplug_plugged"] = await q.execute("x-query-hotplug")
+        c["maps_plugged"] = [m[2] for m in proc_maps(pid)]
         c["rcu_plugged"] = await q.execute("x-query-rcu")
         t0 = time.time()
         await q.execute("qom-set", {"path": "/machine/peripheral/vmem0",

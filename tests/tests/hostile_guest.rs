@@ -1306,6 +1306,92 @@ fn refused_requests() -> Vec<Answered> {
     ]
 }
 
+/// The resident memory (`Rss:` of `/proc/self/smaps`, KiB) of the mapping
+/// that holds `addr`, and its permissions. The kernel's shared zero page,
+/// which reads of never-written anonymous memory map, is not counted.
+fn mapping_rss_kib(addr: u64) -> (u64, String) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut inside = None;
+    for line in smaps.lines() {
+        let head = line.split_whitespace().next().unwrap_or_default();
+        if let Some((a, b)) = head.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            let perms = line.split_whitespace().nth(1).unwrap_or_default();
+            inside = (a <= addr && addr < b).then(|| perms.to_string());
+        } else if let (Some(perms), Some(kib)) = (&inside, line.strip_prefix("Rss:")) {
+            let kib = kib.trim().trim_end_matches("kB").trim().parse().unwrap();
+            return (kib, perms.clone());
+        }
+    }
+    panic!("no mapping holds {addr:#x}");
+}
+
+#[test]
+fn a_guest_write_to_an_unplugged_block_gets_no_host_memory() {
+    let _one = serialise();
+    let panics = watch_panics();
+    let (mut vm, view) = hotplug_vm(runner());
+    start_user(&vm);
+    let view = Arc::new(view);
+    let v = Arc::clone(&view);
+    // Block 2 of the first slot: the slot is mapped (blocks 0 and 1 are
+    // plugged), block 2 is not plugged.
+    let target = HOTPLUG_BASE + 2 * BLOCK + 0x40;
+    let (reason, (read, wrote)) = run_driven(&mut vm, move |mut driver| {
+        let mut q = Virtq::new(&v, SCRATCH);
+        plug_properly(&mut driver, &v, &mut q);
+        let read = driver
+            .one(r(target, 8))
+            .expect("the read of the unplugged block")
+            .value;
+        // The write either stops the VM (KVM_RUN fails with EFAULT: the
+        // page is read-only to KVM) or goes nowhere (this machine's KVM
+        // emulates the access and, unable to write the page, treats it as
+        // MMIO to an unassigned address).
+        let wrote = driver.one(w(target, 8, 0x5eed_5eed_5eed_5eed)).is_ok();
+        (read, wrote)
+    });
+    let fatal = vm.machine.fatal_errors().first();
+    println!("read {read:#x}; write answered: {wrote}; stop: {reason:?}; fatal: {fatal:?}");
+    assert_eq!(read, 0, "an unplugged block reads as zeros");
+    if !wrote {
+        let msg = fatal.expect("the runner stopped answering, so a vCPU failed");
+        assert!(
+            msg.contains("KVM_RUN failed") && msg.contains("Bad address"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("unplugged"),
+            "the error names the likely cause: {msg}"
+        );
+    }
+    // Host side: the block holds no memory and the value did not land.
+    let (_, host, _) = view.hp.manager.mapped_host_ranges()[0];
+    let host_target = host + (target - HOTPLUG_BASE);
+    let (rss_kib, perms) = mapping_rss_kib(host_target);
+    assert_eq!(rss_kib, 0, "the unplugged blocks hold host memory");
+    assert!(
+        perms.starts_with("r-"),
+        "unplugged blocks are read-only: {perms}"
+    );
+    let (_, plugged_perms) = mapping_rss_kib(host);
+    assert!(
+        plugged_perms.starts_with("rw"),
+        "plugged blocks are writable: {plugged_perms}"
+    );
+    let g = rcu::read_lock();
+    let got: u64 = view
+        .memory
+        .read(&g)
+        .memory()
+        .read_obj(GuestAddress(target))
+        .unwrap();
+    drop(g);
+    assert_eq!(got, 0, "the guest's write reached the unplugged block");
+    assert_no_panics(panics, 0);
+}
+
 #[test]
 fn malformed_virtio_mem_requests_break_the_device_and_plug_nothing() {
     let _one = serialise();

@@ -4,7 +4,7 @@
 
 use crate::device_manager::{DeviceError, DeviceManager, FIRST_VIRTIO_GSI};
 use crate::guest_memory::SharedMemory;
-use crate::memory_manager::{MemoryManager, SLOT_SIZE};
+use crate::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MemoryManager, SLOT_SIZE};
 use crate::vm::{Vm, VmError};
 use devices::BusRange;
 use devices::virtio::{
@@ -46,6 +46,21 @@ pub enum HotplugSetupError {
     /// No MMIO window left for the device.
     #[error("no virtio-mmio window available")]
     NoWindow,
+    /// The region needs more KVM memory slots than KVM allows.
+    #[error(
+        "a {size_mib} MiB hot-plug region needs {needed} KVM memory slots (one per \
+         {slot_mib} MiB after the first {FIRST_HOTPLUG_KVM_SLOT}), but KVM allows {limit}"
+    )]
+    TooManySlots {
+        /// Region size in MiB.
+        size_mib: u64,
+        /// Slot size in MiB.
+        slot_mib: u64,
+        /// Memory slots the region needs, counting those below the first hot-plug slot.
+        needed: u64,
+        /// `KVM_CAP_NR_MEMSLOTS`.
+        limit: u64,
+    },
 }
 
 /// The hot-plug device and its manager.
@@ -76,6 +91,16 @@ impl Hotplug {
     ) -> Result<Self, HotplugSetupError> {
         if size == 0 || size % SLOT_SIZE != 0 || base % SLOT_SIZE != 0 {
             return Err(HotplugSetupError::Region { base, size });
+        }
+        let needed = u64::from(FIRST_HOTPLUG_KVM_SLOT) + size / SLOT_SIZE;
+        let limit = vm.memslot_limit() as u64;
+        if needed > limit {
+            return Err(HotplugSetupError::TooManySlots {
+                size_mib: size >> 20,
+                slot_mib: SLOT_SIZE >> 20,
+                needed,
+                limit,
+            });
         }
         let manager = Arc::new(MemoryManager::new(
             Arc::clone(vm),

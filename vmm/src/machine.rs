@@ -267,6 +267,11 @@ impl Machine {
             )?)),
             None => None,
         };
+        let fatal = Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?);
+        if let Some(h) = &hotplug {
+            let fatal = Arc::clone(&fatal);
+            h.manager.on_fatal(Box::new(move |msg| fatal.report(msg)));
+        }
         let mut vcpu_fds = Vec::with_capacity(spec.cpus as usize);
         for index in 0..spec.cpus {
             let fd = vm
@@ -295,7 +300,7 @@ impl Machine {
             hotplug,
             vcpu_fds,
             vcpus: Arc::new(OnceLock::new()),
-            fatal: Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?),
+            fatal,
             marks: Arc::new(Marks::new(start)),
             boot: None,
             cmdline: String::new(),

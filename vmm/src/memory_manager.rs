@@ -9,12 +9,37 @@
 //! without it is published, and the old map, holding the last reference to
 //! the slot's mapping, is freed by `call_rcu` after a grace period: that
 //! unmaps the slot. `force_rcu()` makes that happen within one grace period
-//! instead of after the call_rcu thread's batching delay. Blocks unplugged
-//! from a slot still in use go back to the host with `madvise(MADV_DONTNEED)`.
+//! instead of after the call_rcu thread's batching delay.
+//!
+//! Unplugged blocks are inaccessible to the guest for writing, and never
+//! hold host memory (QEMU's `unplugged-inaccessible`, made strict): a slot is
+//! mapped read-only, plugged blocks are made writable before the guest is
+//! told they are plugged, and blocks unplugged from a slot still in use are
+//! made read-only again and then dropped with `madvise(MADV_DONTNEED)`. A
+//! guest read of an unplugged block sees the kernel's shared zero page; a
+//! guest write ends `KVM_RUN` with `EFAULT` (the VM stops with an error) on
+//! hosts with hardware virtualization. The VMM's own writes to guest memory
+//! (the virtio-mem device's responses and used ring, on the control thread)
+//! check the device's plugged bitmap first.
 //!
 //! Firecracker and Cloud Hypervisor map the whole hot-plug range at boot and
 //! never swap the map; here no reader can see an unmapped region because
 //! every reader holds an RCU read section while it uses a map.
+//!
+//! KVM must never map host memory that is not ours: a slot's mapping is
+//! given up only after its KVM memory slot is gone. If deleting a memory
+//! slot fails, the slot is quarantined: its mapping is kept for the rest of
+//! the process (never unmapped, so the address range cannot be reused for
+//! other memory) and later plugs into it fail. If a memory slot deleted for
+//! an unplug that then fails cannot be registered again, the plugged blocks
+//! of that slot are out of the guest's reach: the VM is stopped through the
+//! fatal-error handler ([`MemoryManager::on_fatal`]).
+//!
+//! Slots retired but not yet unmapped (waiting for a grace period) are
+//! capped at [`MAX_RETIRED_SLOTS`]: while over the cap, plugs that need a
+//! new slot fail (the guest is answered BUSY and retries), so a guest that
+//! plugs and unplugs while a grace period is held up cannot grow the host
+//! mappings without bound.
 //!
 //! Calls come from the control thread only (virtio-mem request processing),
 //! with the virtio-mem device's lock held: nothing here waits for a grace
@@ -28,7 +53,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
 
 /// Size of one hot-plug slot: Linux's x86 memory block size.
 pub const SLOT_SIZE: u64 = 128 << 20;
@@ -37,6 +62,9 @@ pub const SLOT_SIZE: u64 = 128 << 20;
 pub const SLOT_MAPPING_NAME: &str = "vmm-hotplug-slot";
 /// KVM memory slot number of the first hot-plug slot (RAM uses 0..).
 pub const FIRST_HOTPLUG_KVM_SLOT: u32 = 16;
+/// Slots retired but not yet unmapped beyond which plugs that need a new
+/// slot are refused (8 GiB of address space).
+pub const MAX_RETIRED_SLOTS: u64 = 64;
 
 /// Errors of hot-plug operations.
 #[derive(Debug, Error)]
@@ -64,6 +92,30 @@ pub enum HotplugError {
     /// vm-memory refused the new map.
     #[error("cannot build the new guest memory map")]
     NewMap(#[source] vm_memory::GuestRegionCollectionError),
+    /// Changing the protection of a slot's blocks failed.
+    #[error("cannot change the protection of {len:#x} bytes of hot-plug memory at {gpa:#x}")]
+    Protect {
+        /// Guest address of the first block.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The slot's KVM memory slot could not be deleted earlier; the slot is
+    /// out of service for the VM's life.
+    #[error("hot-plug slot at {gpa:#x} is quarantined after a failed memory slot deletion")]
+    Quarantined {
+        /// Slot start.
+        gpa: u64,
+    },
+    /// Too many retired slots wait for a grace period to be unmapped.
+    #[error("{pending} retired hot-plug slots wait to be unmapped (at most {MAX_RETIRED_SLOTS})")]
+    Backlog {
+        /// Retired slots not yet unmapped.
+        pending: u64,
+    },
 }
 
 /// Counters and timings of hot-plug work.
@@ -82,8 +134,15 @@ pub struct HotplugStats {
     pub retire_events: AtomicU64,
     /// Slot mappings actually unmapped (by call_rcu callbacks).
     pub slots_unmapped: AtomicU64,
+    /// Slots quarantined after a failed memory slot deletion.
+    pub slots_quarantined: AtomicU64,
+    /// Plugs refused because too many retired slots wait to be unmapped.
+    pub plugs_refused_backlog: AtomicU64,
     /// Bytes returned with `MADV_DONTNEED` from slots still in use.
     pub madvised_bytes: AtomicU64,
+    /// Unplugged ranges that could not be made read-only (they were still
+    /// returned to the host).
+    pub protect_failures: AtomicU64,
     /// Guest memory maps published.
     pub map_swaps: AtomicU64,
     /// Control-thread time of the last map swap (memslot + publish +
@@ -103,6 +162,10 @@ struct Slot {
     region: Option<Arc<GuestRegionMmap>>,
     plugged: Vec<bool>,
     plugged_count: usize,
+    quarantined: bool,
+    /// Host address of a quarantined mapping no slot owns any more (kept
+    /// mapped for the rest of the process).
+    kept_mapping: Option<u64>,
 }
 
 /// The hot-plug region's state; shared as the virtio-mem backend.
@@ -115,17 +178,32 @@ pub struct MemoryManager {
     block_size: u64,
     slots: Mutex<Vec<Slot>>,
     stats: Arc<HotplugStats>,
+    on_fatal: std::sync::OnceLock<FatalSlot>,
 }
 
-/// A mapping waiting to be unmapped after a grace period.
+struct FatalSlot(FatalHandler);
+
+impl std::fmt::Debug for FatalSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FatalHandler")
+    }
+}
+
+/// What [`MemoryManager::on_fatal`] calls.
+pub type FatalHandler = Box<dyn Fn(String) + Send + Sync>;
+
+/// Mappings waiting to be unmapped after a grace period.
 struct Retired {
     at: Instant,
+    slots: u64,
     stats: Arc<HotplugStats>,
 }
 
 impl Drop for Retired {
     fn drop(&mut self) {
-        self.stats.slots_unmapped.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .slots_unmapped
+            .fetch_add(self.slots, Ordering::Relaxed);
         self.stats.last_retire_to_unmap_ns.store(
             u64::try_from(self.at.elapsed().as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -145,6 +223,8 @@ impl MemoryManager {
                 region: None,
                 plugged: vec![false; blocks],
                 plugged_count: 0,
+                quarantined: false,
+                kept_mapping: None,
             })
             .collect();
         Self {
@@ -155,7 +235,29 @@ impl MemoryManager {
             block_size,
             slots: Mutex::new(slots),
             stats: Arc::new(HotplugStats::default()),
+            on_fatal: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Sets what is called, once per event, when the hot-plug state can no
+    /// longer be kept consistent with KVM and the VM must stop (the VMM
+    /// passes its fatal-error list). Without one, such events are logged.
+    /// Only the first handler set is kept.
+    pub fn on_fatal(&self, handler: FatalHandler) {
+        let _ = self.on_fatal.set(FatalSlot(handler));
+    }
+
+    fn fatal(&self, msg: String) {
+        match self.on_fatal.get() {
+            Some(h) => (h.0)(msg),
+            None => log::error!("{msg}"),
+        }
+    }
+
+    /// Slots retired and still waiting for a grace period to be unmapped.
+    pub fn retired_pending(&self) -> u64 {
+        let retired = self.stats.slots_retired.load(Ordering::Relaxed);
+        retired.saturating_sub(self.stats.slots_unmapped.load(Ordering::Relaxed))
     }
 
     /// Counters and timings.
@@ -174,10 +276,10 @@ impl MemoryManager {
             .lock()
             .iter()
             .filter_map(|s| {
-                s.region.as_ref().map(|r| {
+                s.region.as_ref().map(|_| {
                     serde_json::json!({
                         "gpa": s.gpa,
-                        "host": r.as_ptr() as u64,
+                        "mapping": format!("{SLOT_MAPPING_NAME}-{:x}", s.gpa),
                         "size": SLOT_SIZE,
                         "kvm-slot": s.kvm_slot,
                         "plugged-blocks": s.plugged_count,
@@ -185,10 +287,18 @@ impl MemoryManager {
                 })
             })
             .collect();
+        let quarantined: Vec<u64> = self
+            .lock()
+            .iter()
+            .filter(|s| s.quarantined)
+            .map(|s| s.gpa)
+            .collect();
         serde_json::json!({
             "slot-size": SLOT_SIZE,
             "block-size": self.block_size,
             "mapped-slots": slots,
+            "quarantined-slots": quarantined,
+            "retired-pending": self.retired_pending(),
             "stats": serde_json::to_value(&*self.stats).unwrap_or_default(),
         })
     }
@@ -241,12 +351,7 @@ impl MemoryManager {
 
     /// Publishes a map with `add` regions added and regions at `remove`
     /// (slot starts) removed; the previous map is freed after a grace period.
-    fn publish(
-        &self,
-        add: &[Arc<GuestRegionMmap>],
-        remove: &[u64],
-        retired: Option<Retired>,
-    ) -> Result<(), HotplugError> {
+    fn publish(&self, add: &[Arc<GuestRegionMmap>], remove: &[u64]) -> Result<(), HotplugError> {
         let g = rcu::read_lock();
         let cur = self.memory.read(&g);
         let mut mem = cur.memory().clone();
@@ -265,15 +370,17 @@ impl MemoryManager {
         drop(g);
         self.memory.replace(next);
         self.stats.map_swaps.fetch_add(1, Ordering::Relaxed);
-        if let Some(r) = retired {
-            // Runs after the old map's own callback (FIFO): by then the
-            // mapping is gone.
-            rcu::call_rcu_labeled("hot-plug slot unmapped", move || drop(r));
-        }
         Ok(())
     }
 
-    fn map_slot(&self, slot: &mut Slot) -> Result<Arc<GuestRegionMmap>, HotplugError> {
+    /// Maps `slot` with blocks `plugging` (first, last exclusive) writable
+    /// and the rest read-only, then gives it to KVM: a guest that touches the
+    /// blocks it is plugging as soon as KVM maps them finds them writable.
+    fn map_slot(
+        &self,
+        slot: &mut Slot,
+        plugging: (usize, usize),
+    ) -> Result<Arc<GuestRegionMmap>, HotplugError> {
         let region = Arc::new(
             GuestRegionMmap::from_range(GuestAddress(slot.gpa), SLOT_SIZE as usize, None).map_err(
                 |source| HotplugError::Map {
@@ -284,6 +391,22 @@ impl MemoryManager {
         );
         crate::guest_memory::name_mapping(&region, &format!("{SLOT_MAPPING_NAME}-{:x}", slot.gpa));
         crate::guest_memory::exclude_from_core_dumps(&region);
+        let (a, b) = (
+            plugging.0 as u64 * self.block_size,
+            plugging.1 as u64 * self.block_size,
+        );
+        for (offset, len, writable) in [(0, a, false), (a, b - a, true), (b, SLOT_SIZE - b, false)]
+        {
+            if len > 0 {
+                protect(&region, offset, len, writable).map_err(|source| {
+                    HotplugError::Protect {
+                        gpa: slot.gpa + offset,
+                        len,
+                        source,
+                    }
+                })?;
+            }
+        }
         let host = region.as_ptr() as u64;
         // SAFETY: the mapping is owned by `region`, which the slot and every
         // map published while the KVM slot exists keep alive; the KVM slot
@@ -300,41 +423,68 @@ impl MemoryManager {
         let t = Instant::now();
         let parts = self.split(gpa, len)?;
         let mut slots = self.lock();
+        if let Some(&(i, _, _)) = parts.iter().find(|&&(i, _, _)| slots[i].quarantined) {
+            return Err(HotplugError::Quarantined { gpa: slots[i].gpa });
+        }
+        let needs_slot = parts.iter().any(|&(i, _, _)| slots[i].region.is_none());
+        let pending = self.retired_pending();
+        if needs_slot && pending >= MAX_RETIRED_SLOTS {
+            self.stats
+                .plugs_refused_backlog
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(HotplugError::Backlog { pending });
+        }
         let mut added = Vec::new();
         let mut newly_mapped = Vec::new();
-        for &(i, _, _) in &parts {
+        for &(i, a, b) in &parts {
             let slot = &mut slots[i];
             if slot.region.is_none() {
-                match self.map_slot(slot) {
+                match self.map_slot(slot, (a, b)) {
                     Ok(r) => {
                         added.push(r);
                         newly_mapped.push(i);
                     }
                     Err(e) => {
                         // All or nothing: undo the slots mapped so far.
-                        for &j in &newly_mapped {
-                            let s = &mut slots[j];
-                            let _ = self.vm.delete_memslot(s.kvm_slot, s.gpa);
-                            s.region = None;
-                        }
+                        self.unmap_unpublished(&mut slots, &newly_mapped);
                         return Err(e);
                     }
                 }
             }
         }
         if !added.is_empty() {
-            if let Err(e) = self.publish(&added, &[], None) {
-                for &j in &newly_mapped {
-                    let s = &mut slots[j];
-                    let _ = self.vm.delete_memslot(s.kvm_slot, s.gpa);
-                    s.region = None;
-                }
+            if let Err(e) = self.publish(&added, &[]) {
+                drop(added);
+                self.unmap_unpublished(&mut slots, &newly_mapped);
                 return Err(e);
             }
             self.stats
                 .slots_mapped
                 .fetch_add(added.len() as u64, Ordering::Relaxed);
             self.record_swap(t);
+        }
+        // The blocks become writable before the guest hears they are plugged.
+        for (n, &(i, a, b)) in parts.iter().enumerate() {
+            let Some(region) = &slots[i].region else {
+                continue;
+            };
+            let (offset, len) = (a as u64 * self.block_size, (b - a) as u64 * self.block_size);
+            if let Err(source) = protect(region, offset, len, true) {
+                // Undo: the blocks made writable so far go back to
+                // read-only and empty (none of them was plugged: the device
+                // refuses to plug plugged blocks).
+                for &(j, c, d) in &parts[..n] {
+                    if let Some(r) = &slots[j].region {
+                        let (o, l) = (c as u64 * self.block_size, (d - c) as u64 * self.block_size);
+                        self.unback(r, slots[j].gpa, o, l);
+                    }
+                }
+                return Err(HotplugError::Protect {
+                    gpa: slots[i].gpa + offset,
+                    len,
+                    source,
+                });
+            }
         }
         for (i, a, b) in parts {
             let slot = &mut slots[i];
@@ -371,21 +521,28 @@ impl MemoryManager {
                 let s = &slots[i];
                 if let Err(e) = self.vm.delete_memslot(s.kvm_slot, s.gpa) {
                     // All or nothing: give back the slots already deleted.
-                    self.restore_memslots(&slots, &emptied[..n]);
+                    // This slot's memory slot still exists, with its
+                    // mapping, blocks and published map unchanged.
+                    self.restore_memslots(&mut slots, &emptied[..n]);
                     return Err(e.into());
                 }
             }
             // ...then userspace readers move to a map without the slots; the
             // old map (the mappings' last owner) goes after a grace period.
             let removed: Vec<u64> = emptied.iter().map(|&i| slots[i].gpa).collect();
-            let retired = Retired {
-                at: Instant::now(),
-                stats: Arc::clone(&self.stats),
-            };
-            if let Err(e) = self.publish(&[], &removed, Some(retired)) {
-                self.restore_memslots(&slots, &emptied);
+            let at = Instant::now();
+            if let Err(e) = self.publish(&[], &removed) {
+                self.restore_memslots(&mut slots, &emptied);
                 return Err(e);
             }
+            let retired = Retired {
+                at,
+                slots: emptied.len() as u64,
+                stats: Arc::clone(&self.stats),
+            };
+            // Runs after the old map's own callback (FIFO): by then the
+            // mappings are gone.
+            rcu::call_rcu_labeled("hot-plug slot unmapped", move || drop(retired));
             for &i in &emptied {
                 slots[i].region = None;
             }
@@ -399,7 +556,12 @@ impl MemoryManager {
         }
         for (i, k) in discards {
             if let Some(region) = &slots[i].region {
-                self.discard(region, k as u64 * self.block_size, self.block_size);
+                self.unback(
+                    region,
+                    slots[i].gpa,
+                    k as u64 * self.block_size,
+                    self.block_size,
+                );
             }
         }
         for (i, a, b) in parts {
@@ -416,9 +578,13 @@ impl MemoryManager {
     }
 
     /// Re-registers the KVM memory slots of `which` (after a failed unplug).
-    fn restore_memslots(&self, slots: &[Slot], which: &[usize]) {
+    ///
+    /// A slot that cannot be registered again keeps its mapping (nothing in
+    /// KVM refers to it any more) but its plugged blocks are out of the
+    /// guest's reach: it is quarantined and the VM is stopped.
+    fn restore_memslots(&self, slots: &mut [Slot], which: &[usize]) {
         for &j in which {
-            let r = &slots[j];
+            let r = &mut slots[j];
             if let Some(region) = &r.region {
                 // SAFETY: as in `map_slot`: the region is still owned by the
                 // slot and by the published map.
@@ -427,8 +593,42 @@ impl MemoryManager {
                         .set_memslot(r.kvm_slot, r.gpa, SLOT_SIZE, region.as_ptr() as u64)
                 };
                 if let Err(e) = rc {
-                    log::error!("cannot restore hot-plug memory slot at {:#x}: {e}", r.gpa);
+                    r.quarantined = true;
+                    self.stats.slots_quarantined.fetch_add(1, Ordering::Relaxed);
+                    self.fatal(format!(
+                        "hot-plug slot at {:#x} lost its KVM memory slot and it cannot be \
+                         registered again ({}); the guest's plugged memory there is gone",
+                        r.gpa,
+                        crate::error_chain(&e)
+                    ));
                 }
+            }
+        }
+    }
+
+    /// Undoes the mapping of `which`, slots mapped and given to KVM but not
+    /// published (a failed plug). A slot whose memory slot cannot be deleted
+    /// keeps its mapping for the rest of the process and is quarantined.
+    fn unmap_unpublished(&self, slots: &mut [Slot], which: &[usize]) {
+        for &j in which {
+            let s = &mut slots[j];
+            let Some(region) = s.region.take() else {
+                continue;
+            };
+            if let Err(e) = self.vm.delete_memslot(s.kvm_slot, s.gpa) {
+                // KVM may still map the range: it must never be unmapped,
+                // or a later mapping at the same address would be handed to
+                // the guest.
+                s.kept_mapping = Some(region.as_ptr() as u64);
+                std::mem::forget(region);
+                s.quarantined = true;
+                self.stats.slots_quarantined.fetch_add(1, Ordering::Relaxed);
+                log::error!(
+                    "hot-plug slot at {:#x} quarantined: its KVM memory slot cannot be \
+                     deleted ({}); its memory stays mapped",
+                    s.gpa,
+                    crate::error_chain(&e)
+                );
             }
         }
     }
@@ -439,8 +639,17 @@ impl MemoryManager {
         self.stats.total_swap_ns.fetch_add(ns, Ordering::Relaxed);
     }
 
-    /// Returns `len` bytes at `offset` of a live slot to the host.
-    fn discard(&self, region: &GuestRegionMmap, offset: u64, len: u64) {
+    /// Makes `len` bytes at `offset` of a live slot read-only, then returns
+    /// them to the host. In that order: a guest write between the two would
+    /// otherwise fault in a page that stays.
+    fn unback(&self, region: &GuestRegionMmap, slot_gpa: u64, offset: u64, len: u64) {
+        if let Err(e) = protect(region, offset, len, false) {
+            self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "cannot make unplugged guest memory at {:#x}+{len:#x} read-only: {e}",
+                slot_gpa + offset
+            );
+        }
         let host = region.as_ptr().wrapping_add(offset as usize);
         // SAFETY: `host..host + len` lies inside the slot's live mapping
         // (offset and len are block-aligned parts of it); MADV_DONTNEED on
@@ -458,6 +667,34 @@ impl MemoryManager {
     }
 }
 
+/// Makes `len` bytes at `offset` of `region` writable or read-only.
+fn protect(region: &GuestRegionMmap, offset: u64, len: u64, writable: bool) -> std::io::Result<()> {
+    let in_bounds = offset
+        .checked_add(len)
+        .is_some_and(|end| end <= region.len());
+    if !in_bounds {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let prot = if writable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_READ
+    };
+    let host = region.as_ptr().wrapping_add(offset as usize);
+    // SAFETY: `host..host + len` lies inside the slot's live mapping (checked
+    // above), which this process owns; protection changes cannot make it
+    // invalid. Read-only parts are never written by the VMM: its only writer
+    // of hot-plug memory is the virtio-mem device, on the control thread,
+    // which checks its plugged bitmap before writing, and the bitmap is
+    // updated on that thread after this call.
+    let rc = unsafe { libc::mprotect(host.cast(), len as usize, prot) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 impl MemoryBackend for MemoryManager {
     fn plug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
         self.plug_range(gpa, len).map_err(MemoryBackendError::new)
@@ -465,5 +702,242 @@ impl MemoryBackend for MemoryManager {
 
     fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
         self.unplug_range(gpa, len).map_err(MemoryBackendError::new)
+    }
+
+    /// `false` if the range touches an unplugged block of a mapped slot
+    /// (read-only). Slots retired by this batch are still mapped writable
+    /// in the map the device holds, until a grace period after it ends.
+    fn writable(&self, gpa: u64, len: u64) -> bool {
+        let end = gpa.saturating_add(len);
+        let region_end = self.base + self.size;
+        if len == 0 || end <= self.base || gpa >= region_end {
+            return true;
+        }
+        let slots = self.lock();
+        let mut a = gpa.max(self.base) - self.base;
+        let stop = end.min(region_end) - self.base;
+        while a < stop {
+            let slot = &slots[(a / SLOT_SIZE) as usize];
+            let block = ((a % SLOT_SIZE) / self.block_size) as usize;
+            if slot.region.is_some() && !slot.plugged[block] {
+                return false;
+            }
+            a = (a / self.block_size + 1) * self.block_size;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
+mod tests {
+    use super::*;
+    use crate::guest_memory::{GuestMap, map_ram};
+    use std::sync::atomic::AtomicUsize;
+
+    const BLOCK: u64 = 2 << 20;
+
+    /// A manager over `slots` slots at `base` (distinct per test: the tests
+    /// of this module share one process and look at its mappings by name).
+    fn manager(base: u64, slots: u64) -> (Arc<Vm>, MemoryManager) {
+        let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
+        let vm = Arc::new(Vm::new(kvm).unwrap());
+        let ram = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let memory: SharedMemory = Arc::new(rcu::RcuCell::new(GuestMap::first(ram)));
+        let mm = MemoryManager::new(Arc::clone(&vm), memory, base, slots * SLOT_SIZE, BLOCK);
+        (vm, mm)
+    }
+
+    /// Whether this process maps all of `[host, host + SLOT_SIZE)`.
+    fn mapped(host: u64) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let mut covered = host;
+        for l in maps.lines() {
+            let range = l.split_whitespace().next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            let (a, b) = (
+                u64::from_str_radix(a, 16).unwrap(),
+                u64::from_str_radix(b, 16).unwrap(),
+            );
+            if a <= covered && covered < b {
+                covered = b;
+            }
+        }
+        covered >= host + SLOT_SIZE
+    }
+
+    fn hosts(mm: &MemoryManager) -> Vec<u64> {
+        mm.mapped_host_ranges().iter().map(|r| r.1).collect()
+    }
+
+    /// The tests of this module look at the process's mappings: one at a
+    /// time, so an address one unmaps is not mapped again by another.
+    fn serial() -> std::sync::MutexGuard<'static, ()> {
+        static LOCK: Mutex<()> = Mutex::new(());
+        LOCK.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[test]
+    fn a_slot_whose_memory_slot_cannot_be_deleted_keeps_its_mapping_after_a_failed_plug() {
+        let base = 0x10_0000_0000;
+        let _serial = serial();
+        let (vm, mm) = manager(base, 2);
+        // The second slot cannot be registered, so the plug is rolled
+        // back, and the first slot's memory slot then cannot be deleted.
+        vm.inject_memslot_faults(|slot, size| {
+            (slot == FIRST_HOTPLUG_KVM_SLOT + 1 && size > 0)
+                || (slot == FIRST_HOTPLUG_KVM_SLOT && size == 0)
+        });
+        let err = mm.plug_range(base, 2 * SLOT_SIZE).unwrap_err();
+        assert!(matches!(err, HotplugError::Kvm(_)), "{err}");
+        // KVM still maps the first slot: its memory stays mapped.
+        let kept = mm.lock()[0]
+            .kept_mapping
+            .expect("the first slot's mapping is kept");
+        assert!(mapped(kept), "the quarantined slot was unmapped");
+        assert_eq!(mm.stats.slots_quarantined.load(Ordering::Relaxed), 1);
+        assert_eq!(mm.mapped_slots(), 0, "nothing published");
+        // The quarantined slot is out of service; the other one works.
+        vm.inject_memslot_faults(|_, _| false);
+        let err = mm.plug_range(base, BLOCK).unwrap_err();
+        assert!(
+            matches!(err, HotplugError::Quarantined { gpa } if gpa == base),
+            "{err}"
+        );
+        mm.plug_range(base + SLOT_SIZE, BLOCK).unwrap();
+        assert_eq!(mm.mapped_slots(), 1);
+        let state = mm.state_json();
+        assert_eq!(state["quarantined-slots"], serde_json::json!([base]));
+        rcu::drain_call_rcu();
+        assert!(mapped(kept), "the quarantined slot was unmapped later");
+    }
+
+    #[test]
+    fn an_unplug_whose_memory_slot_cannot_be_restored_stops_the_vm() {
+        let base = 0x20_0000_0000;
+        let _serial = serial();
+        let (vm, mm) = manager(base, 2);
+        let fatal = Arc::new(Mutex::new(Vec::<String>::new()));
+        let f = Arc::clone(&fatal);
+        mm.on_fatal(Box::new(move |m| f.lock().unwrap().push(m)));
+        mm.plug_range(base, 2 * SLOT_SIZE).unwrap();
+        let before = hosts(&mm);
+        // The second deletion fails, and so does registering the first
+        // slot again.
+        vm.inject_memslot_faults(|slot, size| {
+            (slot == FIRST_HOTPLUG_KVM_SLOT + 1 && size == 0)
+                || (slot == FIRST_HOTPLUG_KVM_SLOT && size > 0)
+        });
+        assert!(mm.unplug_range(base, 2 * SLOT_SIZE).is_err());
+        let msgs = fatal.lock().unwrap().clone();
+        assert_eq!(msgs.len(), 1, "{msgs:?}");
+        assert!(
+            msgs[0].contains(&format!("{base:#x}")) && msgs[0].contains("cannot be registered"),
+            "{msgs:?}"
+        );
+        // Nothing was unmapped: both slots are still published and mapped.
+        rcu::drain_call_rcu();
+        assert_eq!(hosts(&mm), before);
+        assert!(before.iter().all(|&h| mapped(h)));
+        assert_eq!(
+            mm.state_json()["quarantined-slots"],
+            serde_json::json!([base])
+        );
+    }
+
+    #[test]
+    fn a_failed_deletion_during_unplug_leaves_every_slot_as_it_was() {
+        let base = 0x30_0000_0000;
+        let _serial = serial();
+        let (vm, mm) = manager(base, 2);
+        mm.plug_range(base, 2 * SLOT_SIZE).unwrap();
+        let before = hosts(&mm);
+        let deletions = Arc::new(AtomicUsize::new(0));
+        let d = Arc::clone(&deletions);
+        vm.inject_memslot_faults(move |slot, size| {
+            if size == 0 {
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+            slot == FIRST_HOTPLUG_KVM_SLOT + 1 && size == 0
+        });
+        assert!(mm.unplug_range(base, 2 * SLOT_SIZE).is_err());
+        assert_eq!(deletions.load(Ordering::Relaxed), 2);
+        assert_eq!(hosts(&mm), before, "both slots still mapped and published");
+        vm.inject_memslot_faults(|_, _| false);
+        // The first slot was registered again: unplugging works now.
+        mm.unplug_range(base, 2 * SLOT_SIZE).unwrap();
+        rcu::drain_call_rcu();
+        assert!(
+            before.iter().all(|&h| !mapped(h)),
+            "unmapped after the unplug"
+        );
+        assert_eq!(mm.stats.slots_quarantined.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn unplugged_blocks_of_a_mapped_slot_are_read_only_and_hold_no_memory() {
+        let _serial = serial();
+        let base = 0x50_0000_0000;
+        let (_vm, mm) = manager(base, 1);
+        mm.plug_range(base, 2 * BLOCK).unwrap();
+        let host = hosts(&mm)[0];
+        let perms = |off: u64| {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            maps.lines()
+                .find_map(|l| {
+                    let mut f = l.split_whitespace();
+                    let (a, b) = f.next()?.split_once('-')?;
+                    let (a, b) = (
+                        u64::from_str_radix(a, 16).ok()?,
+                        u64::from_str_radix(b, 16).ok()?,
+                    );
+                    (a <= host + off && host + off < b).then(|| f.next().unwrap_or("").to_string())
+                })
+                .unwrap()
+        };
+        assert!(perms(0).starts_with("rw"), "{}", perms(0));
+        assert!(perms(BLOCK).starts_with("rw"), "{}", perms(BLOCK));
+        assert!(perms(2 * BLOCK).starts_with("r-"), "{}", perms(2 * BLOCK));
+        assert!(mm.writable(base, 2 * BLOCK));
+        assert!(!mm.writable(base + 2 * BLOCK - 8, 16));
+        assert!(mm.writable(base - 8, 8) && mm.writable(base + SLOT_SIZE, 8));
+        // The guest wrote block 1; unplugging it makes it read-only and
+        // gives its memory back (reads see zeros).
+        // SAFETY: block 1 is plugged and writable; nothing else uses it.
+        unsafe { ((host + BLOCK) as *mut u64).write_volatile(0x1234) };
+        mm.unplug_range(base + BLOCK, BLOCK).unwrap();
+        assert!(perms(BLOCK).starts_with("r-"), "{}", perms(BLOCK));
+        assert!(!mm.writable(base + BLOCK, 8));
+        // SAFETY: the page is mapped (read-only); reading it is allowed.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        assert_eq!(mm.stats.madvised_bytes.load(Ordering::Relaxed), BLOCK);
+        // Emptying the slot retires it: still mapped (writable) for readers
+        // of the old map until a grace period passes.
+        mm.unplug_range(base, BLOCK).unwrap();
+        assert!(mm.writable(base, 8));
+    }
+
+    #[test]
+    fn plugs_that_need_a_new_slot_are_refused_while_too_many_retired_slots_wait() {
+        let base = 0x40_0000_0000;
+        let _serial = serial();
+        let (_vm, mm) = manager(base, 2);
+        // A reader holds up every grace period: retired slots stay mapped.
+        let g = rcu::read_lock();
+        for _ in 0..MAX_RETIRED_SLOTS {
+            mm.plug_range(base, BLOCK).unwrap();
+            mm.unplug_range(base, BLOCK).unwrap();
+        }
+        assert_eq!(mm.retired_pending(), MAX_RETIRED_SLOTS);
+        let err = mm.plug_range(base, BLOCK).unwrap_err();
+        assert!(matches!(err, HotplugError::Backlog { pending } if pending == MAX_RETIRED_SLOTS));
+        assert_eq!(mm.stats.plugs_refused_backlog.load(Ordering::Relaxed), 1);
+        assert_eq!(mm.mapped_slots(), 0);
+        drop(g);
+        rcu::drain_call_rcu();
+        assert_eq!(mm.retired_pending(), 0);
+        mm.plug_range(base, BLOCK).unwrap();
+        assert_eq!(mm.mapped_slots(), 1);
     }
 }

@@ -377,6 +377,10 @@ fn run_loop(
                     Ok(Next::Continue)
                 }
                 libc::EAGAIN => Ok(Next::Continue),
+                libc::EFAULT => Err(NeedsVcpu::Fatal(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}: the guest accessed memory the host \
+                     does not back for it (such as a write to an unplugged hot-plug block)"
+                ))),
                 _ => Err(NeedsVcpu::Fatal(format!(
                     "vCPU {index}: KVM_RUN failed: {e}"
                 ))),

@@ -67,6 +67,8 @@ pub enum VmError {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
+    #[cfg(test)]
+    memslot_faults: memslot_faults::MemslotFaults,
 }
 
 impl Vm {
@@ -84,7 +86,12 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
-        Ok(Self { kvm, fd })
+        Ok(Self {
+            kvm,
+            fd,
+            #[cfg(test)]
+            memslot_faults: memslot_faults::MemslotFaults::default(),
+        })
     }
 
     /// The `/dev/kvm` handle.
@@ -118,6 +125,15 @@ impl Vm {
             memory_size: size,
             userspace_addr: host,
         };
+        #[cfg(test)]
+        if self.memslot_faults.should_fail(slot, size) {
+            return Err(VmError::Memslot {
+                slot,
+                gpa,
+                size,
+                source: kvm_ioctls::Error::new(libc::ENOMEM),
+            });
+        }
         // SAFETY: the caller guarantees the host range outlives the slot.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(|source| VmError::Memslot {
             slot,
@@ -132,6 +148,18 @@ impl Vm {
     pub fn delete_memslot(&self, slot: u32, gpa: u64) -> Result<(), VmError> {
         // SAFETY: a zero-size region maps no host memory.
         unsafe { self.set_memslot(slot, gpa, 0, 0) }
+    }
+
+    /// The number of memory slots KVM allows this VM (`KVM_CAP_NR_MEMSLOTS`).
+    pub fn memslot_limit(&self) -> usize {
+        self.kvm.get_nr_memslots()
+    }
+
+    /// Makes `KVM_SET_USER_MEMORY_REGION` calls for which `fail(slot, size)`
+    /// is true fail with `ENOMEM` without reaching KVM (unit tests only).
+    #[cfg(test)]
+    pub(crate) fn inject_memslot_faults(&self, fail: impl Fn(u32, u64) -> bool + Send + 'static) {
+        self.memslot_faults.set(Box::new(fail));
     }
 
     /// Makes a write to `evt` raise GSI `gsi` (edge) in the in-kernel irqchip.
@@ -154,5 +182,39 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
             .map_err(|source| VmError::Ioeventfd { addr, source })
+    }
+}
+
+/// Memory-slot failures injected by unit tests.
+#[cfg(test)]
+mod memslot_faults {
+    use std::sync::Mutex;
+
+    type Predicate = Box<dyn Fn(u32, u64) -> bool + Send>;
+
+    #[derive(Default)]
+    pub(super) struct MemslotFaults(Mutex<Option<Predicate>>);
+
+    impl std::fmt::Debug for MemslotFaults {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("MemslotFaults")
+        }
+    }
+
+    impl MemslotFaults {
+        pub(super) fn set(&self, p: Predicate) {
+            *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(p);
+        }
+
+        pub(super) fn should_fail(&self, slot: u32, size: u64) -> bool {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .is_some_and(|p| p(slot, size))
+        }
     }
 }

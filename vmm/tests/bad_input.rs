@@ -245,3 +245,25 @@ fn unknown_flag_and_missing_kernel_flag() {
     assert_clean_failure(&vmm(&["--kernal", "x"]), 2, "unexpected argument");
     assert_clean_failure(&vmm(&[]), 2, "--kernel");
 }
+
+#[test]
+fn hotplug_region_beyond_the_kvm_memory_slot_limit() {
+    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+    let limit = kvm.get_nr_memslots() as u64;
+    let slot = vmm::memory_manager::SLOT_SIZE;
+    let first = u64::from(vmm::memory_manager::FIRST_HOTPLUG_KVM_SLOT);
+    // One slot more than KVM can register.
+    let size = (limit - first + 1) * slot;
+    let size_arg = format!("{}M", size >> 20);
+    let k = kernel();
+    let r = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--hotplug-memory",
+        &size_arg,
+    ]);
+    assert_clean_failure(&r, 1, &format!("but KVM allows {limit}"));
+    assert!(r.stderr.contains(&format!("needs {}", limit + 1)), "{r}");
+}

@@ -77,6 +77,15 @@ pub enum ChainError {
     /// Guest memory refused an access that was checked before.
     #[error("cannot access a descriptor buffer")]
     Memory(#[source] GuestMemoryError),
+    /// A buffer the device would write, or the used ring, overlaps memory the
+    /// device has unplugged (the VMM does not let anything write there).
+    #[error("device-written memory at {addr:#x} (+{len:#x}) overlaps unplugged memory")]
+    Unplugged {
+        /// Guest-physical start of the range.
+        addr: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 /// One buffer of a chain: guest-physical address and length.
@@ -219,6 +228,12 @@ impl RequestBuffers {
             }
         }
         Ok(())
+    }
+
+    /// The guest ranges a [`write_prefix`](RequestBuffers::write_prefix) of `len` bytes
+    /// writes.
+    pub(crate) fn writable_ranges(&self, len: usize) -> impl Iterator<Item = (u64, u64)> + '_ {
+        pieces(&self.writable, len).map(|(a, n)| (a.0, n as u64))
     }
 
     /// Writes `data` to the start of the writable buffers; returns the number of bytes

@@ -723,6 +723,16 @@ impl VirtioDevice for VirtioMem {
             bufs.check_writable(mem, MEM_RESPONSE_SIZE)
                 .map_err(|e| Self::malformed(st, e))?;
             let response = self.handle(st, MemRequest::parse(&raw));
+            // The backend may have made unplugged memory read-only: check the
+            // response and the used ring as things are after this request.
+            let used_ring = (queue.used_ring(), 6 + 8 * u64::from(queue.size()));
+            if let Some((addr, len)) = bufs
+                .writable_ranges(MEM_RESPONSE_SIZE)
+                .chain(std::iter::once(used_ring))
+                .find(|&(a, l)| !self.backend.writable(a, l))
+            {
+                return Err(Self::malformed(st, ChainError::Unplugged { addr, len }));
+            }
             let len = bufs
                 .write_prefix(mem, &response.to_bytes())
                 .map_err(|e| Self::malformed(st, e))?;
@@ -1028,6 +1038,62 @@ mod tests {
             0,
             "errors are not fatal"
         );
+    }
+
+    #[test]
+    fn a_response_in_memory_the_request_unplugs_breaks_the_device_and_is_not_written() {
+        let mut f = MemFixture::new(64 * MIB);
+        // Guest memory that also covers the first blocks of the region.
+        f.mem = vm_memory::GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), RAM_SIZE),
+            (GuestAddress(REGION_ADDR), 4 * BLOCK as usize),
+        ])
+        .unwrap();
+        let mut q = f.activate();
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(0), 2))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        let send = |q: &mut TestQueue<'_>, req: MemRequest, resp: u64| {
+            f.mem
+                .write_slice(&req.to_bytes(), GuestAddress(REQ_ADDR))
+                .unwrap();
+            f.mem
+                .write_slice(&[0xff; MEM_RESPONSE_SIZE], GuestAddress(resp))
+                .unwrap();
+            q.push(&[
+                (REQ_ADDR, 24, false),
+                (resp, MEM_RESPONSE_SIZE as u32, true),
+            ]);
+            f.kick()
+        };
+        let resp_of = |at: u64| {
+            let mut b = [0u8; MEM_RESPONSE_SIZE];
+            f.mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+            b
+        };
+        // A response in a plugged block is written.
+        let in_block1 = block(1) + 0x100;
+        let out = send(
+            &mut q,
+            MemRequest::State {
+                addr: block(0),
+                nb_blocks: 1,
+            },
+            in_block1,
+        );
+        assert!(!out.needs_reset && out.completed == 1, "{out:?}");
+        assert_eq!(
+            u16::from_le_bytes([resp_of(in_block1)[0], 0]),
+            VIRTIO_MEM_RESP_ACK
+        );
+        // Unplugging the block that holds the response: the request is
+        // carried out, the response is not written, the device breaks.
+        let out = send(&mut q, unplug(block(1), 1), in_block1);
+        assert!(out.needs_reset && out.completed == 0, "{out:?}");
+        assert_eq!(resp_of(in_block1), [0xff; MEM_RESPONSE_SIZE]);
+        assert_eq!(device_blocks(&f.vmem), blocks(0..1));
+        assert_eq!(f.vmem.stats().malformed, 1);
     }
 
     #[test]

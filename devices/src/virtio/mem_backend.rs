@@ -48,4 +48,15 @@ pub trait MemoryBackend: Send + Sync {
 
     /// Takes `[gpa, gpa + len)` away from the guest and releases its memory.
     fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError>;
+
+    /// Whether the device may write `[gpa, gpa + len)` through the guest memory map it
+    /// was given for the current batch of requests. A backend that makes unplugged
+    /// memory read-only answers `false` for ranges that touch it, and the device then
+    /// breaks instead of writing (a write would fault). Ranges outside the region are
+    /// not the backend's business: it answers `true`. Called on the same thread and
+    /// under the same lock as [`plug`](MemoryBackend::plug); the default answers `true`.
+    fn writable(&self, gpa: u64, len: u64) -> bool {
+        let _ = (gpa, len);
+        true
+    }
 }

@@ -87,6 +87,9 @@ pub(crate) enum Call {
 struct FakeState {
     calls: Vec<Call>,
     plugged: BTreeSet<u64>,
+    /// Blocks unplugged after having been plugged: read-only, as the VMM's backend
+    /// leaves them.
+    read_only: BTreeSet<u64>,
     fail_next: usize,
     fail_after: Option<usize>,
     contract_violations: usize,
@@ -162,8 +165,10 @@ impl FakeBackend {
         for b in blocks {
             if plug {
                 st.plugged.insert(b);
+                st.read_only.remove(&b);
             } else {
                 st.plugged.remove(&b);
+                st.read_only.insert(b);
             }
         }
         Ok(())
@@ -177,6 +182,13 @@ impl MemoryBackend for FakeBackend {
 
     fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
         self.apply(Call::Unplug(gpa, len))
+    }
+
+    fn writable(&self, gpa: u64, len: u64) -> bool {
+        let first = gpa - gpa % self.block;
+        let end = gpa.saturating_add(len);
+        let st = self.state.lock().unwrap();
+        !st.read_only.range(first..end).any(|_| true)
     }
 }
 

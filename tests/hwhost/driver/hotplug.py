@@ -6,7 +6,7 @@ import time
 
 from guest_checks import (GIB, boot, check_rcu_file, clock_sample, end_from_guest,
                           meminfo_kib, site_calls, wait_memtotal, wait_size)
-from l2_vm import MIB, Vm, proc_maps, vm_flags
+from l2_vm import MIB, Vm, new_ranges, proc_maps, vm_flags
 
 
 def hotplug(res, args):
@@ -27,6 +27,7 @@ def hotplug(res, args):
             rcu0 = vm.cmd("x-query-rcu")
             hp0 = vm.cmd("x-query-hotplug")
             ev0 = len(vm.pull_events())
+            maps0 = proc_maps(vm.pid)
             vm.cmd("qom-set", path="vmem0", property="requested-size", value=plug)
             plug_s = wait_size(vm, plug, 600)
             vm.wait_event("MEMORY_DEVICE_SIZE_CHANGE", 30, lambda e: e["data"]["size"] == plug,
@@ -36,7 +37,15 @@ def hotplug(res, args):
             res.check(f"cycle {c}: one mapped slot per 128 MiB plugged",
                       len(slots) * hp1["slot-size"] == plug,
                       {"slots": len(slots), "slot_size": hp1["slot-size"]})
-            undumped = [s["gpa"] for s in slots if "dd" not in vm_flags(vm.pid, s["host"])]
+            res.check(f"cycle {c}: x-query-hotplug gives no host addresses",
+                      all("host" not in s for s in slots), slots[:2])
+            # The slots' mappings, found in /proc/PID/maps: whole slots, at
+            # least the plugged size.
+            mapped = new_ranges(maps0, proc_maps(vm.pid), hp1["slot-size"])
+            res.check(f"cycle {c}: the plug mapped at least the plugged size",
+                      sum(b - a for a, b in mapped) >= plug,
+                      [(hex(a), b - a) for a, b in mapped][:4])
+            undumped = [hex(a) for a, _ in mapped if "dd" not in vm_flags(vm.pid, a)]
             res.check(f"cycle {c}: plugged slots are left out of core dumps", not undumped,
                       undumped[:4])
             got = wait_memtotal(vm, base_kib + plug // 1024, 120)
@@ -65,8 +74,8 @@ def hotplug(res, args):
             while True:
                 hp2 = vm.cmd("x-query-hotplug")
                 maps = proc_maps(vm.pid)
-                left = [(s["gpa"], a, b) for s in slots for (a, b) in maps
-                        if a < s["host"] + s["size"] and s["host"] < b]
+                left = [(hex(sa), a, b) for sa, sb in mapped for (a, b) in maps
+                        if a < sb and sa < b]
                 rss = vm.rss_kib()
                 if (not hp2["mapped-slots"] and not left and rss <= rss0 + 64 * 1024) \
                         or time.monotonic() > deadline:

@@ -56,6 +56,23 @@ def proc_maps(pid):
     return out
 
 
+def new_ranges(before, after, min_len):
+    """The address ranges of at least MIN_LEN bytes mapped in AFTER but not in
+    BEFORE (proc_maps snapshots): what a plug mapped, found without the VMM
+    telling its host addresses."""
+    out = []
+    for a, b in after:
+        for oa, ob in before:
+            if ob <= a or oa >= b:
+                continue
+            if oa > a:
+                out.append((a, oa))
+            a = max(a, ob)
+        if a < b:
+            out.append((a, b))
+    return [(a, b) for a, b in out if b - a >= min_len]
+
+
 def vm_flags(pid, addr):
     """The VmFlags of PID's mapping that holds ADDR (empty if none does)."""
     inside = False
