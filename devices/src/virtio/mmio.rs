@@ -124,6 +124,9 @@ pub struct MmioStats {
     pub notifies: u64,
     /// Times the device was marked as needing a reset.
     pub broken: u64,
+    /// [`VirtioMmio::process_queue`] calls refused because the device needed a reset
+    /// (a driver notifying a broken device; nothing is processed or logged for them).
+    pub refused_while_broken: u64,
 }
 
 /// What one [`VirtioMmio::process_queue`] call did.
@@ -133,7 +136,10 @@ pub struct QueueOutcome {
     /// after completing some).
     pub completed: usize,
     /// `DEVICE_NEEDS_RESET` is set: the driver broke the protocol (during this call or
-    /// before) and nothing is processed until it resets the device.
+    /// before) and nothing is processed until it resets the device. The transport logs
+    /// the transition itself (at warn level the first time, at debug level after); a
+    /// caller must not log per call, since a driver can notify a broken device without
+    /// end (see [`MmioStats::refused_while_broken`]).
     pub needs_reset: bool,
 }
 
@@ -143,6 +149,7 @@ struct Counters {
     ignored: AtomicU64,
     notifies: AtomicU64,
     broken: AtomicU64,
+    refused_while_broken: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -268,6 +275,7 @@ impl VirtioMmio {
             ignored: self.counters.ignored.load(Ordering::Relaxed),
             notifies: self.counters.notifies.load(Ordering::Relaxed),
             broken: self.counters.broken.load(Ordering::Relaxed),
+            refused_while_broken: self.counters.refused_while_broken.load(Ordering::Relaxed),
         }
     }
 
@@ -294,6 +302,9 @@ impl VirtioMmio {
             return Err(MmioError::NoSuchQueue { index });
         }
         if st.needs_reset {
+            self.counters
+                .refused_while_broken
+                .fetch_add(1, Ordering::Relaxed);
             return Ok(QueueOutcome {
                 completed: 0,
                 needs_reset: true,
@@ -1192,8 +1203,15 @@ mod tests {
 
         // Broken: nothing is processed until a reset.
         *dev.behaviour.lock().unwrap() = Behaviour::CompleteAll;
+        assert_eq!(mmio.stats().refused_while_broken, 0);
         assert!(mmio.process_queue(0, &mem).unwrap().needs_reset);
         assert_eq!(dev.processed.lock().unwrap().len(), 1);
+        assert_eq!(mmio.stats().refused_while_broken, 1);
+        assert_eq!(
+            mmio.stats().broken,
+            1,
+            "a refused call is no new transition"
+        );
         // Writing back the status with NEEDS_RESET does not change anything.
         let status = read32(&mmio, VIRTIO_MMIO_STATUS);
         write32(&mmio, VIRTIO_MMIO_STATUS, status);
