@@ -33,6 +33,9 @@ const MAX_RECORD: usize = 4096;
 /// Unlike `eprintln!`, it never panics: a panic on a broken stderr would
 /// run the panic hook, which prints again, and end the VMM abnormally.
 /// Any thread may call it; lines from different threads are not interleaved.
+/// It waits while stderr does not take the line (a full pipe): it is for
+/// set-up errors, the messages at exit and the panic hook; while the VM
+/// runs, log through the `log` macros, which never wait.
 pub fn stderr_line(args: std::fmt::Arguments<'_>) {
     let mut err = std::io::stderr().lock();
     let _ = err.write_fmt(args);
