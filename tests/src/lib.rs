@@ -14,6 +14,8 @@ pub mod kit;
 pub mod panic_watch;
 pub mod proc_maps;
 pub mod recorder;
+pub mod stderr_redirect;
+pub mod virtio_ops;
 pub mod vmm_process;
 
 /// Panics (fails the test) if `/dev/kvm` cannot be opened: tests that need

@@ -177,8 +177,10 @@ impl HotplugWorker {
         let map = self.memory.read(&g);
         match self.hotplug.transport.process_queue(0, map.memory()) {
             Ok(outcome) => {
+                // The transport logged the transition to "needs reset"
+                // once; a guest can notify the broken queue without end.
                 if outcome.needs_reset {
-                    log::warn!("virtio-mem: the guest broke the device; it needs a reset");
+                    log::debug!("virtio-mem: notification ignored: the device needs a reset");
                 }
             }
             Err(e) => log::warn!("virtio-mem: queue processing failed: {e}"),

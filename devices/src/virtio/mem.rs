@@ -603,10 +603,20 @@ impl VirtioMem {
     ) {
         st.stats.backend_failures += 1;
         let cause = std::error::Error::source(err).map(ToString::to_string);
-        log::warn!(
-            "virtio-mem: cannot {op} [{addr:#x}, +{len:#x}): {err}: {}",
-            cause.unwrap_or_default()
-        );
+        // A guest can retry a failing request without end: the first failure is a
+        // warning, later ones are counted and logged at debug level only.
+        if st.stats.backend_failures == 1 {
+            log::warn!(
+                "virtio-mem: cannot {op} [{addr:#x}, +{len:#x}): {err}: {} \
+                 (later failures are counted and logged at debug level)",
+                cause.unwrap_or_default()
+            );
+        } else {
+            log::debug!(
+                "virtio-mem: cannot {op} [{addr:#x}, +{len:#x}): {err}: {}",
+                cause.unwrap_or_default()
+            );
+        }
     }
 
     fn config_bytes(&self, st: &MemState) -> [u8; VIRTIO_MEM_CONFIG_SIZE] {
@@ -1226,6 +1236,30 @@ mod tests {
             (1, 1, 1)
         );
         assert_eq!(f.backend.contract_violations(), 0);
+    }
+
+    /// A driver retrying a request the backend keeps failing gets one warning in all;
+    /// the rest are counted and logged at debug level.
+    #[test]
+    fn repeated_backend_failures_warn_once() {
+        let f = MemFixture::new(64 * MIB);
+        let mut q = f.activate();
+        let ((), logs) = capture_logs(|| {
+            for _ in 0..50 {
+                f.backend.fail_next(1);
+                assert_eq!(
+                    kind(f.request(&mut q, plug(block(0), 1))),
+                    VIRTIO_MEM_RESP_BUSY
+                );
+            }
+        });
+        assert_eq!(f.vmem.stats().backend_failures, 50);
+        assert_eq!(warnings(&logs), 1, "{logs:#?}");
+        let failures = logs
+            .iter()
+            .filter(|(_, m)| m.contains("virtio-mem: cannot plug"))
+            .count();
+        assert_eq!(failures, 50, "every failure is still logged: {logs:#?}");
     }
 
     #[test]

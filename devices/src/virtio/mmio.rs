@@ -42,7 +42,7 @@ use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_VERSION,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::device::{QueueProgress, VirtioDevice, VirtioDeviceError};
@@ -124,6 +124,9 @@ pub struct MmioStats {
     pub notifies: u64,
     /// Times the device was marked as needing a reset.
     pub broken: u64,
+    /// [`VirtioMmio::process_queue`] calls refused because the device needed a reset
+    /// (a driver notifying a broken device; nothing is processed or logged for them).
+    pub refused_while_broken: u64,
 }
 
 /// What one [`VirtioMmio::process_queue`] call did.
@@ -133,7 +136,10 @@ pub struct QueueOutcome {
     /// after completing some).
     pub completed: usize,
     /// `DEVICE_NEEDS_RESET` is set: the driver broke the protocol (during this call or
-    /// before) and nothing is processed until it resets the device.
+    /// before) and nothing is processed until it resets the device. The transport logs
+    /// the transition itself (at warn level the first time, at debug level after); a
+    /// caller must not log per call, since a driver can notify a broken device without
+    /// end (see [`MmioStats::refused_while_broken`]).
     pub needs_reset: bool,
 }
 
@@ -143,6 +149,7 @@ struct Counters {
     ignored: AtomicU64,
     notifies: AtomicU64,
     broken: AtomicU64,
+    refused_while_broken: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -268,6 +275,7 @@ impl VirtioMmio {
             ignored: self.counters.ignored.load(Ordering::Relaxed),
             notifies: self.counters.notifies.load(Ordering::Relaxed),
             broken: self.counters.broken.load(Ordering::Relaxed),
+            refused_while_broken: self.counters.refused_while_broken.load(Ordering::Relaxed),
         }
     }
 
@@ -294,6 +302,9 @@ impl VirtioMmio {
             return Err(MmioError::NoSuchQueue { index });
         }
         if st.needs_reset {
+            self.counters
+                .refused_while_broken
+                .fetch_add(1, Ordering::Relaxed);
             return Ok(QueueOutcome {
                 completed: 0,
                 needs_reset: true,
@@ -305,6 +316,15 @@ impl VirtioMmio {
         };
         if slot.misconfigured {
             self.mark_broken(st, "queue configured with an invalid size or ring address");
+            return Ok(QueueOutcome {
+                completed: 0,
+                needs_reset: true,
+            });
+        }
+        // Checked here first: `Queue::is_valid` logs each failure at error level, a
+        // line per notification of a broken queue.
+        if let Some(ring) = ring_outside(&slot.queue, mem) {
+            self.mark_broken(st, &format!("queue {ring} is outside guest memory"));
             return Ok(QueueOutcome {
                 completed: 0,
                 needs_reset: true,
@@ -659,6 +679,24 @@ impl VirtioMmio {
             None => self.ignore("notification of a missing queue", QUEUE_NOTIFY_OFFSET),
         }
     }
+}
+
+/// The first of `queue`'s rings that does not lie wholly in `mem`, by name: the
+/// checks of `Queue::is_valid` (virtio 1.2 §2.7: 16-byte descriptors; 6 bytes of
+/// header and event index around 2-byte available and 8-byte used elements), without
+/// its logging.
+fn ring_outside(queue: &Queue, mem: &GuestMemoryMmap) -> Option<&'static str> {
+    let size = u64::from(queue.size());
+    [
+        (queue.desc_table(), 16 * size, "descriptor table"),
+        (queue.avail_ring(), 6 + 2 * size, "available ring"),
+        (queue.used_ring(), 6 + 8 * size, "used ring"),
+    ]
+    .into_iter()
+    .find(|&(addr, len, _)| {
+        usize::try_from(len).map_or(true, |len| !mem.check_range(GuestAddress(addr), len))
+    })
+    .map(|(_, _, name)| name)
 }
 
 fn status_value(st: &MmioState) -> u8 {
@@ -1192,8 +1230,15 @@ mod tests {
 
         // Broken: nothing is processed until a reset.
         *dev.behaviour.lock().unwrap() = Behaviour::CompleteAll;
+        assert_eq!(mmio.stats().refused_while_broken, 0);
         assert!(mmio.process_queue(0, &mem).unwrap().needs_reset);
         assert_eq!(dev.processed.lock().unwrap().len(), 1);
+        assert_eq!(mmio.stats().refused_while_broken, 1);
+        assert_eq!(
+            mmio.stats().broken,
+            1,
+            "a refused call is no new transition"
+        );
         // Writing back the status with NEEDS_RESET does not change anything.
         let status = read32(&mmio, VIRTIO_MMIO_STATUS);
         write32(&mmio, VIRTIO_MMIO_STATUS, status);
@@ -1249,6 +1294,54 @@ mod tests {
         );
         assert!(mmio.process_queue(0, &mem).unwrap().needs_reset);
         assert!(dev.processed.lock().unwrap().is_empty());
+    }
+
+    /// A driver that breaks the device, resets it and breaks it again without end gets
+    /// one warning in all (the rest is at debug level): nothing the transport or the
+    /// queue library logs on its behalf is a line per round.
+    #[test]
+    fn breaking_the_device_again_and_again_warns_once() {
+        let (dev, mmio, _) = transport();
+        let mem = guest_memory();
+        let outside = [
+            (VIRTIO_MMIO_QUEUE_DESC_HIGH, "descriptor table"),
+            (VIRTIO_MMIO_QUEUE_AVAIL_HIGH, "available ring"),
+            (VIRTIO_MMIO_QUEUE_USED_HIGH, "used ring"),
+        ];
+        let rounds = 20;
+        let ((), logs) = capture_logs(|| {
+            for round in 0..rounds {
+                write32(&mmio, VIRTIO_MMIO_STATUS, 0);
+                negotiate(&mmio, ALL_FEATURES);
+                write32(&mmio, VIRTIO_MMIO_QUEUE_SEL, 0);
+                write32(&mmio, VIRTIO_MMIO_QUEUE_NUM, 16);
+                write32(&mmio, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+                write32(&mmio, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+                write32(&mmio, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+                write32(&mmio, outside[round % 3].0, 0x10);
+                write32(&mmio, VIRTIO_MMIO_QUEUE_READY, 1);
+                write32(
+                    &mmio,
+                    VIRTIO_MMIO_STATUS,
+                    S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+                );
+                for _ in 0..5 {
+                    assert!(mmio.process_queue(0, &mem).unwrap().needs_reset);
+                }
+            }
+        });
+        assert!(dev.processed.lock().unwrap().is_empty());
+        let stats = mmio.stats();
+        assert_eq!(stats.broken, rounds as u64);
+        assert_eq!(stats.refused_while_broken, 4 * rounds as u64);
+        assert_eq!(warnings(&logs), 1, "{logs:#?}");
+        for (_, ring) in outside {
+            assert!(
+                logs.iter()
+                    .any(|(_, m)| m.contains(&format!("queue {ring} is outside guest memory"))),
+                "{ring}: {logs:#?}"
+            );
+        }
     }
 
     #[test]

@@ -437,3 +437,47 @@ pub(crate) fn negotiate(dev: &VirtioMmio, features: u64) -> u32 {
     write32(dev, VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
     read32(dev, VIRTIO_MMIO_STATUS)
 }
+
+/// The log records of one thread, as `(level, message)`.
+pub(crate) type CapturedLogs = Vec<(log::Level, String)>;
+
+std::thread_local! {
+    static CAPTURED: std::cell::RefCell<Option<CapturedLogs>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A logger that keeps the records of threads inside [`capture_logs`] and drops the
+/// rest (tests run in parallel on other threads).
+struct CaptureLogger;
+
+impl log::Log for CaptureLogger {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        CAPTURED.with(|c| {
+            if let Some(v) = c.borrow_mut().as_mut() {
+                v.push((r.level(), r.args().to_string()));
+            }
+        });
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE_LOGGER: CaptureLogger = CaptureLogger;
+
+/// Runs `f` and returns what it logged on this thread, at every level.
+pub(crate) fn capture_logs<T>(f: impl FnOnce() -> T) -> (T, CapturedLogs) {
+    // Only this logger is ever installed in the devices' unit tests.
+    let _ = log::set_logger(&CAPTURE_LOGGER);
+    log::set_max_level(log::LevelFilter::Trace);
+    CAPTURED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let t = f();
+    let logs = CAPTURED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (t, logs)
+}
+
+/// How many of `logs` are at warn level or above: what a user sees by default.
+pub(crate) fn warnings(logs: &CapturedLogs) -> usize {
+    logs.iter().filter(|(l, _)| *l <= log::Level::Warn).count()
+}

@@ -1,0 +1,94 @@
+//! Guest accesses ([`Op`]s for the `guest_driver` runner) that drive the
+//! virtio-mem device of a bare VM (`BareVm::with_hotplug`) through its
+//! virtio-mmio registers: a driver's handshake, and a queue whose rings lie
+//! outside guest memory, which breaks the device on the first notification.
+
+use crate::guest_driver::Op;
+
+/// Where the virtio-mmio window of the hot-plug device is in a bare VM.
+pub const VIRTIO: u64 = 0xd000_1000;
+/// `QueueNotify`.
+pub const QUEUE_NOTIFY: u64 = 0x50;
+/// `Status`.
+pub const STATUS: u64 = 0x70;
+/// The `DEVICE_NEEDS_RESET` status bit.
+pub const NEEDS_RESET: u32 = 0x40;
+/// ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK.
+pub const DRIVER_OK_STATUS: u32 = 0xf;
+/// Rings here are outside a bare VM's RAM and outside every device window.
+pub const OUTSIDE_RAM: u64 = 0xe000_0000;
+
+const DRIVER_FEATURES: u64 = 0x20;
+const DRIVER_FEATURES_SEL: u64 = 0x24;
+const QUEUE_SEL: u64 = 0x30;
+const QUEUE_NUM: u64 = 0x38;
+const QUEUE_READY: u64 = 0x44;
+const QUEUE_DESC: u64 = 0x80;
+const QUEUE_AVAIL: u64 = 0x90;
+const QUEUE_USED: u64 = 0xa0;
+
+/// A 32-bit write to register `offset` of the window.
+pub fn w32(offset: u64, value: u32) -> Op {
+    Op::Write {
+        addr: VIRTIO + offset,
+        width: 4,
+        value: value.into(),
+    }
+}
+
+/// A 32-bit read of register `offset` of the window.
+pub fn r32(offset: u64) -> Op {
+    Op::Read {
+        addr: VIRTIO + offset,
+        width: 4,
+    }
+}
+
+/// The guest side of Linux's probe: reset, features VERSION_1 and
+/// UNPLUGGED_INACCESSIBLE, queue 0 with `num` entries at the given rings,
+/// DRIVER_OK, and a read of the status (the last result).
+pub fn handshake_ops(num: u32, desc: u64, avail: u64, used: u64) -> Vec<Op> {
+    let mut ops = vec![
+        w32(STATUS, 0),
+        w32(STATUS, 1),
+        w32(STATUS, 3),
+        w32(DRIVER_FEATURES_SEL, 1),
+        w32(DRIVER_FEATURES, 1),
+        w32(DRIVER_FEATURES_SEL, 0),
+        w32(DRIVER_FEATURES, 1 << 1),
+        w32(STATUS, 0xb),
+        w32(QUEUE_SEL, 0),
+        w32(QUEUE_NUM, num),
+    ];
+    for (reg, addr) in [(QUEUE_DESC, desc), (QUEUE_AVAIL, avail), (QUEUE_USED, used)] {
+        ops.push(w32(reg, addr as u32));
+        ops.push(w32(reg + 4, (addr >> 32) as u32));
+    }
+    ops.extend([
+        w32(QUEUE_READY, 1),
+        w32(STATUS, DRIVER_OK_STATUS),
+        r32(STATUS),
+    ]);
+    ops
+}
+
+/// A handshake that reaches DRIVER_OK with the rings at [`OUTSIDE_RAM`]:
+/// the first notification breaks the device.
+pub fn broken_queue_handshake() -> Vec<Op> {
+    handshake_ops(16, OUTSIDE_RAM, OUTSIDE_RAM + 0x1000, OUTSIDE_RAM + 0x2000)
+}
+
+/// Notifies queue 0, then has the guest read the status until
+/// `DEVICE_NEEDS_RESET` shows (at most `limit` reads; the last result says
+/// whether it did).
+pub fn notify_and_poll_broken(limit: u32) -> [Op; 2] {
+    [
+        w32(QUEUE_NOTIFY, 0),
+        Op::Poll {
+            addr: VIRTIO + STATUS,
+            mask: NEEDS_RESET,
+            expect: NEEDS_RESET,
+            limit,
+        },
+    ]
+}
