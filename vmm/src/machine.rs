@@ -14,7 +14,8 @@ use crate::kvm::{self, KvmError};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
 use crate::signals::SignalFd;
-use crate::vcpu::{FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
+use crate::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
+use crate::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
 use crate::vm::{Vm, VmError};
 use crate::vm_controller::VmController;
 use boot::BootInfo;
@@ -96,6 +97,9 @@ pub enum MachineError {
     /// The QMP socket could not be served.
     #[error("cannot serve QMP")]
     Qmp(#[source] crate::qmp::ServerError),
+    /// stdout could not be set up for console output.
+    #[error("cannot set up stdout for the console output")]
+    ConsoleOutput(#[source] std::io::Error),
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -141,6 +145,15 @@ pub struct RunOutcome {
     pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
     /// The RCU lifetime recorder (end marked).
     pub lifetime: Arc<Mutex<LifetimeRecorder>>,
+    /// vCPUs whose threads did not exit within [`ANSWER_DEADLINE`] (left
+    /// behind, possibly inside an RCU read section: wait for no grace
+    /// period and unmap no guest memory after this).
+    pub stuck_vcpus: Vec<u32>,
+    /// Guest console output written (accepted into the console buffer).
+    pub console_bytes: u64,
+    /// Guest console output lost: the buffer was full (stdout did not keep
+    /// up), stdout failed, or it did not take the rest by the end.
+    pub console_bytes_dropped: u64,
 }
 
 /// The hardware of a VM, without anything to boot.
@@ -165,6 +178,10 @@ pub struct RunOptions {
     pub qmp: Option<std::path::PathBuf>,
     /// Which threads run under their seccomp filters.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Where guest console output goes: this descriptor (duplicated or
+    /// reopened when the run starts; the caller keeps it open until then),
+    /// or stdout if `None`.
+    pub console_out: Option<std::os::fd::RawFd>,
 }
 
 impl Machine {
@@ -246,7 +263,7 @@ impl Machine {
         mem: vm_memory::GuestMemoryMmap,
     ) -> Result<Self, MachineError> {
         let vm = Arc::clone(vm);
-        let devices = DeviceManager::new(&vm, Box::new(std::io::stdout()))?;
+        let devices = DeviceManager::new(&vm)?;
 
         let mut cpuid = boot::cpu::cpuid::supported_cpuid(vm.kvm()).map_err(MachineError::Cpuid)?;
         if host == HostKind::EmulationOnly {
@@ -401,6 +418,13 @@ impl Machine {
         if let Some(t) = options.timeout {
             control.set_deadline(Instant::now() + t);
         }
+        let writer = StdoutWriter::new(options.console_out.unwrap_or(libc::STDOUT_FILENO))
+            .map_err(MachineError::ConsoleOutput)?;
+        let drain = Arc::new(Mutex::new(ConsoleDrain::new(
+            Arc::clone(&self.devices.console_output),
+            writer,
+        )));
+        control.add(drain.clone());
 
         // The control thread reads the memory map (virtio-mem requests, QMP)
         // and must not make grace periods interrupt the vCPUs either.
@@ -494,14 +518,23 @@ impl Machine {
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {
-            vcpus.iter().for_each(VcpuHandle::stop);
+            if let Err(stuck) = crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+                log::error!("{stuck}");
+            }
             return Err(e.into());
         }
         let _ = self.vcpus.set(Arc::clone(&vcpus));
         let result = control.run();
-        for v in vcpus.iter() {
-            v.stop();
-        }
+        let stuck_vcpus = match crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                crate::logger::stderr_line(format_args!("vmm: {e}; ending without them"));
+                e.indexes
+            }
+        };
+        // No vCPU writes any more (a stuck one is not in the serial device:
+        // its writes never block).
+        lock(&drain).flush_until(Instant::now() + FINAL_FLUSH);
         drop(raw);
         if let (Some(q), Ok(reason)) = (&qmp, &result) {
             // QMP's own `quit` and `system_reset` already announced it.
@@ -516,6 +549,9 @@ impl Machine {
             reason,
             vcpu_stats: vcpus.iter().map(VcpuHandle::stats_arc).collect(),
             lifetime,
+            stuck_vcpus,
+            console_bytes: self.devices.console_output.accepted(),
+            console_bytes_dropped: self.devices.console_output.dropped(),
         })
     }
 
