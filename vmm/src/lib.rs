@@ -14,6 +14,22 @@
 //! * [`report`], [`metrics`]: what is written at exit.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
 //!   VM is set up.
+//! * [`console_output`], [`stdout_writer`]: guest console output, buffered
+//!   by vCPUs and written by the control thread without blocking.
+//!
+//! # Rule: no blocking I/O inside an RCU read section
+//!
+//! vCPU threads dispatch every exit inside a read section, and the control
+//! thread reads the memory map inside one. A section that blocks holds up
+//! every grace period: retired memory slots are never unmapped, and
+//! whatever waits for a grace period hangs. So nothing that runs inside a
+//! read section may write to stdout, stderr, a pipe or a socket, or wait
+//! for another thread without a bound. Guest console output goes into a
+//! bounded buffer ([`console_output`]) that the control thread drains to a
+//! non-blocking stdout ([`stdout_writer`]); when stdout stops draining, the
+//! output is dropped and counted, never waited for. Requests to vCPUs
+//! (`stop`, pause, the end of a run) wait at most
+//! [`vcpu::ANSWER_DEADLINE`] and name the vCPUs that did not answer.
 
 #![deny(missing_docs)]
 
