@@ -47,7 +47,8 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
         libc::SYS_epoll_wait,
         // The console output's final flush waits for stdout to be writable
         // with a deadline (stdout_writer.rs), as does writing a stdout that
-        // could not be reopened non-blocking.
+        // could not be reopened non-blocking; console input checks, timeout
+        // 0, whether more is waiting (console.rs read_available).
         libc::SYS_poll,
         libc::SYS_epoll_ctl,
         libc::SYS_read,
