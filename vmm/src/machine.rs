@@ -528,7 +528,7 @@ impl Machine {
         let stuck_vcpus = match crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
             Ok(()) => Vec::new(),
             Err(e) => {
-                crate::logger::stderr_line(format_args!("vmm: {e}; ending without them"));
+                crate::logger::stderr_line(format_args!("vmm: {e}; not waiting any longer"));
                 e.indexes
             }
         };
