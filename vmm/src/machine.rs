@@ -97,9 +97,6 @@ pub enum MachineError {
     /// The QMP socket could not be served.
     #[error("cannot serve QMP")]
     Qmp(#[source] crate::qmp::ServerError),
-    /// stdout could not be set up for console output.
-    #[error("cannot set up stdout for the console output")]
-    ConsoleOutput(#[source] std::io::Error),
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
@@ -418,8 +415,13 @@ impl Machine {
         if let Some(t) = options.timeout {
             control.set_deadline(Instant::now() + t);
         }
-        let writer = StdoutWriter::new(options.console_out.unwrap_or(libc::STDOUT_FILENO))
-            .map_err(MachineError::ConsoleOutput)?;
+        let writer = match StdoutWriter::new(options.console_out.unwrap_or(libc::STDOUT_FILENO)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("no usable stdout ({e}): guest console output is dropped");
+                None
+            }
+        };
         let drain = Arc::new(Mutex::new(ConsoleDrain::new(
             Arc::clone(&self.devices.console_output),
             writer,

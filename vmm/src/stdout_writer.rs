@@ -176,7 +176,8 @@ fn reopen_nonblocking(fd: RawFd) -> std::io::Result<OwnedFd> {
 #[derive(Debug)]
 pub struct ConsoleDrain {
     output: Arc<ConsoleOutput>,
-    writer: StdoutWriter,
+    /// `None`: there is no usable stdout; output is dropped and counted.
+    writer: Option<StdoutWriter>,
     scratch: Vec<u8>,
     /// Watching the writer for `EPOLLOUT`.
     watching_out: bool,
@@ -190,15 +191,16 @@ pub struct ConsoleDrain {
 }
 
 impl ConsoleDrain {
-    /// A drain from `output` to `writer`.
-    pub fn new(output: Arc<ConsoleOutput>, writer: StdoutWriter) -> Self {
+    /// A drain from `output` to `writer`; with `None` (no usable stdout,
+    /// for example fd 1 closed) every byte is dropped and counted.
+    pub fn new(output: Arc<ConsoleOutput>, writer: Option<StdoutWriter>) -> Self {
         Self {
             output,
+            failed: writer.is_none(),
             writer,
             scratch: vec![0; CHUNK],
             watching_out: false,
             unpollable: false,
-            failed: false,
             logged_dropped: 0,
         }
     }
@@ -212,11 +214,15 @@ impl ConsoleDrain {
                 self.output.discard();
                 return false;
             }
+            let Some(writer) = &self.writer else {
+                self.failed = true;
+                continue;
+            };
             let n = self.output.peek(&mut self.scratch);
             if n == 0 {
                 return false;
             }
-            match self.writer.write_some(&self.scratch[..n]) {
+            match writer.write_some(&self.scratch[..n]) {
                 WriteOutcome::Wrote(k) => self.output.consume(k),
                 WriteOutcome::WouldBlock => return true,
                 WriteOutcome::Failed(e) => {
@@ -229,7 +235,10 @@ impl ConsoleDrain {
     }
 
     fn watch_out(&mut self, ops: &mut EventOps, on: bool) {
-        let ev = Events::new_raw(self.writer.as_raw_fd(), EventSet::OUT);
+        let Some(writer) = &self.writer else {
+            return;
+        };
+        let ev = Events::new_raw(writer.as_raw_fd(), EventSet::OUT);
         if on && !self.watching_out && !self.unpollable {
             match ops.add(ev) {
                 Ok(()) => self.watching_out = true,
@@ -257,16 +266,16 @@ impl ConsoleDrain {
     /// Call at the end of the run, once no vCPU writes any more. Returns how
     /// many bytes were dropped here.
     pub fn flush_until(&mut self, deadline: Instant) -> usize {
-        while !self.failed {
+        while let (false, Some(writer)) = (self.failed, &self.writer) {
             let n = self.output.peek(&mut self.scratch);
             if n == 0 {
                 break;
             }
-            match self.writer.write_some(&self.scratch[..n]) {
+            match writer.write_some(&self.scratch[..n]) {
                 WriteOutcome::Wrote(k) => self.output.consume(k),
                 WriteOutcome::WouldBlock => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() || !self.writer.writable_within(left) {
+                    if left.is_zero() || !writer.writable_within(left) {
                         break;
                     }
                 }
@@ -337,8 +346,10 @@ mod tests {
         let (mut r, w) = pipe();
         let cap = pipe_capacity(&w);
         let out = ConsoleOutput::with_capacity(cap * 2).unwrap();
-        let mut drain =
-            ConsoleDrain::new(Arc::clone(&out), StdoutWriter::new(w.as_raw_fd()).unwrap());
+        let mut drain = ConsoleDrain::new(
+            Arc::clone(&out),
+            Some(StdoutWriter::new(w.as_raw_fd()).unwrap()),
+        );
         let data: Vec<u8> = (0..cap * 3).map(|i| (i % 251) as u8).collect();
         out.append(&data);
         assert_eq!(out.dropped() as usize, cap, "a third did not fit");
@@ -359,8 +370,10 @@ mod tests {
         let (_r, w) = pipe();
         let cap = pipe_capacity(&w);
         let out = ConsoleOutput::with_capacity(cap * 2).unwrap();
-        let mut drain =
-            ConsoleDrain::new(Arc::clone(&out), StdoutWriter::new(w.as_raw_fd()).unwrap());
+        let mut drain = ConsoleDrain::new(
+            Arc::clone(&out),
+            Some(StdoutWriter::new(w.as_raw_fd()).unwrap()),
+        );
         out.append(&vec![b'x'; cap * 2]);
         let dropped = drain.flush_until(Instant::now() + Duration::from_millis(50));
         assert_eq!(dropped, cap);
@@ -372,8 +385,10 @@ mod tests {
     fn a_reader_gone_drops_output_for_the_rest_of_the_run() {
         let (r, w) = pipe();
         let out = ConsoleOutput::with_capacity(1024).unwrap();
-        let mut drain =
-            ConsoleDrain::new(Arc::clone(&out), StdoutWriter::new(w.as_raw_fd()).unwrap());
+        let mut drain = ConsoleDrain::new(
+            Arc::clone(&out),
+            Some(StdoutWriter::new(w.as_raw_fd()).unwrap()),
+        );
         drop(r);
         out.append(b"lost");
         assert!(!drain.pump());
@@ -384,13 +399,24 @@ mod tests {
     }
 
     #[test]
+    fn without_a_stdout_everything_is_dropped_and_counted() {
+        let out = ConsoleOutput::with_capacity(1024).unwrap();
+        let mut drain = ConsoleDrain::new(Arc::clone(&out), None);
+        out.append(b"gone");
+        assert!(!drain.pump());
+        out.append(b"too");
+        assert_eq!(drain.flush_until(Instant::now()), 3);
+        assert_eq!(out.dropped(), 7);
+    }
+
+    #[test]
     fn a_regular_file_is_written_through_its_own_descriptor() {
         let path = std::env::temp_dir().join(format!("vmm-stdout-writer-{}", std::process::id()));
         let f = std::fs::File::create(&path).unwrap();
         let writer = StdoutWriter::new(f.as_raw_fd()).unwrap();
         assert!(!writer.gated);
         let out = ConsoleOutput::with_capacity(1024).unwrap();
-        let mut drain = ConsoleDrain::new(Arc::clone(&out), writer);
+        let mut drain = ConsoleDrain::new(Arc::clone(&out), Some(writer));
         out.append(b"hello\n");
         assert_eq!(drain.flush_until(Instant::now()), 0);
         drop(f);
@@ -404,11 +430,17 @@ mod tests {
         let writer = StdoutWriter::new(a.as_raw_fd()).unwrap();
         assert!(writer.gated, "a socket cannot be reopened through /proc");
         let out = ConsoleOutput::with_capacity(8 * 1024 * 1024).unwrap();
-        let mut drain = ConsoleDrain::new(Arc::clone(&out), writer);
+        let mut drain = ConsoleDrain::new(Arc::clone(&out), Some(writer));
         out.append(&vec![b'y'; 8 * 1024 * 1024]);
         // Nobody reads the other end: the socket fills and the pump stops
         // instead of blocking.
-        while drain.pump() && drain.writer.writable_within(Duration::ZERO) {}
+        while drain.pump()
+            && drain
+                .writer
+                .as_ref()
+                .unwrap()
+                .writable_within(Duration::ZERO)
+        {}
         assert!(!out.is_empty());
     }
 }
