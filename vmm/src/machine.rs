@@ -534,8 +534,8 @@ impl Machine {
                 e.indexes
             }
         };
-        // No vCPU writes any more (a stuck one is not in the serial device:
-        // its writes never block).
+        // The vCPUs have stopped (or were left behind): what is still
+        // buffered goes out now, or is dropped and counted at the deadline.
         lock(&drain).flush_until(Instant::now() + FINAL_FLUSH);
         drop(raw);
         if let (Some(q), Ok(reason)) = (&qmp, &result) {

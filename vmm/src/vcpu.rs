@@ -242,8 +242,9 @@ impl VcpuHandle {
     /// Waits until the vCPU is parked (out of `KVM_RUN`, waiting to resume)
     /// or its thread ended, re-kicking it every 10 ms, but not past
     /// `deadline`. Returns `false` if it did not park by then: it is still
-    /// running guest code or, if a device access blocks, stuck in it; the
-    /// pause request stays, so it parks when it gets back.
+    /// running guest code or, if a device access blocks, stuck in it. The
+    /// pause request stays (it parks when it gets back) until the caller
+    /// [`resume`](Self::resume)s it, as [`pause_all`] does.
     pub fn wait_parked(&self, deadline: Instant) -> bool {
         let mut st = lock(&self.control.state);
         while !st.1 && !self.finished() {
