@@ -1,6 +1,7 @@
 //! COM1: a 16550A UART on the port-I/O bus, built on `vm_superio::Serial`.
 //!
-//! Guest output goes byte by byte to a sink (the VMM passes stdout); host input is queued
+//! Guest output goes byte by byte to a sink (the VMM passes a bounded buffer that its
+//! control thread drains to stdout, so a guest access never waits on I/O); host input is queued
 //! with [`Serial::queue_input`] into the UART's 64-byte receive FIFO; interrupts go out
 //! through an [`Interrupt`] (a KVM irqfd in the VMM).
 
@@ -83,10 +84,12 @@ pub struct SerialStats {
 ///
 /// The UART state sits behind this device's own mutex; a guest access holds it for the
 /// whole access, including the write to the output sink. The sink is flushed after every
-/// byte. A failing sink (for example `EPIPE` once stdout's reader is gone) never panics:
-/// the byte is dropped, counted in [`SerialStats::bytes_lost`], the first failure is
-/// logged at warn level and later ones at debug. The transmitter-empty interrupt is raised
-/// either way, so the guest never waits on a dead sink.
+/// byte, so it must not block: the access runs on a vCPU thread, inside an RCU read
+/// section (the VMM's sink only copies into a bounded buffer). A failing sink (for
+/// example `EPIPE` once stdout's reader is gone) never panics: the byte is dropped,
+/// counted in [`SerialStats::bytes_lost`], the first failure is logged at warn level and
+/// later ones at debug. The transmitter-empty interrupt is raised either way, so the
+/// guest never waits on a dead sink.
 pub struct Serial {
     uart: Mutex<Uart>,
     events: Arc<UartEvents>,

@@ -78,6 +78,19 @@
 //! threads all read in `Fenced` mode therefore never interrupts its guests for
 //! a grace period.
 //!
+//! # No blocking inside a read section
+//!
+//! A read section must end in bounded time: every grace period, and so
+//! every [`synchronize_rcu`] caller and every [`call_rcu`] callback (the
+//! memory they free), waits for the longest section in progress. Inside a
+//! section, do no I/O that can block (a `write` to stdout, a pipe, a
+//! terminal or a socket; logging to stderr), wait on nothing another thread
+//! may never provide (a condition variable, a channel, a lock held across
+//! such a wait), and never call [`synchronize_rcu`] or [`drain_call_rcu`]
+//! (they wait for the section itself). Copy what must be written into a
+//! buffer and write it after the section, or from another thread. Short
+//! mutexes held only for memory updates are fine.
+//!
 //! # Threads
 //!
 //! Registration happens on a thread's first [`read_lock`] and is undone when

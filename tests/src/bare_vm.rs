@@ -176,6 +176,7 @@ impl BareVm {
                 timeout: Some(limit),
                 qmp: None,
                 seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
+                console_out: None,
             })
             .expect("run")
     }

@@ -123,6 +123,7 @@ fn run_vm(vm: &mut BareVm, seccomp: SeccompMode) -> StopReason {
             timeout: Some(LIMIT),
             qmp: None,
             seccomp,
+            console_out: None,
         })
         .expect("run")
         .reason

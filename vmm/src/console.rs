@@ -91,19 +91,77 @@ impl RawTerminal {
     }
 }
 
-/// Reads what is waiting on stdin into `buf`, straight from the descriptor.
+/// How [`read_available`] stopped.
+#[derive(Debug)]
+pub enum ReadEnd {
+    /// Nothing more to read now (`EAGAIN`, or `poll` says not readable).
+    Drained,
+    /// The descriptor reached end of file.
+    Eof,
+    /// `limit` bytes were read; more may be waiting (the descriptor stays
+    /// readable, so a level-triggered event loop comes back).
+    Limit,
+    /// The consumer asked to stop.
+    Stopped,
+    /// Reading failed.
+    Failed(std::io::Error),
+}
+
+/// Reads everything waiting on `fd` now, in chunks of up to 4 KiB handed to
+/// `consume`, until nothing is left (`EAGAIN`, or `poll` says it is not
+/// readable), end of file, `limit` bytes, or `consume` returns `false`.
 ///
-/// std's `Stdin` keeps an 8 KiB buffer of its own: a read smaller than that
-/// can leave bytes in it that the descriptor no longer reports as readable,
-/// so an event loop would only see them at the next keystroke. This read
-/// never buffers: whatever it does not return stays in the kernel and keeps
-/// the descriptor readable. Blocks only if stdin is blocking and empty
-/// (callers read after the event loop said it is readable).
-pub fn read_stdin(buf: &mut [u8]) -> std::io::Result<usize> {
+/// Reads straight from the descriptor: std's `Stdin` keeps a buffer of its
+/// own, whose contents the descriptor no longer reports as readable, so an
+/// event loop would see them only at the next keystroke. Reading until
+/// nothing is left means one readiness event takes a whole burst (a paste
+/// larger than a chunk, with a `Ctrl-A x` at its end, is seen at once).
+/// `fd`'s flags are not changed (stdin is shared with the shell): a blocking
+/// `fd` is read only while `poll` says it is readable, so this blocks only
+/// if another process takes the input between the `poll` and the `read`.
+pub fn read_available(fd: RawFd, limit: usize, mut consume: impl FnMut(&[u8]) -> bool) -> ReadEnd {
+    let mut buf = [0u8; 4096];
+    let mut total = 0usize;
+    loop {
+        if total >= limit {
+            return ReadEnd::Limit;
+        }
+        let want = buf.len().min(limit - total);
+        let n = match read_fd(fd, &mut buf[..want]) {
+            Ok(0) => return ReadEnd::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return ReadEnd::Drained,
+            Err(e) => return ReadEnd::Failed(e),
+        };
+        total += n;
+        if !consume(&buf[..n]) {
+            return ReadEnd::Stopped;
+        }
+        if !readable_now(fd) {
+            return ReadEnd::Drained;
+        }
+    }
+}
+
+fn read_fd(fd: RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole
     // call; read(2) writes at most that many and keeps no pointer.
-    let n = unsafe { libc::read(libc::STDIN_FILENO, buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// Whether a read of `fd` would return at once (data, end of file or an
+/// error waiting).
+fn readable_now(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the whole call; timeout 0.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents != 0
 }
 
 impl Drop for RawTerminal {
@@ -193,5 +251,51 @@ mod tests {
         assert!(r.quit);
         let r = d.decode(b"\x01zq");
         assert_eq!(r.guest, b"q");
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod read_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn read_available_takes_everything_waiting_and_stops_when_drained() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let data: Vec<u8> = (0..10 * 1024).map(|i| (i % 253) as u8).collect();
+        w.write_all(&data).unwrap();
+        let mut got = Vec::new();
+        let end = read_available(r.as_raw_fd(), usize::MAX, |c| {
+            got.extend_from_slice(c);
+            true
+        });
+        assert!(matches!(end, ReadEnd::Drained), "{end:?}");
+        assert_eq!(got, data);
+        drop(w);
+        assert!(matches!(
+            read_available(r.as_raw_fd(), usize::MAX, |_| true),
+            ReadEnd::Eof
+        ));
+    }
+
+    #[test]
+    fn read_available_honours_its_limit_and_the_consumer() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        w.write_all(&[7u8; 9000]).unwrap();
+        let mut n = 0;
+        let end = read_available(r.as_raw_fd(), 5000, |c| {
+            n += c.len();
+            true
+        });
+        assert!(matches!(end, ReadEnd::Limit), "{end:?}");
+        assert_eq!(n, 5000);
+        let mut chunks = 0;
+        let end = read_available(r.as_raw_fd(), usize::MAX, |_| {
+            chunks += 1;
+            false
+        });
+        assert!(matches!(end, ReadEnd::Stopped), "{end:?}");
+        assert_eq!(chunks, 1);
     }
 }

@@ -2,7 +2,7 @@
 //! end the VM, fatal vCPU errors and termination signals (and, with the QMP
 //! server, its clients).
 
-use crate::console::ConsoleInput;
+use crate::console::{ConsoleInput, ReadEnd};
 use crate::signals::SignalFd;
 use crate::vcpu::FatalErrors;
 use devices::{ExitRequest, ExitSink};
@@ -152,25 +152,40 @@ pub struct Console {
     stdin_open: bool,
     stdin_watched: bool,
     stop: StopSlot,
+    /// Where input comes from: stdin, or another descriptor in tests.
+    fd: std::os::fd::RawFd,
 }
 
 /// Pending input above which stdin is not read until the guest catches up.
 const MAX_PENDING: usize = 64 * 1024;
 
 impl Console {
-    /// A console for `input`; `drained` fires when the guest emptied the FIFO.
+    /// A console for `input` reading stdin; `drained` fires when the guest
+    /// emptied the FIFO.
     pub fn new(input: ConsoleInput, drained: EventFd, stop: StopSlot) -> Self {
+        Self::with_input_fd(input, drained, stop, libc::STDIN_FILENO)
+    }
+
+    /// As [`new`](Self::new), reading `fd` instead of stdin (which must stay
+    /// open as long as this console is in an event loop).
+    pub fn with_input_fd(
+        input: ConsoleInput,
+        drained: EventFd,
+        stop: StopSlot,
+        fd: std::os::fd::RawFd,
+    ) -> Self {
         Self {
             input,
             drained,
             stdin_open: true,
             stdin_watched: false,
             stop,
+            fd,
         }
     }
 
     fn watch_stdin(&mut self, ops: &mut EventOps, on: bool) {
-        let ev = Events::new_raw(std::io::stdin().as_raw_fd(), EventSet::IN);
+        let ev = Events::new_raw(self.fd, EventSet::IN);
         if on && !self.stdin_watched && self.stdin_open {
             match ops.add(ev) {
                 Ok(()) => self.stdin_watched = true,
@@ -200,25 +215,27 @@ impl MutEventSubscriber for Console {
         if events.fd() == self.drained.as_raw_fd() {
             let _ = self.drained.read();
             self.input.flush();
-        } else if events.fd() == std::io::stdin().as_raw_fd() {
-            let mut buf = [0u8; 4096];
-            match crate::console::read_stdin(&mut buf) {
-                Ok(0) => {
+        } else if events.fd() == self.fd {
+            let room = MAX_PENDING.saturating_sub(self.input.pending_len());
+            let input = &mut self.input;
+            let mut quit = false;
+            match crate::console::read_available(self.fd, room.max(1), |chunk| {
+                quit = input.input(chunk);
+                !quit
+            }) {
+                ReadEnd::Drained | ReadEnd::Limit | ReadEnd::Stopped => {}
+                ReadEnd::Eof => {
                     self.watch_stdin(ops, false);
                     self.stdin_open = false;
                 }
-                Ok(n) => {
-                    if self.input.input(&buf[..n]) {
-                        set_stop(&self.stop, StopReason::Quit);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
+                ReadEnd::Failed(e) => {
                     log::warn!("console input closed: {e}");
                     self.watch_stdin(ops, false);
                     self.stdin_open = false;
                 }
+            }
+            if quit {
+                set_stop(&self.stop, StopReason::Quit);
             }
         }
         let full = self.input.pending_len() > MAX_PENDING;
@@ -302,5 +319,47 @@ impl ControlLoop {
                 Err(e) => return Err(ControlError::EventLoop(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use devices::Serial;
+    use std::io::Write;
+
+    /// A burst larger than one read chunk, with `Ctrl-A x` at its end, is
+    /// taken in one readiness event: the quit is seen at once, not at the
+    /// next keystroke.
+    #[test]
+    fn one_readiness_event_takes_a_whole_burst_of_console_input() {
+        let (r, mut w) = std::io::pipe().unwrap();
+        let irq = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let serial = Arc::new(Serial::new(irq, Box::new(std::io::sink()), None));
+        let stop: StopSlot = Arc::new(Mutex::new(None));
+        let console = Console::with_input_fd(
+            ConsoleInput::new(Arc::clone(&serial), true),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            Arc::clone(&stop),
+            r.as_raw_fd(),
+        );
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(console)));
+        let mut burst = vec![b'a'; 10 * 1024];
+        burst.extend_from_slice(b"\x01x");
+        w.write_all(&burst).unwrap();
+        assert_eq!(em.run_with_timeout(1000).unwrap(), 1, "one event");
+        assert_eq!(*stop.lock().unwrap(), Some(StopReason::Quit));
+        // All of it was read: the pipe is empty.
+        let mut p = libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, timeout 0.
+        assert_eq!(unsafe { libc::poll(&mut p, 1, 0) }, 0);
+        // The guest's share went to the serial FIFO as far as it fits.
+        assert_eq!(serial.input_capacity(), 0);
     }
 }

@@ -1,6 +1,7 @@
 //! The VM's devices: creating them, wiring their interrupts to KVM, and the
 //! RCU-published port-I/O and MMIO buses that dispatch guest accesses.
 
+use crate::console_output::ConsoleOutput;
 use crate::vm::{Vm, VmError};
 use boot::layout;
 use devices::{
@@ -8,7 +9,6 @@ use devices::{
     Serial,
 };
 use rcu::RcuCell;
-use std::io::Write;
 use std::sync::Arc;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -43,6 +43,8 @@ pub struct DeviceManager {
     pub mmio: Arc<RcuCell<Bus>>,
     /// COM1.
     pub serial: Arc<Serial>,
+    /// COM1's output on its way to stdout (see [`ConsoleOutput`]).
+    pub console_output: Arc<ConsoleOutput>,
     /// Signalled when the guest has read the serial input FIFO empty.
     pub serial_drained: EventFd,
     /// The power button.
@@ -58,10 +60,12 @@ impl std::fmt::Debug for DeviceManager {
 }
 
 impl DeviceManager {
-    /// Creates COM1 (output to `console_out`), the i8042, the ACPI sleep and
-    /// reset registers and the GED, wires their interrupts, and publishes
-    /// both buses.
-    pub fn new(vm: &Vm, console_out: Box<dyn Write + Send>) -> Result<Self, DeviceError> {
+    /// Creates COM1 (its output buffered in [`console_output`], which the
+    /// control thread drains), the i8042, the ACPI sleep and reset registers
+    /// and the GED, wires their interrupts, and publishes both buses.
+    ///
+    /// [`console_output`]: Self::console_output
+    pub fn new(vm: &Vm) -> Result<Self, DeviceError> {
         let exit = Arc::new(ExitSink::new().map_err(|e| match e {
             devices::ExitError::EventFd(io) => DeviceError::EventFd(io),
         })?);
@@ -71,9 +75,10 @@ impl DeviceManager {
                 .map_err(DeviceError::Interrupt)?,
         );
         let serial_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        let console_output = ConsoleOutput::new().map_err(DeviceError::EventFd)?;
         let serial = Arc::new(Serial::new(
             serial_irq,
-            console_out,
+            Box::new(console_output.sink()),
             Some(serial_drained.try_clone().map_err(DeviceError::EventFd)?),
         ));
         let i8042: Arc<dyn BusDevice> = Arc::new(I8042::new(Arc::clone(&exit)));
@@ -102,6 +107,7 @@ impl DeviceManager {
             pio: Arc::new(RcuCell::with_label(pio.build(), BUS_LABEL)),
             mmio: Arc::new(RcuCell::with_label(mmio.build(), BUS_LABEL)),
             serial,
+            console_output,
             serial_drained,
             ged,
             exit,

@@ -14,11 +14,28 @@
 //! * [`report`], [`metrics`]: what is written at exit.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
 //!   VM is set up.
+//! * [`console_output`], [`stdout_writer`]: guest console output, buffered
+//!   by vCPUs and written by the control thread without blocking.
+//!
+//! # Rule: no blocking I/O inside an RCU read section
+//!
+//! vCPU threads dispatch every exit inside a read section, and the control
+//! thread reads the memory map inside one. A section that blocks holds up
+//! every grace period: retired memory slots are never unmapped, and
+//! whatever waits for a grace period hangs. So nothing that runs inside a
+//! read section may write to stdout, stderr, a pipe or a socket, or wait
+//! for another thread without a bound. Guest console output goes into a
+//! bounded buffer ([`console_output`]) that the control thread drains to a
+//! non-blocking stdout ([`stdout_writer`]); when stdout stops draining, the
+//! output is dropped and counted, never waited for. Requests to vCPUs
+//! (`stop`, pause, the end of a run) wait at most
+//! [`vcpu::ANSWER_DEADLINE`] and name the vCPUs that did not answer.
 
 #![deny(missing_docs)]
 
 pub mod config;
 pub mod console;
+pub mod console_output;
 pub mod control;
 pub mod device_manager;
 pub mod emulation;
@@ -42,6 +59,7 @@ pub mod report;
 pub mod seccomp;
 pub mod signals;
 pub mod size;
+pub mod stdout_writer;
 pub mod vcpu;
 pub mod vm;
 pub mod vm_controller;
@@ -88,6 +106,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         } else {
             seccomp::SeccompMode::Off
         },
+        console_out: None,
     })?;
     let cfg = config;
     let mut status = outcome.reason.exit_code();
@@ -102,8 +121,25 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         _ => {}
     }
 
+    if outcome.console_bytes_dropped > 0 {
+        logger::stderr_line(format_args!(
+            "vmm: {} of {} bytes of guest console output were dropped (stdout did not keep up or failed)",
+            outcome.console_bytes_dropped,
+            outcome.console_bytes + outcome.console_bytes_dropped,
+        ));
+    }
+
     // Every callback queued during the VM's life has run once this returns.
-    rcu::drain_call_rcu();
+    // Not with a vCPU left behind: it may be inside a read section for good,
+    // and no grace period would end.
+    let stuck = !outcome.stuck_vcpus.is_empty();
+    if stuck {
+        logger::stderr_line(format_args!(
+            "vmm: not waiting for pending RCU callbacks: a vCPU did not exit"
+        ));
+    } else {
+        rcu::drain_call_rcu();
+    }
     let lifetime = outcome
         .lifetime
         .lock()
@@ -130,7 +166,8 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
             machine.marks(),
             &outcome.vcpu_stats,
             machine.memory.read(&g),
-        );
+        )
+        .with_console(outcome.console_bytes, outcome.console_bytes_dropped);
         drop(g);
         if let Err(e) = report::write_json("metrics", path, &m) {
             logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
@@ -139,6 +176,11 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     }
     if !cfg.quiet {
         logger::stderr_text(&report::lifetime_table(&lifetime));
+    }
+    if stuck {
+        // A vCPU thread left behind may still use guest memory and its
+        // devices: never unmap or free them; the process ends right after.
+        std::mem::forget(machine);
     }
     Ok(status)
 }

@@ -14,7 +14,8 @@ use crate::kvm::{self, KvmError};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
 use crate::signals::SignalFd;
-use crate::vcpu::{FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
+use crate::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
+use crate::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
 use crate::vm::{Vm, VmError};
 use crate::vm_controller::VmController;
 use boot::BootInfo;
@@ -141,6 +142,15 @@ pub struct RunOutcome {
     pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
     /// The RCU lifetime recorder (end marked).
     pub lifetime: Arc<Mutex<LifetimeRecorder>>,
+    /// vCPUs whose threads did not exit within [`ANSWER_DEADLINE`] (left
+    /// behind, possibly inside an RCU read section: wait for no grace
+    /// period and unmap no guest memory after this).
+    pub stuck_vcpus: Vec<u32>,
+    /// Guest console output written (accepted into the console buffer).
+    pub console_bytes: u64,
+    /// Guest console output lost: the buffer was full (stdout did not keep
+    /// up), stdout failed, or it did not take the rest by the end.
+    pub console_bytes_dropped: u64,
 }
 
 /// The hardware of a VM, without anything to boot.
@@ -165,6 +175,10 @@ pub struct RunOptions {
     pub qmp: Option<std::path::PathBuf>,
     /// Which threads run under their seccomp filters.
     pub seccomp: crate::seccomp::SeccompMode,
+    /// Where guest console output goes: this descriptor (duplicated or
+    /// reopened when the run starts; the caller keeps it open until then),
+    /// or stdout if `None`.
+    pub console_out: Option<std::os::fd::RawFd>,
 }
 
 impl Machine {
@@ -246,7 +260,7 @@ impl Machine {
         mem: vm_memory::GuestMemoryMmap,
     ) -> Result<Self, MachineError> {
         let vm = Arc::clone(vm);
-        let devices = DeviceManager::new(&vm, Box::new(std::io::stdout()))?;
+        let devices = DeviceManager::new(&vm)?;
 
         let mut cpuid = boot::cpu::cpuid::supported_cpuid(vm.kvm()).map_err(MachineError::Cpuid)?;
         if host == HostKind::EmulationOnly {
@@ -406,6 +420,18 @@ impl Machine {
         if let Some(t) = options.timeout {
             control.set_deadline(Instant::now() + t);
         }
+        let writer = match StdoutWriter::new(options.console_out.unwrap_or(libc::STDOUT_FILENO)) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                log::warn!("no usable stdout ({e}): guest console output is dropped");
+                None
+            }
+        };
+        let drain = Arc::new(Mutex::new(ConsoleDrain::new(
+            Arc::clone(&self.devices.console_output),
+            writer,
+        )));
+        control.add(drain.clone());
 
         // The control thread reads the memory map (virtio-mem requests, QMP)
         // and must not make grace periods interrupt the vCPUs either.
@@ -499,14 +525,23 @@ impl Machine {
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {
-            vcpus.iter().for_each(VcpuHandle::stop);
+            if let Err(stuck) = crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+                log::error!("{stuck}");
+            }
             return Err(e.into());
         }
         let _ = self.vcpus.set(Arc::clone(&vcpus));
         let result = control.run();
-        for v in vcpus.iter() {
-            v.stop();
-        }
+        let stuck_vcpus = match crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                crate::logger::stderr_line(format_args!("vmm: {e}; not waiting any longer"));
+                e.indexes
+            }
+        };
+        // The vCPUs have stopped (or were left behind): what is still
+        // buffered goes out now, or is dropped and counted at the deadline.
+        lock(&drain).flush_until(Instant::now() + FINAL_FLUSH);
         drop(raw);
         if let (Some(q), Ok(reason)) = (&qmp, &result) {
             // QMP's own `quit` and `system_reset` already announced it.
@@ -521,6 +556,9 @@ impl Machine {
             reason,
             vcpu_stats: vcpus.iter().map(VcpuHandle::stats_arc).collect(),
             lifetime,
+            stuck_vcpus,
+            console_bytes: self.devices.console_output.accepted(),
+            console_bytes_dropped: self.devices.console_output.dropped(),
         })
     }
 

@@ -45,6 +45,11 @@ pub struct Metrics {
     pub guest_resident_kib: u64,
     /// RSS less guest memory touched, KiB.
     pub overhead_kib: u64,
+    /// Bytes of guest console output accepted for stdout.
+    pub console_bytes: u64,
+    /// Bytes of guest console output dropped: stdout did not keep up (the
+    /// console buffer was full), failed, or did not take the rest at exit.
+    pub console_bytes_dropped: u64,
 }
 
 fn ticks_ms(ticks: u64) -> f64 {
@@ -117,6 +122,17 @@ impl Metrics {
             rss_kib: rss,
             guest_resident_kib: guest,
             overhead_kib: rss.saturating_sub(guest),
+            console_bytes: 0,
+            console_bytes_dropped: 0,
+        }
+    }
+
+    /// The same metrics with the console output counts of the run.
+    pub fn with_console(self, bytes: u64, dropped: u64) -> Self {
+        Self {
+            console_bytes: bytes,
+            console_bytes_dropped: dropped,
+            ..self
         }
     }
 }

@@ -166,6 +166,8 @@ pub struct VcpuHandle {
     stats: Arc<VcpuStats>,
     thread: Mutex<Option<JoinHandle<()>>>,
     tid: Arc<std::sync::atomic::AtomicI64>,
+    /// A stop gave up on the thread: never wait for it again.
+    abandoned: AtomicBool,
 }
 
 enum Next {
@@ -199,6 +201,7 @@ impl VcpuHandle {
             stats,
             thread: Mutex::new(Some(thread)),
             tid,
+            abandoned: AtomicBool::new(false),
         })
     }
 
@@ -229,19 +232,30 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks the vCPU to pause and waits until it is out of `KVM_RUN`.
-    pub fn pause(&self) {
-        {
-            let mut st = lock(&self.control.state);
-            st.0 = RunState::Paused;
-        }
+    /// Asks the vCPU to pause and kicks it out of `KVM_RUN`; does not wait
+    /// (see [`wait_parked`](Self::wait_parked)).
+    pub fn request_pause(&self) {
+        lock(&self.control.state).0 = RunState::Paused;
         self.kick();
+    }
+
+    /// Waits until the vCPU is parked (out of `KVM_RUN`, waiting to resume)
+    /// or its thread ended, re-kicking it every 10 ms, but not past
+    /// `deadline`. Returns `false` if it did not park by then: it is still
+    /// running guest code or, if a device access blocks, stuck in it. The
+    /// pause request stays (it parks when it gets back) until the caller
+    /// [`resume`](Self::resume)s it, as [`pause_all`] does.
+    pub fn wait_parked(&self, deadline: Instant) -> bool {
         let mut st = lock(&self.control.state);
         while !st.1 && !self.finished() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
             st = match self
                 .control
                 .cv
-                .wait_timeout(st, std::time::Duration::from_millis(10))
+                .wait_timeout(st, left.min(std::time::Duration::from_millis(10)))
             {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
@@ -252,6 +266,15 @@ impl VcpuHandle {
                 self.kick();
             }
         }
+        true
+    }
+
+    /// Asks the vCPU to pause and waits until it is out of `KVM_RUN`, at
+    /// most until `deadline`; returns whether it parked (see
+    /// [`wait_parked`](Self::wait_parked)).
+    pub fn pause(&self, deadline: Instant) -> bool {
+        self.request_pause();
+        self.wait_parked(deadline)
     }
 
     /// Lets a paused vCPU run again.
@@ -268,25 +291,128 @@ impl VcpuHandle {
             .is_none_or(JoinHandle::is_finished)
     }
 
-    /// Stops the vCPU thread and waits for it to end.
-    pub fn stop(&self) {
+    /// Asks the vCPU thread to end and kicks it; does not wait (see
+    /// [`wait_stopped`](Self::wait_stopped)).
+    pub fn request_stop(&self) {
         self.control.stop.store(true, Ordering::SeqCst);
         self.resume();
         self.kick();
-        let taken = lock(&self.thread).take();
-        if let Some(t) = taken {
-            while !t.is_finished() {
-                kick::kick(&t);
-                std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+
+    /// Waits for the thread to end, kicking it every millisecond, and joins
+    /// it; gives up at `deadline` and returns `false` (the thread is then
+    /// left running, stuck where it is, and never waited for again: the
+    /// caller must not free what it may still use, such as guest memory).
+    pub fn wait_stopped(&self, deadline: Instant) -> bool {
+        let mut slot = lock(&self.thread);
+        let Some(t) = slot.as_ref() else {
+            return true;
+        };
+        if self.abandoned.load(Ordering::Relaxed) {
+            return false;
+        }
+        while !t.is_finished() {
+            if Instant::now() >= deadline {
+                self.abandoned.store(true, Ordering::Relaxed);
+                return false;
             }
+            kick::kick(t);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if let Some(t) = slot.take() {
             let _ = t.join();
         }
+        true
+    }
+
+    /// Stops the vCPU thread and waits for it to end, at most until
+    /// `deadline`; returns whether it ended (see
+    /// [`wait_stopped`](Self::wait_stopped)).
+    pub fn stop(&self, deadline: Instant) -> bool {
+        self.request_stop();
+        self.wait_stopped(deadline)
     }
 }
 
 impl Drop for VcpuHandle {
     fn drop(&mut self) {
-        self.stop();
+        if self.abandoned.load(Ordering::Relaxed) {
+            return;
+        }
+        if !self.stop(Instant::now() + ANSWER_DEADLINE) {
+            log::error!(
+                "vCPU {} did not exit within {} s; leaving its thread behind",
+                self.index,
+                ANSWER_DEADLINE.as_secs()
+            );
+        }
+    }
+}
+
+/// How long `pause`, `stop` and the end of a run wait for vCPUs to answer.
+pub const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Some vCPUs did not answer a request in time.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("vCPU {} did not {what} within {} s", list(.indexes), .within.as_secs())]
+pub struct NotAnswering {
+    /// The vCPUs that did not answer, by index.
+    pub indexes: Vec<u32>,
+    /// What they were asked ("pause", "exit").
+    pub what: &'static str,
+    /// How long they were given.
+    pub within: std::time::Duration,
+}
+
+fn list(indexes: &[u32]) -> String {
+    indexes
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Pauses every vCPU, all asked at once, waiting at most `within` in all.
+/// If some did not park, every vCPU is resumed (the VM is left running, as
+/// before) and the laggards are named in the error.
+pub fn pause_all(vcpus: &[VcpuHandle], within: std::time::Duration) -> Result<(), NotAnswering> {
+    let deadline = Instant::now() + within;
+    vcpus.iter().for_each(VcpuHandle::request_pause);
+    let indexes: Vec<u32> = vcpus
+        .iter()
+        .filter(|v| !v.wait_parked(deadline))
+        .map(VcpuHandle::index)
+        .collect();
+    if indexes.is_empty() {
+        return Ok(());
+    }
+    vcpus.iter().for_each(VcpuHandle::resume);
+    Err(NotAnswering {
+        indexes,
+        what: "pause",
+        within,
+    })
+}
+
+/// Stops every vCPU, all asked at once, waiting at most `within` in all.
+/// The error names the vCPUs whose threads did not end (left behind, see
+/// [`VcpuHandle::wait_stopped`]).
+pub fn stop_all(vcpus: &[VcpuHandle], within: std::time::Duration) -> Result<(), NotAnswering> {
+    let deadline = Instant::now() + within;
+    vcpus.iter().for_each(VcpuHandle::request_stop);
+    let indexes: Vec<u32> = vcpus
+        .iter()
+        .filter(|v| !v.wait_stopped(deadline))
+        .map(VcpuHandle::index)
+        .collect();
+    if indexes.is_empty() {
+        Ok(())
+    } else {
+        Err(NotAnswering {
+            indexes,
+            what: "exit",
+            within,
+        })
     }
 }
 

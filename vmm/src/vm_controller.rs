@@ -4,7 +4,7 @@
 use crate::control::{QmpStop, StopReason, StopSlot, set_stop};
 use crate::hotplug::{Hotplug, VMEM_ID};
 use crate::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, RunState, VmOps};
-use crate::vcpu::VcpuHandle;
+use crate::vcpu::{ANSWER_DEADLINE, VcpuHandle, pause_all};
 use devices::Ged;
 use std::sync::{Arc, OnceLock};
 
@@ -70,8 +70,15 @@ impl VmOps for VmController {
         }
     }
 
+    /// Pauses every vCPU, waiting at most [`ANSWER_DEADLINE`] for them to
+    /// park; if one does not, the VM is left running and the error names it.
     fn stop(&mut self) -> Result<(), QmpError> {
-        self.each_vcpu(VcpuHandle::pause);
+        if let Some(v) = self.vcpus.get() {
+            pause_all(v, ANSWER_DEADLINE).map_err(|e| {
+                log::warn!("QMP stop: {e}");
+                QmpError::generic(format!("{e}; the VM keeps running"))
+            })?;
+        }
         self.state = RunState::Paused;
         Ok(())
     }

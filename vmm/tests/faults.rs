@@ -235,12 +235,13 @@ fn full_disk_when_writing_rcu_stats() {
 /// leaves after three lines. Writes then fail with EPIPE; the VM must carry
 /// on (the guest's output is dropped and counted), the exit status must be
 /// the guest's (the halt initramfs ends the boot, exit 0), not a signal, and
-/// the report must be written.
+/// the reports must be written, the metrics counting the dropped output.
 #[test]
 fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
     tests::require_kvm();
     let d = scratch("broken-pipe");
     let stats = d.join("rcu.json");
+    let metrics = d.join("metrics.json");
     let kernel = tests::kit::file("vmlinux");
     let initrd = tests::kit::file("initramfs-halt.cpio");
     let (mut reader, writer) = std::io::pipe().unwrap();
@@ -250,6 +251,7 @@ fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
         .args(["--initrd", initrd.to_str().unwrap()])
         .args(["--cpus", "1", "--memory", "128M", "--cmdline", "panic=-1"])
         .args(["--rcu-stats", stats.to_str().unwrap()])
+        .args(["--metrics", metrics.to_str().unwrap()])
         .stdin(Stdio::null())
         .stdout(writer)
         .stderr(writer2)
@@ -276,4 +278,8 @@ fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
     );
     let s: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     assert_eq!(s["callbacks_run"], s["call_rcu"], "{s}");
+    // The kernel printed on after `head` left (its panic at the end at
+    // least): that output is dropped and counted.
+    let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert!(m["console_bytes_dropped"].as_u64().unwrap() > 0, "{m}");
 }

@@ -101,7 +101,9 @@ pub trait VmOps {
 
     /// Pauses every vCPU; returns once none runs guest code. Called by `stop`
     /// only while [`run_state`](Self::run_state) is `Running`; the server then
-    /// sends the `STOP` event.
+    /// sends the `STOP` event. Must not wait forever: an implementation whose
+    /// vCPUs do not stop within a deadline leaves the VM running and returns
+    /// an error naming them (the server sends no event then).
     fn stop(&mut self) -> Result<(), QmpError>;
 
     /// Resumes the vCPUs. Called by `cont` only while the state is `Paused`
