@@ -277,3 +277,56 @@ fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
     let s: Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
     assert_eq!(s["callbacks_run"], s["call_rcu"], "{s}");
 }
+
+/// `--rcu-stats` naming a link to the VMM's own stdout (what `/dev/stdout`
+/// is): the report is written in place, into the pipe, and the link stays a
+/// link. (The old code renamed a new file over the link.) A link planted at
+/// `--metrics`'s name is replaced, its target untouched.
+#[test]
+fn reports_through_a_link_to_stdout_and_over_a_planted_link() {
+    tests::require_kvm();
+    let d = scratch("stdout-link");
+    let out = d.join("stdout");
+    std::os::unix::fs::symlink("/proc/self/fd/1", &out).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let metrics = d.join("metrics.json");
+    std::os::unix::fs::symlink(&victim, &metrics).unwrap();
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-idle.cpio");
+    let mut vmm = Command::new(VMM)
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(["--cpus", "1", "--memory", "128M", "--quiet"])
+        .args(["--rcu-stats", out.to_str().unwrap()])
+        .args(["--metrics", metrics.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = vmm.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    let text = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    // Pretty JSON opens with `{`, a newline and a two-space indented key.
+    let json = &text[text
+        .find("{\n  \"")
+        .unwrap_or_else(|| panic!("no report in {text}"))..];
+    let s: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(s["callbacks_run"], s["call_rcu"], "{s}");
+    assert!(std::fs::symlink_metadata(&out).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!std::fs::symlink_metadata(&metrics).unwrap().is_symlink());
+    let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert!(m.is_object(), "{m}");
+}

@@ -86,14 +86,20 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
         2,
         &[libc::MADV_HUGEPAGE as u64, libc::MADV_DONTDUMP as u64],
     )?;
-    // Files are read (/proc/self/stat and status) or created and truncated
-    // (reports); no other way of opening is allowed.
+    // Files are opened three ways only (`report_file` for the reports):
+    // read (/proc/self/stat and status for the metrics), created new under
+    // a random name, never through a link (a report's temporary file), or
+    // appended to without being created (a report written in place to a
+    // FIFO, a character device or our own stdout). Never truncated, never
+    // opened read-write.
     list.when_arg_in(
         libc::SYS_openat,
         2,
         &[
             (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-            (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64,
+            (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                as u64,
+            (libc::O_WRONLY | libc::O_APPEND | libc::O_NOCTTY | libc::O_CLOEXEC) as u64,
         ],
     )?;
     Ok(())
