@@ -330,3 +330,102 @@ fn reports_through_a_link_to_stdout_and_over_a_planted_link() {
     let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
     assert!(m.is_object(), "{m}");
 }
+
+/// Names of the files in the directory watched by inotify descriptor `fd`
+/// whose attributes changed (IN_ATTRIB), from the events queued so far.
+fn attrib_events(fd: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: reads into our buffer; the descriptor is non-blocking.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return names;
+        }
+        let mut at = 0usize;
+        while at + 16 <= n as usize {
+            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let name = &buf[at + 16..at + 16 + len];
+            let name = String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap());
+            if mask & libc::IN_ATTRIB != 0 {
+                names.push(name.into_owned());
+            }
+            at += 16 + len;
+        }
+    }
+}
+
+/// Under umask 000 the QMP socket has mode 0600 from the moment it appears:
+/// its attributes are never changed afterwards (the old code made it 0777
+/// at `bind` and chmodded it, following links, a moment later). A second
+/// VMM on the same path fails with a clear error and leaves the first VM's
+/// socket working.
+#[test]
+fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    tests::require_kvm();
+    let d = scratch("qmp-umask");
+    let sock = d.join("qmp.sock");
+    // SAFETY: a fresh inotify descriptor, watching our scratch directory.
+    let ino = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(ino >= 0);
+    let dir = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+    // SAFETY: `dir` is a valid C string.
+    let wd =
+        unsafe { libc::inotify_add_watch(ino, dir.as_ptr(), libc::IN_CREATE | libc::IN_ATTRIB) };
+    assert!(wd >= 0);
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-idle.cpio");
+    let vmm_at = |sock: &Path| {
+        let mut c = Command::new(VMM);
+        c.args(["--kernel", kernel.to_str().unwrap()])
+            .args(["--initrd", initrd.to_str().unwrap()])
+            .args(["--cpus", "1", "--memory", "128M", "--quiet"])
+            .args(["--qmp", sock.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: umask is async-signal-safe; the child execs right after.
+        unsafe {
+            c.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            })
+        };
+        c.spawn().unwrap()
+    };
+    let mut first = vmm_at(&sock);
+    let mut c = qmp(&sock);
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let changed = attrib_events(ino);
+    assert!(
+        !changed.iter().any(|n| n == "qmp.sock"),
+        "the socket's mode was changed after bind: {changed:?}"
+    );
+
+    let mut second = vmm_at(&sock);
+    let status = wait_exit(&mut second, Duration::from_secs(60));
+    let err = stderr_of(&mut second);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    assert_eq!(
+        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        "running"
+    );
+    drop(c);
+    qmp(&sock);
+
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut first, Duration::from_secs(60));
+    let err = stderr_of(&mut first);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    // SAFETY: our inotify descriptor.
+    unsafe { libc::close(ino) };
+}
