@@ -77,12 +77,14 @@ fn writes_in_place(path: &Path) -> io::Result<bool> {
 
 /// Device and inode of what descriptor `fd` refers to, if it is open.
 fn fd_identity(fd: libc::c_int) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes a `stat` into the zeroed buffer we own; a closed
-    // `fd` makes it fail, which we report as `None`.
-    let st = unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::fstat(fd, &mut st) == 0).then_some(st)
-    }?;
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `stat` into `st` when it succeeds; a
+    // closed `fd` makes it fail, which we report as `None`.
+    if unsafe { libc::fstat(fd, st.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fstat succeeded, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
     Some((st.st_dev, st.st_ino))
 }
 

@@ -387,13 +387,14 @@ fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        // SAFETY: umask is async-signal-safe; the child execs right after.
-        unsafe {
-            c.pre_exec(|| {
-                libc::umask(0);
-                Ok(())
-            })
-        };
+        fn clear_umask() -> std::io::Result<()> {
+            // SAFETY: swaps the child's file-creation mask.
+            unsafe { libc::umask(0) };
+            Ok(())
+        }
+        // SAFETY: the hook only calls umask, which is async-signal-safe;
+        // the child execs right after.
+        unsafe { c.pre_exec(clear_umask) };
         c.spawn().unwrap()
     };
     let mut first = vmm_at(&sock);
