@@ -35,6 +35,31 @@ fn start_vmm(extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A VMM child killed (and reaped) when dropped, so a failing test does
+/// not leave its VMM running.
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Does nothing to a child already waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let end = Instant::now() + limit;
     while Instant::now() < end {
@@ -294,17 +319,19 @@ fn reports_through_a_link_to_stdout_and_over_a_planted_link() {
     std::os::unix::fs::symlink(&victim, &metrics).unwrap();
     let kernel = tests::kit::file("vmlinux");
     let initrd = tests::kit::file("initramfs-idle.cpio");
-    let mut vmm = Command::new(VMM)
-        .args(["--kernel", kernel.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
-        .args(["--cpus", "1", "--memory", "128M", "--quiet"])
-        .args(["--rcu-stats", out.to_str().unwrap()])
-        .args(["--metrics", metrics.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut vmm = Reaped(
+        Command::new(VMM)
+            .args(["--kernel", kernel.to_str().unwrap()])
+            .args(["--initrd", initrd.to_str().unwrap()])
+            .args(["--cpus", "1", "--memory", "128M", "--quiet"])
+            .args(["--rcu-stats", out.to_str().unwrap()])
+            .args(["--metrics", metrics.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut stdout = vmm.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -395,7 +422,7 @@ fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
         // SAFETY: the hook only calls umask, which is async-signal-safe;
         // the child execs right after.
         unsafe { c.pre_exec(clear_umask) };
-        c.spawn().unwrap()
+        Reaped(c.spawn().unwrap())
     };
     let mut first = vmm_at(&sock);
     let mut c = qmp(&sock);
@@ -476,7 +503,7 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
         .stderr(Stdio::piped());
     // SAFETY: the hook only calls setrlimit; the child execs right after.
     unsafe { cmd.pre_exec(limit_files) };
-    let mut vmm = cmd.spawn().unwrap();
+    let mut vmm = Reaped(cmd.spawn().unwrap());
     let pid = vmm.id();
     let mut c = qmp(&sock);
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
