@@ -1,6 +1,7 @@
 //! Seccomp filters on a running VM. A system call outside the vCPU
-//! allow-list, made on a vCPU thread while it handles an exit, kills the
-//! whole VMM with `SIGSYS` before it takes effect; with the same guest and
+//! allow-list, made on a vCPU thread while it handles an exit, ends the
+//! whole VMM with `SIGSYS` before it takes effect, after one line naming the
+//! thread and the call; with the same guest and
 //! no filter, the call runs. With every thread filtered as the `vmm`
 //! command filters them, a VM still powers off and still reports an
 //! instruction KVM cannot emulate.
@@ -188,6 +189,16 @@ fn forbidden_syscall_on_a_vcpu_thread_kills_the_vmm_before_it_runs() {
         assert!(
             !marker.exists(),
             "{case}: the forbidden openat did not take effect"
+        );
+        // The SIGSYS handler said which thread made which call.
+        let want = format!(
+            "vmm: seccomp: thread vcpu0 made a forbidden system call {} (openat); ending with SIGSYS",
+            libc::SYS_openat
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(&want),
+            "{case}: no '{want}' in {}",
+            describe(&out)
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -56,6 +56,7 @@ pub mod qmp;
 pub mod rcu_lifetime;
 pub mod rcu_plot;
 pub mod report;
+pub mod report_file;
 pub mod seccomp;
 pub mod signals;
 pub mod size;

@@ -10,7 +10,6 @@
 use crate::rcu_lifetime::{LifetimeReport, MarkerKind};
 use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
 
@@ -75,22 +74,11 @@ fn time_unit(span_s: f64) -> (f64, &'static str) {
     }
 }
 
-/// Writes the plot of `report` to `path` as SVG, atomically (a temporary
-/// file in the same directory, then renamed): a failure leaves the old file
-/// or none.
+/// Writes the plot of `report` to `path` as SVG, the way every report is
+/// written ([`crate::report_file`]): a failure leaves the old file or none.
 pub fn write_plot(path: &Path, report: &LifetimeReport) -> Result<(), PlotError> {
     let svg = render_svg(report)?;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(svg.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|source| PlotError::Write {
+    crate::report_file::write_report(path, svg.as_bytes()).map_err(|source| PlotError::Write {
         path: path.to_path_buf(),
         source,
     })

@@ -4,7 +4,6 @@
 
 use crate::rcu_lifetime::{LifetimeReport, MarkerKind, short_site, site_label};
 use rcu::Stats;
-use std::io::Write;
 use std::path::Path;
 use thiserror::Error;
 
@@ -27,32 +26,22 @@ pub enum ReportError {
     Json(&'static str, #[source] serde_json::Error),
 }
 
-/// Writes `value` as pretty JSON to `path`, atomically (a temporary file in
-/// the same directory, synced, then renamed), so a full disk leaves either
-/// the old file or none, never a truncated one.
+/// Writes `value` as pretty JSON to `path`: a new file renamed into place
+/// (a failure leaves the old file or none, never a truncated one), or a
+/// special file such as `/dev/stdout` written in place; links planted by
+/// someone else are never followed ([`crate::report_file`]).
 pub fn write_json<T: serde::Serialize>(
     what: &'static str,
     path: &Path,
     value: &T,
 ) -> Result<(), ReportError> {
-    let text = serde_json::to_vec_pretty(value).map_err(|e| ReportError::Json(what, e))?;
-    let err = |source| ReportError::Write {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|e| ReportError::Json(what, e))?;
+    text.push(b'\n');
+    crate::report_file::write_report(path, &text).map_err(|source| ReportError::Write {
         what,
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(err)
+    })
 }
 
 /// A duration in ns, in the unit that keeps it short ("16.4 us", "3.6 ms").
@@ -236,6 +225,31 @@ mod tests {
             ],
             ..Stats::default()
         }
+    }
+
+    /// Seen on the old code: a link planted at `<stem>.tmp.<pid>` made
+    /// `--rcu-stats` write its JSON into the link's target.
+    #[test]
+    fn write_json_follows_no_link_planted_at_the_temporary_or_final_name() {
+        let d = std::env::temp_dir().join(format!("vmm-report-links-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let p = d.join("stats.json");
+        let planted = d.join(format!("stats.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        write_json("RCU statistics", &p, &[1, 2, 3]).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let v: Vec<u32> = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(v, [1, 2, 3]);
+        // Now a link at the final name: replaced, its target untouched.
+        std::fs::remove_file(&p).unwrap();
+        std::os::unix::fs::symlink(&victim, &p).unwrap();
+        write_json("RCU statistics", &p, &[4]).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!std::fs::symlink_metadata(&p).unwrap().is_symlink());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

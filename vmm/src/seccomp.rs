@@ -1,9 +1,10 @@
 //! Seccomp filters: after set-up, each kind of VMM thread may make only the
 //! system calls its job needs; any other call (or an allowed call with
-//! arguments it never uses) kills the whole process with `SIGSYS`, which
-//! the kernel logs (audit type 1326, with the thread's name and the call's
-//! number). A compromised or buggy thread cannot quietly do what the VMM
-//! never does.
+//! arguments it never uses) traps, and the `SIGSYS` handler installed with
+//! the filters prints the thread's name and the call's number and name on
+//! stderr, then ends the whole process with `SIGSYS` (module `sigsys`). A
+//! compromised or buggy thread cannot quietly do what the VMM never does,
+//! and a call missing from a list is diagnosed from one line.
 //!
 //! Thread kinds and when their filters go on ([`ThreadKind`]):
 //!
@@ -38,6 +39,8 @@ mod allow_list;
 mod call_rcu;
 mod common;
 mod control;
+mod sigsys;
+mod syscall_names;
 mod vcpu;
 
 use allow_list::AllowList;
@@ -91,6 +94,12 @@ pub enum SeccompError {
     /// The kernel refused the filter (no seccomp support, for example).
     #[error("cannot install the seccomp filter of the {0} thread")]
     Install(ThreadKind, #[source] seccompiler::Error),
+    /// glibc refused the malloc arena limit.
+    #[error("cannot set the malloc arena limit")]
+    Arenas,
+    /// The SIGSYS handler could not be installed.
+    #[error("cannot install the SIGSYS handler")]
+    Handler(#[source] std::io::Error),
     /// The call_rcu thread ran the queued callback but it did not report.
     #[error("the call_rcu thread did not report installing its seccomp filter")]
     CallRcuSilent,
@@ -142,6 +151,34 @@ pub fn install_on_call_rcu_thread() -> Result<(), SeccompError> {
     result
 }
 
+/// What the process needs before any filter goes on: the SIGSYS handler
+/// (module `sigsys`) and a fixed limit on glibc's malloc arenas.
+///
+/// Why the limit: glibc gives each new thread its own arena until there are
+/// more than eight; the next thread's first allocation then computes the
+/// limit (eight per CPU) by reading `/sys/devices/system/cpu/online`, an
+/// `openat` that the vCPU and call_rcu filters refuse (found by
+/// `glibc_allocator_works_under_every_filter_with_many_threads`: SIGSYS on
+/// `openat`). A VMM with eight or more vCPUs would have died there. Setting
+/// `M_ARENA_MAX` first makes glibc take the limit as given; it is the same
+/// number glibc would compute (eight per online CPU). Everything else the
+/// allocator does (arena heaps: anonymous mmap, mprotect, munmap, madvise;
+/// large blocks: mmap, mremap, munmap; the main heap: brk) is in the common
+/// list, which that test exercises on every kind.
+fn prepare_process() -> Result<(), SeccompError> {
+    sigsys::install().map_err(SeccompError::Handler)?;
+    // SAFETY: sysconf only answers a question (it reads /sys here, before
+    // any filter).
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.clamp(1, 1 << 16);
+    let arenas = libc::c_int::try_from(cpus * 8).unwrap_or(libc::c_int::MAX);
+    // SAFETY: mallopt sets one allocator parameter; M_ARENA_MAX takes any
+    // positive count.
+    if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+        return Err(SeccompError::Arenas);
+    }
+    Ok(())
+}
+
 /// The filters of one [`Machine::run`](crate::Machine::run), compiled
 /// before any of its threads start.
 #[derive(Debug, Default)]
@@ -152,11 +189,15 @@ pub struct RunFilters {
 }
 
 impl RunFilters {
-    /// Compiles the filters `mode` asks for. With
+    /// Installs the SIGSYS handler (unless `mode` is
+    /// [`SeccompMode::Off`]) and compiles the filters `mode` asks for. With
     /// [`SeccompMode::AllThreads`] the call_rcu thread also gets its filter
     /// now ([`install_on_call_rcu_thread`]). Call it on the thread that will
     /// run the control loop, before the vCPU threads start.
     pub fn prepare(mode: SeccompMode) -> Result<Self, SeccompError> {
+        if mode != SeccompMode::Off {
+            prepare_process()?;
+        }
         Ok(match mode {
             SeccompMode::Off => Self::default(),
             SeccompMode::VcpuThreads => Self {
@@ -223,6 +264,9 @@ mod tests {
             };
             // SAFETY: `no_core` is a valid rlimit. No core dump when killed.
             unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            // SAFETY: SIGSYS's default action, whatever handler another
+            // test installed: the child dies of it, silently.
+            unsafe { libc::signal(libc::SIGSYS, libc::SIG_DFL) };
             let code: libc::c_long = if seccompiler::apply_filter(program).is_ok() {
                 call();
                 0
@@ -241,6 +285,270 @@ mod tests {
             Ended::Exited(libc::WEXITSTATUS(status))
         } else {
             Ended::Killed(libc::WTERMSIG(status))
+        }
+    }
+
+    /// What [`in_child`] does in the child besides running its body.
+    struct ChildSetup {
+        /// The name the child's thread takes (`prctl(PR_SET_NAME)`).
+        name: &'static std::ffi::CStr,
+        /// What [`RunFilters::prepare`] does to the process (SIGSYS handler,
+        /// arena limit) is done before the filter.
+        prepared: bool,
+        /// The parent stops the child (SIGSTOP) and continues it (SIGCONT)
+        /// while `call` runs.
+        stop_and_continue: bool,
+    }
+
+    /// Like [`in_filtered_child`], with `setup`; the child's stderr is
+    /// captured and returned with how it ended.
+    fn in_child(program: &BpfProgram, setup: &ChildSetup, call: fn()) -> (Ended, String) {
+        PARENT.store(std::process::id(), std::sync::atomic::Ordering::SeqCst);
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        let (read_end, write_end) = (fds[0], fds[1]);
+        // SAFETY: as in `in_filtered_child`: until `call`, the child only
+        // makes async-signal-safe calls; `call` documents its own.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: `no_core` is a valid rlimit. No core dump when killed.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+            // SAFETY: stderr becomes the pipe's write end.
+            unsafe { libc::dup2(write_end, libc::STDERR_FILENO) };
+            // SAFETY: `name` is a valid C string; the kernel copies 16 bytes.
+            unsafe { libc::prctl(libc::PR_SET_NAME, setup.name.as_ptr()) };
+            let installed = if setup.prepared {
+                prepare_process().is_ok()
+            } else {
+                // SAFETY: SIGSYS's default action.
+                unsafe { libc::signal(libc::SIGSYS, libc::SIG_DFL) };
+                true
+            };
+            let code: libc::c_long = if installed && seccompiler::apply_filter(program).is_ok() {
+                call();
+                0
+            } else {
+                99
+            };
+            // SAFETY: ends the child's thread; with others still running,
+            // `call` joined them, so this ends the child.
+            unsafe { libc::syscall(libc::SYS_exit, code) };
+            std::process::abort();
+        }
+        // SAFETY: the parent's copy of the write end.
+        unsafe { libc::close(write_end) };
+        if setup.stop_and_continue {
+            for sig in [libc::SIGSTOP, libc::SIGCONT] {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                // SAFETY: signals our own child.
+                unsafe { libc::kill(pid, sig) };
+            }
+        }
+        let mut status = 0;
+        // SAFETY: `pid` is our child; `status` is a valid out-pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(rc, pid);
+        // SAFETY: we own the read end; File closes it.
+        let mut pipe = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(read_end) };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut err).unwrap();
+        let ended = if libc::WIFEXITED(status) {
+            Ended::Exited(libc::WEXITSTATUS(status))
+        } else {
+            Ended::Killed(libc::WTERMSIG(status))
+        };
+        (ended, err)
+    }
+
+    const ALL_KINDS: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Control, ThreadKind::CallRcu];
+
+    #[test]
+    fn a_forbidden_call_names_the_thread_and_the_call_then_ends_with_sigsys() {
+        for (kind, name) in [
+            (ThreadKind::Vcpu, c"vcpu0"),
+            (ThreadKind::Control, c"vmm"),
+            (ThreadKind::CallRcu, c"call_rcu"),
+        ] {
+            let p = program(kind).unwrap();
+            let setup = ChildSetup {
+                name,
+                prepared: true,
+                stop_and_continue: false,
+            };
+            let (ended, err) = in_child(&p, &setup, || {
+                // SAFETY: a fork, if let through, exits at once.
+                if unsafe { libc::syscall(libc::SYS_fork) } == 0 {
+                    // SAFETY: ends the grandchild.
+                    unsafe { libc::syscall(libc::SYS_exit, 0) };
+                }
+            });
+            assert_eq!(ended, KILLED, "{kind}: {err}");
+            let want = format!(
+                "vmm: seccomp: thread {} made a forbidden system call {} (fork); ending with SIGSYS\n",
+                name.to_str().unwrap(),
+                libc::SYS_fork
+            );
+            assert_eq!(err, want, "{kind}");
+        }
+    }
+
+    /// A timed futex wait (every kind: locks with timeouts, the call_rcu
+    /// thread's lazy polls, RCU's waits) stopped and continued: the kernel
+    /// resumes it with `restart_syscall`, which every filter must allow.
+    #[test]
+    fn a_stopped_and_continued_timed_wait_survives_on_every_thread_kind() {
+        for kind in ALL_KINDS {
+            let p = program(kind).unwrap();
+            let setup = ChildSetup {
+                name: c"waiter",
+                prepared: true,
+                stop_and_continue: true,
+            };
+            let (ended, err) = in_child(&p, &setup, futex_wait_a_second);
+            assert_eq!(ended, ALLOWED, "{kind}: {err}");
+        }
+        // The control thread also sleeps (waiting for vCPUs to stop).
+        let p = program(ThreadKind::Control).unwrap();
+        let setup = ChildSetup {
+            name: c"sleeper",
+            prepared: true,
+            stop_and_continue: true,
+        };
+        let (ended, err) = in_child(&p, &setup, || {
+            let t = libc::timespec {
+                tv_sec: 1,
+                tv_nsec: 0,
+            };
+            // SAFETY: sleeps; `t` is a valid timespec.
+            unsafe { libc::syscall(libc::SYS_clock_nanosleep, libc::CLOCK_MONOTONIC, 0, &t, 0) };
+        });
+        assert_eq!(ended, ALLOWED, "clock_nanosleep: {err}");
+    }
+
+    fn futex_wait_a_second() {
+        let word = 0u32;
+        let t = libc::timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        };
+        // SAFETY: waits on our own word (value 0, as expected) for up to a
+        // second; nobody wakes it.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                &word,
+                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                0,
+                &t,
+                0,
+                0,
+            )
+        };
+    }
+
+    /// `kind`'s filter plus what creating threads needs (`clone`, and what
+    /// glibc's thread start calls): a child that creates threads after its
+    /// filter went on, as the VMM's threads are filtered when they first
+    /// allocate.
+    fn program_with_threads(kind: ThreadKind) -> BpfProgram {
+        let mut list = AllowList::default();
+        common::allow(&mut list).unwrap();
+        match kind {
+            ThreadKind::Vcpu => vcpu::allow(&mut list),
+            ThreadKind::Control => control::allow(&mut list, std::process::id()),
+            ThreadKind::CallRcu => call_rcu::allow(&mut list),
+        }
+        .unwrap();
+        list.any(&[
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+        ]);
+        list.compile().unwrap()
+    }
+
+    /// Threads, each allocating on its own arena, and more threads than
+    /// glibc creates arenas for without asking how many CPUs there are.
+    const ALLOCATING_THREADS: usize = 12;
+
+    /// Allocates and frees blocks of many sizes: small ones from the arena
+    /// (grown with mprotect or brk, trimmed with madvise or brk), large
+    /// ones mapped and unmapped, a large block grown with mremap.
+    fn allocate_and_free() {
+        for size in [16usize, 4096, 100 << 10, 200 << 10, 1 << 20, 8 << 20] {
+            // SAFETY: allocates a block of our own.
+            let p = unsafe { libc::malloc(size) }.cast::<u8>();
+            assert!(!p.is_null());
+            // SAFETY: `p` has `size` bytes.
+            unsafe { p.write_bytes(1, size) };
+            // SAFETY: `p` came from malloc and is not used after this.
+            let q = unsafe { libc::realloc(p.cast(), size * 2) }.cast::<u8>();
+            assert!(!q.is_null());
+            // SAFETY: `q` has `size * 2` bytes.
+            unsafe { q.write_bytes(2, size * 2) };
+            // SAFETY: `q` came from realloc, freed once.
+            unsafe { libc::free(q.cast()) };
+        }
+        let mut blocks = [std::ptr::null_mut::<libc::c_void>(); 2048];
+        for b in &mut blocks {
+            // SAFETY: a 1000-byte block of our own.
+            *b = unsafe { libc::malloc(1000) };
+        }
+        for b in blocks {
+            // SAFETY: each block was allocated above, freed once.
+            unsafe { libc::free(b) };
+        }
+    }
+
+    extern "C" fn allocating_thread(_: *mut libc::c_void) -> *mut libc::c_void {
+        allocate_and_free();
+        std::ptr::null_mut()
+    }
+
+    /// Runs [`allocate_and_free`] on [`ALLOCATING_THREADS`] new threads at
+    /// once (each first allocation creates an arena) and on this one, then
+    /// trims the heap.
+    fn allocate_on_many_threads() {
+        let mut threads = [0 as libc::pthread_t; ALLOCATING_THREADS];
+        for t in &mut threads {
+            // SAFETY: default attributes; the thread runs a function that
+            // takes no argument.
+            let rc = unsafe {
+                libc::pthread_create(t, std::ptr::null(), allocating_thread, std::ptr::null_mut())
+            };
+            assert_eq!(rc, 0);
+        }
+        allocate_and_free();
+        for t in threads {
+            // SAFETY: joins a thread created above, once.
+            unsafe { libc::pthread_join(t, std::ptr::null_mut()) };
+        }
+        // SAFETY: returns free memory to the system.
+        unsafe { libc::malloc_trim(0) };
+    }
+
+    /// glibc's allocator, exercised on every thread kind's filter: arenas
+    /// created by threads' first allocations (mmap, mprotect, munmap), the
+    /// arena limit computed once there are more than eight of them, large
+    /// blocks (mmap, mremap, munmap) and trimming (madvise, brk).
+    #[test]
+    fn glibc_allocator_works_under_every_filter_with_many_threads() {
+        for kind in ALL_KINDS {
+            let p = program_with_threads(kind);
+            let setup = ChildSetup {
+                name: c"allocator",
+                prepared: true,
+                stop_and_continue: false,
+            };
+            let (ended, err) = in_child(&p, &setup, allocate_on_many_threads);
+            assert_eq!(ended, ALLOWED, "{kind}: {err}");
         }
     }
 
@@ -399,6 +707,23 @@ mod tests {
         );
         assert_eq!(in_filtered_child(&p, sys_open_read), ALLOWED);
         assert_eq!(in_filtered_child(&p, sys_open_rdwr), KILLED);
+        assert_eq!(
+            in_filtered_child(&p, || {
+                // SAFETY: the path is a valid C string; creating it fails
+                // (no such directory) if let through.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_openat,
+                        libc::AT_FDCWD,
+                        c"/nonexistent-vmm-seccomp/x".as_ptr(),
+                        libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+                        0o644,
+                    )
+                };
+            }),
+            KILLED,
+            "creating by truncation follows links: reports never do it"
+        );
         assert_eq!(in_filtered_child(&p, || ioctl_bad_fd(0x4020_ae46)), ALLOWED);
         assert_eq!(
             in_filtered_child(&p, || ioctl_bad_fd(0xae80)),

@@ -35,6 +35,31 @@ fn start_vmm(extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A VMM child killed (and reaped) when dropped, so a failing test does
+/// not leave its VMM running.
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        // Does nothing to a child already waited for.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
     let end = Instant::now() + limit;
     while Instant::now() < end {
@@ -282,4 +307,245 @@ fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
     // least): that output is dropped and counted.
     let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
     assert!(m["console_bytes_dropped"].as_u64().unwrap() > 0, "{m}");
+}
+
+/// `--rcu-stats` naming a link to the VMM's own stdout (what `/dev/stdout`
+/// is): the report is written in place, into the pipe, and the link stays a
+/// link. (The old code renamed a new file over the link.) A link planted at
+/// `--metrics`'s name is replaced, its target untouched.
+#[test]
+fn reports_through_a_link_to_stdout_and_over_a_planted_link() {
+    tests::require_kvm();
+    let d = scratch("stdout-link");
+    let out = d.join("stdout");
+    std::os::unix::fs::symlink("/proc/self/fd/1", &out).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let metrics = d.join("metrics.json");
+    std::os::unix::fs::symlink(&victim, &metrics).unwrap();
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-idle.cpio");
+    let mut vmm = Reaped(
+        Command::new(VMM)
+            .args(["--kernel", kernel.to_str().unwrap()])
+            .args(["--initrd", initrd.to_str().unwrap()])
+            .args(["--cpus", "1", "--memory", "128M", "--quiet"])
+            .args(["--rcu-stats", out.to_str().unwrap()])
+            .args(["--metrics", metrics.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = vmm.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    let text = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
+    // Pretty JSON opens with `{`, a newline and a two-space indented key.
+    let json = &text[text
+        .find("{\n  \"")
+        .unwrap_or_else(|| panic!("no report in {text}"))..];
+    let s: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(s["callbacks_run"], s["call_rcu"], "{s}");
+    assert!(std::fs::symlink_metadata(&out).unwrap().is_symlink());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    assert!(!std::fs::symlink_metadata(&metrics).unwrap().is_symlink());
+    let m: Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert!(m.is_object(), "{m}");
+}
+
+/// Names of the files in the directory watched by inotify descriptor `fd`
+/// whose attributes changed (IN_ATTRIB), from the events queued so far.
+fn attrib_events(fd: i32) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        // SAFETY: reads into our buffer; the descriptor is non-blocking.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return names;
+        }
+        let mut at = 0usize;
+        while at + 16 <= n as usize {
+            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let name = &buf[at + 16..at + 16 + len];
+            let name = String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap());
+            if mask & libc::IN_ATTRIB != 0 {
+                names.push(name.into_owned());
+            }
+            at += 16 + len;
+        }
+    }
+}
+
+/// Under umask 000 the QMP socket has mode 0600 from the moment it appears:
+/// its attributes are never changed afterwards (the old code made it 0777
+/// at `bind` and chmodded it, following links, a moment later). A second
+/// VMM on the same path fails with a clear error and leaves the first VM's
+/// socket working.
+#[test]
+fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    tests::require_kvm();
+    let d = scratch("qmp-umask");
+    let sock = d.join("qmp.sock");
+    // SAFETY: a fresh inotify descriptor, watching our scratch directory.
+    let ino = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(ino >= 0);
+    let dir = std::ffi::CString::new(d.to_str().unwrap()).unwrap();
+    // SAFETY: `dir` is a valid C string.
+    let wd =
+        unsafe { libc::inotify_add_watch(ino, dir.as_ptr(), libc::IN_CREATE | libc::IN_ATTRIB) };
+    assert!(wd >= 0);
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-idle.cpio");
+    let vmm_at = |sock: &Path| {
+        let mut c = Command::new(VMM);
+        c.args(["--kernel", kernel.to_str().unwrap()])
+            .args(["--initrd", initrd.to_str().unwrap()])
+            .args(["--cpus", "1", "--memory", "128M", "--quiet"])
+            .args(["--qmp", sock.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        fn clear_umask() -> std::io::Result<()> {
+            // SAFETY: swaps the child's file-creation mask.
+            unsafe { libc::umask(0) };
+            Ok(())
+        }
+        // SAFETY: the hook only calls umask, which is async-signal-safe;
+        // the child execs right after.
+        unsafe { c.pre_exec(clear_umask) };
+        Reaped(c.spawn().unwrap())
+    };
+    let mut first = vmm_at(&sock);
+    let mut c = qmp(&sock);
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let changed = attrib_events(ino);
+    assert!(
+        !changed.iter().any(|n| n == "qmp.sock"),
+        "the socket's mode was changed after bind: {changed:?}"
+    );
+
+    let mut second = vmm_at(&sock);
+    let status = wait_exit(&mut second, Duration::from_secs(60));
+    let err = stderr_of(&mut second);
+    assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(err.contains("in use by another process"), "{err}");
+    assert_eq!(
+        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        "running"
+    );
+    drop(c);
+    qmp(&sock);
+
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut first, Duration::from_secs(60));
+    let err = stderr_of(&mut first);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    // SAFETY: our inotify descriptor.
+    unsafe { libc::close(ino) };
+}
+
+/// CPU time (user + system, in clock ticks) of thread `tid` of `pid`.
+fn thread_cpu_ticks(pid: u32, tid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): state is the
+    // 3rd field, utime the 14th, stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of descriptors: a VMM limited to 64 open files gets more QMP
+/// connections than it can accept. `accept` fails with EMFILE; the control
+/// thread must not spin on the still-readable socket (before: a full core,
+/// and a warning per wake-up as far as the log limit let through), and it
+/// accepts again once clients leave.
+#[test]
+fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
+    use std::os::unix::process::CommandExt;
+    tests::require_kvm();
+    let d = scratch("emfile");
+    let sock = d.join("qmp.sock");
+    let kernel = tests::kit::file("vmlinux");
+    let initrd = tests::kit::file("initramfs-idle.cpio");
+    const LIMIT: u64 = 64;
+    fn limit_files() -> std::io::Result<()> {
+        let l = libc::rlimit {
+            rlim_cur: LIMIT,
+            rlim_max: LIMIT,
+        };
+        // SAFETY: `l` is a valid rlimit; setrlimit is async-signal-safe.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    let mut cmd = Command::new(VMM);
+    cmd.args(["--kernel", kernel.to_str().unwrap()])
+        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(["--cpus", "1", "--memory", "128M", "--quiet"])
+        .args(["--qmp", sock.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: the hook only calls setrlimit; the child execs right after.
+    unsafe { cmd.pre_exec(limit_files) };
+    let mut vmm = Reaped(cmd.spawn().unwrap());
+    let pid = vmm.id();
+    let mut c = qmp(&sock);
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    // More clients than descriptors left.
+    let extra: Vec<UnixStream> = (0..LIMIT - open + 8)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let start = Instant::now();
+    let ticks0 = thread_cpu_ticks(pid, pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = thread_cpu_ticks(pid, pid) - ticks0;
+    let wall = start.elapsed();
+    // SAFETY: sysconf only answers a question.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let busy = ticks as f64 / hz / wall.as_secs_f64();
+    assert!(
+        busy < 0.10,
+        "the control thread was busy {:.0}% of the time with accept failing",
+        busy * 100.0
+    );
+    // The negotiated client is still served.
+    assert_eq!(
+        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        "running"
+    );
+    drop(extra);
+    // Accepting again: a new client negotiates.
+    drop(qmp(&sock));
+    // SAFETY: kill(2) with the child's pid.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
+    let failures = err.lines().filter(|l| l.contains("accept failed")).count();
+    assert!((1..=40).contains(&failures), "{failures} lines:\n{err}");
 }

@@ -581,3 +581,40 @@ print('qemu.qmp client: OK')
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("qemu.qmp client: OK"), "{stdout}");
 }
+
+/// Clients that never negotiate fill every place, and are disconnected at
+/// the negotiation deadline; then a new client connects and negotiates.
+/// (Before the deadline existed, the 64 idle clients held their places
+/// forever and every later client was refused.)
+#[test]
+fn test_qmp_clients_that_never_negotiate_are_disconnected_at_the_deadline() {
+    let _serial = serial();
+    let h = Harness::start("deadline");
+    h.server
+        .lock()
+        .unwrap()
+        .set_negotiation_deadline(Duration::from_secs(1));
+    let mut idle: Vec<Client> = (0..vmm::qmp::MAX_CLIENTS)
+        .map(|_| Client::connect(&h.path))
+        .collect();
+    h.wait_clients(vmm::qmp::MAX_CLIENTS);
+    // Every idle client sees its connection end (no reply, end of stream).
+    for c in &mut idle {
+        c.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        assert_eq!(c.recv(), None);
+    }
+    h.wait_clients(0);
+    let mut c = Client::negotiated(&h.path);
+    assert_eq!(
+        c.execute(json!({"execute": "query-status"}))["return"]["status"],
+        "running"
+    );
+    // A negotiated client outlives the deadline.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        c.execute(json!({"execute": "query-status"}))["return"]["status"],
+        "running"
+    );
+}

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 use vmm_sys_util::epoll::EventSet;
 
 /// The most bytes read from one client per wake-up.
@@ -49,6 +50,9 @@ pub(crate) struct Connection {
     broken: bool,
     /// The epoll interest currently registered for the socket.
     pub registered: EventSet,
+    /// When the connection was accepted (the negotiation deadline counts
+    /// from here).
+    pub accepted: Instant,
 }
 
 /// What reading from the socket gave.
@@ -77,6 +81,7 @@ impl Connection {
             eof: false,
             broken: false,
             registered: EventSet::empty(),
+            accepted: Instant::now(),
         };
         c.queue(&protocol::encode(&protocol::greeting()));
         Ok(c)

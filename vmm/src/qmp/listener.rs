@@ -10,15 +10,30 @@
 //! * anything else (a regular file, a directory, a symbolic link): start-up
 //!   fails and the file is left alone.
 //!
-//! The mode is set to 0600 right after `bind`; until then the socket has
-//! the mode the process umask gives it.
+//! The socket is bound under umask 0177, so it has mode 0600 from the
+//! moment it appears: no `chmod` afterwards (which would follow a link put
+//! in its place), and no window in which another user can connect. The
+//! umask is process-wide: it is changed only for the `bind` call, at set-up,
+//! when no other VMM thread creates files.
+//!
+//! Replacing a stale socket cannot remove a live one: the check (connect,
+//! refused), the removal (only of the very inode that refused) and the
+//! `bind` happen under an exclusive `flock` on the directory, which every
+//! VMM binding in that directory takes; `bind` itself never replaces a
+//! file. The lock is advisory: it orders VMMs, not arbitrary programs.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 use thiserror::Error;
+
+/// How long binding waits for another VMM to finish binding in the same
+/// directory (it holds the lock for a few system calls).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Errors creating the socket file.
 #[derive(Debug, Error)]
@@ -72,14 +87,14 @@ impl SocketListener {
     /// Creates the socket at `path`; see the [module docs](self) for what
     /// happens to a file already there.
     pub(crate) fn bind(path: &Path) -> Result<Self, ListenerError> {
-        remove_stale(path)?;
         let bind_err = |source| ListenerError::Bind {
             path: path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let _lock = lock_directory(path).map_err(bind_err)?;
+        remove_stale(path)?;
+        let listener = bind_owner_only(path).map_err(bind_err)?;
         let set_up = || -> io::Result<(u64, u64)> {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
             listener.set_nonblocking(true)?;
             let meta = fs::symlink_metadata(path)?;
             Ok((meta.dev(), meta.ino()))
@@ -118,7 +133,45 @@ impl Drop for SocketListener {
     }
 }
 
-/// Clears the way for a new socket at `path`, or says why not.
+/// Binds a listening socket at `path` with mode 0600 from the start (see
+/// the [module docs](self)).
+fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
+    // SAFETY: umask only swaps the process's file-creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let result = UnixListener::bind(path);
+    // SAFETY: as above; puts the caller's mask back.
+    unsafe { libc::umask(old) };
+    result
+}
+
+/// Takes the exclusive `flock` on the directory holding `path`, waiting up
+/// to [`LOCK_WAIT`]; released when the returned descriptor is dropped.
+fn lock_directory(path: &Path) -> io::Result<OwnedFd> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let fd: OwnedFd = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?
+        .into();
+    let end = Instant::now() + LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(fd);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock || Instant::now() >= end {
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Clears the way for a new socket at `path`, or says why not. Call it
+/// with the directory locked ([`lock_directory`]).
 fn remove_stale(path: &Path) -> Result<(), ListenerError> {
     let probe_err = |source| ListenerError::Probe {
         path: path.to_path_buf(),
@@ -135,6 +188,14 @@ fn remove_stale(path: &Path) -> Result<(), ListenerError> {
     match UnixStream::connect(path) {
         Ok(_) => Err(ListenerError::InUse(path.to_path_buf())),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            // Only the file that refused: not one a program that ignores
+            // the lock put there since.
+            let same = fs::symlink_metadata(path).is_ok_and(|m| {
+                m.file_type().is_socket() && m.ino() == meta.ino() && m.dev() == meta.dev()
+            });
+            if !same {
+                return Err(ListenerError::InUse(path.to_path_buf()));
+            }
             log::info!("replacing stale QMP socket {}", path.display());
             match fs::remove_file(path) {
                 Ok(()) => Ok(()),
@@ -153,6 +214,7 @@ fn remove_stale(path: &Path) -> Result<(), ListenerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {
         let d =
@@ -217,6 +279,43 @@ mod tests {
         std::os::unix::fs::symlink(&target, &p).unwrap();
         let e = SocketListener::bind(&p).unwrap_err();
         assert!(matches!(e, ListenerError::NotASocket(_)), "{e}");
+    }
+
+    /// Two binds racing for the same stale path: one wins and keeps a
+    /// working socket; the other fails (before the lock, the loser could
+    /// remove the winner's fresh socket as "stale").
+    #[test]
+    fn test_racing_binds_on_a_stale_socket_never_steal() {
+        let d = scratch("race");
+        let p = d.join("qmp.sock");
+        for _ in 0..50 {
+            drop(UnixListener::bind(&p).unwrap()); // Stale.
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (p, b) = (p.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        b.wait();
+                        SocketListener::bind(&p)
+                    })
+                })
+                .collect();
+            let results: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+            let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(winners.len(), 1, "{results:?}");
+            let w = winners[0];
+            let meta = fs::symlink_metadata(&p).unwrap();
+            assert_eq!((meta.dev(), meta.ino()), w.identity);
+            UnixStream::connect(&p).expect("the winner's socket works");
+            assert!(
+                results
+                    .iter()
+                    .any(|r| matches!(r, Err(ListenerError::InUse(_)))),
+                "{results:?}"
+            );
+            drop(results);
+            let _ = fs::remove_file(&p);
+        }
     }
 
     #[test]

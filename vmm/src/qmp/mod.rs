@@ -42,7 +42,11 @@
 //! non-blocking, input and output are bounded per client (module
 //! `connection`), malformed input gets an error reply
 //! and the connection goes on, and only a message beyond
-//! [`MAX_MESSAGE_SIZE`] closes (that client's) connection.
+//! [`MAX_MESSAGE_SIZE`] closes (that client's) connection. A client that
+//! does not negotiate within [`NEGOTIATION_DEADLINE`] is disconnected, so
+//! idle connections cannot hold the [`MAX_CLIENTS`] places; when `accept`
+//! fails (out of descriptors), the socket is left alone for a moment
+//! instead of waking the loop again at once.
 
 mod args;
 mod commands;
@@ -66,5 +70,5 @@ pub use event::{EventSender, MAX_QUEUED_EVENTS, QmpEvent, ShutdownCause};
 pub use json_splitter::MAX_NESTING;
 pub use listener::ListenerError;
 pub use protocol::{QEMU_VERSION, Timestamp, package};
-pub use server::{MAX_CLIENTS, QmpServer, ServerError};
+pub use server::{MAX_CLIENTS, NEGOTIATION_DEADLINE, QmpServer, ServerError};
 pub use vm_ops::{CpuInfo, MemoryDeviceInfo, RunState, VmOps};

@@ -36,6 +36,18 @@ pub const MAX_CLIENTS: usize = 64;
 /// Connections accepted per wake-up of the listening socket.
 const ACCEPT_BATCH: usize = 16;
 
+/// A client that has not negotiated (`qmp_capabilities`) this long after it
+/// connected is disconnected, so idle connections cannot hold the
+/// [`MAX_CLIENTS`] places forever. (QEMU has no such deadline; ten seconds
+/// is far more than any client library takes to answer the greeting.)
+pub const NEGOTIATION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the listening socket is left alone after `accept` failed for
+/// a reason other than "nothing to accept" (out of descriptors: EMFILE,
+/// ENFILE; out of memory): the pending connection stays queued, so watching
+/// the socket meanwhile would wake the loop again at once, forever.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(250);
+
 /// Errors starting the server.
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -72,6 +84,14 @@ pub struct QmpServer {
     throttle: EventThrottle,
     /// Armed while the throttle holds a window open.
     timer: TimerFd,
+    /// See [`NEGOTIATION_DEADLINE`].
+    negotiation_deadline: Duration,
+    /// While set, the listening socket is not watched (an accept failure);
+    /// watched again from then on.
+    accept_paused_until: Option<Instant>,
+    /// Armed for the next negotiation deadline or the end of an accept
+    /// pause, whichever comes first.
+    housekeeping: TimerFd,
 }
 
 impl std::fmt::Debug for QmpServer {
@@ -90,6 +110,7 @@ impl QmpServer {
     pub fn new(path: &Path, vm: Box<dyn VmOps + Send>) -> Result<Self, ServerError> {
         let events = EventQueue::new().map_err(ServerError::EventQueue)?;
         let timer = TimerFd::new().map_err(|e| ServerError::Timer(e.into()))?;
+        let housekeeping = TimerFd::new().map_err(|e| ServerError::Timer(e.into()))?;
         let listener = SocketListener::bind(path)?;
         Ok(Self {
             listener: Some(listener),
@@ -99,7 +120,17 @@ impl QmpServer {
             dirty: BTreeSet::new(),
             throttle: EventThrottle::new(THROTTLE_PERIOD),
             timer,
+            negotiation_deadline: NEGOTIATION_DEADLINE,
+            accept_paused_until: None,
+            housekeeping,
         })
+    }
+
+    /// Replaces [`NEGOTIATION_DEADLINE`] for clients accepted from now on
+    /// and those already waiting (tests use a short one). Call it before
+    /// adding the server to a loop or between wake-ups.
+    pub fn set_negotiation_deadline(&mut self, deadline: Duration) {
+        self.negotiation_deadline = deadline;
     }
 
     /// A handle that emits events to every negotiated client; see
@@ -158,7 +189,11 @@ impl QmpServer {
                     continue;
                 }
                 Err(e) => {
-                    log::warn!("QMP accept failed: {e}");
+                    log::warn!(
+                        "QMP accept failed: {e}; not accepting for {} ms",
+                        ACCEPT_PAUSE.as_millis()
+                    );
+                    self.pause_accepting(ops);
                     return;
                 }
             };
@@ -187,6 +222,68 @@ impl QmpServer {
                 }
                 Err(e) => log::warn!("cannot watch QMP client: {e}"),
             }
+        }
+    }
+
+    /// Stops watching the listening socket for [`ACCEPT_PAUSE`].
+    fn pause_accepting(&mut self, ops: &mut EventOps) {
+        if let Some(listener) = &self.listener {
+            let _ = ops.remove(Events::empty_raw(listener.listener().as_raw_fd()));
+            self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+        }
+    }
+
+    /// Watches the listening socket again.
+    fn resume_accepting(&mut self, ops: &mut EventOps) {
+        self.accept_paused_until = None;
+        if let Some(listener) = &self.listener
+            && let Err(e) = ops.add(Events::new_raw(
+                listener.listener().as_raw_fd(),
+                EventSet::IN,
+            ))
+        {
+            log::error!("cannot watch the QMP socket again: {e}");
+        }
+    }
+
+    /// Ends an accept pause that is over, and disconnects the clients whose
+    /// negotiation deadline passed.
+    fn housekeep(&mut self, ops: &mut EventOps) {
+        let now = Instant::now();
+        if self.accept_paused_until.is_some_and(|until| until <= now) {
+            self.resume_accepting(ops);
+        }
+        for (fd, conn) in &mut self.clients {
+            if !conn.negotiated && conn.accepted + self.negotiation_deadline <= now {
+                log::info!(
+                    "QMP client disconnected: no qmp_capabilities within {} s",
+                    self.negotiation_deadline.as_secs_f32()
+                );
+                conn.mark_broken();
+                self.dirty.insert(*fd);
+            }
+        }
+    }
+
+    /// Arms the housekeeping timer for the next negotiation deadline or
+    /// the end of the accept pause, or disarms it.
+    fn arm_housekeeping(&mut self) {
+        let deadlines = self
+            .clients
+            .values()
+            .filter(|c| !c.negotiated)
+            .map(|c| c.accepted + self.negotiation_deadline);
+        let next = deadlines.chain(self.accept_paused_until).min();
+        let result = match next {
+            Some(at) => self.housekeeping.reset(
+                at.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+                None,
+            ),
+            None => self.housekeeping.clear(),
+        };
+        if let Err(e) = result {
+            log::warn!("cannot set the QMP housekeeping timer: {e}");
         }
     }
 
@@ -346,6 +443,9 @@ impl MutEventSubscriber for QmpServer {
         if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
             log::error!("cannot watch the QMP event timer: {e}");
         }
+        if let Err(e) = ops.add(Events::new(&self.housekeeping, EventSet::IN)) {
+            log::error!("cannot watch the QMP housekeeping timer: {e}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -357,6 +457,8 @@ impl MutEventSubscriber for QmpServer {
             self.deliver_queued_events(None);
         } else if fd == self.timer.as_raw_fd() {
             self.deliver_held_events();
+        } else if fd == self.housekeeping.as_raw_fd() {
+            self.housekeep(ops);
         } else if self.clients.contains_key(&fd) {
             self.serve(fd, events.event_set());
         } else {
@@ -364,6 +466,7 @@ impl MutEventSubscriber for QmpServer {
             let _ = ops.remove(Events::empty_raw(fd));
         }
         self.settle(ops);
+        self.arm_housekeeping();
     }
 }
 

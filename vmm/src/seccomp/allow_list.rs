@@ -61,8 +61,10 @@ impl AllowList {
     }
 
     /// Compiles the list: allowed calls proceed, every other call (or an
-    /// allowed call with other arguments, or a call of another ABI) kills the
-    /// whole process with `SIGSYS`.
+    /// allowed call with other arguments, or a call of another ABI) traps
+    /// with `SIGSYS`, whose handler (module `sigsys`) names the thread and
+    /// the call and ends the process; without the handler, `SIGSYS`'s
+    /// default action ends it all the same.
     pub(crate) fn compile(self) -> Result<BpfProgram, BackendError> {
         let rules = self
             .calls
@@ -71,7 +73,7 @@ impl AllowList {
             .collect();
         SeccompFilter::new(
             rules,
-            SeccompAction::KillProcess,
+            SeccompAction::Trap,
             SeccompAction::Allow,
             TargetArch::x86_64,
         )?

@@ -7,6 +7,17 @@
 //! `/proc/self/stat` for the metrics); the socket, eventfds and signalfd
 //! were all created during set-up, so `socket`, `bind`, `eventfd2` and
 //! friends are not allowed.
+//!
+//! The path-based calls allowed after set-up, all for the reports
+//! (`report_file`) and the QMP socket's removal at shutdown, and nothing
+//! else: `openat` in three modes only (read-only; create-exclusive without
+//! following links, for a report's temporary file; append without creating,
+//! for a report written in place to a FIFO, a character device or our own
+//! stdout), `rename` (temporary file into place), `unlink` (a failed
+//! report's temporary file; the QMP socket, once it is checked to be ours),
+//! `statx`/`newfstatat` (what is at a report's path; the socket's
+//! identity). No `chmod`, `chown`, `link`, `symlink`, `mkdir`, `truncate`
+//! or opening read-write.
 
 use super::allow_list::{AllowList, arg_eq};
 use crate::kick::kick_signal;
@@ -64,9 +75,9 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
         libc::SYS_getpid,
         // Metrics: how much guest RAM is resident.
         libc::SYS_mincore,
-        // Reports at exit (written to a temporary file, synced and renamed
-        // into place) and the QMP socket removed at shutdown, after
-        // checking it is still ours.
+        // Reports at exit (written to a new temporary file, synced and
+        // renamed into place; see the module docs) and the QMP socket
+        // removed at shutdown, after checking it is still ours.
         libc::SYS_fsync,
         libc::SYS_rename,
         libc::SYS_unlink,
@@ -91,14 +102,20 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
         2,
         &[libc::MADV_HUGEPAGE as u64, libc::MADV_DONTDUMP as u64],
     )?;
-    // Files are read (/proc/self/stat and status) or created and truncated
-    // (reports); no other way of opening is allowed.
+    // Files are opened three ways only (`report_file` for the reports):
+    // read (/proc/self/stat and status for the metrics), created new under
+    // a random name, never through a link (a report's temporary file), or
+    // appended to without being created (a report written in place to a
+    // FIFO, a character device or our own stdout). Never truncated, never
+    // opened read-write.
     list.when_arg_in(
         libc::SYS_openat,
         2,
         &[
             (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
-            (libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC) as u64,
+            (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                as u64,
+            (libc::O_WRONLY | libc::O_APPEND | libc::O_NOCTTY | libc::O_CLOEXEC) as u64,
         ],
     )?;
     Ok(())
