@@ -528,9 +528,10 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
     // SAFETY: sysconf only answers a question.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let busy = ticks as f64 / hz / wall.as_secs_f64();
-    assert!(
-        busy < 0.10,
-        "the control thread was busy {:.0}% of the time with accept failing",
+    // A figure, not a check (the machine's load changes it): what is
+    // checked is how many times accept was tried, below.
+    println!(
+        "control thread busy {:.0}% of the time with accept failing",
         busy * 100.0
     );
     // The negotiated client is still served.
@@ -546,6 +547,26 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
     let status = wait_exit(&mut vmm, Duration::from_secs(60));
     let err = stderr_of(&mut vmm);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
-    let failures = err.lines().filter(|l| l.contains("accept failed")).count();
-    assert!((1..=40).contains(&failures), "{failures} lines:\n{err}");
+    // Every failed accept logs once (the log limit prints some and counts
+    // the rest): with the listener unwatched for 250 ms after a failure,
+    // about 4 s of running out of descriptors makes a few dozen at most; a
+    // loop that retried at once would make thousands.
+    let printed = err.lines().filter(|l| l.contains("accept failed")).count() as u64;
+    let suppressed: u64 = err
+        .lines()
+        .filter(|l| l.contains("more messages from") && l.contains("qmp/server.rs"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(1)?
+                .trim_start_matches('(')
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let attempts = printed + suppressed;
+    println!("accept failures logged: {printed} printed, {suppressed} counted");
+    assert!(
+        (1..=60).contains(&attempts),
+        "{attempts} accept failures:\n{err}"
+    );
 }
