@@ -7,143 +7,108 @@
 use super::Signal;
 use std::time::Duration;
 
-#[cfg(not(loom))]
-mod imp {
-    use super::super::futex;
-    use std::sync::atomic::{AtomicU32, Ordering, fence};
-    use std::time::{Duration, Instant};
+use super::futex;
+use crate::primitive::{AtomicU32, fence};
+use std::sync::atomic::Ordering;
 
-    /// The event is set: `wait` returns at once.
-    const SET: u32 = 0;
-    /// The event is clear and nobody sleeps on it.
-    const FREE: u32 = 1;
-    /// The event is clear and a waiter may sleep on the futex: `set` must wake.
-    const BUSY: u32 = u32::MAX;
+/// The event is set: `wait` returns at once.
+const SET: u32 = 0;
+/// The event is clear and nobody sleeps on it.
+const FREE: u32 = 1;
+/// The event is clear and a waiter may sleep on the futex: `set` must wake.
+const BUSY: u32 = u32::MAX;
 
-    #[derive(Debug)]
-    pub(crate) struct Event {
-        state: AtomicU32,
+#[derive(Debug)]
+pub(crate) struct Event {
+    state: AtomicU32,
+}
+
+impl Event {
+    /// A new event, set or clear.
+    #[cfg(not(loom))]
+    pub(crate) const fn new(set: bool) -> Self {
+        Self {
+            state: AtomicU32::new(if set { SET } else { FREE }),
+        }
     }
 
-    impl Event {
-        pub(crate) const fn new(set: bool) -> Self {
-            Self {
-                state: AtomicU32::new(if set { SET } else { FREE }),
+    /// A new event, set or clear (loom's atomics are not `const`).
+    #[cfg(loom)]
+    pub(crate) fn new(set: bool) -> Self {
+        Self {
+            state: AtomicU32::new(if set { SET } else { FREE }),
+        }
+    }
+
+    /// Sets the event. Everything the caller wrote before is visible to a
+    /// thread whose `wait` returns because of this `set`.
+    pub(crate) fn set(&self) {
+        // Orders the caller's earlier writes (for example a pending-count
+        // increment) before the check of the state below; pairs with the
+        // SeqCst read-modify-writes in `reset` and `wait`, so either this
+        // thread sees the reset or the waiter sees the caller's writes.
+        fence(Ordering::SeqCst);
+        if self.state.load(Ordering::Relaxed) != SET
+            && self.state.swap(SET, Ordering::SeqCst) == BUSY
+        {
+            futex::wake(&self.state, i32::MAX);
+        }
+    }
+
+    /// Clears the event if it is set. A `set` that follows is seen by the
+    /// next `wait`.
+    pub(crate) fn reset(&self) {
+        // SET -> FREE; FREE and BUSY unchanged. SeqCst: the caller's reads
+        // after the reset (of the condition it waits for) are ordered
+        // after it.
+        self.state.fetch_or(FREE, Ordering::SeqCst);
+    }
+
+    /// Whether the event is set, without waiting.
+    pub(crate) fn is_set(&self) -> bool {
+        self.state.load(Ordering::Acquire) == SET
+    }
+
+    /// Blocks until the event is set. Returns at once if it already is.
+    pub(crate) fn wait(&self) {
+        self.wait_until(None);
+    }
+
+    /// Blocks until the event is set or `timeout` passes; returns whether
+    /// it is set.
+    pub(crate) fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.wait_until(Some(futex::Deadline::after(timeout)))
+    }
+
+    fn wait_until(&self, deadline: Option<futex::Deadline>) -> bool {
+        loop {
+            let v = self.state.load(Ordering::Acquire);
+            if v == SET {
+                return true;
             }
-        }
-
-        /// Sets the event. Everything the caller wrote before is visible to a
-        /// thread whose `wait` returns because of this `set`.
-        pub(crate) fn set(&self) {
-            // Orders the caller's earlier writes (for example a pending-count
-            // increment) before the check of the state below; pairs with the
-            // SeqCst read-modify-writes in `reset` and `wait`, so either this
-            // thread sees the reset or the waiter sees the caller's writes.
-            fence(Ordering::SeqCst);
-            if self.state.load(Ordering::Relaxed) != SET
-                && self.state.swap(SET, Ordering::SeqCst) == BUSY
-            {
-                futex::wake(&self.state, i32::MAX);
-            }
-        }
-
-        /// Clears the event if it is set. A `set` that follows is seen by the
-        /// next `wait`.
-        pub(crate) fn reset(&self) {
-            // SET -> FREE; FREE and BUSY unchanged. SeqCst: the caller's reads
-            // after the reset (of the condition it waits for) are ordered
-            // after it.
-            self.state.fetch_or(FREE, Ordering::SeqCst);
-        }
-
-        /// Whether the event is set, without waiting.
-        pub(crate) fn is_set(&self) -> bool {
-            self.state.load(Ordering::Acquire) == SET
-        }
-
-        /// Blocks until the event is set. Returns at once if it already is.
-        pub(crate) fn wait(&self) {
-            self.wait_until(None);
-        }
-
-        /// Blocks until the event is set or `timeout` passes; returns whether
-        /// it is set.
-        pub(crate) fn wait_timeout(&self, timeout: Duration) -> bool {
-            self.wait_until(Some(Instant::now() + timeout))
-        }
-
-        fn wait_until(&self, deadline: Option<Instant>) -> bool {
-            loop {
-                let v = self.state.load(Ordering::Acquire);
-                if v == SET {
+            if v == FREE {
+                if let Err(SET) =
+                    self.state
+                        .compare_exchange(FREE, BUSY, Ordering::SeqCst, Ordering::Acquire)
+                {
                     return true;
                 }
-                if v == FREE {
-                    if let Err(SET) =
-                        self.state
-                            .compare_exchange(FREE, BUSY, Ordering::SeqCst, Ordering::Acquire)
-                    {
-                        return true;
-                    }
-                }
-                let remaining = match deadline {
-                    None => None,
-                    Some(d) => match d.checked_duration_since(Instant::now()) {
-                        Some(r) if !r.is_zero() => Some(r),
-                        _ => return self.is_set(),
-                    },
-                };
-                futex::wait(&self.state, BUSY, remaining);
+            }
+            let remaining = match deadline {
+                None => None,
+                Some(d) => match d.remaining() {
+                    Some(r) => Some(r),
+                    None => return self.is_set(),
+                },
+            };
+            if !futex::wait(&self.state, BUSY, remaining) {
+                // Timed out: the deadline has passed.
+                return self.is_set();
             }
         }
     }
 }
 
-#[cfg(loom)]
-mod imp {
-    use crate::primitive::{Condvar, Mutex, lock};
-    use std::time::Duration;
-
-    #[derive(Debug)]
-    pub(crate) struct Event {
-        set: Mutex<bool>,
-        cv: Condvar,
-    }
-
-    impl Event {
-        pub(crate) fn new(set: bool) -> Self {
-            Self {
-                set: Mutex::new(set),
-                cv: Condvar::new(),
-            }
-        }
-        pub(crate) fn set(&self) {
-            *lock(&self.set) = true;
-            self.cv.notify_all();
-        }
-        pub(crate) fn reset(&self) {
-            *lock(&self.set) = false;
-        }
-        pub(crate) fn is_set(&self) -> bool {
-            *lock(&self.set)
-        }
-        pub(crate) fn wait(&self) {
-            let mut g = lock(&self.set);
-            while !*g {
-                g = match self.cv.wait(g) {
-                    Ok(g) => g,
-                    Err(e) => e.into_inner(),
-                };
-            }
-        }
-        /// The timer is modelled as expiring at once.
-        pub(crate) fn wait_timeout(&self, _timeout: Duration) -> bool {
-            self.is_set()
-        }
-    }
-}
-
-pub(crate) use imp::Event;
 
 impl Signal for Event {
     fn notify(&self) {

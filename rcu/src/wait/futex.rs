@@ -1,7 +1,9 @@
 //! Thin, safe wrappers around the Linux futex system call on an `AtomicU32`.
+//!
+//! Under `--cfg loom`, `futex_model.rs` stands in with the same interface.
 
 use std::sync::atomic::AtomicU32;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Blocks while `*word == expected`, until woken, interrupted or `timeout`
 /// passes. Returns `false` only when the timeout expired. Spurious returns are
@@ -40,5 +42,24 @@ pub(super) fn wake(word: &AtomicU32, n: i32) {
             libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
             n,
         );
+    }
+}
+
+/// When a timed wait ends, on the monotonic clock.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deadline(Instant);
+
+impl Deadline {
+    /// The deadline `timeout` from now.
+    pub(super) fn after(timeout: Duration) -> Self {
+        Self(Instant::now() + timeout)
+    }
+
+    /// The time left, or `None` once the deadline has passed.
+    pub(super) fn remaining(&self) -> Option<Duration> {
+        match self.0.checked_duration_since(Instant::now()) {
+            Some(r) if !r.is_zero() => Some(r),
+            _ => None,
+        }
     }
 }

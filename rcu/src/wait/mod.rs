@@ -1,15 +1,19 @@
 //! Blocking primitives for the grace-period and call_rcu protocols.
 //!
-//! Both types are futex-based in normal builds (no allocation, `const`
-//! constructible, no syscall on the uncontended paths) and are built on loom's
-//! `Mutex`/`Condvar` under `--cfg loom`, so the protocols that use them are
-//! model-checked against the same interface.
+//! Both types are futex-based (no allocation, `const` constructible in normal
+//! builds, no syscall on the uncontended paths). Under `--cfg loom` the same
+//! state machines run on loom's atomics, and the futex system call is
+//! replaced by a model of it (`futex_model.rs`), so the loom models check the
+//! production wake-up protocols, not stand-ins.
 //!
 //! The interface both share is [`Signal`]: the call_rcu thread's wake-up
 //! strategy is a choice between the two implementations.
 
 mod event;
 #[cfg(not(loom))]
+mod futex;
+#[cfg(loom)]
+#[path = "futex_model.rs"]
 mod futex;
 mod semaphore;
 

@@ -1,0 +1,117 @@
+//! The futex system call, modelled for `loom` (`--cfg loom` builds only).
+//!
+//! Same interface as `futex.rs`, so the production [`Event`](super::Event)
+//! and [`Semaphore`](super::Semaphore) state machines run unchanged in the
+//! models. What the kernel guarantees, and how it is modelled:
+//!
+//! * **The value check is atomic with respect to wakes.** The kernel reads
+//!   `*word` under the futex hash-bucket lock and queues the waiter before
+//!   dropping it; a waker takes the same lock to dequeue. Here one loom
+//!   `Mutex` (a per-execution `lazy_static`) stands for every bucket: `wait`
+//!   reads `*word` and queues itself under it, `wake` dequeues under it.
+//!   The kernel has a full barrier on each side (`smp_mb()` in
+//!   `futex_q_lock()` and before the waker's check of waiters,
+//!   `kernel/futex/waitwake.c`); the model uses a `SeqCst` load under the lock
+//!   and a `SeqCst` fence before `wake` takes it.
+//! * **Spurious wake-ups.** Each thread sleeps on a `loom::sync::Notify` of
+//!   its own, which loom lets return once per execution without a
+//!   notification: the models also run the schedules where a sleeper returns
+//!   early (a signal, in the kernel), once per thread, so the callers must
+//!   re-check their condition. (Unbounded spurious returns would make
+//!   executions unbounded.) A notification that reaches a thread after it
+//!   returned spuriously makes its next sleep return at once: spurious too.
+//! * **Wake wakes up to `n` waiters** queued on the same address, oldest
+//!   first. A waiter that returned spuriously but has not yet left the queue
+//!   can still take one of the `n` (the kernel counts it as woken too).
+//! * **Timeouts.** A timed wait whose value check passes returns "timed out"
+//!   at once, without sleeping: the model's timer has always already expired
+//!   (a wake arriving during a real timed sleep is not modelled).
+//!   [`Deadline`] never expires by the clock (loom has none; reading the real
+//!   clock would make executions non-reproducible).
+
+use crate::primitive::{Arc, AtomicU32, Mutex, fence, lock};
+use loom::sync::Notify;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+struct Waiter {
+    /// The address of the futex word, the kernel's key.
+    key: usize,
+    wake: Arc<Notify>,
+}
+
+loom::thread_local! {
+    /// What this thread sleeps on.
+    static SLEEP: Arc<Notify> = Arc::new(Notify::new());
+}
+
+loom::lazy_static! {
+    /// All sleepers, in queueing order (one hash bucket for every address).
+    static ref QUEUE: Mutex<Vec<Waiter>> = Mutex::new(Vec::new());
+}
+
+fn key(word: &AtomicU32) -> usize {
+    std::ptr::from_ref(word) as usize
+}
+
+/// Blocks while `*word == expected`, until woken or spuriously. A timed wait
+/// whose check passes times out at once. Returns `false` only when the
+/// timeout expired.
+pub(super) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> bool {
+    let wake = {
+        let mut q = lock(&QUEUE);
+        if word.load(Ordering::SeqCst) != expected {
+            // EAGAIN.
+            return true;
+        }
+        if timeout.is_some() {
+            // ETIMEDOUT: the model's timer has already expired.
+            return false;
+        }
+        let wake = SLEEP.with(Arc::clone);
+        q.push(Waiter {
+            key: key(word),
+            wake: Arc::clone(&wake),
+        });
+        wake
+    };
+    // Woken by `wake`, or a spurious return that loom explores as well.
+    wake.wait();
+    // After a spurious return the waiter is still queued: leave, as the
+    // kernel's unqueue does.
+    lock(&QUEUE).retain(|w| !Arc::ptr_eq(&w.wake, &wake));
+    true
+}
+
+/// Wakes up to `n` threads blocked in [`wait`] on `word`.
+pub(super) fn wake(word: &AtomicU32, n: i32) {
+    fence(Ordering::SeqCst);
+    let k = key(word);
+    let mut left = n;
+    lock(&QUEUE).retain(|w| {
+        if left > 0 && w.key == k {
+            left -= 1;
+            w.wake.notify();
+            false
+        } else {
+            true
+        }
+    });
+}
+
+/// When a timed wait ends. In the model it never ends by the clock; the
+/// timed futex wait times out instead (see the module documentation).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deadline(Duration);
+
+impl Deadline {
+    /// The deadline `timeout` from now.
+    pub(super) fn after(timeout: Duration) -> Self {
+        Self(timeout)
+    }
+
+    /// The time left, or `None` once the deadline has passed.
+    pub(super) fn remaining(&self) -> Option<Duration> {
+        Some(self.0)
+    }
+}
