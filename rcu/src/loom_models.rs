@@ -353,9 +353,7 @@ fn loom_forced_callback_broken_variant_is_caught() {
 }
 
 /// The production `Event` on the futex model, alone: the call_rcu thread's
-/// reset / re-check / sleep against a producer's store-then-set and a
-/// `force_rcu`-style second set. A lost wake-up is a deadlock, which loom
-/// reports; a wake-up seen before the data it announces fails the asserts.
+/// reset / re-check / sleep against two producers' store-then-set. A lost wake-up is a deadlock, which loom reports.
 #[test]
 fn loom_event_reset_recheck_wait_never_misses_set() {
     model(|| {
@@ -380,11 +378,9 @@ fn loom_event_reset_recheck_wait_never_misses_set() {
                 seen = now;
                 continue;
             }
+            // May return for a set whose work was already seen (it landed
+            // after the reset); the loop then resets and re-checks.
             ev.wait();
-            assert!(
-                work.load(Ordering::SeqCst) > seen,
-                "woken by a set whose work is not visible"
-            );
         }
         for s in setters {
             s.join().expect("setter");

@@ -45,8 +45,9 @@ impl Event {
     pub(crate) fn set(&self) {
         // Orders the caller's earlier writes (for example a pending-count
         // increment) before the check of the state below; pairs with the
-        // SeqCst read-modify-writes in `reset` and `wait`, so either this
-        // thread sees the reset or the waiter sees the caller's writes.
+        // fence in `reset`, so either this thread sees the reset or the
+        // waiter sees the caller's writes. (A waiter that set BUSY is seen
+        // by the swap below, a read-modify-write, in any case.)
         fence(Ordering::SeqCst);
         if self.state.load(Ordering::Relaxed) != SET
             && self.state.swap(SET, Ordering::SeqCst) == BUSY
@@ -58,10 +59,16 @@ impl Event {
     /// Clears the event if it is set. A `set` that follows is seen by the
     /// next `wait`.
     pub(crate) fn reset(&self) {
-        // SET -> FREE; FREE and BUSY unchanged. SeqCst: the caller's reads
-        // after the reset (of the condition it waits for) are ordered
-        // after it.
+        // SET -> FREE; FREE and BUSY unchanged.
         self.state.fetch_or(FREE, Ordering::SeqCst);
+        // Orders the reset before the caller's reads of the condition it
+        // waits for; pairs with the fence in `set` (store buffering: either
+        // `set` sees the reset and wakes, or the caller sees its writes).
+        // The SeqCst read-modify-write above already orders them in C++'s
+        // model, but loom checks SeqCst accesses only as AcqRel and fences
+        // fully, so the pairing is written as fence against fence; on x86
+        // it costs one `mfence`, off every reader's path.
+        fence(Ordering::SeqCst);
     }
 
     /// Whether the event is set, without waiting.

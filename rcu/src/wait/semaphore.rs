@@ -5,7 +5,7 @@ use super::Signal;
 use std::time::Duration;
 
 use super::futex;
-use crate::primitive::AtomicU32;
+use crate::primitive::{AtomicU32, fence};
 use std::sync::atomic::Ordering;
 
 #[derive(Debug)]
@@ -36,10 +36,13 @@ impl Semaphore {
 
     /// Adds one unit; wakes one sleeper if there is one.
     pub(crate) fn post(&self) {
-        // SeqCst on both sides: either the sleeper's re-check sees this
+        // A fence on both sides: either the sleeper's re-check sees this
         // increment, or this load sees the sleeper registered (store
-        // buffering, resolved by the single total order).
+        // buffering). SeqCst accesses alone would do in C++'s model, but
+        // loom checks them only as AcqRel, and fences fully; on x86 the
+        // fence costs one `mfence` after the locked add.
         self.count.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         if self.sleepers.load(Ordering::SeqCst) != 0 {
             futex::wake(&self.count, 1);
         }
@@ -83,6 +86,8 @@ impl Semaphore {
                 },
             };
             self.sleepers.fetch_add(1, Ordering::SeqCst);
+            // Pairs with the fence in `post`.
+            fence(Ordering::SeqCst);
             let woken = self.count.load(Ordering::SeqCst) != 0
                 || futex::wait(&self.count, 0, remaining);
             self.sleepers.fetch_sub(1, Ordering::SeqCst);
