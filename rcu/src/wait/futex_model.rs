@@ -29,8 +29,12 @@
 //!   [`Deadline`] never expires by the clock (loom has none; reading the real
 //!   clock would make executions non-reproducible).
 
-use crate::primitive::{Arc, AtomicU32, Mutex, fence, lock};
+use crate::primitive::{AtomicU32, Mutex, fence, lock};
 use loom::sync::Notify;
+// std's `Arc`, not loom's: a loom `Arc` left in a thread-local or in the
+// queue when a model fails would be dropped after loom tore the execution
+// down, and loom aborts the test process instead of reporting the failure.
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
