@@ -53,9 +53,9 @@
 //!   release stores and the grace period loads `ctr` with acquire ordering,
 //!   so every access of the finished section happens before whatever the
 //!   writer does after `synchronize_rcu` returns (such as freeing).
-//! * **Events.** The grace-period event and the call_rcu event are
-//!   set/reset/wait with sequentially consistent read-modify-writes, so a
-//!   `set` either precedes the waiter's `reset` and re-check, or wakes it.
+//! * **Events.** The grace-period event and the call_rcu event pair a full
+//!   fence in `set` with one in `reset` (store buffering again), so a `set`
+//!   either precedes the waiter's `reset` and re-check, or wakes it.
 //!
 //! # Paying for the fences: membarrier
 //!
@@ -104,6 +104,13 @@
 //! protocols (build with `RUSTFLAGS="--cfg loom"`; the models use fenced
 //! readers, since loom cannot model `membarrier`), and criterion benchmarks
 //! against liburcu, crossbeam-epoch, arc-swap and reader-writer locks.
+//!
+//! The loom models run the production code, including the futex-based
+//! wake-up primitives (only the futex system call is replaced by a model of
+//! it). Loom's search is bounded: it explores every interleaving with at
+//! most `LOOM_MAX_PREEMPTIONS` preemptions, 3 in the models and in CI, and
+//! none that needs more; a green run says nothing about those
+//! (`loom_models.rs` lists what else the models leave out).
 
 #![deny(missing_docs)]
 // Under loom only the models (test builds) drive the internals.

@@ -51,8 +51,19 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     if b.preemption_bound.is_none() {
         b.preemption_bound = Some(3);
     }
-
+    crate::wait::allow_spurious_wakeups(false);
     b.check(f);
+}
+
+/// [`model`], with futex sleeps that may also return spuriously.
+fn model_with_spurious_wakeups(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    if b.preemption_bound.is_none() {
+        b.preemption_bound = Some(3);
+    }
+    crate::wait::allow_spurious_wakeups(true);
+    b.check(f);
+    crate::wait::allow_spurious_wakeups(false);
 }
 
 /// A flag one thread can block on until another sets it.
@@ -102,7 +113,11 @@ impl Published {
     fn new() -> Self {
         Self {
             current: loom::sync::atomic::AtomicUsize::new(0),
-            objects: [UnsafeCell::new(10), UnsafeCell::new(20), UnsafeCell::new(30)],
+            objects: [
+                UnsafeCell::new(10),
+                UnsafeCell::new(20),
+                UnsafeCell::new(30),
+            ],
         }
     }
     /// Reader: dereference the published object.
@@ -356,7 +371,7 @@ fn loom_forced_callback_broken_variant_is_caught() {
 /// reset / re-check / sleep against two producers' store-then-set. A lost wake-up is a deadlock, which loom reports.
 #[test]
 fn loom_event_reset_recheck_wait_never_misses_set() {
-    model(|| {
+    model_with_spurious_wakeups(|| {
         let ev = Arc::new(Event::new(false));
         let work = Arc::new(AtomicUsize::new(0));
         let setters: Vec<_> = (0..2)
@@ -393,7 +408,7 @@ fn loom_event_reset_recheck_wait_never_misses_set() {
 /// nothing is left over (a post counted twice fails the final check).
 #[test]
 fn loom_semaphore_every_post_consumed_once() {
-    model(|| {
+    model_with_spurious_wakeups(|| {
         let sem = Arc::new(Semaphore::new(0));
         let posters: Vec<_> = (0..2)
             .map(|_| {

@@ -116,7 +116,6 @@ impl Event {
     }
 }
 
-
 impl Signal for Event {
     fn notify(&self) {
         self.set();

@@ -13,13 +13,19 @@
 //!   `futex_q_lock()` and before the waker's check of waiters,
 //!   `kernel/futex/waitwake.c`); the model uses a `SeqCst` load under the lock
 //!   and a `SeqCst` fence before `wake` takes it.
-//! * **Spurious wake-ups.** Each thread sleeps on a `loom::sync::Notify` of
-//!   its own, which loom lets return once per execution without a
-//!   notification: the models also run the schedules where a sleeper returns
-//!   early (a signal, in the kernel), once per thread, so the callers must
-//!   re-check their condition. (Unbounded spurious returns would make
-//!   executions unbounded.) A notification that reaches a thread after it
-//!   returned spuriously makes its next sleep return at once: spurious too.
+//! * **Spurious wake-ups**, where a model asks for them
+//!   ([`allow_spurious_wakeups`]; the `Event` and `Semaphore` models do):
+//!   each thread then sleeps on a `loom::sync::Notify` of its own, which loom
+//!   lets return once per execution without a notification, so the models
+//!   also run the schedules where a sleeper returns early (a signal, in the
+//!   kernel) and the callers must re-check their condition. (Unbounded
+//!   spurious returns would make executions unbounded.) A notification that
+//!   reaches a thread after it returned spuriously makes its next sleep
+//!   return at once: spurious too. Otherwise a sleeper parks
+//!   (`loom::thread::park`, which never returns spuriously) until `wake`
+//!   dequeues and unparks it: the protocol models above `Event` and
+//!   `Semaphore` cannot tell the difference (both loop until their state
+//!   says they were woken) and would only pay for the extra schedules.
 //! * **Wake wakes up to `n` waiters** queued on the same address, oldest
 //!   first. A waiter that returned spuriously but has not yet left the queue
 //!   can still take one of the `n` (the kernel counts it as woken too).
@@ -31,6 +37,7 @@
 
 use crate::primitive::{AtomicU32, Mutex, fence, lock};
 use loom::sync::Notify;
+use std::cell::Cell;
 // std's `Arc`, not loom's: a loom `Arc` left in a thread-local or in the
 // queue when a model fails would be dropped after loom tore the execution
 // down, and loom aborts the test process instead of reporting the failure.
@@ -38,14 +45,39 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// How a queued waiter is woken.
+enum Sleeper {
+    /// `loom::thread::park`: woken only by [`wake`].
+    Park(loom::thread::Thread),
+    /// The thread's own `Notify`, which may also return spuriously.
+    Notify(Arc<Notify>),
+}
+
 struct Waiter {
     /// The address of the futex word, the kernel's key.
     key: usize,
-    wake: Arc<Notify>,
+    sleeper: Sleeper,
+}
+
+std::thread_local! {
+    /// Whether sleeps may return spuriously in the models run by this OS
+    /// thread (loom runs every thread of a model on the OS thread that
+    /// called `check`).
+    static SPURIOUS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Lets futex sleeps return spuriously (once per thread and execution) in
+/// the models this OS thread runs from now on. Off by default: spurious
+/// returns are absorbed inside `Event` and `Semaphore`, whose own models
+/// turn them on; the protocol models above them would only pay for the
+/// extra schedules.
+#[cfg(test)]
+pub(crate) fn allow_spurious_wakeups(allow: bool) {
+    SPURIOUS.with(|s| s.set(allow));
 }
 
 loom::thread_local! {
-    /// What this thread sleeps on.
+    /// What this thread sleeps on when spurious wake-ups are allowed.
     static SLEEP: Arc<Notify> = Arc::new(Notify::new());
 }
 
@@ -58,11 +90,11 @@ fn key(word: &AtomicU32) -> usize {
     std::ptr::from_ref(word) as usize
 }
 
-/// Blocks while `*word == expected`, until woken or spuriously. A timed wait
-/// whose check passes times out at once. Returns `false` only when the
-/// timeout expired.
+/// Blocks while `*word == expected`, until woken (or spuriously, if
+/// allowed). A timed wait whose check passes times out at once. Returns
+/// `false` only when the timeout expired.
 pub(super) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> bool {
-    let wake = {
+    let notify = {
         let mut q = lock(&QUEUE);
         if word.load(Ordering::SeqCst) != expected {
             // EAGAIN.
@@ -72,18 +104,30 @@ pub(super) fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -
             // ETIMEDOUT: the model's timer has already expired.
             return false;
         }
-        let wake = SLEEP.with(Arc::clone);
+        let notify = SPURIOUS.with(Cell::get).then(|| SLEEP.with(Arc::clone));
+        let sleeper = match &notify {
+            Some(n) => Sleeper::Notify(Arc::clone(n)),
+            None => Sleeper::Park(loom::thread::current()),
+        };
         q.push(Waiter {
             key: key(word),
-            wake: Arc::clone(&wake),
+            sleeper,
         });
-        wake
+        notify
     };
-    // Woken by `wake`, or a spurious return that loom explores as well.
-    wake.wait();
-    // After a spurious return the waiter is still queued: leave, as the
-    // kernel's unqueue does.
-    lock(&QUEUE).retain(|w| !Arc::ptr_eq(&w.wake, &wake));
+    match notify {
+        // Only `wake` unparks, once per dequeue, so this returns once the
+        // waiter has been dequeued and woken.
+        None => loom::thread::park(),
+        Some(n) => {
+            // Woken by `wake`, or a spurious return that loom explores too.
+            n.wait();
+            // After a spurious return the waiter is still queued: leave, as
+            // the kernel's unqueue does.
+            lock(&QUEUE)
+                .retain(|w| !matches!(&w.sleeper, Sleeper::Notify(m) if Arc::ptr_eq(m, &n)));
+        }
+    }
     true
 }
 
@@ -95,7 +139,10 @@ pub(super) fn wake(word: &AtomicU32, n: i32) {
     lock(&QUEUE).retain(|w| {
         if left > 0 && w.key == k {
             left -= 1;
-            w.wake.notify();
+            match &w.sleeper {
+                Sleeper::Park(t) => t.unpark(),
+                Sleeper::Notify(n) => n.notify(),
+            }
             false
         } else {
             true

@@ -18,6 +18,8 @@ mod futex;
 mod semaphore;
 
 pub(crate) use event::Event;
+#[cfg(all(loom, test))]
+pub(crate) use futex::allow_spurious_wakeups;
 pub(crate) use semaphore::Semaphore;
 
 use std::time::Duration;

@@ -88,8 +88,8 @@ impl Semaphore {
             self.sleepers.fetch_add(1, Ordering::SeqCst);
             // Pairs with the fence in `post`.
             fence(Ordering::SeqCst);
-            let woken = self.count.load(Ordering::SeqCst) != 0
-                || futex::wait(&self.count, 0, remaining);
+            let woken =
+                self.count.load(Ordering::SeqCst) != 0 || futex::wait(&self.count, 0, remaining);
             self.sleepers.fetch_sub(1, Ordering::SeqCst);
             if !woken {
                 // Timed out: the deadline has passed.
@@ -98,7 +98,6 @@ impl Semaphore {
         }
     }
 }
-
 
 impl Signal for Semaphore {
     fn notify(&self) {
