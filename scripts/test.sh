@@ -33,7 +33,7 @@ tests/hwhost/run.sh --ci --timeout 1500 --stall 600
 step "RCU torture test, 10 s, release"
 RCU_TORTURE_SECS=10 cargo test --release --locked -p rcu --test torture -- --nocapture
 
-step "RCU loom models (release, bounded to 3 preemptions)"
+step "RCU loom models (release, bounded to 3 preemptions, 2 for the no-lost-wake-up pair)"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
     cargo test --release --locked -p rcu --lib loom
 
