@@ -252,10 +252,12 @@ fn loom_callback_waits_for_reader_semaphore() {
 ///
 /// Bounded to 2 preemptions, not 3: with four threads on the production
 /// `Event`/`Semaphore` (more atomic steps than the Mutex/Condvar stand-ins
-/// they replaced) the bound-3 search ran for over ten minutes per variant
-/// (bound 2: about 15 s and 35 s on a loaded 2-core machine). The seed's
-/// interleaving is covered at bound 3 by `forced_callback_never_batches`,
-/// and the primitives alone by the `Event` and `Semaphore` models.
+/// they replaced) the bound-3 search of the event variant took 291 s on a
+/// loaded 2-core machine (the stand-in's: 139 s), and these two models
+/// already were most of the loom step's time; bound 2 takes about 14 s and
+/// 36 s there. The seed's interleaving is covered at bound 3 by
+/// `forced_callback_never_batches`, and the primitives alone by the `Event`
+/// and `Semaphore` models.
 fn no_lost_wakeup(variant: Variant) {
     model_bounded(2, false, move || {
         let d = Arc::new(Domain::new());
