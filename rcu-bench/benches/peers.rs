@@ -51,9 +51,10 @@
 //!   arc-swap's reference count, the lock). Reader M sections/s and writer
 //!   k swaps/s, both per CPU second of the thread.
 //! * **synchronize_rcu**: the caller (registered once, before timing, on
-//!   both sides) runs grace periods while one other registered reader thread
-//!   is idle (asleep outside any section) or busy (sections of 50 `pause`
-//!   instructions back to back).
+//!   both sides; ours as a fenced reader, so the other reader's mode alone
+//!   decides whether our grace periods issue membarrier) runs grace periods
+//!   while one other registered reader thread is idle (asleep outside any
+//!   section) or busy (sections of 50 `pause` instructions back to back).
 //! * **call → callback**: queue one callback and spin until it has run.
 
 use arc_swap::ArcSwap;
@@ -592,6 +593,9 @@ fn sync_rcu_loop(n: u64) {
     }
 }
 
+/// Set by a grace-period row's reader thread once it is registered.
+static READY: AtomicBool = AtomicBool::new(false);
+
 static CALLBACK_DONE: AtomicBool = AtomicBool::new(false);
 
 #[inline(never)]
@@ -635,6 +639,7 @@ impl Grace {
                     ReaderMode::Membarrier
                 });
                 drop(rcu::read_lock());
+                READY.store(true, Ordering::Release);
                 while !stopped() {
                     if busy {
                         let g = rcu::read_lock();
@@ -649,6 +654,7 @@ impl Grace {
             }
             Grace::Liburcu => {
                 urcu::shim_register();
+                READY.store(true, Ordering::Release);
                 if busy {
                     // SAFETY: STOP is a static.
                     unsafe { urcu::shim_busy_reader(STOP.as_ptr()) };
@@ -735,6 +741,21 @@ fn parallel(a: &Window, b: &Window) -> bool {
     busy(a) && busy(b) && overlap.as_secs_f64() >= 0.9 * a.wall.max(b.wall).as_secs_f64()
 }
 
+/// Each thread's CPU/wall fraction and the windows' overlap, for the log.
+fn busy_note(a: &Window, b: &Window) -> String {
+    let frac = |w: &Window| w.cpu.as_secs_f64() / w.wall.as_secs_f64().max(1e-9);
+    let overlap = a
+        .end
+        .min(b.end)
+        .saturating_duration_since(a.start.max(b.start));
+    format!(
+        "CPU/wall {:.2} and {:.2}, overlap {:.2}",
+        frac(a),
+        frac(b),
+        overlap.as_secs_f64() / a.wall.max(b.wall).as_secs_f64().max(1e-9)
+    )
+}
+
 /// Runs `peer`'s idle loop on `threads` threads at once; the CPU ns per
 /// section (mean over the threads), or `None` if two threads did not run in
 /// parallel.
@@ -758,6 +779,11 @@ fn idle_once(peer: Idle, threads: usize, n: u64) -> Option<f64> {
             .collect()
     });
     if threads == 2 && !parallel(&windows[0], &windows[1]) {
+        eprintln!(
+            "  idle read x2, {}: not parallel ({})",
+            peer.name(),
+            busy_note(&windows[0], &windows[1])
+        );
         return None;
     }
     let ns: f64 = windows
@@ -798,6 +824,11 @@ fn publish_once(peer: Publish, dur: Duration) -> Option<(f64, f64)> {
         )
     });
     if !parallel(&r.0, &w.0) {
+        eprintln!(
+            "  publish, {}: not parallel ({})",
+            peer.name(),
+            busy_note(&r.0, &w.0)
+        );
         return None;
     }
     Some((
@@ -810,9 +841,13 @@ fn publish_once(peer: Publish, dur: Duration) -> Option<(f64, f64)> {
 /// other registered reader is idle or busy.
 fn grace_once(peer: Grace, busy: bool, n: u64) -> f64 {
     STOP.store(0, Ordering::Relaxed);
+    READY.store(false, Ordering::Relaxed);
     thread::scope(|s| {
         s.spawn(|| peer.reader(busy));
-        // Let the reader register and settle.
+        // Wait until the reader is registered, then let it settle.
+        while !READY.load(Ordering::Acquire) {
+            thread::sleep(Duration::from_millis(1));
+        }
         thread::sleep(Duration::from_millis(20));
         let (w, ()) = timed(|| peer.sync(n));
         STOP.store(1, Ordering::Relaxed);
@@ -1047,9 +1082,9 @@ fn main() {
         )
     } else {
         (
-            Duration::from_millis(60),
-            Duration::from_millis(300),
-            Duration::from_millis(150),
+            Duration::from_millis(100),
+            Duration::from_millis(500),
+            Duration::from_millis(200),
         )
     };
 
@@ -1076,8 +1111,11 @@ fn main() {
     urcu::shim_init_ptr(7);
     urcu::shim_page_init();
     LazyLock::force(&SEIZE_VALUE);
-    // The grace-period caller is registered once, on both sides.
+    // The grace-period caller is registered once, on both sides. Ours is a
+    // fenced reader, so whether our grace periods issue membarrier depends
+    // only on the other reader's mode, as in a VMM whose vCPUs read fenced.
     urcu::shim_register();
+    rcu::set_reader_mode(ReaderMode::Fenced);
     drop(rcu::read_lock());
 
     // Calibration: iterations per peer for the target time.
