@@ -630,7 +630,9 @@ impl Grace {
         }
     }
     /// The other reader thread: registered, then idle or busy until STOP.
-    fn reader(self, busy: bool) {
+    /// Returns its CPU time over wall time from registration to STOP (about
+    /// 1.0 for a busy reader that really ran throughout).
+    fn reader(self, busy: bool) -> f64 {
         match self {
             Grace::RcuMemb | Grace::RcuFenced => {
                 rcu::set_reader_mode(if self == Grace::RcuFenced {
@@ -639,6 +641,7 @@ impl Grace {
                     ReaderMode::Membarrier
                 });
                 drop(rcu::read_lock());
+                let (c0, t0) = (thread_cpu_time(), Instant::now());
                 READY.store(true, Ordering::Release);
                 while !stopped() {
                     if busy {
@@ -651,9 +654,11 @@ impl Grace {
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
+                (thread_cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64()
             }
             Grace::Liburcu => {
                 urcu::shim_register();
+                let (c0, t0) = (thread_cpu_time(), Instant::now());
                 READY.store(true, Ordering::Release);
                 if busy {
                     // SAFETY: STOP is a static.
@@ -663,7 +668,9 @@ impl Grace {
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
+                let frac = (thread_cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64();
                 urcu::shim_unregister();
+                frac
             }
         }
     }
@@ -838,12 +845,12 @@ fn publish_once(peer: Publish, dur: Duration) -> Option<(f64, f64)> {
 }
 
 /// Wall µs per `synchronize_rcu` from this (registered) thread while one
-/// other registered reader is idle or busy.
-fn grace_once(peer: Grace, busy: bool, n: u64) -> f64 {
+/// other registered reader is idle or busy, and that reader's CPU/wall.
+fn grace_once(peer: Grace, busy: bool, n: u64) -> (f64, f64) {
     STOP.store(0, Ordering::Relaxed);
     READY.store(false, Ordering::Relaxed);
     thread::scope(|s| {
-        s.spawn(|| peer.reader(busy));
+        let reader = s.spawn(|| peer.reader(busy));
         // Wait until the reader is registered, then let it settle.
         while !READY.load(Ordering::Acquire) {
             thread::sleep(Duration::from_millis(1));
@@ -851,7 +858,8 @@ fn grace_once(peer: Grace, busy: bool, n: u64) -> f64 {
         thread::sleep(Duration::from_millis(20));
         let (w, ()) = timed(|| peer.sync(n));
         STOP.store(1, Ordering::Relaxed);
-        w.wall.as_secs_f64() * 1e6 / n as f64
+        let frac = reader.join().expect("reader");
+        (w.wall.as_secs_f64() * 1e6 / n as f64, frac)
     })
 }
 
@@ -897,6 +905,8 @@ struct Row {
     peers: Vec<(&'static str, Vec<Option<f64>>)>,
     reference: &'static str,
     floor: Option<&'static str>,
+    /// Per peer, the other reader's CPU/wall in each round (grace periods).
+    notes: Vec<(&'static str, Vec<f64>)>,
 }
 
 impl Row {
@@ -907,12 +917,19 @@ impl Row {
             peers: Vec::new(),
             reference,
             floor: None,
+            notes: Vec::new(),
         }
     }
     fn push(&mut self, peer: &'static str, v: Option<f64>) {
         match self.peers.iter_mut().find(|(p, _)| *p == peer) {
             Some((_, vs)) => vs.push(v),
             None => self.peers.push((peer, vec![v])),
+        }
+    }
+    fn note(&mut self, peer: &'static str, v: f64) {
+        match self.notes.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, vs)) => vs.push(v),
+            None => self.notes.push((peer, vec![v])),
         }
     }
     fn values(&self, peer: &str) -> Option<&Vec<Option<f64>>> {
@@ -956,8 +973,13 @@ fn fmt(v: f64) -> String {
 fn print_row(row: &Row) {
     println!("\n{} [{}]", row.title, row.unit.suffix());
     let floor_hdr = if row.floor.is_some() { "vs TLS++" } else { "" };
+    let note_hdr = if row.notes.is_empty() {
+        ""
+    } else {
+        "rdr CPU/wall"
+    };
     println!(
-        "  {:<32} {:>9} {:>19} {:>4} {:>10} {:>9}",
+        "  {:<32} {:>9} {:>19} {:>4} {:>10} {:>9} {note_hdr}",
         "peer", "median", "range", "par", "vs liburcu", floor_hdr
     );
     let reference = row.values(row.reference);
@@ -979,8 +1001,15 @@ fn print_row(row: &Row) {
             .and_then(|f| ratio(vs, f))
             .map(|r| format!("{r:.2}×"))
             .unwrap_or_default();
+        let note = row
+            .notes
+            .iter()
+            .find(|(p, _)| p == peer)
+            .and_then(|(_, v)| median(v.clone()))
+            .map(|v| format!("{v:.2}"))
+            .unwrap_or_default();
         println!(
-            "  {peer:<32} {:>9} {:>19} {par:>4} {r:>10} {f:>9}",
+            "  {peer:<32} {:>9} {:>19} {par:>4} {r:>10} {f:>9} {note:>12}",
             fmt(m),
             format!("{}–{}", fmt(lo), fmt(hi)),
         );
@@ -1131,7 +1160,7 @@ fn main() {
         .iter()
         .map(|&p| {
             [false, true].map(|busy| {
-                let us = grace_once(p, busy, 5);
+                let (us, _) = grace_once(p, busy, 5);
                 scale(1, Duration::from_secs_f64(us / 1e6), grace_target, 3)
             })
         })
@@ -1201,8 +1230,12 @@ fn main() {
         for i in 0..GRACE.len() {
             let k = rot(GRACE.len(), i);
             let p = GRACE[k];
-            grace_idle.push(p.name(), Some(grace_once(p, false, grace_n[k][0])));
-            grace_busy.push(p.name(), Some(grace_once(p, true, grace_n[k][1])));
+            let (us, frac) = grace_once(p, false, grace_n[k][0]);
+            grace_idle.push(p.name(), Some(us));
+            grace_idle.note(p.name(), frac);
+            let (us, frac) = grace_once(p, true, grace_n[k][1]);
+            grace_busy.push(p.name(), Some(us));
+            grace_busy.note(p.name(), frac);
         }
         for i in 0..CALLBACK.len() {
             let k = rot(CALLBACK.len(), i);
