@@ -26,7 +26,14 @@
 //!   parallel: each thread's CPU time is at least 90 % of its wall time and
 //!   the two timed windows overlap by at least 90 %. The column `par` says in
 //!   how many rounds that held; a row with none says `not parallel` and has
-//!   no ratio.
+//!   no ratio. Why a round did not count (each thread's CPU/wall and the
+//!   overlap) is logged on stderr. On a machine whose other load leaves
+//!   each thread a quarter of a CPU, every two-thread row says `not
+//!   parallel`: run it again when the machine is quieter.
+//! * The grace-period rows add `rdr CPU/wall`, the other reader thread's
+//!   CPU time over its lifetime: near 1.0 for a busy reader that really ran
+//!   throughout; far below it, that reader was mostly preempted and the row
+//!   says little about waiting for a busy reader.
 //!
 //! # How to read the table
 //!
@@ -993,13 +1000,20 @@ fn print_row(row: &Row) {
         };
         let lo = ok.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ok.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let times = |r: f64| {
+            if r < 0.1 {
+                format!("{r:.4}×")
+            } else {
+                format!("{r:.2}×")
+            }
+        };
         let r = reference
             .and_then(|r| ratio(vs, r))
-            .map(|r| format!("{r:.2}×"))
+            .map(times)
             .unwrap_or_default();
         let f = floor
             .and_then(|f| ratio(vs, f))
-            .map(|r| format!("{r:.2}×"))
+            .map(times)
             .unwrap_or_default();
         let note = row
             .notes
