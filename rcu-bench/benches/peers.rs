@@ -6,7 +6,8 @@
 //!
 //! `cargo bench -p rcu-bench` runs five interleaved rounds (every row and
 //! peer once per round, the peer order rotating between rounds) and prints
-//! one table; `cargo bench -p rcu-bench -- quick` runs one short round.
+//! one table; `cargo bench -p rcu-bench -- quick` runs one short round, and
+//! naming row groups (`idle`, `publish`, `grace`, `callback`) runs only those.
 //!
 //! # How it measures
 //!
@@ -978,6 +979,9 @@ fn fmt(v: f64) -> String {
 }
 
 fn print_row(row: &Row) {
+    if row.peers.is_empty() {
+        return;
+    }
     println!("\n{} [{}]", row.title, row.unit.suffix());
     let floor_hdr = if row.floor.is_some() { "vs TLS++" } else { "" };
     let note_hdr = if row.notes.is_empty() {
@@ -1116,6 +1120,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo test --all-targets` runs this without `--bench`: a smoke run.
     let quick = args.iter().any(|a| a == "quick") || !args.iter().any(|a| a == "--bench");
+    // Row groups named on the command line run alone; none named: all.
+    let groups = ["idle", "publish", "grace", "callback"];
+    let named: Vec<&str> = groups
+        .into_iter()
+        .filter(|g| args.iter().any(|a| a == g))
+        .collect();
+    let want = |g: &str| named.is_empty() || named.contains(&g);
     let rounds = if quick { 1 } else { 5 };
     let (idle_target, pub_dur, grace_target) = if quick {
         (
@@ -1229,19 +1240,19 @@ fn main() {
         eprintln!("round {}/{rounds} (load {})", round + 1, loadavg());
         // Rotate the order, so no peer always runs first or last.
         let rot = |len: usize, i: usize| (i + round) % len;
-        for i in 0..IDLE.len() {
+        for i in 0..IDLE.len() * usize::from(want("idle")) {
             let k = rot(IDLE.len(), i);
             let p = IDLE[k];
             idle1.push(p.name(), idle_once(p, 1, idle_n[k]));
             idle2.push(p.name(), idle_once(p, 2, idle_n[k]));
         }
-        for i in 0..PUBLISH.len() {
+        for i in 0..PUBLISH.len() * usize::from(want("publish")) {
             let p = PUBLISH[rot(PUBLISH.len(), i)];
             let r = publish_once(p, pub_dur);
             pub_r.push(p.name(), r.map(|r| r.0));
             pub_w.push(p.name(), r.map(|r| r.1));
         }
-        for i in 0..GRACE.len() {
+        for i in 0..GRACE.len() * usize::from(want("grace")) {
             let k = rot(GRACE.len(), i);
             let p = GRACE[k];
             let (us, frac) = grace_once(p, false, grace_n[k][0]);
@@ -1251,7 +1262,7 @@ fn main() {
             grace_busy.push(p.name(), Some(us));
             grace_busy.note(p.name(), frac);
         }
-        for i in 0..CALLBACK.len() {
+        for i in 0..CALLBACK.len() * usize::from(want("callback")) {
             let k = rot(CALLBACK.len(), i);
             let p = CALLBACK[k];
             callback.push(p.name(), Some(callback_once(p, callback_n[k])));
