@@ -213,8 +213,13 @@ pub fn drain_call_rcu() {
 }
 
 /// Waits for a grace period: returns once every read-side critical section
-/// that was running when it was called has ended. Callers serialise; a call
-/// with no registered reader in a section returns after one barrier.
+/// that was running when it was called has ended. Concurrent callers share
+/// grace periods (one runs it, the others wait for it); a call with no
+/// other registered reader in a section returns after one barrier (a
+/// `membarrier` only if some other registered reader is in
+/// [`ReaderMode::Membarrier`](crate::ReaderMode::Membarrier)). A reader that
+/// keeps it waiting for over a second is reported once on stderr and in
+/// [`stats`].
 ///
 /// # Panics
 /// Inside a read-side critical section (it would wait for itself forever;
