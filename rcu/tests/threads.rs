@@ -393,3 +393,35 @@ fn stalling_reader_is_named_in_stats() {
         s.stalled_readers
     );
 }
+
+/// A grace period with an idle membarrier-mode reader issues one
+/// `membarrier`, not two (none before the phase advance, none on re-scans).
+#[test]
+fn idle_reader_grace_period_issues_one_membarrier() {
+    let _x = exclusive();
+    drop(rcu::read_lock()); // initialises (probes membarrier)
+    if !rcu::stats().membarrier {
+        eprintln!("membarrier unavailable or disabled: nothing to count");
+        return;
+    }
+    rcu::drain_call_rcu();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let idle = thread::spawn(move || {
+        rcu::set_reader_mode(rcu::ReaderMode::Membarrier);
+        drop(rcu::read_lock());
+        ready_tx.send(()).unwrap();
+        rx.recv().unwrap();
+    });
+    ready_rx.recv().unwrap();
+    let before = rcu::stats();
+    for _ in 0..10 {
+        rcu::synchronize_rcu();
+    }
+    let after = rcu::stats();
+    tx.send(()).unwrap();
+    idle.join().unwrap();
+    let gps = after.grace_periods - before.grace_periods;
+    assert!(gps >= 10, "{after:#?}");
+    assert_eq!(after.membarriers - before.membarriers, gps, "{after:#?}");
+}
