@@ -106,7 +106,7 @@ fn loom_reader_never_overlaps_grace_period() {
         let data = Arc::new(Published::new());
         let reader_started = Arc::new(AtomicBool::new(false));
         let reader_done = Arc::new(AtomicBool::new(false));
-        let slot = d.register(true);
+        let slot = d.register_owned(true);
 
         let writer = {
             let (d, data) = (Arc::clone(&d), Arc::clone(&data));
@@ -125,12 +125,12 @@ fn loom_reader_never_overlaps_grace_period() {
             })
         };
 
-        d.reader_enter(&slot, true);
+        assert!(d.reader_enter(&slot));
         reader_started.store(true, Ordering::SeqCst);
         let v = data.read();
         assert!(v == 10 || v == 20, "read a freed object: {v:#x}");
         reader_done.store(true, Ordering::SeqCst);
-        d.reader_exit(&slot, true);
+        d.reader_exit(&slot);
 
         writer.join().expect("writer");
     });
@@ -143,7 +143,7 @@ fn callback_waits_for_reader(variant: Variant) {
         let d = Arc::new(Domain::new());
         let c = Arc::new(CallRcu::new(variant));
         let data = Arc::new(Published::new());
-        let slot = d.register(true);
+        let slot = d.register_owned(true);
         let freed = Arc::new(Flag::default());
 
         let worker = {
@@ -151,7 +151,7 @@ fn callback_waits_for_reader(variant: Variant) {
             thread::spawn(move || c.run(&d, &|| None))
         };
 
-        d.reader_enter(&slot, true);
+        assert!(d.reader_enter(&slot));
         let writer = {
             let (c, data, freed) = (Arc::clone(&c), Arc::clone(&data), Arc::clone(&freed));
             thread::spawn(move || {
@@ -169,7 +169,7 @@ fn callback_waits_for_reader(variant: Variant) {
         };
         let v = data.read();
         assert!(v == 10 || v == 20, "read a freed object: {v:#x}");
-        d.reader_exit(&slot, true);
+        d.reader_exit(&slot);
 
         writer.join().expect("writer");
         freed.wait();
@@ -253,8 +253,8 @@ fn forced_callback_never_batches(variant: Variant) {
             }));
         }
         let c = Arc::new(c);
-        let slot = d.register(true);
-        d.reader_enter(&slot, true);
+        let slot = d.register_owned(true);
+        assert!(d.reader_enter(&slot));
 
         let b_done = Arc::new(Flag::default());
         let worker = {
@@ -286,7 +286,7 @@ fn forced_callback_never_batches(variant: Variant) {
         producer.join().expect("producer");
         // The reader leaves only after force_rcu returned, so every batching
         // sleep from then on is one the property forbids for B.
-        d.reader_exit(&slot, true);
+        d.reader_exit(&slot);
         b_done.wait();
         assert!(b_done.is_set());
         c.stop();
