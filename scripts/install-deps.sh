@@ -20,11 +20,13 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 packages=(
-    # Build of the workspace and its C benchmark shim (liburcu's memb flavour).
+    # Build of the workspace; liburcu-dev for rcu-bench's C shim (liburcu's
+    # memb flavour), which only `cargo bench -p rcu-bench` and its test need.
     build-essential pkg-config liburcu-dev
     # Guest kit: the minimal kernel from Debian's kernel source package.
     linux-source-6.1 bc bison flex libelf-dev libssl-dev cpio xz-utils lz4 dwarves patch
-    # Guest kit: tiny initramfs /init programs and the busybox user space.
+    # Guest kit: tiny initramfs /init programs and the busybox user space;
+    # objdump, with which rcu-bench checks its loops' machine code.
     binutils
     # Python QMP client used by the end-to-end tests.
     python3 python3-venv

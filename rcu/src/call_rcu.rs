@@ -272,6 +272,13 @@ impl CallRcu {
             self.stats.max_batch.fetch_max(n as u64, Ordering::Relaxed);
             for _ in 0..n {
                 self.invoke(self.queue.pop_wait());
+                if caller().is_some_and(Slot::in_section) {
+                    // Grace periods run by this thread skip its own slot, so
+                    // carrying on would free what the leaked section reads.
+                    crate::fatal::abort_with(&[b"rcu: an RCU callback returned inside a \
+                        read-side critical section (it leaked a ReadGuard) on the call_rcu \
+                        thread; aborting\n"]);
+                }
             }
         }
     }
@@ -379,8 +386,14 @@ impl CallRcu {
         bump(&self.stats.callbacks_run);
         self.stats.sites.count_run(site, label);
         self.stats.latency.record(waited);
-        if std::panic::catch_unwind(AssertUnwindSafe(move || cb.run())).is_err() {
+        if let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(move || cb.run())) {
             bump(&self.stats.callback_panics);
+            // The payload's own `Drop` may panic too; that must not kill
+            // this thread. A payload of that second panic is leaked rather
+            // than risk a third.
+            if let Err(again) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(again);
+            }
         }
     }
 }

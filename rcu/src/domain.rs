@@ -1,54 +1,105 @@
 //! Grace periods: the reader registry, the global counter and
 //! `synchronize_rcu`'s wait for pre-existing readers.
 //!
-//! The protocol is QEMU's `util/rcu.c` (liburcu's memory-barrier flavour) with
-//! a 64-bit counter, so one counter phase per grace period suffices:
+//! The protocol is liburcu's memory-barrier flavour (as in QEMU's
+//! `util/rcu.c`), with liburcu's one-word reader state:
 //!
-//! * A reader's [`Slot::ctr`] is 0 while it is outside any read-side critical
-//!   section, and a snapshot of [`Domain::gp_ctr`] while inside one.
-//! * `synchronize` advances `gp_ctr` and waits until every slot that was
-//!   registered when it started is either 0 or equal to the new counter: each
-//!   such reader has since left the section it was in.
+//! * A reader's [`Slot::ctr`] holds, in one word, its nesting count (low
+//!   [`NEST_BITS`] bits), whether it executes real fences ([`FENCED`]) and,
+//!   above those, the grace-period phase it snapshotted when it entered its
+//!   outermost section. Nesting count 0 means "outside any section".
+//! * The global counter [`Domain::gp_ctr`] holds a phase and a nesting count
+//!   of 1, so entering the outermost section is one store of
+//!   `gp_ctr | fenced-bit`; a nested `read_lock` adds 1, a `read_unlock`
+//!   subtracts 1. Every store a thread makes to its word is a function of the
+//!   value it loaded from it just before; a signal handler that runs a whole
+//!   section in between leaves the word as it found it, so the read side is
+//!   async-signal-safe.
+//! * A grace period advances the phase and waits until every registered slot
+//!   is either outside a section or inside one that began with the new phase.
+//!
+//! The phase has `64 - NEST_BITS - 2` bits; equal phases across a wrap need a
+//! reader to sit between its load of `gp_ctr` and its store to `ctr` for
+//! 2^42 grace periods.
 //!
 //! See the crate documentation for the ordering argument; every fence below
 //! names the fence it pairs with.
 
-use crate::primitive::{Arc, AtomicBool, AtomicU64, Mutex, fence, lock};
+use crate::primitive::{AtomicBool, AtomicU64, CachePadded, Condvar, Mutex, fence, lock};
 use crate::wait::Event;
 use std::sync::atomic::Ordering;
 
-/// Bit 0 of the grace-period counter is always set, so a reader's snapshot is
-/// never 0 (0 means "not reading").
-pub(crate) const GP_LOCKED: u64 = 1;
-/// Increment of the grace-period counter per grace period.
-pub(crate) const GP_STEP: u64 = 2;
+/// Bits of a reader word that count nesting.
+pub(crate) const NEST_BITS: u32 = 20;
+/// Mask of the nesting count in a reader word.
+pub(crate) const NEST_MASK: u64 = (1 << NEST_BITS) - 1;
+/// Set in a reader word when the reader executes real fences: grace periods
+/// need no `membarrier` on its behalf.
+pub(crate) const FENCED: u64 = 1 << NEST_BITS;
+/// Set in the word of a thread-local slot that is not registered: the
+/// outermost-section test of `reader_enter` fails on it, and the slow path
+/// registers. Never set in a registered slot.
+pub(crate) const UNREGISTERED: u64 = 1 << (NEST_BITS + 1);
+/// Increment of the grace-period counter's phase per grace period.
+pub(crate) const GP_STEP: u64 = 1 << (NEST_BITS + 2);
+/// Mask of the phase in a reader word and in `gp_ctr`.
+const PHASE_MASK: u64 = !(GP_STEP - 1);
 
-/// One registered reader thread's shared state. The owning thread writes
-/// `ctr`; grace periods read it and write `waiting`.
+/// One registered reader's shared state. The owning thread writes `ctr`;
+/// grace periods read it, and write `waiting` only while this reader is
+/// inside a section they wait for.
 #[derive(Debug)]
 #[repr(align(128))] // Keep each reader's hot word on its own cache lines.
 pub(crate) struct Slot {
-    /// 0 when outside a read section; the grace-period counter read at the
-    /// start of the outermost section otherwise.
+    /// Nesting count, fenced bit and phase snapshot (see the module docs).
     pub(crate) ctr: AtomicU64,
     /// Set by a hurried grace period that waits for this reader; the reader
     /// clears it and sets [`Domain::gp_event`] when it leaves its section.
     pub(crate) waiting: AtomicBool,
-    /// The reader executes real fences in lock/unlock, so grace periods need
-    /// no process-wide barrier on its behalf. Changed only under the domain's
-    /// sync lock, while the reader is outside a section.
-    pub(crate) fenced: AtomicBool,
 }
 
 impl Slot {
-    fn new(fenced: bool) -> Self {
+    /// A thread-local slot before its thread registers it.
+    #[cfg(not(loom))]
+    pub(crate) const fn unregistered() -> Self {
         Self {
-            ctr: AtomicU64::new(0),
+            ctr: AtomicU64::new(UNREGISTERED),
             waiting: AtomicBool::new(false),
-            fenced: AtomicBool::new(fenced),
         }
     }
+
+    /// A slot outside any section; `fenced`: the reader executes real fences.
+    #[cfg(loom)]
+    pub(crate) fn new(fenced: bool) -> Self {
+        Self {
+            ctr: AtomicU64::new(if fenced { FENCED } else { 0 }),
+            waiting: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the owner is inside a read section. Exact when called by the
+    /// owner (or after it stopped running).
+    pub(crate) fn in_section(&self) -> bool {
+        self.ctr.load(Ordering::Relaxed) & NEST_MASK != 0
+    }
+
+    /// Whether the owner executes real fences.
+    pub(crate) fn fenced(&self) -> bool {
+        self.ctr.load(Ordering::Relaxed) & FENCED != 0
+    }
 }
+
+/// A registered slot, as the registry holds it.
+struct Entry {
+    slot: *const Slot,
+    /// The owning thread's name, for stall reports.
+    name: String,
+}
+
+// SAFETY: `slot` points at a `Slot`, which is `Sync`; the registry contract
+// (see `Domain::register`) keeps it valid while the entry exists, and it is
+// dereferenced only under the registry lock.
+unsafe impl Send for Entry {}
 
 /// How a lazy grace period (the call_rcu thread's) paces its wait for slow
 /// readers. A hurried grace period (`synchronize_rcu`) has no pacer.
@@ -65,46 +116,101 @@ pub(crate) trait Pacer {
 /// How many lazy 10 ms polls a lazy grace period does before hurrying anyway.
 pub const LAZY_POLLS: u32 = 5;
 
+/// Re-scans of a hurried grace period, a short spin apart, before it sleeps.
+#[cfg(not(loom))]
+const SPIN_SCANS: u32 = 20;
+#[cfg(loom)]
+const SPIN_SCANS: u32 = 0;
+
+/// A grace period blocked this long by one reader reports the reader.
+#[cfg(not(loom))]
+const STALL_REPORT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Statistics of grace periods (not part of the protocol).
 #[derive(Debug, Default)]
 pub(crate) struct GpStats {
     pub(crate) grace_periods: std::sync::atomic::AtomicU64,
+    pub(crate) shared_grace_periods: std::sync::atomic::AtomicU64,
     pub(crate) reader_waits: std::sync::atomic::AtomicU64,
     pub(crate) membarriers: std::sync::atomic::AtomicU64,
     pub(crate) membarriers_skipped: std::sync::atomic::AtomicU64,
+    pub(crate) stalls: std::sync::atomic::AtomicU64,
+    /// Names of readers that blocked a grace period for over a second
+    /// (most recent last, at most [`STALLED_NAMES`]).
+    pub(crate) stalled_readers: std::sync::Mutex<Vec<String>>,
+}
+
+/// How many stalled reader names `stats()` keeps.
+pub(crate) const STALLED_NAMES: usize = 16;
+
+/// Who runs grace periods: concurrent callers share them.
+#[derive(Debug, Default)]
+struct GpState {
+    /// Grace periods started.
+    started: u64,
+    /// Grace periods completed (they complete in order).
+    done: u64,
+    /// A grace period is running (`started == done + 1`).
+    running: bool,
 }
 
 /// The registry and grace-period state shared by all readers and writers.
 #[derive(Debug)]
 pub(crate) struct Domain {
-    gp_ctr: AtomicU64,
-    /// Registered readers. Held only for short list operations, never while
-    /// waiting, so thread start and exit never wait for a grace period.
-    registry: Mutex<Vec<Arc<Slot>>>,
-    /// Serialises grace periods (and reader mode changes).
-    sync_lock: Mutex<()>,
+    /// Read by every outermost `read_lock`; written once per grace period.
+    gp_ctr: CachePadded<AtomicU64>,
+    /// Registered readers. Held for list operations and for each scan of the
+    /// readers' words, never while sleeping.
+    registry: Mutex<Vec<Entry>>,
+    /// Which grace period runs and which are done.
+    gp_state: Mutex<GpState>,
+    gp_done: Condvar,
+    /// A `synchronize_rcu` caller waits behind a lazy grace period: it
+    /// should hurry.
+    hurry_requested: AtomicBool,
     /// Set by a reader leaving the section a hurried grace period waits for.
     pub(crate) gp_event: Event,
     /// Whether readers not marked `fenced` rely on `membarrier` (false: every
     /// reader fences, e.g. under loom or on kernels without membarrier).
     use_membarrier: AtomicBool,
-    pub(crate) stats: GpStats,
+    pub(crate) stats: CachePadded<GpStats>,
+    /// Under loom, slots made by [`Domain::register_owned`] live as long as
+    /// the domain.
+    #[cfg(loom)]
+    owned: Mutex<Vec<crate::primitive::Arc<Slot>>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry").field("name", &self.name).finish()
+    }
 }
 
 macro_rules! domain_init {
     () => {
         Domain {
-            gp_ctr: AtomicU64::new(GP_LOCKED),
+            gp_ctr: CachePadded(AtomicU64::new(GP_STEP | 1)),
             registry: Mutex::new(Vec::new()),
-            sync_lock: Mutex::new(()),
+            gp_state: Mutex::new(GpState {
+                started: 0,
+                done: 0,
+                running: false,
+            }),
+            gp_done: Condvar::new(),
+            hurry_requested: AtomicBool::new(false),
             gp_event: Event::new(true),
             use_membarrier: AtomicBool::new(false),
-            stats: GpStats {
+            stats: CachePadded(GpStats {
                 grace_periods: std::sync::atomic::AtomicU64::new(0),
+                shared_grace_periods: std::sync::atomic::AtomicU64::new(0),
                 reader_waits: std::sync::atomic::AtomicU64::new(0),
                 membarriers: std::sync::atomic::AtomicU64::new(0),
                 membarriers_skipped: std::sync::atomic::AtomicU64::new(0),
-            },
+                stalls: std::sync::atomic::AtomicU64::new(0),
+                stalled_readers: std::sync::Mutex::new(Vec::new()),
+            }),
+            #[cfg(loom)]
+            owned: Mutex::new(Vec::new()),
         }
     };
 }
@@ -137,33 +243,52 @@ impl Domain {
         self.use_membarrier.load(Ordering::Acquire)
     }
 
-    /// The current grace-period counter, for a reader entering its outermost
-    /// section.
-    #[inline(always)]
-    pub(crate) fn gp_ctr(&self) -> u64 {
-        self.gp_ctr.load(Ordering::Relaxed)
+    /// Adds a reader, outside any section; `fenced`: it executes real fences
+    /// (required unless [`Domain::membarrier_enabled`]).
+    ///
+    /// # Safety
+    /// `slot` must be valid, unregistered, and stay valid until
+    /// [`Domain::unregister`] for it has returned `Ok`.
+    pub(crate) unsafe fn register(&self, slot: *const Slot, fenced: bool, name: String) {
+        let mut reg = lock(&self.registry);
+        // SAFETY: valid, per the contract.
+        let s = unsafe { &*slot };
+        s.waiting.store(false, Ordering::Relaxed);
+        s.ctr
+            .store(if fenced { FENCED } else { 0 }, Ordering::Relaxed);
+        reg.push(Entry { slot, name });
     }
 
-    /// Adds a reader. The slot starts outside any section.
-    pub(crate) fn register(&self, fenced: bool) -> Arc<Slot> {
-        let slot = Arc::new(Slot::new(fenced));
-        lock(&self.registry).push(Arc::clone(&slot));
+    /// Adds a reader whose slot the domain keeps alive (loom models).
+    #[cfg(loom)]
+    pub(crate) fn register_owned(&self, fenced: bool) -> crate::primitive::Arc<Slot> {
+        let slot = crate::primitive::Arc::new(Slot::new(fenced));
+        lock(&self.owned).push(crate::primitive::Arc::clone(&slot));
+        // SAFETY: `owned` keeps the slot alive as long as the domain, and it
+        // is new, so not registered.
+        unsafe { self.register(&*slot, fenced, String::from("model reader")) };
         slot
     }
 
-    #[cfg_attr(loom, allow(dead_code))]
     /// Removes a reader whose thread will never read again (it is exiting),
-    /// even if it leaked a guard: its section ends here.
-    pub(crate) fn unregister(&self, slot: &Arc<Slot>) {
-        {
-            let mut reg = lock(&self.registry);
-            if let Some(i) = reg.iter().position(|s| Arc::ptr_eq(s, slot)) {
-                reg.swap_remove(i);
-            }
+    /// marking its slot [`UNREGISTERED`].
+    ///
+    /// Only leaving a section ends it: if the reader is inside one, it stays
+    /// registered (grace periods keep waiting for it) and `Err` is returned;
+    /// the slot must then stay valid for good, or the process must end.
+    pub(crate) fn unregister(&self, slot: &Slot) -> Result<(), StillReading> {
+        let mut reg = lock(&self.registry);
+        let i = reg.iter().position(|e| std::ptr::eq(e.slot, slot));
+        if slot.in_section() {
+            return Err(StillReading {
+                name: i.map_or_else(String::new, |i| reg[i].name.clone()),
+            });
         }
-        // A grace period that took a snapshot holding this slot may be
-        // waiting for it: end the section as `read_unlock` would.
-        self.reader_exit(slot, true);
+        if let Some(i) = i {
+            reg.swap_remove(i);
+        }
+        slot.ctr.store(UNREGISTERED, Ordering::Relaxed);
+        Ok(())
     }
 
     #[cfg_attr(loom, allow(dead_code))]
@@ -173,43 +298,70 @@ impl Domain {
     }
 
     #[cfg_attr(loom, allow(dead_code))]
-    /// Changes whether `slot` fences. The reader must be outside any section.
-    /// Waits for a running grace period to finish, so every grace period sees
-    /// one mode for the whole of its run.
+    /// Changes whether `slot` fences. Only its owner may call it, outside any
+    /// section. Waits for a running grace period to finish, so every grace
+    /// period sees one mode per reader for the whole of its run.
     pub(crate) fn set_fenced(&self, slot: &Slot, fenced: bool) {
-        let _sync = lock(&self.sync_lock);
-        slot.fenced.store(fenced, Ordering::Relaxed);
+        let mut st = lock(&self.gp_state);
+        while st.running {
+            st = wait(&self.gp_done, st);
+        }
+        let v = slot.ctr.load(Ordering::Relaxed);
+        let v = if fenced { v | FENCED } else { v & !FENCED };
+        slot.ctr.store(v, Ordering::Relaxed);
+        drop(st);
     }
 
-    /// Outermost `read_lock` of `slot`.
+    /// `read_lock` on `slot`, by its owner (or a signal handler running on
+    /// the owner's thread).
     ///
-    /// `fence == false` is allowed only when `slot.fenced` is false and
-    /// [`Domain::membarrier_enabled`]: grace periods then put the barrier
-    /// on this thread with `membarrier`.
+    /// A slot without [`FENCED`] is allowed only when
+    /// [`Domain::membarrier_enabled`]: grace periods then put the barrier on
+    /// this thread with `membarrier`.
+    ///
+    /// Returns `false`, changing nothing, if the slot is [`UNREGISTERED`]:
+    /// the caller registers it and calls again.
     #[inline(always)]
-    pub(crate) fn reader_enter(&self, slot: &Slot, fence_needed: bool) {
-        // Release: a grace period that reads this value (Acquire) also sees
-        // everything this reader did before, including earlier sections.
-        slot.ctr.store(self.gp_ctr(), Ordering::Release);
-        // (R1) Order the store to ctr before the loads of RCU-protected
-        // pointers in the section. Pairs with (W1)/(W2) in `synchronize`:
-        // either the grace period sees this section, or this section sees
-        // the pointers published before the grace period started.
-        reader_fence(fence_needed);
+    #[must_use]
+    pub(crate) fn reader_enter(&self, slot: &Slot) -> bool {
+        let tmp = slot.ctr.load(Ordering::Relaxed);
+        if tmp & (NEST_MASK | UNREGISTERED) == 0 {
+            // Acquire pairs with the Release advance of `gp_ctr`: a section
+            // that starts with the new phase sees what was published before.
+            let v = self.gp_ctr.load(Ordering::Acquire) | (tmp & FENCED);
+            // Release: a grace period that reads this value (Acquire) also
+            // sees everything this reader did before.
+            slot.ctr.store(v, Ordering::Release);
+            // (R1) Order the store to ctr before the loads of RCU-protected
+            // pointers in the section. Pairs with (W) in `synchronize`:
+            // either the grace period sees this section, or this section
+            // sees the pointers published before the grace period started.
+            reader_fence(v & FENCED != 0);
+            true
+        } else {
+            reader_enter_nested(slot, tmp)
+        }
     }
 
-    /// Outermost `read_unlock` of `slot`.
+    /// `read_unlock` on `slot`, by its owner.
     #[inline(always)]
-    pub(crate) fn reader_exit(&self, slot: &Slot, fence_needed: bool) {
-        // Release: the section's loads happen before a grace period that
-        // reads this 0 (Acquire) frees what they read.
-        slot.ctr.store(0, Ordering::Release);
-        // (R2) Order the store to ctr before the load of `waiting`. Pairs
-        // with (W2): either the grace period sees ctr == 0, or this thread
-        // sees waiting == true and wakes it.
-        reader_fence(fence_needed);
-        if slot.waiting.load(Ordering::Relaxed) {
-            self.wake_grace_period(slot);
+    pub(crate) fn reader_exit(&self, slot: &Slot) {
+        let tmp = slot.ctr.load(Ordering::Relaxed);
+        debug_assert!(tmp & NEST_MASK != 0, "read_unlock outside a section");
+        if tmp & NEST_MASK == 1 {
+            // Release: the section's loads happen before a grace period that
+            // reads this value (Acquire) frees what they read.
+            slot.ctr.store(tmp - 1, Ordering::Release);
+            // (R2) Order the store to ctr before the load of `waiting`.
+            // Pairs with (W) after a hurried grace period sets `waiting`:
+            // either it sees this store, or this thread sees `waiting` and
+            // wakes it.
+            reader_fence(tmp & FENCED != 0);
+            if slot.waiting.load(Ordering::Relaxed) {
+                self.wake_grace_period(slot);
+            }
+        } else {
+            slot.ctr.store(tmp - 1, Ordering::Relaxed);
         }
     }
 
@@ -219,70 +371,181 @@ impl Domain {
         self.gp_event.set();
     }
 
-    /// Runs one grace period: returns once every reader that was inside a
-    /// section when this call started has left it.
+    /// Waits for a grace period: returns once every reader that was inside
+    /// a section when this call started has left it.
     ///
-    /// `caller` is the calling thread's own slot, if it is registered: it is
-    /// outside a section (the caller checks), so it needs no barrier. With a
-    /// `pacer` the wait is lazy (the call_rcu thread's); without, readers are
-    /// asked at once to report their exit.
+    /// Concurrent callers share grace periods: a caller returns as soon as a
+    /// grace period that *started* after its call has completed, whoever ran
+    /// it. `caller` is the calling thread's own slot, if it is registered: it
+    /// is outside a section (the caller checks), so it needs no barrier. With
+    /// a `pacer` the wait is lazy (the call_rcu thread's); without, readers
+    /// are asked at once to report their exit.
     pub(crate) fn synchronize(&self, caller: Option<&Slot>, pacer: Option<&dyn Pacer>) {
-        let _sync = lock(&self.sync_lock);
-        self.stats.grace_periods.fetch_add(1, Ordering::Relaxed);
-
-        let mut pending: Vec<Arc<Slot>> = lock(&self.registry).clone();
-        let is_caller = |s: &Arc<Slot>| caller.is_some_and(|c| std::ptr::eq(c, &**s));
-        pending.retain(|s| !is_caller(s));
-        // A process-wide barrier is needed only if some other reader skips
-        // its fences. Readers registering after the snapshot take the
-        // registry lock after this thread released it, so they see every
-        // pointer published before this call.
-        let need_membarrier =
-            self.membarrier_enabled() && pending.iter().any(|s| !s.fenced.load(Ordering::Relaxed));
-
-        // (W1) Order the caller's pointer updates before the counter update
-        // and the loads of readers' counters. Pairs with (R1).
-        self.barrier(need_membarrier);
-        if pending.is_empty() {
-            return;
+        let mut st = lock(&self.gp_state);
+        // Every caller's updates happen before this lock's release, and the
+        // runner of grace period `target` takes the lock after that: the
+        // runner's barrier covers them.
+        let target = st.started + 1;
+        loop {
+            if st.done >= target {
+                self.stats
+                    .shared_grace_periods
+                    .fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !st.running {
+                st.running = true;
+                st.started += 1;
+                let me = st.started;
+                drop(st);
+                self.run_grace_period(caller, pacer);
+                st = lock(&self.gp_state);
+                st.done = me;
+                st.running = false;
+                self.hurry_requested.store(false, Ordering::Relaxed);
+                self.gp_done.notify_all();
+                return;
+            }
+            if pacer.is_none() {
+                self.hurry_requested.store(true, Ordering::Relaxed);
+            }
+            st = wait(&self.gp_done, st);
         }
-        let new_ctr = self.gp_ctr.load(Ordering::Relaxed) + GP_STEP;
-        self.gp_ctr.store(new_ctr, Ordering::Relaxed);
+    }
+
+    /// One grace period, run by the one runner.
+    fn run_grace_period(&self, caller: Option<&Slot>, pacer: Option<&dyn Pacer>) {
+        self.stats.grace_periods.fetch_add(1, Ordering::Relaxed);
+        #[cfg(not(loom))]
+        let started = std::time::Instant::now();
+        #[cfg(not(loom))]
+        let mut stall_reported = false;
+
+        let is_caller = |p: *const Slot| caller.is_some_and(|c| std::ptr::eq(c, p));
+        let (new_ctr, mut pending, need_membarrier) = {
+            let reg = lock(&self.registry);
+            // Release pairs with the Acquire load in `reader_enter`. Readers
+            // registering after this lock is released see the new phase.
+            let new_ctr = self.gp_ctr.load(Ordering::Relaxed).wrapping_add(GP_STEP);
+            self.gp_ctr.store(new_ctr, Ordering::Release);
+            // A process-wide barrier is needed only if some other reader
+            // skips its fences.
+            let need_membarrier = self.membarrier_enabled()
+                && reg.iter().any(|e| {
+                    // SAFETY: registered slots are valid under the lock.
+                    !is_caller(e.slot) && !unsafe { &*e.slot }.fenced()
+                });
+            // (W) Order the caller's pointer updates and the phase advance
+            // before the loads of the readers' words. Pairs with (R1).
+            self.barrier(need_membarrier);
+            let pending: Vec<*const Slot> = reg
+                .iter()
+                .map(|e| e.slot)
+                .filter(|&p| !is_caller(p))
+                // SAFETY: as above.
+                .filter(|&p| ongoing(unsafe { &*p }, new_ctr))
+                .collect();
+            (new_ctr, pending, need_membarrier)
+        };
 
         let mut polls_left = if pacer.is_some() { LAZY_POLLS } else { 0 };
         let mut hurried = false;
-        loop {
-            // (W2) Order the stores to `waiting` (and for the first pass, the
-            // counter update) before the loads of the readers' counters.
-            // Pairs with (R2) for `waiting` and with (R1) for `ctr`. On the
-            // last pass it also keeps the caller's frees after those loads.
-            self.barrier(need_membarrier);
-            pending.retain(|s| {
-                let v = s.ctr.load(Ordering::Acquire);
-                let ongoing = v != 0 && v != new_ctr;
-                if !ongoing {
-                    // No barrier needed: a stale `true` costs one spurious
-                    // wake-up of a later grace period.
-                    s.waiting.store(false, Ordering::Relaxed);
-                }
-                ongoing
-            });
-            if pending.is_empty() {
-                break;
-            }
+        let mut spins = 0;
+        while !pending.is_empty() {
             self.stats.reader_waits.fetch_add(1, Ordering::Relaxed);
             if hurried {
-                self.gp_event.wait();
-                self.gp_event.reset();
-            } else if pacer.is_none_or(|p| p.hurry(polls_left)) {
-                hurried = true;
-                for s in &pending {
-                    s.waiting.store(true, Ordering::Relaxed);
+                if spins < SPIN_SCANS {
+                    spins += 1;
+                    for _ in 0..64 {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    #[cfg(not(loom))]
+                    {
+                        let waited = started.elapsed();
+                        if !stall_reported && waited >= STALL_REPORT {
+                            stall_reported = true;
+                            self.report_stall(&pending, waited);
+                        }
+                        let limit = if stall_reported {
+                            std::time::Duration::from_secs(3600)
+                        } else {
+                            STALL_REPORT - waited
+                        };
+                        self.gp_event.wait_timeout(limit);
+                    }
+                    #[cfg(loom)]
+                    self.gp_event.wait();
+                    self.gp_event.reset();
                 }
+            } else if self.hurry_requested.load(Ordering::Relaxed)
+                || pacer.is_none_or(|p| p.hurry(polls_left))
+            {
+                hurried = true;
+                let reg = lock(&self.registry);
+                pending.retain(|&p| reg.iter().any(|e| std::ptr::eq(e.slot, p)));
+                for &p in &pending {
+                    // SAFETY: still registered, under the lock.
+                    unsafe { &*p }.waiting.store(true, Ordering::Relaxed);
+                }
+                // (W) again: order the stores to `waiting` before the loads
+                // of the readers' words. Pairs with (R2).
+                let need = need_membarrier
+                    // SAFETY: as above.
+                    && pending.iter().any(|&p| !unsafe { &*p }.fenced());
+                self.barrier(need);
+                drop(reg);
             } else {
+                // A lazy re-poll: no barrier. A section seen ended (or
+                // restarted with the new phase) was ended by a Release store
+                // this Acquire load reads, which orders it before the frees.
                 polls_left = polls_left.saturating_sub(1);
             }
+            // Re-scan the readers still pending. Slots unregistered since
+            // (their threads exited outside any section) are dropped.
+            let reg = lock(&self.registry);
+            pending.retain(|&p| {
+                reg.iter().any(|e| std::ptr::eq(e.slot, p))
+                    // SAFETY: still registered, under the lock.
+                    && ongoing(unsafe { &*p }, new_ctr)
+            });
         }
+    }
+
+    /// Names the readers that block a grace period, on stderr and in the
+    /// statistics.
+    #[cfg(not(loom))]
+    #[cold]
+    fn report_stall(&self, pending: &[*const Slot], waited: std::time::Duration) {
+        let names: Vec<String> = {
+            let reg = lock(&self.registry);
+            reg.iter()
+                .filter(|e| pending.iter().any(|&p| std::ptr::eq(p, e.slot)))
+                .map(|e| e.name.clone())
+                .collect()
+        };
+        if names.is_empty() {
+            return;
+        }
+        self.stats.stalls.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut v = self
+                .stats
+                .stalled_readers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for n in &names {
+                v.retain(|x| x != n);
+                v.push(n.clone());
+            }
+            let excess = v.len().saturating_sub(STALLED_NAMES);
+            v.drain(..excess);
+        }
+        eprintln!(
+            "rcu: grace period blocked for {} ms by a reader inside a read section: {}",
+            waited.as_millis(),
+            names.join(", ")
+        );
     }
 
     fn barrier(&self, need_membarrier: bool) {
@@ -302,6 +565,51 @@ impl Domain {
         }
         fence(Ordering::SeqCst);
     }
+}
+
+/// Error of [`Domain::unregister`]: the reader is inside a section.
+#[derive(Debug)]
+pub(crate) struct StillReading {
+    /// The name the reader registered with.
+    pub(crate) name: String,
+}
+
+/// Whether a reader word shows a section that began before the phase
+/// `new_ctr` (Acquire: see `reader_exit`).
+fn ongoing(slot: &Slot, new_ctr: u64) -> bool {
+    let v = slot.ctr.load(Ordering::Acquire);
+    v & NEST_MASK != 0 && (v & PHASE_MASK) != (new_ctr & PHASE_MASK)
+}
+
+fn wait<'a, T>(
+    cv: &Condvar,
+    g: crate::primitive::MutexGuard<'a, T>,
+) -> crate::primitive::MutexGuard<'a, T> {
+    match cv.wait(g) {
+        Ok(g) => g,
+        Err(e) => e.into_inner(),
+    }
+}
+
+/// `reader_enter` on a slot that is inside a section or unregistered.
+#[inline(never)]
+fn reader_enter_nested(slot: &Slot, tmp: u64) -> bool {
+    if tmp & UNREGISTERED != 0 {
+        return false;
+    }
+    if tmp & NEST_MASK == NEST_MASK {
+        nesting_overflow();
+    }
+    slot.ctr.store(tmp + 1, Ordering::Relaxed);
+    true
+}
+
+#[cold]
+#[inline(never)]
+fn nesting_overflow() -> ! {
+    crate::fatal::abort_with(&[
+        b"rcu: more than 2^20 - 1 nested read sections on one thread (leaked guards?); aborting\n",
+    ]);
 }
 
 /// The reader-side barrier: a full fence, or only a compiler fence when a

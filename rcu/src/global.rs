@@ -3,13 +3,13 @@
 
 use crate::call_rcu::{CallRcu, WakeupStrategy};
 use crate::domain::Domain;
-use crate::reader::{current_slot, in_read_section};
+use crate::reader::{current_slot_forever, in_read_section, with_current_slot};
 use crate::stats::Stats;
 use crate::wait::Event;
 use std::cell::Cell;
 use std::panic::Location;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 
 /// The one domain all readers of the process register in.
 pub(crate) static DOMAIN: Domain = Domain::new();
@@ -67,16 +67,32 @@ impl std::error::Error for AlreadyStarted {}
 /// Chooses the call_rcu thread's wake-up strategy. Only possible before the
 /// thread starts (at the first `call_rcu`, `force_rcu` or `drain_call_rcu`);
 /// afterwards it fails unless `strategy` is the one in use.
+///
+/// Safe to call concurrently with the first use: it returns `Ok` exactly
+/// when the thread runs (or will start) with `strategy`.
 pub fn set_wakeup_strategy(strategy: WakeupStrategy) -> Result<(), AlreadyStarted> {
-    STRATEGY.store(encode(strategy), Ordering::SeqCst);
-    // If the machinery started concurrently, its initialiser read the
-    // strategy either before or after the store; report which one it took.
+    // The start of the machinery reads the strategy under the same lock, so
+    // this store either precedes that read or sees the machinery started.
+    let _start = lock_startup();
     match CALL_RCU.get() {
         Some(c) if c.strategy() != strategy => Err(AlreadyStarted {
             current: c.strategy(),
         }),
-        _ => Ok(()),
+        Some(_) => Ok(()),
+        None => {
+            STRATEGY.store(encode(strategy), Ordering::SeqCst);
+            Ok(())
+        }
     }
+}
+
+/// Serialises the choice of the strategy with the start of the machinery.
+static STARTUP: Mutex<()> = Mutex::new(());
+
+fn lock_startup() -> std::sync::MutexGuard<'static, ()> {
+    // Nothing that can panic runs under this lock; poisoning carries no
+    // broken invariant.
+    STARTUP.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The wake-up strategy in use (or that will be used when the thread starts).
@@ -106,7 +122,10 @@ fn worker() -> &'static CallRcu {
 fn start_worker() -> &'static CallRcu {
     static SPAWN: Once = Once::new();
     init();
-    let c: &'static CallRcu = CALL_RCU.get_or_init(|| CallRcu::new(configured_strategy().into()));
+    let c: &'static CallRcu = {
+        let _start = lock_startup();
+        CALL_RCU.get_or_init(|| CallRcu::new(configured_strategy().into()))
+    };
     SPAWN.call_once(|| {
         // Callbacks queued before the thread runs are found by its first
         // look at the pending count.
@@ -117,7 +136,10 @@ fn start_worker() -> &'static CallRcu {
                 // SAFETY: pthread_self has no preconditions.
                 let me = unsafe { libc::pthread_self() };
                 WORKER_PTHREAD.store(me as u64, Ordering::Release);
-                c.run(&DOMAIN, &current_slot);
+                // SAFETY: the call_rcu thread never exits (`run` returns only
+                // when stopped, which only models and unit tests do), and the
+                // reference stays on it.
+                c.run(&DOMAIN, &|| unsafe { current_slot_forever() });
             });
         if let Err(e) = spawn {
             // Without the thread no callback would ever run and memory would
@@ -191,8 +213,13 @@ pub fn drain_call_rcu() {
 }
 
 /// Waits for a grace period: returns once every read-side critical section
-/// that was running when it was called has ended. Callers serialise; a call
-/// with no registered reader in a section returns after one barrier.
+/// that was running when it was called has ended. Concurrent callers share
+/// grace periods (one runs it, the others wait for it); a call with no
+/// other registered reader in a section returns after one barrier (a
+/// `membarrier` only if some other registered reader is in
+/// [`ReaderMode::Membarrier`](crate::ReaderMode::Membarrier)). A reader that
+/// keeps it waiting for over a second is reported once on stderr and in
+/// [`stats`].
 ///
 /// # Panics
 /// Inside a read-side critical section (it would wait for itself forever;
@@ -205,7 +232,7 @@ pub fn synchronize_rcu() {
     );
     init();
     SYNCHRONIZE_CALLS.fetch_add(1, Ordering::Relaxed);
-    DOMAIN.synchronize(current_slot(), None);
+    with_current_slot(|me| DOMAIN.synchronize(me, None));
 }
 
 /// Number of threads currently registered as readers.
@@ -249,6 +276,13 @@ pub fn stats() -> Stats {
         reader_waits: gp.reader_waits.load(Ordering::Relaxed),
         membarriers: gp.membarriers.load(Ordering::Relaxed),
         membarriers_skipped: gp.membarriers_skipped.load(Ordering::Relaxed),
+        shared_grace_periods: gp.shared_grace_periods.load(Ordering::Relaxed),
+        stalls: gp.stalls.load(Ordering::Relaxed),
+        stalled_readers: gp
+            .stalled_readers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone(),
         ..Stats::default()
     };
     if let Some(c) = CALL_RCU.get() {

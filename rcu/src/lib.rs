@@ -16,16 +16,24 @@
 //!
 //! # The read side
 //!
-//! A registered thread owns a slot with a counter `ctr`. Entering the
-//! outermost section copies the global grace-period counter `gp_ctr` (always
-//! odd) into `ctr`; leaving stores 0. Nested sections only count depth in a
-//! thread-local. No lock, no read-modify-write atomic and no allocation is
-//! involved after the thread's first section (which registers it).
+//! A registered thread owns a slot: one word holding its nesting count, its
+//! reader mode and, while inside a section, the grace-period phase it saw
+//! when it entered (liburcu's layout). Entering the outermost section stores
+//! the global counter `gp_ctr` (a phase with a nesting count of 1) into the
+//! word; nested sections add and subtract 1; leaving the outermost section
+//! brings the count back to 0. The slot is a thread-local, so no pointer is
+//! loaded to find it. No lock, no read-modify-write atomic and no allocation
+//! is involved after the thread's first section (which registers it), and
+//! the read side is async-signal-safe: a signal handler's section that
+//! interrupts the thread's own `read_lock` or guard drop leaves the word as
+//! it found it.
 //!
-//! A grace period advances `gp_ctr` and waits until every slot that was
-//! registered when it started reads 0 (outside) or the new `gp_ctr` (a section
-//! that started after the advance). Every such reader has left the section it
-//! was in when the grace period started.
+//! A grace period advances the phase of `gp_ctr` and waits until every slot
+//! that is registered reads a nesting count of 0 (outside) or the new phase
+//! (a section that started after the advance). Every such reader has left
+//! the section it was in when the grace period started. Concurrent
+//! [`synchronize_rcu`] callers share grace periods: each returns once a grace
+//! period that started after its call has ended, whoever ran it.
 //!
 //! # Why readers are safe: the ordering pairs
 //!
@@ -34,23 +42,28 @@
 //! * **Publication.** `RcuCell::replace` swaps the pointer with release
 //!   ordering; `RcuCell::read` loads it with acquire ordering. A reader that
 //!   sees the new value sees its contents.
-//! * **(R1) with (W1)/(W2): a reader either is seen, or sees the new value.**
-//!   The reader stores `ctr`, then fences (R1), then loads pointers. The
-//!   writer stores the new pointer, then fences (W1, and again W2), then loads
-//!   `ctr`. This is the store-buffering pattern: with a full fence on each
-//!   side, at least one side observes the other's store. Either the grace
-//!   period sees the reader's non-zero, old `ctr` and waits for it, or the
-//!   reader's loads return the new pointer, so it cannot hold the old one.
-//!   A reader that loaded the *new* `gp_ctr` is not waited for; (W1) orders
-//!   the pointer store before the `gp_ctr` store, so such a reader's loads
-//!   after (R1) see the new pointer.
-//! * **(R2) with (W2): no lost wake-up of the writer.** Leaving a section, the
-//!   reader stores `ctr = 0`, fences (R2), then loads its `waiting` flag. A
-//!   hurried grace period stores `waiting = true`, fences (W2), then loads
-//!   `ctr`. Again store buffering: either the writer sees 0, or the reader
-//!   sees `waiting` and sets the grace-period event.
-//! * **The section happens before the free.** Both stores to `ctr` are
-//!   release stores and the grace period loads `ctr` with acquire ordering,
+//! * **(R1) with (W): a reader either is seen, or sees the new value.**
+//!   The reader stores its word, then fences (R1), then loads pointers. The
+//!   writer stores the new pointer and advances `gp_ctr`, then fences (W),
+//!   then loads the readers' words. This is the store-buffering pattern:
+//!   with a full fence on each side, at least one side observes the other's
+//!   store. Either the grace period sees the reader's section with the old
+//!   phase and waits for it, or the reader's loads return the new pointer,
+//!   so it cannot hold the old one. A reader that loaded the *new* phase is
+//!   not waited for; the advance is a release store and the reader's load of
+//!   `gp_ctr` an acquire load, so such a reader sees the new pointer. One
+//!   barrier per grace period suffices for readers that are idle; re-scans
+//!   of readers still inside a section need none (next point).
+//! * **(R2) with (W): no lost wake-up of the writer.** Leaving a section, the
+//!   reader stores its word, fences (R2), then loads its `waiting` flag. A
+//!   grace period that stops polling and sleeps stores `waiting = true` in
+//!   the words of the readers it still waits for (never in an idle reader's),
+//!   fences (W), then loads their words. Again store buffering: either the
+//!   writer sees the section ended, or the reader sees `waiting` and sets
+//!   the grace-period event.
+//! * **The section happens before the free.** The stores that enter and
+//!   leave the outermost section are release stores and the grace period
+//!   loads the words with acquire ordering,
 //!   so every access of the finished section happens before whatever the
 //!   writer does after `synchronize_rcu` returns (such as freeing).
 //! * **Events.** The grace-period event and the call_rcu event pair a full
@@ -61,7 +74,7 @@
 //!
 //! (R1) and (R2) as real fences cost a few ns each. By default a reader
 //! executes only compiler fences there, and grace periods execute
-//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` in place of (W1) and (W2):
+//! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` in place of (W):
 //! the kernel runs a full barrier on every CPU that is running a thread of
 //! this process at that moment (a thread that is not running passes a full
 //! barrier when it is next scheduled). The effect is as if each reader had
@@ -94,8 +107,19 @@
 //! # Threads
 //!
 //! Registration happens on a thread's first [`read_lock`] and is undone when
-//! the thread exits, even if it leaked a guard (the section ends with the
-//! thread). The registry holds live threads only.
+//! the thread exits. Only dropping a [`ReadGuard`] ends a section: a thread
+//! that exits inside a section (it leaked a guard, for example with
+//! `Box::leak`, and may have handed a `&'static` reference read in it to
+//! another thread) aborts the process with a message naming the thread, and
+//! so does the call_rcu thread when a callback returns inside a section.
+//! Ending such a section instead could free memory still referenced; keeping
+//! it registered would stall every grace period for good.
+//!
+//! # Stalls
+//!
+//! A reader that keeps a grace period waiting for over a second is named
+//! (thread name and id) once per grace period on stderr and in
+//! [`Stats::stalled_readers`].
 //!
 //! # What is checked, and how
 //!
@@ -121,6 +145,7 @@ mod call_rcu;
 mod cell;
 mod clock;
 mod domain;
+mod fatal;
 #[cfg(not(loom))]
 mod global;
 #[cfg(all(test, loom))]

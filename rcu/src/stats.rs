@@ -34,6 +34,9 @@ pub struct Stats {
     pub grace_periods: u64,
     /// Explicit `synchronize_rcu` calls.
     pub synchronize_rcu: u64,
+    /// Grace-period waits (by `synchronize_rcu` or the call_rcu thread) that
+    /// were satisfied by a grace period another caller ran.
+    pub shared_grace_periods: u64,
     /// `force_rcu` calls, including those made by `drain_call_rcu`.
     pub force_rcu: u64,
     /// `drain_call_rcu` calls.
@@ -61,6 +64,11 @@ pub struct Stats {
     /// Grace-period barriers that needed no `membarrier` because no reader
     /// other than the caller relied on it.
     pub membarriers_skipped: u64,
+    /// Grace periods that a reader kept waiting for over a second.
+    pub stalls: u64,
+    /// The readers (thread name and id) that did, most recent last (at most
+    /// 16, each once).
+    pub stalled_readers: Vec<String>,
     /// CPU time used by the call_rcu thread, in nanoseconds.
     pub thread_cpu_ns: u64,
     /// Time from `call_rcu` to the start of its callback.
