@@ -132,9 +132,10 @@
 //! The loom models run the production code, including the futex-based
 //! wake-up primitives (only the futex system call is replaced by a model of
 //! it). Loom's search is bounded: it explores every interleaving with at
-//! most `LOOM_MAX_PREEMPTIONS` preemptions, 3 in the models and in CI, and
-//! none that needs more; a green run says nothing about those
-//! (`loom_models.rs` lists what else the models leave out).
+//! most `LOOM_MAX_PREEMPTIONS` preemptions (3 for most models, 2 for the two
+//! no-lost-wake-up models, in CI as locally), and none that needs more; a
+//! green run says nothing about those (`loom_models.rs` says why the bounds
+//! are what they are and what else the models leave out).
 
 #![deny(missing_docs)]
 // Under loom only the models (test builds) drive the internals.
