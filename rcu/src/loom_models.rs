@@ -11,8 +11,9 @@
 //! `no_lost_wakeup` models, which use 2 (see there why); CI runs them so.
 //! Interleavings that need more preemptions than the bound are not explored:
 //! a green run proves the properties only for schedules within it, and a
-//! bug that needs more preemptions to show is out of reach. (Every bug the
-//! models were shown to catch needed at most 2.) Setting the variable
+//! bug that needs more preemptions to show is out of reach. (The bound
+//! matters: the two-readers model finds `Event::set` waking before its
+//! store only at bound 3, not at 2.) Setting the variable
 //! applies one bound to every model, e.g. a deeper, much slower run:
 //! `LOOM_MAX_PREEMPTIONS=4 RUSTFLAGS="--cfg loom" cargo test -p rcu
 //! --release --lib loom`.
