@@ -126,7 +126,7 @@
 //! Unit and integration tests (including a torture test in the style of the
 //! kernel's rcutorture), `loom` models of the grace-period and call_rcu
 //! protocols (build with `RUSTFLAGS="--cfg loom"`; the models use fenced
-//! readers, since loom cannot model `membarrier`), and criterion benchmarks
+//! readers, since loom cannot model `membarrier`), and benchmarks (`rcu-bench`)
 //! against liburcu, crossbeam-epoch, arc-swap and reader-writer locks.
 //!
 //! The loom models run the production code, including the futex-based
@@ -140,6 +140,8 @@
 #![deny(missing_docs)]
 // Under loom only the models (test builds) drive the internals.
 #![cfg_attr(loom, allow(dead_code, unused_imports))]
+// Under loom the grace period does not spin (SPIN_SCANS is 0).
+#![cfg_attr(loom, allow(clippy::absurd_extreme_comparisons))]
 
 mod call_rcu;
 #[cfg(not(loom))]
