@@ -3,7 +3,8 @@
 //! virtio-mmio registers: a driver's handshake, and a queue whose rings lie
 //! outside guest memory, which breaks the device on the first notification.
 
-use crate::guest_driver::Op;
+use crate::guest_driver::{GuestDriver, Op, OpResult};
+use std::time::{Duration, Instant};
 
 /// Where the virtio-mmio window of the hot-plug device is in a bare VM.
 pub const VIRTIO: u64 = 0xd000_1000;
@@ -91,4 +92,32 @@ pub fn notify_and_poll_broken(limit: u32) -> [Op; 2] {
             limit,
         },
     ]
+}
+
+/// Runs `ops`, panicking with what was being done if the guest did not finish.
+pub fn run(driver: &mut GuestDriver, what: &str, ops: &[Op]) -> Vec<OpResult> {
+    driver
+        .run(ops)
+        .unwrap_or_else(|e| panic!("{what}: the guest did not finish: {e:?}"))
+}
+
+/// Breaks the device with a fresh handshake (rings outside RAM) and a
+/// notification, then polls until the guest sees `DEVICE_NEEDS_RESET`,
+/// for at most `within`. `round` labels the panics.
+pub fn break_device(driver: &mut GuestDriver, round: u64, within: Duration) {
+    let mut ops = broken_queue_handshake();
+    let status_at = ops.len() - 1;
+    ops.extend(notify_and_poll_broken(1 << 16));
+    let res = run(driver, "break", &ops);
+    assert_eq!(
+        res[status_at].value,
+        u64::from(DRIVER_OK_STATUS),
+        "round {round}: the handshake did not reach DRIVER_OK"
+    );
+    let end = Instant::now() + within;
+    let mut broken = res.last().is_some_and(|r| r.matched);
+    while !broken && Instant::now() < end {
+        broken = run(driver, "poll", &notify_and_poll_broken(1 << 16)[1..])[0].matched;
+    }
+    assert!(broken, "round {round}: DEVICE_NEEDS_RESET not set");
 }

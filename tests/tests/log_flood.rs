@@ -30,10 +30,7 @@ use devices::ExitRequest;
 use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_driver::{GuestDriver, Op, Privilege, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
-use tests::virtio_ops::{
-    DRIVER_OK_STATUS, QUEUE_NOTIFY, STATUS, VIRTIO, broken_queue_handshake, notify_and_poll_broken,
-    r32, w32,
-};
+use tests::virtio_ops::{QUEUE_NOTIFY, STATUS, VIRTIO, break_device, r32, run, w32};
 use vmm::control::StopReason;
 use vmm::hotplug::Hotplug;
 use vmm::memory_manager::SLOT_SIZE;
@@ -62,33 +59,6 @@ const UNASSIGNED: u64 = 0xd100_0000;
 
 fn w(addr: u64, width: u8, value: u64) -> Op {
     Op::Write { addr, width, value }
-}
-
-/// Runs `ops`, panicking with where the guest got to if it did not finish.
-fn run(driver: &mut GuestDriver, what: &str, ops: &[Op]) -> Vec<tests::guest_driver::OpResult> {
-    driver
-        .run(ops)
-        .unwrap_or_else(|e| panic!("{what}: the guest did not finish: {e:?}"))
-}
-
-/// Breaks the device with a fresh handshake and a notification, and waits
-/// until the guest sees DEVICE_NEEDS_RESET.
-fn break_device(driver: &mut GuestDriver, cycle: u64) {
-    let mut ops = broken_queue_handshake();
-    let status_at = ops.len() - 1;
-    ops.extend(notify_and_poll_broken(1 << 16));
-    let res = run(driver, "break", &ops);
-    assert_eq!(
-        res[status_at].value,
-        u64::from(DRIVER_OK_STATUS),
-        "cycle {cycle}: the handshake did not reach DRIVER_OK"
-    );
-    let end = Instant::now() + ANSWER_WITHIN;
-    let mut broken = res.last().unwrap().matched;
-    while !broken && Instant::now() < end {
-        broken = run(driver, "poll", &notify_and_poll_broken(1 << 16)[1..])[0].matched;
-    }
-    assert!(broken, "cycle {cycle}: DEVICE_NEEDS_RESET not set");
 }
 
 /// Waits until the transport has refused more than `before` notifications.
@@ -136,7 +106,7 @@ fn drive(mut driver: GuestDriver, hp: &Hotplug) {
     // The VMM has installed its panic hook by now: put the watch in front.
     tests::panic_watch::install();
     for cycle in 0..CYCLES {
-        break_device(&mut driver, cycle);
+        break_device(&mut driver, cycle, ANSWER_WITHIN);
     }
     for n in 0..ANSWERED_NOTIFIES {
         let before = hp.transport.stats().refused_while_broken;

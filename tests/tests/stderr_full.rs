@@ -24,15 +24,13 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use devices::ExitRequest;
 use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_driver::{GuestDriver, Op, Privilege, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
-use tests::virtio_ops::{
-    DRIVER_OK_STATUS, QUEUE_NOTIFY, VIRTIO, broken_queue_handshake, notify_and_poll_broken, w32,
-};
+use tests::virtio_ops::{QUEUE_NOTIFY, VIRTIO, break_device, run, w32};
 use vmm::control::StopReason;
 use vmm::hotplug::Hotplug;
 use vmm::memory_manager::SLOT_SIZE;
@@ -99,32 +97,6 @@ fn read_available(reader: &mut File) -> Vec<u8> {
     }
 }
 
-fn run(driver: &mut GuestDriver, what: &str, ops: &[Op]) -> Vec<tests::guest_driver::OpResult> {
-    driver
-        .run(ops)
-        .unwrap_or_else(|e| panic!("{what}: the guest did not finish: {e:?}"))
-}
-
-/// Breaks the device with a fresh handshake and a notification; true once
-/// the guest sees DEVICE_NEEDS_RESET.
-fn break_device(driver: &mut GuestDriver, round: u64) {
-    let mut ops = broken_queue_handshake();
-    let status_at = ops.len() - 1;
-    ops.extend(notify_and_poll_broken(1 << 16));
-    let res = run(driver, "break", &ops);
-    assert_eq!(
-        res[status_at].value,
-        u64::from(DRIVER_OK_STATUS),
-        "round {round}: the handshake did not reach DRIVER_OK"
-    );
-    let end = Instant::now() + BATCH_WITHIN;
-    let mut broken = res.last().unwrap().matched;
-    while !broken && Instant::now() < end {
-        broken = run(driver, "poll", &notify_and_poll_broken(1 << 16)[1..])[0].matched;
-    }
-    assert!(broken, "round {round}: DEVICE_NEEDS_RESET not set");
-}
-
 /// A grace period ends (no read section is stuck), within a minute.
 fn grace_period_ends() -> bool {
     let (tx, rx) = mpsc::channel();
@@ -147,7 +119,7 @@ fn drive(mut driver: GuestDriver, hp: &Hotplug) {
     );
     tests::panic_watch::install();
     for round in 0..ROUNDS {
-        break_device(&mut driver, round);
+        break_device(&mut driver, round, BATCH_WITHIN);
         assert!(
             grace_period_ends(),
             "round {round}: no grace period ended within a minute"
