@@ -13,6 +13,7 @@ pub mod guest_driver;
 pub mod kit;
 pub mod panic_watch;
 pub mod proc_maps;
+pub mod raw_qmp;
 pub mod recorder;
 pub mod stderr_redirect;
 pub mod virtio_ops;

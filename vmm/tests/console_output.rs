@@ -6,12 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::raw_qmp;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
@@ -97,55 +97,6 @@ fn flood_kernel(dir: &Path) -> PathBuf {
     p
 }
 
-/// A negotiated raw QMP connection.
-fn qmp(sock: &Path) -> (UnixStream, BufReader<UnixStream>) {
-    let end = Instant::now() + Duration::from_secs(60);
-    let s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("cannot connect to QMP: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("QMP"), "{line}");
-    let mut w = s.try_clone().unwrap();
-    w.write_all(br#"{"execute":"qmp_capabilities"}"#).unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("return"), "{line}");
-    (s, r)
-}
-
-fn execute(c: &mut (UnixStream, BufReader<UnixStream>), cmd: &str) -> Value {
-    c.0.write_all(cmd.as_bytes()).unwrap();
-    loop {
-        let mut line = String::new();
-        c.1.read_line(&mut line)
-            .expect("QMP did not answer within 30 s");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v.get("event").is_none() {
-            return v;
-        }
-    }
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
 /// Kills the VMM if the test fails before it ended.
 struct KillOnDrop(Child);
 
@@ -200,7 +151,7 @@ fn a_stdout_nobody_reads_does_not_stop_qmp_or_sigterm() {
         let _ = err_pipe.read_to_string(&mut s);
         s
     });
-    let mut c = qmp(&sock);
+    let mut c = raw_qmp::connect(&sock);
 
     // The guest fills the pipe (partly filled pages keep it from holding
     // exactly `capacity` bytes).
@@ -215,9 +166,9 @@ fn a_stdout_nobody_reads_does_not_stop_qmp_or_sigterm() {
     // The guest goes on printing into a full pipe; QMP keeps answering.
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(10) {
-        let r = execute(&mut c, r#"{"execute":"query-status"}"#);
+        let r = raw_qmp::execute(&mut c, r#"{"execute":"query-status"}"#);
         assert_eq!(r["return"]["status"], "running", "{r}");
-        let r = execute(&mut c, r#"{"execute":"x-query-rcu"}"#);
+        let r = raw_qmp::execute(&mut c, r#"{"execute":"x-query-rcu"}"#);
         assert!(r["return"].get("grace_periods").is_some(), "{r}");
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -226,7 +177,7 @@ fn a_stdout_nobody_reads_does_not_stop_qmp_or_sigterm() {
     // SIGTERM: an orderly end, as with a stdout that drains.
     // SAFETY: kill(2) with the child's pid.
     unsafe { libc::kill(vmm.0.id() as i32, libc::SIGTERM) };
-    let status = wait_exit(&mut vmm.0, Duration::from_secs(30));
+    let status = raw_qmp::wait_exit(&mut vmm.0, Duration::from_secs(30));
     let err = if status.is_some() {
         err_reader.join().unwrap()
     } else {

@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tests::raw_qmp;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
@@ -60,57 +61,10 @@ impl Drop for Reaped {
     }
 }
 
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    None
-}
-
 fn stderr_of(child: &mut Child) -> String {
     let mut s = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut s);
     s
-}
-
-/// A negotiated raw QMP connection.
-fn qmp(sock: &Path) -> (UnixStream, BufReader<UnixStream>) {
-    let end = Instant::now() + Duration::from_secs(60);
-    let s = loop {
-        match UnixStream::connect(sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => panic!("cannot connect to QMP: {e}"),
-        }
-    };
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("QMP"), "{line}");
-    let mut w = s.try_clone().unwrap();
-    w.write_all(br#"{"execute":"qmp_capabilities"}"#).unwrap();
-    line.clear();
-    r.read_line(&mut line).unwrap();
-    assert!(line.contains("return"), "{line}");
-    (s, r)
-}
-
-fn execute(c: &mut (UnixStream, BufReader<UnixStream>), cmd: &str) -> Value {
-    c.0.write_all(cmd.as_bytes()).unwrap();
-    loop {
-        let mut line = String::new();
-        c.1.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v.get("event").is_none() {
-            return v;
-        }
-    }
 }
 
 /// A QMP client process killed in the middle of a command leaves the VM
@@ -128,9 +82,9 @@ fn killed_qmp_client_and_sigterm() {
         "--rcu-stats",
         stats.to_str().unwrap(),
     ]);
-    let mut c = qmp(&sock);
+    let mut c = raw_qmp::connect(&sock);
     assert_eq!(
-        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        raw_qmp::execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
         "running"
     );
 
@@ -163,7 +117,7 @@ fn killed_qmp_client_and_sigterm() {
 
     // The VM and the other client carry on.
     assert_eq!(
-        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        raw_qmp::execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
         "running"
     );
     assert!(vmm.try_wait().unwrap().is_none(), "the VMM ended");
@@ -172,7 +126,7 @@ fn killed_qmp_client_and_sigterm() {
     // SIGTERM: orderly end.
     // SAFETY: kill(2) with the child's pid.
     unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
-    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let status = raw_qmp::wait_exit(&mut vmm, Duration::from_secs(60));
     let err = stderr_of(&mut vmm);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
     assert!(err.contains("vmm: terminating on signal 15"), "{err}");
@@ -232,7 +186,7 @@ fn full_disk_when_writing_rcu_stats() {
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: kill(2) with the child's pid.
     unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
-    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let status = raw_qmp::wait_exit(&mut vmm, Duration::from_secs(60));
     let err = stderr_of(&mut vmm);
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
     let lines: Vec<&str> = err
@@ -292,7 +246,8 @@ fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
         }
     }
     drop(reader);
-    let status = wait_exit(&mut child, Duration::from_secs(900)).expect("the vmm did not exit");
+    let status =
+        raw_qmp::wait_exit(&mut child, Duration::from_secs(900)).expect("the vmm did not exit");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
         status.code(),
@@ -347,7 +302,7 @@ fn reports_through_a_link_to_stdout_and_over_a_planted_link() {
     std::thread::sleep(Duration::from_secs(2));
     // SAFETY: kill(2) with the child's pid.
     unsafe { libc::kill(vmm.id() as i32, libc::SIGTERM) };
-    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let status = raw_qmp::wait_exit(&mut vmm, Duration::from_secs(60));
     let err = stderr_of(&mut vmm);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
     let text = String::from_utf8_lossy(&reader.join().unwrap()).into_owned();
@@ -431,7 +386,7 @@ fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
         Reaped(c.spawn().unwrap())
     };
     let mut first = vmm_at(&sock);
-    let mut c = qmp(&sock);
+    let mut c = raw_qmp::connect(&sock);
     let mode = std::fs::symlink_metadata(&sock)
         .unwrap()
         .permissions()
@@ -444,20 +399,20 @@ fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
     );
 
     let mut second = vmm_at(&sock);
-    let status = wait_exit(&mut second, Duration::from_secs(60));
+    let status = raw_qmp::wait_exit(&mut second, Duration::from_secs(60));
     let err = stderr_of(&mut second);
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{err}");
     assert!(err.contains("in use by another process"), "{err}");
     assert_eq!(
-        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        raw_qmp::execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
         "running"
     );
     drop(c);
-    qmp(&sock);
+    raw_qmp::connect(&sock);
 
     // SAFETY: kill(2) with the child's pid.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
-    let status = wait_exit(&mut first, Duration::from_secs(60));
+    let status = raw_qmp::wait_exit(&mut first, Duration::from_secs(60));
     let err = stderr_of(&mut first);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
     // SAFETY: our inotify descriptor.
@@ -511,7 +466,7 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
     unsafe { cmd.pre_exec(limit_files) };
     let mut vmm = Reaped(cmd.spawn().unwrap());
     let pid = vmm.id();
-    let mut c = qmp(&sock);
+    let mut c = raw_qmp::connect(&sock);
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count() as u64;
@@ -536,15 +491,15 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
     );
     // The negotiated client is still served.
     assert_eq!(
-        execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
+        raw_qmp::execute(&mut c, r#"{"execute":"query-status"}"#)["return"]["status"],
         "running"
     );
     drop(extra);
     // Accepting again: a new client negotiates.
-    drop(qmp(&sock));
+    drop(raw_qmp::connect(&sock));
     // SAFETY: kill(2) with the child's pid.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-    let status = wait_exit(&mut vmm, Duration::from_secs(60));
+    let status = raw_qmp::wait_exit(&mut vmm, Duration::from_secs(60));
     let err = stderr_of(&mut vmm);
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{err}");
     // Every failed accept logs once (the log limit prints some and counts
