@@ -39,6 +39,9 @@ use tests::guest_driver::{
     DriverError, GuestDriver, HEARTBEAT, MAILBOX, Op, Privilege, SCRATCH, SCRATCH_SIZE, TABLE,
     runner, start_runner,
 };
+use tests::virtio_ops::{
+    DRIVER_OK_STATUS, NEEDS_RESET, QUEUE_NOTIFY, STATUS, VIRTIO, handshake_ops, r32, w32,
+};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::control::StopReason;
 use vmm::hotplug::Hotplug;
@@ -50,7 +53,6 @@ const HOTPLUG_BASE: u64 = 1 << 32;
 const HOTPLUG_SIZE: u64 = 8 * SLOT_SIZE;
 const BLOCK: u64 = VIRTIO_MEM_DEFAULT_BLOCK_SIZE;
 const GED: u64 = 0xd000_0000;
-const VIRTIO: u64 = 0xd000_1000;
 const LIMIT: Duration = Duration::from_secs(600);
 
 // virtio-mmio registers.
@@ -63,16 +65,12 @@ const QUEUE_SEL: u64 = 0x30;
 const QUEUE_NUM_MAX: u64 = 0x34;
 const QUEUE_NUM: u64 = 0x38;
 const QUEUE_READY: u64 = 0x44;
-const QUEUE_NOTIFY: u64 = 0x50;
 const INTERRUPT_STATUS: u64 = 0x60;
 const INTERRUPT_ACK: u64 = 0x64;
-const STATUS: u64 = 0x70;
 const QUEUE_DESC: u64 = 0x80;
 const QUEUE_AVAIL: u64 = 0x90;
 const QUEUE_USED: u64 = 0xa0;
 const CONFIG_GENERATION: u64 = 0xfc;
-const NEEDS_RESET: u32 = 0x40;
-const DRIVER_OK_STATUS: u32 = 0xf;
 
 /// One KVM test at a time: they share the panic record and two cores.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -222,14 +220,6 @@ fn r(addr: u64, width: u8) -> Op {
     Op::Read { addr, width }
 }
 
-fn w32(offset: u64, value: u32) -> Op {
-    w(VIRTIO + offset, 4, value.into())
-}
-
-fn r32(offset: u64) -> Op {
-    r(VIRTIO + offset, 4)
-}
-
 /// Ops a driver runs to probe the device and read back its identity.
 fn identity_checks(driver: &mut GuestDriver) {
     let got = driver
@@ -364,34 +354,6 @@ fn request_bytes(kind: u16, addr: u64, nb_blocks: u16) -> [u8; 24] {
     req[8..16].copy_from_slice(&addr.to_le_bytes());
     req[16..18].copy_from_slice(&nb_blocks.to_le_bytes());
     req
-}
-
-/// The guest side of Linux's probe: reset, features VERSION_1 and
-/// UNPLUGGED_INACCESSIBLE, queue 0 with `num` entries at the given rings,
-/// DRIVER_OK. Returns the status read back at the end.
-fn handshake_ops(num: u32, desc: u64, avail: u64, used: u64) -> Vec<Op> {
-    let mut ops = vec![
-        w32(STATUS, 0),
-        w32(STATUS, 1),
-        w32(STATUS, 3),
-        w32(DRIVER_FEATURES_SEL, 1),
-        w32(DRIVER_FEATURES, 1),
-        w32(DRIVER_FEATURES_SEL, 0),
-        w32(DRIVER_FEATURES, 1 << 1),
-        w32(STATUS, 0xb),
-        w32(QUEUE_SEL, 0),
-        w32(QUEUE_NUM, num),
-    ];
-    for (reg, addr) in [(QUEUE_DESC, desc), (QUEUE_AVAIL, avail), (QUEUE_USED, used)] {
-        ops.push(w32(reg, addr as u32));
-        ops.push(w32(reg + 4, (addr >> 32) as u32));
-    }
-    ops.extend([
-        w32(QUEUE_READY, 1),
-        w32(STATUS, DRIVER_OK_STATUS),
-        r32(STATUS),
-    ]);
-    ops
 }
 
 fn handshake(driver: &mut GuestDriver, q: &mut Virtq) {

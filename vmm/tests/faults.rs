@@ -21,19 +21,24 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-fn start_vmm(extra: &[&str]) -> Child {
+/// The VMM on the kit's minimal kernel and idle initramfs with `cpus` vCPUs
+/// and 128 MiB, plus `extra`; stdin and stdout null, stderr piped.
+fn vmm_command(cpus: &str, extra: &[&str]) -> Command {
     let kernel = tests::kit::file("vmlinux");
     let initrd = tests::kit::file("initramfs-idle.cpio");
-    Command::new(VMM)
-        .args(["--kernel", kernel.to_str().unwrap()])
+    let mut c = Command::new(VMM);
+    c.args(["--kernel", kernel.to_str().unwrap()])
         .args(["--initrd", initrd.to_str().unwrap()])
-        .args(["--cpus", "2", "--memory", "128M"])
+        .args(["--cpus", cpus, "--memory", "128M"])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    c
+}
+
+fn start_vmm(extra: &[&str]) -> Child {
+    vmm_command("2", extra).spawn().unwrap()
 }
 
 /// A VMM child killed (and reaped) when dropped, so a failing test does
@@ -364,17 +369,8 @@ fn qmp_socket_is_owner_only_at_bind_and_never_stolen() {
     let wd =
         unsafe { libc::inotify_add_watch(ino, dir.as_ptr(), libc::IN_CREATE | libc::IN_ATTRIB) };
     assert!(wd >= 0);
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
     let vmm_at = |sock: &Path| {
-        let mut c = Command::new(VMM);
-        c.args(["--kernel", kernel.to_str().unwrap()])
-            .args(["--initrd", initrd.to_str().unwrap()])
-            .args(["--cpus", "1", "--memory", "128M", "--quiet"])
-            .args(["--qmp", sock.to_str().unwrap()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        let mut c = vmm_command("1", &["--quiet", "--qmp", sock.to_str().unwrap()]);
         fn clear_umask() -> std::io::Result<()> {
             // SAFETY: swaps the child's file-creation mask.
             unsafe { libc::umask(0) };
@@ -440,8 +436,6 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
     tests::require_kvm();
     let d = scratch("emfile");
     let sock = d.join("qmp.sock");
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
     const LIMIT: u64 = 64;
     fn limit_files() -> std::io::Result<()> {
         let l = libc::rlimit {
@@ -454,14 +448,7 @@ fn qmp_accept_out_of_descriptors_does_not_spin_and_recovers() {
         }
         Ok(())
     }
-    let mut cmd = Command::new(VMM);
-    cmd.args(["--kernel", kernel.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
-        .args(["--cpus", "1", "--memory", "128M", "--quiet"])
-        .args(["--qmp", sock.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    let mut cmd = vmm_command("1", &["--quiet", "--qmp", sock.to_str().unwrap()]);
     // SAFETY: the hook only calls setrlimit; the child execs right after.
     unsafe { cmd.pre_exec(limit_files) };
     let mut vmm = Reaped(cmd.spawn().unwrap());
