@@ -463,11 +463,15 @@ impl MemoryManager {
                 .fetch_add(added.len() as u64, Ordering::Relaxed);
             self.record_swap(t);
         }
-        // The blocks become writable before the guest hears they are plugged.
+        // The blocks become writable before the guest hears they are plugged
+        // (those of newly mapped slots already are: `map_slot`).
         for (n, &(i, a, b)) in parts.iter().enumerate() {
             let Some(region) = &slots[i].region else {
                 continue;
             };
+            if newly_mapped.contains(&i) {
+                continue;
+            }
             let (offset, len) = (a as u64 * self.block_size, (b - a) as u64 * self.block_size);
             if let Err(source) = protect(region, offset, len, true) {
                 // Undo: the blocks made writable so far go back to
