@@ -17,6 +17,9 @@
 #   answers, 1 GiB is plugged, a guest program fills and verifies 768 MiB of
 #   it, the memory is unplugged, and the report comes back to target/demo/.
 set -euo pipefail
+# shellcheck source=lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 say() { printf 'demo: %s\n' "$*" >&2; }
@@ -57,7 +60,9 @@ cargo build --release --locked --bin vmm
 out=${DEMO_OUT:-target/demo}
 mkdir -p "$out"
 
-if [ -e /sys/module/kvm_pvm ] || ! grep -qwE 'vmx|svm' /proc/cpuinfo; then
+# shellcheck source=lib/host-kind.sh
+. scripts/lib/host-kind.sh
+if [ "$(host_kind)" = emulation-only ]; then
     tests/guest/build-kit.sh
     kit=${VMM_GUEST_KIT:-target/guest-kit}
     say "this host's KVM has no hardware virtualization: guest kernel code is emulated"

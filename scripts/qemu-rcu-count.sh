@@ -20,6 +20,9 @@
 # and tracefs; the probes live in their own tracing instance and are removed
 # on exit. Only calls from the QEMU process this script starts are counted.
 set -euo pipefail
+# shellcheck source=lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 cpus=1 cycles=5 size=128 machine=q35 out=target/qemu-rcu-count dynamic=off
@@ -31,7 +34,7 @@ while getopts "c:k:m:M:do:" o; do
         M) machine=$OPTARG ;;
         d) dynamic=on ;;
         o) out=$OPTARG ;;
-        *) sed -n '2,19p' "$0" >&2; exit 2 ;;
+        *) print_usage "$0" >&2; exit 2 ;;
     esac
 done
 
@@ -82,7 +85,9 @@ fi
 cpu=host
 # As tests/guest/qemu-boot.sh: software-nested KVM (PVM) refuses QEMU's
 # IA32_ARCH_CAPABILITIES and never returns from the PV IPI hypercall.
-[ -d /sys/module/kvm_pvm ] && cpu=host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-sched-yield=off
+# shellcheck source=lib/host-kind.sh
+. scripts/lib/host-kind.sh
+host_is_pvm && cpu=host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-sched-yield=off
 echo "qemu-rcu-count: $("$qemu" --version | head -1), -M $machine, $cpus vCPUs, $cycles cycles of $size MiB, dynamic-memslots=$dynamic" >&2
 "$qemu" -M "$machine" -accel kvm -cpu "$cpu" -smp "$cpus" -m "$mem" "${dev[@]}" \
     -kernel "$kit/vmlinux" -initrd "$kit/initramfs-idle.cpio" \

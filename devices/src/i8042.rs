@@ -1,7 +1,7 @@
 //! The i8042 keyboard controller, reduced to what a VMM needs: the CPU reset command.
 //!
 //! Writing `0xfe` to the command port (0x64) pulses the CPU reset line; Linux does this
-//! for `reboot=k`, and on our machines it is how guests end. The device is
+//! for `reboot=k`, the one reset that works on every host (docs/hosts.md). The device is
 //! `vm_superio::I8042Device`; the reset goes to an [`ExitSink`] as
 //! [`ExitRequest::Reset`].
 

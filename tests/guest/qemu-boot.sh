@@ -27,8 +27,12 @@
 # tests/guest/build-kit.sh; the kernel arguments come from its
 # cmdline-emulated.txt.
 set -euo pipefail
+# shellcheck source=../../scripts/lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/usage.sh"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../../scripts/lib/host-kind.sh
+. "$here/../../scripts/lib/host-kind.sh"
 repo=$(cd "$here/../.." && pwd)
 kit=${VMM_GUEST_KIT:-$repo/target/guest-kit}
 
@@ -58,7 +62,7 @@ while [ "$#" -gt 0 ]; do
         --accel) need_arg "$@"; accel=$2; shift 2 ;;
         --cpu) need_arg "$@"; cpu=$2; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) print_usage "$0"; exit 0 ;;
         --) shift; break ;;
         *) die "unknown argument: $1 (try --help)" ;;
     esac
@@ -74,7 +78,7 @@ fi
 if [ -z "$cpu" ]; then
     if [ "$accel" != kvm ]; then
         cpu=max
-    elif [ -d /sys/module/kvm_pvm ]; then
+    elif host_is_pvm; then
         # Software-nested KVM (PVM) refuses the IA32_ARCH_CAPABILITIES value
         # QEMU derives for "host" (QEMU aborts on "failed to set MSR 0x10a"),
         # and a guest's KVM_HC_SEND_IPI hypercall never returns there (SMP

@@ -19,7 +19,9 @@ pub const MAX_CPUS: u32 = 254;
     name = "vmm",
     version,
     about = "Boot a Linux kernel under KVM; hot-plug memory over QMP",
-    long_about = None
+    long_about = None,
+    after_help = "`vmm --host-kind` alone prints what kind of KVM this host has: \
+                  hardware or emulation-only (docs/hosts.md)."
 )]
 pub struct Args {
     /// Kernel image: a bzImage, or an uncompressed ELF vmlinux with a PVH note.

@@ -1,7 +1,7 @@
 //! What kind of KVM this host has, and what that means for guests.
 //!
 //! Users run the VMM with hardware virtualization (VT-x / AMD-V). Some hosts
-//! (our own build machines among them) offer `/dev/kvm` without it: KVM's
+//! offer `/dev/kvm` without it (docs/hosts.md): KVM's
 //! software-nested PVM runs guest user mode natively but guest kernel code
 //! through its instruction emulator, which lacks some instructions. There the
 //! VMM says so once and appends kernel arguments that keep Linux off the
@@ -71,6 +71,15 @@ impl HostKind {
         match self {
             HostKind::Hardware => &[],
             HostKind::EmulationOnly => EMULATION_ONLY_KERNEL_ARGS,
+        }
+    }
+
+    /// The name `vmm --host-kind` prints: `hardware` or `emulation-only`
+    /// (`scripts/lib/host-kind.sh` prints the same names by the same rule).
+    pub fn name(self) -> &'static str {
+        match self {
+            HostKind::Hardware => "hardware",
+            HostKind::EmulationOnly => "emulation-only",
         }
     }
 

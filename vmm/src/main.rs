@@ -30,6 +30,15 @@ fn main() {
         std::process::exit(1);
     }
     vmm::logger::init();
+    // `vmm --host-kind` alone: what kind of KVM this host has (docs/hosts.md).
+    if std::env::args_os().skip(1).eq(["--host-kind"]) {
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            vmm::host::HostKind::detect().name()
+        );
+        std::process::exit(0);
+    }
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => match e.kind() {
