@@ -19,6 +19,8 @@
 # fuzz/seeds/<target> is read, never written. A crash stops the run with
 # exit status 1 and leaves the input in fuzz/artifacts/<target>/.
 set -euo pipefail
+# shellcheck source=lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"
 cd "$(dirname "$0")/.."
 
 seconds=60
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
         --long) seconds=3600 ;;
         --time) seconds="$2"; shift ;;
         --jobs) jobs="$2"; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) print_usage "$0"; exit 0 ;;
         -*) echo "fuzz.sh: unknown option $1" >&2; exit 2 ;;
         *) targets+=("$1") ;;
     esac

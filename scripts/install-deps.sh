@@ -5,6 +5,9 @@
 # bookworm-backports, which the hardware-virtualization test host, the boot
 # benchmarks and the QEMU comparisons need; scripts/test.sh passes it).
 set -euo pipefail
+# shellcheck source=lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 
 want_qemu=0
 for arg in "$@"; do

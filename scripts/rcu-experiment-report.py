@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarises scripts/rcu-experiment.sh's runs as a Markdown table.
 
-Usage: rcu-experiment-report.py DIR
+Usage: rcu-experiment-report.py [DIR]   (default target/rcu-experiment)
 """
 
 import json
@@ -91,4 +91,9 @@ def main(root):
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        sys.exit(0)
+    if len(sys.argv) > 2:
+        sys.exit(__doc__)
     main(sys.argv[1] if len(sys.argv) > 1 else "target/rcu-experiment")

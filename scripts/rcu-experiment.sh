@@ -16,6 +16,9 @@
 # RUNS runs each, and QEMU q35's call_rcu1 count for the same lifetimes in the
 # same test host; prints the tables of docs/rcu-lifetime.md.
 set -euo pipefail
+# shellcheck source=lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 if [ "${1:-}" = --hwhost ]; then

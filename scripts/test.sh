@@ -7,6 +7,9 @@
 # This is the README's test command; .ci/run runs exactly this.
 # Needs root (it installs Debian packages) and /dev/kvm for the VM tests.
 set -euo pipefail
+# shellcheck source=lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*" >&2; }

@@ -16,6 +16,9 @@
 #            OUT_DIR (must not exist) receives vmlinuz, initramfs.cpio.gz,
 #            config, packages.txt
 set -euo pipefail
+# shellcheck source=../../scripts/lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 meta=linux-image-cloud-amd64

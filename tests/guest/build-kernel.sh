@@ -12,6 +12,9 @@
 # Steps: unpack, patch (fails if a patch does not apply exactly), tinyconfig,
 # merge the fragment, olddefconfig, verify every fragment line, make -j2.
 set -euo pipefail
+# shellcheck source=../../scripts/lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 
 if [ "$#" -ne 5 ]; then
     echo "usage: build-kernel.sh SOURCE_TARBALL FRAGMENT PATCH_DIR WORK_DIR OUT_DIR" >&2

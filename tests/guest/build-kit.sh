@@ -12,6 +12,8 @@
 # initramfs-idle.cpio, config, cmdline-emulated.txt, kit.env, and with
 # --distro: distro/vmlinuz, distro/initramfs.cpio.gz. See README.md.
 set -euo pipefail
+# shellcheck source=../../scripts/lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/usage.sh"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -23,7 +25,7 @@ want_distro=0
 for arg in "$@"; do
     case "$arg" in
         --distro) want_distro=1 ;;
-        -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 0 ;;
+        -h | --help) print_usage "$0"; exit 0 ;;
         *) echo "build-kit: unknown argument: $arg (usage: build-kit.sh [--distro])" >&2; exit 2 ;;
     esac
 done

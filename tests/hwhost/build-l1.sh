@@ -17,6 +17,9 @@
 # Environment: VMM_KIT_CACHE (default /var/cache/vmm-guest-kit), VMM_PY_VENV
 # (default /var/cache/vmm-venv), VMM_GUEST_KIT (default <repo>/target/guest-kit).
 set -euo pipefail
+# shellcheck source=../../scripts/lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/usage.sh"
+case "${1:-}" in -h | --help) print_usage "$0"; exit 0 ;; esac
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)

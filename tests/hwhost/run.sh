@@ -23,6 +23,8 @@
 # monitor.py. Needs qemu-system-x86_64 (scripts/install-deps.sh --qemu).
 # Environment: CARGO_TARGET_DIR, VMM_KIT_CACHE, VMM_GUEST_KIT as elsewhere.
 set -euo pipefail
+# shellcheck source=../../scripts/lib/usage.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../scripts/lib/usage.sh"
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -34,7 +36,7 @@ all_set=("${ci_set[@]}" experiment qemu-count bench-boot demo)
 
 say() { echo "hwhost: $*" >&2; }
 die() { echo "hwhost: ERROR: $*" >&2; exit 1; }
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit "${1:-2}"; }
+usage() { if [ "${1:-2}" = 0 ]; then print_usage "$0"; else print_usage "$0" >&2; fi; exit "${1:-2}"; }
 
 smp=4 cpu=max mem=6G out=$target/hwhost timeout=3600 stall=900 driver_args="" qemu_files="" follow=()
 scenarios=()
