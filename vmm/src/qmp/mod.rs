@@ -66,6 +66,7 @@ mod vm_ops;
 pub use commands::command_names;
 pub use connection::{MAX_MESSAGE_SIZE, OUTPUT_HARD_LIMIT, OUTPUT_SOFT_LIMIT, READ_CHUNK};
 pub use error::{ErrorClass, QmpError};
+pub(crate) use event::ranges_json;
 pub use event::{EventSender, MAX_QUEUED_EVENTS, QmpEvent, ShutdownCause};
 pub use json_splitter::MAX_NESTING;
 pub use listener::ListenerError;
