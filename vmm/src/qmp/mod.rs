@@ -34,7 +34,10 @@
 //! `query-cpus-fast`, `query-memory-size-summary`, `query-memory-devices`,
 //! `qom-get` / `qom-set` (virtio-mem devices, see module `qom`),
 //! `stop`, `cont`, `system_powerdown`, `system_reset`, `quit`, and the
-//! extension `x-query-rcu` (the RCU statistics).
+//! extensions `x-query-rcu` (the RCU statistics) and `x-query-hotplug`.
+//! Extension events `X_MEMORY_DEVICE_RESIZE_DONE` and
+//! `X_MEMORY_DEVICE_RESIZE_STALLED` and the property `x-stall-timeout`
+//! report resize outcomes (`docs/qmp.md`).
 //!
 //! # Robustness
 //!
