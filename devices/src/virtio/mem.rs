@@ -1551,7 +1551,7 @@ mod tests {
     /// The resize poll as the VMM does it: with the transport's view of the driver.
     fn poll_at(f: &MemFixture, now: Instant) -> ResizePoll {
         f.vmem
-            .resize_poll(now, DriverView::from_status(f.mmio.status() as u8))
+            .resize_poll(now, DriverView::from_status(f.mmio.status()))
     }
 
     /// A moment after any stall deadline of the fixture's device.
@@ -1624,7 +1624,7 @@ mod tests {
         assert_eq!((report.requested_size, report.plugged_size), (4 * BLOCK, 0));
         assert_eq!(p.next_deadline, None, "reported once, no more deadline");
         assert_eq!(poll_at(&f, deadline + Duration::from_secs(60)).report, None);
-        let view = DriverView::from_status(f.mmio.status() as u8);
+        let view = DriverView::from_status(f.mmio.status());
         let status = f.vmem.resize_status(deadline, view);
         assert_eq!(status.state, ResizeState::Stalled);
         assert_eq!(
@@ -1680,7 +1680,7 @@ mod tests {
                 (block(12), BLOCK)
             ]
         );
-        let view = DriverView::from_status(f.mmio.status() as u8);
+        let view = DriverView::from_status(f.mmio.status());
         let status = f.vmem.resize_status(after_timeout(&f), view);
         assert_eq!(status.plugged_ranges, report.plugged_ranges);
     }
@@ -1709,7 +1709,7 @@ mod tests {
         // The driver breaks the protocol: the reason becomes the error state.
         q.publish(QUEUE_SIZE + 3);
         assert!(f.kick().needs_reset);
-        let view = DriverView::from_status(f.mmio.status() as u8);
+        let view = DriverView::from_status(f.mmio.status());
         assert_eq!(
             f.vmem.resize_status(after_timeout(&f), view).stall_reason,
             Some(StallReason::NeedsReset)
