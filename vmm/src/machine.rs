@@ -490,20 +490,29 @@ impl Machine {
         if let Some(h) = &self.hotplug {
             let events = events.clone();
             let rec = Arc::clone(&lifetime);
-            control.add(Arc::new(Mutex::new(HotplugWorker::new(
-                Arc::clone(h),
-                Arc::clone(&self.memory),
-                Box::new(move |size| {
-                    log::info!("virtio-mem: plugged size now {size:#x}");
-                    lock(&rec).plugged_size(Instant::now(), size);
-                    if let Some(e) = &events {
-                        e.send(QmpEvent::MemoryDeviceSizeChange {
-                            id: VMEM_ID.to_string(),
-                            size,
-                        });
+            let resize_events = events.clone();
+            let vmem = Arc::clone(&h.vmem);
+            control.add(Arc::new(Mutex::new(
+                HotplugWorker::new(
+                    Arc::clone(h),
+                    Arc::clone(&self.memory),
+                    Box::new(move |size| {
+                        log::info!("virtio-mem: plugged size now {size:#x}");
+                        lock(&rec).plugged_size(Instant::now(), size);
+                        if let Some(e) = &events {
+                            e.send(QmpEvent::MemoryDeviceSizeChange {
+                                id: VMEM_ID.to_string(),
+                                size,
+                            });
+                        }
+                    }),
+                )
+                .on_resize(Box::new(move |report| {
+                    if let Some(e) = &resize_events {
+                        e.send(crate::hotplug::resize_event(report, vmem.stall_timeout()));
                     }
-                }),
-            ))));
+                })),
+            )));
         }
         kick::install_handler()?;
         let filters = crate::seccomp::RunFilters::prepare(options.seccomp)?;

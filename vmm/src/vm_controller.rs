@@ -140,10 +140,33 @@ impl VmOps for VmController {
 
     fn set_requested_size(&mut self, id: &str, size: u64) -> Result<(), QmpError> {
         match &self.hotplug {
-            Some(h) if id == VMEM_ID => h
-                .vmem
-                .set_requested_size(size)
-                .map_err(|e| QmpError::generic(e.to_string())),
+            Some(h) if id == VMEM_ID => {
+                let set = h.vmem.set_requested_size(size);
+                // Also after an interrupt failure: the new size is set.
+                h.resize_changed();
+                set.map_err(|e| QmpError::generic(e.to_string()))
+            }
+            _ => Err(QmpError::device_not_found(format!(
+                "Device '{id}' not found"
+            ))),
+        }
+    }
+
+    fn stall_timeout_ms(&self, id: &str) -> Option<u64> {
+        self.hotplug
+            .as_ref()
+            .filter(|_| id == VMEM_ID)
+            .map(|h| u64::try_from(h.vmem.stall_timeout().as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn set_stall_timeout(&mut self, id: &str, ms: u64) -> Result<(), QmpError> {
+        match &self.hotplug {
+            Some(h) if id == VMEM_ID => {
+                h.vmem
+                    .set_stall_timeout(std::time::Duration::from_millis(ms));
+                h.resize_changed();
+                Ok(())
+            }
             _ => Err(QmpError::device_not_found(format!(
                 "Device '{id}' not found"
             ))),
@@ -157,6 +180,6 @@ impl VmOps for VmController {
     fn hotplug_state(&self) -> serde_json::Value {
         self.hotplug
             .as_ref()
-            .map_or(serde_json::Value::Null, |h| h.manager.state_json())
+            .map_or(serde_json::Value::Null, |h| h.state_json())
     }
 }

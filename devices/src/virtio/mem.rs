@@ -32,9 +32,15 @@
 //!   response room shorter than 10 bytes, buffers outside guest memory, more descriptors
 //!   than the queue size) break the device,
 //!   as QEMU's `virtio_error` does; unknown request types are answered ERROR.
+//! - Every requested-size write starts a resize whose outcome the device follows
+//!   (module [`mem_progress`](super::mem_progress)): done when the plugged size reaches
+//!   the requested size, stalled when it stops getting closer for the stall timeout,
+//!   with the reason. The VMM polls it ([`VirtioMem::resize_poll`]) after each batch of
+//!   requests, after each requested-size write and at the stall deadline.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use thiserror::Error;
 use virtio_bindings::virtio_ids::VIRTIO_ID_MEM;
@@ -46,6 +52,9 @@ use super::device::{QueueProgress, VirtioDevice, VirtioDeviceError};
 use super::interrupt::{VirtioInterrupt, VirtioInterruptKind};
 use super::mem_backend::{MemoryBackend, MemoryBackendError};
 use super::mem_bitmap::BlockBitmap;
+use super::mem_progress::{
+    DriverView, ResizeEvent, ResizeState, ResizeTracker, StallReason, Stamp,
+};
 use super::mem_request::{
     BlockState, MEM_REQUEST_SIZE, MEM_RESPONSE_SIZE, MemRequest, MemResponse,
 };
@@ -219,6 +228,54 @@ pub struct VirtioMemStats {
     pub backend_failures: u64,
 }
 
+/// A resize event ([`VirtioMem::resize_poll`]) with the device's sizes when it was
+/// found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeReport {
+    /// What happened.
+    pub event: ResizeEvent,
+    /// The requested size.
+    pub requested_size: u64,
+    /// The plugged size.
+    pub plugged_size: u64,
+    /// For a stall while the guest should unplug: the ranges still plugged, as
+    /// `(gpa, len)`, ascending and maximal. Empty otherwise.
+    pub plugged_ranges: Vec<(u64, u64)>,
+}
+
+/// What [`VirtioMem::resize_poll`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResizePoll {
+    /// The event due now, if any (each is reported once).
+    pub report: Option<ResizeReport>,
+    /// When to poll again even if nothing happens (the stall deadline), if ever.
+    pub next_deadline: Option<Instant>,
+}
+
+/// Where the current resize stands ([`VirtioMem::resize_status`]), for
+/// `x-query-hotplug`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResizeStatus {
+    /// The state.
+    pub state: ResizeState,
+    /// The requested size.
+    pub requested_size: u64,
+    /// The plugged size.
+    pub plugged_size: u64,
+    /// The stall timeout.
+    pub stall_timeout: Duration,
+    /// When the requested size was last written, if ever.
+    pub last_request: Option<SystemTime>,
+    /// When the guest last got closer to the requested size, if ever.
+    pub last_progress: Option<SystemTime>,
+    /// When the resize counted as stalled (set while [`ResizeState::Stalled`]).
+    pub stalled_since: Option<SystemTime>,
+    /// Why it is stalled (set while [`ResizeState::Stalled`]).
+    pub stall_reason: Option<StallReason>,
+    /// While stalled with the guest to unplug: the ranges still plugged.
+    pub plugged_ranges: Vec<(u64, u64)>,
+}
+
 #[derive(Debug)]
 struct MemState {
     bitmap: BlockBitmap,
@@ -228,6 +285,7 @@ struct MemState {
     interrupt: Option<Arc<VirtioInterrupt>>,
     size_changed: bool,
     stats: VirtioMemStats,
+    resize: ResizeTracker,
 }
 
 /// A virtio-mem device.
@@ -296,6 +354,7 @@ impl VirtioMem {
                 interrupt: None,
                 size_changed: false,
                 stats: VirtioMemStats::default(),
+                resize: ResizeTracker::new(),
             }),
         };
         dev.check_requested_size(config.requested_size)?;
@@ -303,6 +362,9 @@ impl VirtioMem {
             let mut st = dev.lock();
             st.requested_size = config.requested_size;
             dev.resize_usable_region(&mut st, true);
+            if config.requested_size != 0 {
+                st.resize.request(Stamp::now(), config.requested_size, 0);
+            }
         }
         Ok(dev)
     }
@@ -315,13 +377,16 @@ impl VirtioMem {
     /// generation, and, if the driver is active, raises a configuration-change
     /// interrupt, even if the size did not change (which makes the driver look again).
     /// If raising the interrupt fails the new size stays set and
-    /// [`VirtioMemError::Interrupt`] is returned. Blocks while a request batch is in
-    /// progress.
+    /// [`VirtioMemError::Interrupt`] is returned. Every accepted call starts a new
+    /// resize for [`resize_poll`](VirtioMem::resize_poll) (a done event is owed, the
+    /// stall clock restarts). Blocks while a request batch is in progress.
     pub fn set_requested_size(&self, size: u64) -> Result<(), VirtioMemError> {
         self.check_requested_size(size)?;
         let interrupt = {
             let mut st = self.lock();
             st.requested_size = size;
+            let plugged = self.plugged_size_of(&st);
+            st.resize.request(Stamp::now(), size, plugged);
             st.generation = st.generation.wrapping_add(1);
             self.resize_usable_region(&mut st, false);
             st.interrupt.clone()
@@ -384,6 +449,10 @@ impl VirtioMem {
     /// maximal (adjacent plugged blocks form one range).
     pub fn plugged_ranges(&self) -> Vec<(u64, u64)> {
         let st = self.lock();
+        self.ranges_of(&st)
+    }
+
+    fn ranges_of(&self, st: &MemState) -> Vec<(u64, u64)> {
         st.bitmap
             .set_runs()
             .into_iter()
@@ -408,6 +477,72 @@ impl VirtioMem {
     /// Request counters since creation.
     pub fn stats(&self) -> VirtioMemStats {
         self.lock().stats
+    }
+
+    /// The resize event due at `now`, given what the transport says about the driver
+    /// (`view`), and when to poll again. Each event is returned once: one
+    /// [`ResizeEvent::Done`] per requested-size write once the plugged size matches,
+    /// one [`ResizeEvent::Stalled`] per stall. The VMM calls it on the control thread
+    /// after processing requests, after writing the requested size, and at
+    /// [`ResizePoll::next_deadline`].
+    pub fn resize_poll(&self, now: Instant, view: DriverView) -> ResizePoll {
+        let mut st = self.lock();
+        let (requested, plugged) = (st.requested_size, self.plugged_size_of(&st));
+        let report = st
+            .resize
+            .poll(now, view, requested, plugged)
+            .map(|event| ResizeReport {
+                plugged_ranges: match event {
+                    ResizeEvent::Stalled(_) if plugged > requested => self.ranges_of(&st),
+                    _ => Vec::new(),
+                },
+                event,
+                requested_size: requested,
+                plugged_size: plugged,
+            });
+        ResizePoll {
+            report,
+            next_deadline: st.resize.next_deadline(requested, plugged),
+        }
+    }
+
+    /// Where the current resize stands at `now`, with the stall reason `view` implies.
+    pub fn resize_status(&self, now: Instant, view: DriverView) -> ResizeStatus {
+        let st = self.lock();
+        let (requested, plugged) = (st.requested_size, self.plugged_size_of(&st));
+        let state = st.resize.state(now, requested, plugged);
+        let stalled = state == ResizeState::Stalled;
+        ResizeStatus {
+            state,
+            requested_size: requested,
+            plugged_size: plugged,
+            stall_timeout: st.resize.stall_timeout(),
+            last_request: st.resize.last_request().map(|s| s.wall),
+            last_progress: st.resize.last_progress().map(|s| s.wall),
+            stalled_since: stalled
+                .then(|| st.resize.stalls_at(requested, plugged).map(|s| s.wall))
+                .flatten(),
+            stall_reason: stalled.then(|| st.resize.reason(view, requested, plugged)),
+            plugged_ranges: if stalled && plugged > requested {
+                self.ranges_of(&st)
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The stall timeout of resizes.
+    pub fn stall_timeout(&self) -> Duration {
+        self.lock().resize.stall_timeout()
+    }
+
+    /// Sets the stall timeout (clamped to
+    /// [`MIN_STALL_TIMEOUT`](super::mem_progress::MIN_STALL_TIMEOUT)..=
+    /// [`MAX_STALL_TIMEOUT`](super::mem_progress::MAX_STALL_TIMEOUT)); it applies to the
+    /// resize in progress too. Returns the timeout set. The caller polls again
+    /// ([`resize_poll`](VirtioMem::resize_poll)) for the new deadline.
+    pub fn set_stall_timeout(&self, timeout: Duration) -> Duration {
+        self.lock().resize.set_stall_timeout(timeout)
     }
 
     /// Unplugs every plugged block through the backend and shrinks the usable region to
@@ -591,6 +726,9 @@ impl VirtioMem {
     fn plugged_size_changed(&self, st: &mut MemState) {
         st.size_changed = true;
         st.generation = st.generation.wrapping_add(1);
+        let plugged = self.plugged_size_of(st);
+        st.resize
+            .size_changed(Stamp::now(), st.requested_size, plugged);
     }
 
     fn backend_failed(
@@ -603,6 +741,10 @@ impl VirtioMem {
     ) {
         st.stats.backend_failures += 1;
         let cause = std::error::Error::source(err).map(ToString::to_string);
+        st.resize.backend_failed(format!(
+            "cannot {op} [{addr:#x}, +{len:#x}): {}",
+            cause.as_deref().unwrap_or("memory backend failed")
+        ));
         // A guest can retry a failing request without end: the first failure is a
         // warning, later ones are counted and logged at debug level only.
         if st.stats.backend_failures == 1 {
@@ -692,7 +834,9 @@ impl VirtioDevice for VirtioMem {
         _acked_features: u64,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), VirtioDeviceError> {
-        self.lock().interrupt = Some(interrupt);
+        let mut st = self.lock();
+        st.interrupt = Some(interrupt);
+        st.resize.driver_activated();
         Ok(())
     }
 
@@ -778,6 +922,7 @@ mod tests {
 
     use super::*;
     use crate::bus::BusDevice;
+    use crate::virtio::mem_progress::DEFAULT_STALL_TIMEOUT;
     use crate::virtio::mem_request::{
         VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_RESP_BUSY, VIRTIO_MEM_RESP_ERROR, VIRTIO_MEM_RESP_NACK,
         VIRTIO_MEM_STATE_MIXED, VIRTIO_MEM_STATE_PLUGGED, VIRTIO_MEM_STATE_UNPLUGGED,
@@ -1401,6 +1546,190 @@ mod tests {
         assert_eq!(f.vmem.stats().malformed, malformed + 1);
         assert!(f.backend.calls().is_empty(), "nothing was done");
         assert_eq!(q.used_idx(), 0, "nothing was completed");
+    }
+
+    /// The resize poll as the VMM does it: with the transport's view of the driver.
+    fn poll_at(f: &MemFixture, now: Instant) -> ResizePoll {
+        f.vmem
+            .resize_poll(now, DriverView::from_status(f.mmio.status()))
+    }
+
+    /// A moment after any stall deadline of the fixture's device.
+    fn after_timeout(f: &MemFixture) -> Instant {
+        Instant::now() + f.vmem.stall_timeout() + Duration::from_millis(1)
+    }
+
+    #[test]
+    fn a_plug_that_reaches_the_requested_size_is_reported_done_once() {
+        let f = MemFixture::new(0);
+        let mut q = f.activate();
+        assert_eq!(
+            poll_at(&f, after_timeout(&f)),
+            ResizePoll::default(),
+            "nothing requested: idle, no deadline"
+        );
+        f.vmem.set_requested_size(6 * BLOCK).unwrap();
+        let p = poll_at(&f, Instant::now());
+        assert_eq!(p.report, None);
+        assert!(p.next_deadline.is_some(), "a stall deadline runs");
+        assert_eq!(
+            f.vmem
+                .resize_status(Instant::now(), DriverView::default())
+                .state,
+            ResizeState::InProgress
+        );
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(0), 4))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        assert_eq!(poll_at(&f, Instant::now()).report, None);
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(9), 2))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        let p = poll_at(&f, Instant::now());
+        assert_eq!(
+            p.report,
+            Some(ResizeReport {
+                event: ResizeEvent::Done,
+                requested_size: 6 * BLOCK,
+                plugged_size: 6 * BLOCK,
+                plugged_ranges: Vec::new(),
+            })
+        );
+        assert_eq!(p.next_deadline, None);
+        assert_eq!(poll_at(&f, after_timeout(&f)), ResizePoll::default());
+        let status = f.vmem.resize_status(Instant::now(), DriverView::default());
+        assert_eq!(status.state, ResizeState::Done);
+        assert!(status.last_request.is_some() && status.last_progress.is_some());
+        assert!(status.last_progress >= status.last_request);
+        assert_eq!(status.stall_reason, None);
+    }
+
+    #[test]
+    fn a_request_without_a_driver_stalls_with_no_driver() {
+        let f = MemFixture::new(0);
+        f.vmem.set_requested_size(4 * BLOCK).unwrap();
+        let deadline = poll_at(&f, Instant::now()).next_deadline.unwrap();
+        assert_eq!(
+            poll_at(&f, deadline - Duration::from_millis(1)).report,
+            None
+        );
+        let p = poll_at(&f, deadline);
+        let report = p.report.unwrap();
+        assert_eq!(
+            report.event,
+            ResizeEvent::Stalled(StallReason::NoDriver { ever_active: false })
+        );
+        assert_eq!((report.requested_size, report.plugged_size), (4 * BLOCK, 0));
+        assert_eq!(p.next_deadline, None, "reported once, no more deadline");
+        assert_eq!(poll_at(&f, deadline + Duration::from_secs(60)).report, None);
+        let view = DriverView::from_status(f.mmio.status());
+        let status = f.vmem.resize_status(deadline, view);
+        assert_eq!(status.state, ResizeState::Stalled);
+        assert_eq!(
+            status.stall_reason,
+            Some(StallReason::NoDriver { ever_active: false })
+        );
+        assert_eq!(status.last_progress, None);
+        assert_eq!(
+            status.stalled_since.unwrap(),
+            status.last_request.unwrap() + f.vmem.stall_timeout()
+        );
+        // A driver that comes late and plugs completes the same request.
+        let mut q = f.activate();
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(2), 4))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        assert_eq!(
+            poll_at(&f, Instant::now()).report.unwrap().event,
+            ResizeEvent::Done
+        );
+    }
+
+    #[test]
+    fn a_shrink_the_guest_does_not_do_stalls_with_the_blocks_still_plugged() {
+        let f = MemFixture::new(8 * BLOCK);
+        let mut q = f.activate();
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(3), 2))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(10), 3))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        f.vmem.set_requested_size(0).unwrap();
+        // The guest unplugs one block, then nothing more.
+        assert_eq!(
+            kind(f.request(&mut q, unplug(block(11), 1))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        let report = poll_at(&f, after_timeout(&f)).report.unwrap();
+        assert_eq!(
+            report.event,
+            ResizeEvent::Stalled(StallReason::GuestNoProgress { unplugging: true })
+        );
+        assert_eq!(report.plugged_size, 4 * BLOCK);
+        assert_eq!(
+            report.plugged_ranges,
+            vec![
+                (block(3), 2 * BLOCK),
+                (block(10), BLOCK),
+                (block(12), BLOCK)
+            ]
+        );
+        let view = DriverView::from_status(f.mmio.status());
+        let status = f.vmem.resize_status(after_timeout(&f), view);
+        assert_eq!(status.plugged_ranges, report.plugged_ranges);
+    }
+
+    #[test]
+    fn backend_refusals_stall_as_host_busy_and_a_broken_device_as_needs_reset() {
+        let f = MemFixture::new(0);
+        f.vmem.set_stall_timeout(Duration::from_millis(200));
+        let mut q = f.activate();
+        f.vmem.set_requested_size(2 * BLOCK).unwrap();
+        f.backend.fail_next(2);
+        for _ in 0..2 {
+            assert_eq!(
+                kind(f.request(&mut q, plug(block(0), 2))),
+                VIRTIO_MEM_RESP_BUSY
+            );
+        }
+        match poll_at(&f, after_timeout(&f)).report.unwrap().event {
+            ResizeEvent::Stalled(StallReason::HostBusy { failures, detail }) => {
+                assert_eq!(failures, 2);
+                assert!(detail.contains("injected failure"), "{detail}");
+                assert!(detail.contains(&format!("{:#x}", block(0))), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The driver breaks the protocol: the reason becomes the error state.
+        q.publish(QUEUE_SIZE + 3);
+        assert!(f.kick().needs_reset);
+        let view = DriverView::from_status(f.mmio.status());
+        assert_eq!(
+            f.vmem.resize_status(after_timeout(&f), view).stall_reason,
+            Some(StallReason::NeedsReset)
+        );
+    }
+
+    #[test]
+    fn a_new_stall_timeout_applies_to_the_running_resize() {
+        let f = MemFixture::new(0);
+        f.vmem.set_requested_size(2 * BLOCK).unwrap();
+        let before = poll_at(&f, Instant::now()).next_deadline.unwrap();
+        assert_eq!(
+            f.vmem.set_stall_timeout(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
+        let after = poll_at(&f, Instant::now()).next_deadline.unwrap();
+        assert_eq!(
+            before - after,
+            DEFAULT_STALL_TIMEOUT - Duration::from_secs(1)
+        );
     }
 
     type MakeChain = Box<dyn Fn(&mut TestQueue<'_>)>;

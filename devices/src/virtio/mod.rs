@@ -37,6 +37,7 @@ pub mod interrupt;
 pub mod mem;
 pub mod mem_backend;
 mod mem_bitmap;
+pub mod mem_progress;
 pub mod mem_request;
 pub mod mmio;
 
@@ -47,11 +48,12 @@ pub use chain::ChainError;
 pub use device::{QueueProgress, VirtioDevice, VirtioDeviceError};
 pub use interrupt::{VirtioInterrupt, VirtioInterruptKind};
 pub use mem::{
-    ResponseCounts, VIRTIO_MEM_DEFAULT_BLOCK_SIZE, VIRTIO_MEM_F_ACPI_PXM,
-    VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, VirtioMem, VirtioMemConfig, VirtioMemError, VirtioMemInfo,
-    VirtioMemStats,
+    ResizePoll, ResizeReport, ResizeStatus, ResponseCounts, VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
+    VIRTIO_MEM_F_ACPI_PXM, VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE, VirtioMem, VirtioMemConfig,
+    VirtioMemError, VirtioMemInfo, VirtioMemStats,
 };
 pub use mem_backend::{MemoryBackend, MemoryBackendError};
+pub use mem_progress::{DriverView, ResizeEvent, ResizeState, StallReason};
 pub use mem_request::{BlockState, MemRequest, MemResponse};
 pub use mmio::{
     MmioError, MmioStats, QUEUE_NOTIFY_OFFSET, QueueOutcome, VIRTIO_MMIO_WINDOW_SIZE, VirtioMmio,

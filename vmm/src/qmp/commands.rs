@@ -268,7 +268,15 @@ fn qom_get(ctx: &mut Ctx<'_>, mut args: Args) -> Result<Value, QmpError> {
     let property = args.str("property")?;
     args.finish()?;
     let devices = ctx.vm.memory_devices();
-    qom::get(qom::resolve(&devices, &path)?, &property)
+    let device = qom::resolve(&devices, &path)?;
+    if property == qom::STALL_TIMEOUT {
+        return ctx
+            .vm
+            .stall_timeout_ms(&device.id)
+            .map(Value::from)
+            .ok_or_else(|| qom::not_found(&property));
+    }
+    qom::get(device, &property)
 }
 
 fn qom_set(ctx: &mut Ctx<'_>, mut args: Args) -> Result<Value, QmpError> {
@@ -278,8 +286,10 @@ fn qom_set(ctx: &mut Ctx<'_>, mut args: Args) -> Result<Value, QmpError> {
     args.finish()?;
     let devices = ctx.vm.memory_devices();
     let device = qom::resolve(&devices, &path)?;
-    let size = qom::requested_size_to_set(device, &property, &value)?;
-    ctx.vm.set_requested_size(&device.id, size)?;
+    match qom::to_set(device, &property, &value)? {
+        qom::QomSet::RequestedSize(size) => ctx.vm.set_requested_size(&device.id, size)?,
+        qom::QomSet::StallTimeout(ms) => ctx.vm.set_stall_timeout(&device.id, ms)?,
+    }
     Ok(json!({}))
 }
 
@@ -353,6 +363,7 @@ pub(crate) mod tests {
         pub calls: Vec<String>,
         pub devices: Vec<MemoryDeviceInfo>,
         pub fail: Option<QmpError>,
+        pub stall_timeout_ms: u64,
     }
 
     impl FakeVm {
@@ -371,6 +382,7 @@ pub(crate) mod tests {
                     memdev: "/objects/mem0".into(),
                 }],
                 fail: None,
+                stall_timeout_ms: 10_000,
             }
         }
 
@@ -433,6 +445,17 @@ pub(crate) mod tests {
         }
         fn rcu_stats(&self) -> Value {
             json!({"call_rcu": 42})
+        }
+        fn stall_timeout_ms(&self, id: &str) -> Option<u64> {
+            self.devices
+                .iter()
+                .any(|d| d.id == id)
+                .then_some(self.stall_timeout_ms)
+        }
+        fn set_stall_timeout(&mut self, id: &str, ms: u64) -> Result<(), QmpError> {
+            self.act(&format!("set_stall_timeout {id} {ms}"))?;
+            self.stall_timeout_ms = ms;
+            Ok(())
         }
     }
 
@@ -755,6 +778,32 @@ pub(crate) mod tests {
             ),
             json!(0x4000_0000)
         );
+    }
+
+    #[test]
+    fn test_qom_stall_timeout_extension_property() {
+        let mut vm = FakeVm::new();
+        let get = json!({"execute": "qom-get", "arguments": {"path": "/machine/peripheral/vmem0", "property": "x-stall-timeout"}});
+        assert_eq!(ret(&mut vm, get.clone()), json!(10_000));
+        assert_eq!(
+            ret(
+                &mut vm,
+                json!({"execute": "qom-set", "arguments": {"path": "vmem0", "property": "x-stall-timeout", "value": 1500}})
+            ),
+            json!({})
+        );
+        assert_eq!(vm.calls, ["set_stall_timeout vmem0 1500"]);
+        assert_eq!(ret(&mut vm, get), json!(1500));
+        // Out of range: refused before the VM sees it.
+        let e = err(
+            &mut vm,
+            json!({"execute": "qom-set", "arguments": {"path": "vmem0", "property": "x-stall-timeout", "value": 5}}),
+        );
+        assert_eq!(
+            e,
+            generic("'x-stall-timeout' must be between 100 and 86400000 (milliseconds)")
+        );
+        assert_eq!(vm.calls.len(), 1);
     }
 
     #[test]

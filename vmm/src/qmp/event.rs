@@ -73,6 +73,39 @@ pub enum QmpEvent {
         /// The plugged size now, in bytes.
         size: u64,
     },
+    /// Extension `X_MEMORY_DEVICE_RESIZE_DONE {id, qom-path, size,
+    /// requested-size}`: after a `requested-size` write, the plugged size
+    /// reached the requested size (once per write).
+    MemoryDeviceResizeDone {
+        /// The device id.
+        id: String,
+        /// The plugged size, in bytes (equal to `requested_size`).
+        size: u64,
+        /// The requested size, in bytes.
+        requested_size: u64,
+    },
+    /// Extension `X_MEMORY_DEVICE_RESIZE_STALLED {id, qom-path, size,
+    /// requested-size, reason, message, plugged-ranges, stall-timeout}`: the
+    /// plugged size has not got closer to the requested size for the stall
+    /// timeout (once per stall).
+    MemoryDeviceResizeStalled {
+        /// The device id.
+        id: String,
+        /// The plugged size, in bytes.
+        size: u64,
+        /// The requested size, in bytes.
+        requested_size: u64,
+        /// `no-driver`, `device-needs-reset`, `host-busy` or
+        /// `guest-no-progress`.
+        reason: &'static str,
+        /// The reason for people.
+        message: String,
+        /// When the guest should unplug: the ranges still plugged, as
+        /// `(guest address, length)`; empty otherwise.
+        plugged_ranges: Vec<(u64, u64)>,
+        /// The stall timeout, in milliseconds.
+        stall_timeout_ms: u64,
+    },
 }
 
 impl QmpEvent {
@@ -85,6 +118,8 @@ impl QmpEvent {
             QmpEvent::Stop => "STOP",
             QmpEvent::Resume => "RESUME",
             QmpEvent::MemoryDeviceSizeChange { .. } => "MEMORY_DEVICE_SIZE_CHANGE",
+            QmpEvent::MemoryDeviceResizeDone { .. } => "X_MEMORY_DEVICE_RESIZE_DONE",
+            QmpEvent::MemoryDeviceResizeStalled { .. } => "X_MEMORY_DEVICE_RESIZE_STALLED",
         }
     }
 
@@ -101,6 +136,34 @@ impl QmpEvent {
                 "size": size,
                 "qom-path": super::qom::device_path(id),
             })),
+            QmpEvent::MemoryDeviceResizeDone {
+                id,
+                size,
+                requested_size,
+            } => Some(json!({
+                "id": id,
+                "qom-path": super::qom::device_path(id),
+                "size": size,
+                "requested-size": requested_size,
+            })),
+            QmpEvent::MemoryDeviceResizeStalled {
+                id,
+                size,
+                requested_size,
+                reason,
+                message,
+                plugged_ranges,
+                stall_timeout_ms,
+            } => Some(json!({
+                "id": id,
+                "qom-path": super::qom::device_path(id),
+                "size": size,
+                "requested-size": requested_size,
+                "reason": reason,
+                "message": message,
+                "plugged-ranges": ranges_json(plugged_ranges),
+                "stall-timeout": stall_timeout_ms,
+            })),
         }
     }
 
@@ -114,6 +177,14 @@ impl QmpEvent {
         m.insert("timestamp".into(), at.to_json());
         Value::Object(m)
     }
+}
+
+/// Guest-physical ranges as `[{"addr": A, "size": S}, ...]`.
+pub(crate) fn ranges_json(ranges: &[(u64, u64)]) -> Value {
+    ranges
+        .iter()
+        .map(|&(addr, size)| json!({"addr": addr, "size": size}))
+        .collect()
 }
 
 /// Events queued and not yet delivered beyond this are dropped (oldest
@@ -263,6 +334,49 @@ mod tests {
                 "timestamp": {"seconds": 1, "microseconds": 2}
             })
         );
+    }
+
+    #[test]
+    fn test_resize_extension_messages() {
+        let at = Timestamp {
+            seconds: 1,
+            microseconds: 2,
+        };
+        let done = QmpEvent::MemoryDeviceResizeDone {
+            id: "vmem0".into(),
+            size: 1 << 28,
+            requested_size: 1 << 28,
+        };
+        assert_eq!(
+            done.to_message(at),
+            json!({
+                "event": "X_MEMORY_DEVICE_RESIZE_DONE",
+                "data": {"id": "vmem0", "qom-path": "/machine/peripheral/vmem0",
+                         "size": 1u64 << 28, "requested-size": 1u64 << 28},
+                "timestamp": {"seconds": 1, "microseconds": 2}
+            })
+        );
+        let stalled = QmpEvent::MemoryDeviceResizeStalled {
+            id: "vmem0".into(),
+            size: 6 << 20,
+            requested_size: 0,
+            reason: "guest-no-progress",
+            message: "m".into(),
+            plugged_ranges: vec![(0x1_0000_0000, 2 << 20), (0x1_0080_0000, 4 << 20)],
+            stall_timeout_ms: 1500,
+        };
+        assert_eq!(
+            stalled.data(),
+            Some(json!({
+                "id": "vmem0", "qom-path": "/machine/peripheral/vmem0",
+                "size": 6u64 << 20, "requested-size": 0, "reason": "guest-no-progress",
+                "message": "m",
+                "plugged-ranges": [{"addr": 0x1_0000_0000u64, "size": 2u64 << 20},
+                                   {"addr": 0x1_0080_0000u64, "size": 4u64 << 20}],
+                "stall-timeout": 1500
+            }))
+        );
+        assert_eq!(stalled.name(), "X_MEMORY_DEVICE_RESIZE_STALLED");
     }
 
     #[test]

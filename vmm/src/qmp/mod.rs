@@ -34,7 +34,10 @@
 //! `query-cpus-fast`, `query-memory-size-summary`, `query-memory-devices`,
 //! `qom-get` / `qom-set` (virtio-mem devices, see module `qom`),
 //! `stop`, `cont`, `system_powerdown`, `system_reset`, `quit`, and the
-//! extension `x-query-rcu` (the RCU statistics).
+//! extensions `x-query-rcu` (the RCU statistics) and `x-query-hotplug`.
+//! Extension events `X_MEMORY_DEVICE_RESIZE_DONE` and
+//! `X_MEMORY_DEVICE_RESIZE_STALLED` and the property `x-stall-timeout`
+//! report resize outcomes (`docs/qmp.md`).
 //!
 //! # Robustness
 //!
@@ -66,6 +69,7 @@ mod vm_ops;
 pub use commands::command_names;
 pub use connection::{MAX_MESSAGE_SIZE, OUTPUT_HARD_LIMIT, OUTPUT_SOFT_LIMIT, READ_CHUNK};
 pub use error::{ErrorClass, QmpError};
+pub(crate) use event::ranges_json;
 pub use event::{EventSender, MAX_QUEUED_EVENTS, QmpEvent, ShutdownCause};
 pub use json_splitter::MAX_NESTING;
 pub use listener::ListenerError;

@@ -143,6 +143,15 @@ impl Timestamp {
         }
     }
 
+    /// The moment `t` (the epoch if it is before it).
+    pub fn from_system_time(t: SystemTime) -> Self {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        Self {
+            seconds: since.as_secs(),
+            microseconds: since.subsec_micros(),
+        }
+    }
+
     /// The `{"seconds": S, "microseconds": U}` object.
     pub(crate) fn to_json(self) -> Value {
         json!({"seconds": self.seconds, "microseconds": self.microseconds})

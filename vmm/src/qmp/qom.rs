@@ -1,6 +1,8 @@
 //! The small part of QEMU's object model (QOM) that `qom-get` and `qom-set`
 //! reach: the virtio-mem devices at `/machine/peripheral/<id>` and their
-//! size properties.
+//! size properties, plus the extension property `x-stall-timeout` (the
+//! milliseconds without progress after which a resize counts as stalled;
+//! QEMU's `x-` prefix for experimental names).
 //!
 //! Paths resolve as QEMU's `object_resolve_path()` does for this tree: an
 //! absolute path (`/machine/peripheral/vmem0`, empty components ignored) or
@@ -18,6 +20,24 @@ pub(crate) const DEVICE_TYPE: &str = "virtio-mem";
 
 /// The writable property.
 pub(crate) const REQUESTED_SIZE: &str = "requested-size";
+
+/// The extension property: the stall timeout of resizes, in milliseconds.
+pub(crate) const STALL_TIMEOUT: &str = "x-stall-timeout";
+
+/// The accepted stall timeouts, in milliseconds (the device's limits).
+pub(crate) const STALL_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = {
+    use devices::virtio::mem_progress::{MAX_STALL_TIMEOUT, MIN_STALL_TIMEOUT};
+    (MIN_STALL_TIMEOUT.as_millis() as u64)..=(MAX_STALL_TIMEOUT.as_millis() as u64)
+};
+
+/// What a checked `qom-set` changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QomSet {
+    /// `requested-size`, in bytes.
+    RequestedSize(u64),
+    /// `x-stall-timeout`, in milliseconds.
+    StallTimeout(u64),
+}
 
 /// Where device `id` sits in the QOM tree.
 pub(crate) fn device_path(id: &str) -> String {
@@ -58,12 +78,35 @@ pub(crate) fn get(device: &MemoryDeviceInfo, property: &str) -> Result<Value, Qm
 
 /// Checks a `qom-set` of `property` to `value` in QEMU's order (property
 /// exists, is writable, value is an integer, then the device's rules) and
-/// returns the new requested size.
+/// returns what to change.
 ///
 /// As in QEMU, the value must be a JSON integer (a size string such as
 /// `"1G"` is refused), and a negative integer is taken modulo 2^64 and then
-/// refused as too large.
-pub(crate) fn requested_size_to_set(
+/// refused as too large. `x-stall-timeout` must be within
+/// [`STALL_TIMEOUT_RANGE`].
+pub(crate) fn to_set(
+    device: &MemoryDeviceInfo,
+    property: &str,
+    value: &Value,
+) -> Result<QomSet, QmpError> {
+    if property == STALL_TIMEOUT {
+        let ms = value
+            .as_u64()
+            .or_else(|| value.as_i64().map(|v| v as u64))
+            .ok_or_else(|| expects(property, "uint64"))?;
+        if !STALL_TIMEOUT_RANGE.contains(&ms) {
+            return Err(QmpError::generic(format!(
+                "'{STALL_TIMEOUT}' must be between {} and {} (milliseconds)",
+                STALL_TIMEOUT_RANGE.start(),
+                STALL_TIMEOUT_RANGE.end()
+            )));
+        }
+        return Ok(QomSet::StallTimeout(ms));
+    }
+    requested_size_to_set(device, property, value).map(QomSet::RequestedSize)
+}
+
+fn requested_size_to_set(
     device: &MemoryDeviceInfo,
     property: &str,
     value: &Value,
@@ -95,7 +138,8 @@ pub(crate) fn requested_size_to_set(
     Ok(size)
 }
 
-fn not_found(property: &str) -> QmpError {
+/// QEMU's error for a property the device does not have.
+pub(crate) fn not_found(property: &str) -> QmpError {
     QmpError::generic(format!("Property '{DEVICE_TYPE}.{property}' not found"))
 }
 
@@ -176,6 +220,29 @@ mod tests {
             requested_size_to_set(&d, "requested-size", &json!(0x1_0000_0000u64)).unwrap(),
             0x1_0000_0000
         );
+    }
+
+    #[test]
+    fn test_set_stall_timeout_within_range() {
+        let d = vmem("vmem0");
+        assert_eq!(
+            to_set(&d, STALL_TIMEOUT, &json!(2500)).unwrap(),
+            QomSet::StallTimeout(2500)
+        );
+        assert_eq!(
+            to_set(&d, "requested-size", &json!(0x20_0000)).unwrap(),
+            QomSet::RequestedSize(0x20_0000)
+        );
+        for bad in [json!(99), json!(86_400_001u64), json!(-1)] {
+            let e = to_set(&d, STALL_TIMEOUT, &bad).unwrap_err();
+            assert_eq!(
+                e.desc(),
+                "'x-stall-timeout' must be between 100 and 86400000 (milliseconds)",
+                "{bad}"
+            );
+        }
+        let e = to_set(&d, STALL_TIMEOUT, &json!("1s")).unwrap_err();
+        assert_eq!(e.desc(), "Parameter 'x-stall-timeout' expects uint64");
     }
 
     #[test]

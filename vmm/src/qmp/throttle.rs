@@ -50,9 +50,15 @@ impl EventThrottle {
     }
 
     /// The key an event is throttled under, or `None` if it is never held.
+    ///
+    /// The extension `X_MEMORY_DEVICE_RESIZE_STALLED` has its own window per
+    /// device: a guest that alternates a little progress with stalls decides
+    /// how often it happens. `X_MEMORY_DEVICE_RESIZE_DONE` is not held: it
+    /// comes at most once per `requested-size` write, which clients decide.
     fn key(event: &QmpEvent) -> Option<String> {
         match event {
             QmpEvent::MemoryDeviceSizeChange { id, .. } => Some(id.clone()),
+            QmpEvent::MemoryDeviceResizeStalled { id, .. } => Some(format!("{id}/stalled")),
             _ => None,
         }
     }
@@ -182,6 +188,50 @@ mod tests {
             assert!(t.offer(t0, (e, at)).is_some());
         }
         assert_eq!(sizes(&t.due(t0 + THROTTLE_PERIOD)), [2]);
+    }
+
+    #[test]
+    fn test_stall_events_have_their_own_window_and_done_passes() {
+        let t0 = Instant::now();
+        let at = Timestamp {
+            seconds: 0,
+            microseconds: 0,
+        };
+        let stalled = |size| {
+            (
+                QmpEvent::MemoryDeviceResizeStalled {
+                    id: "vmem0".into(),
+                    size,
+                    requested_size: 0,
+                    reason: "guest-no-progress",
+                    message: String::new(),
+                    plugged_ranges: Vec::new(),
+                    stall_timeout_ms: 100,
+                },
+                at,
+            )
+        };
+        let done = (
+            QmpEvent::MemoryDeviceResizeDone {
+                id: "vmem0".into(),
+                size: 0,
+                requested_size: 0,
+            },
+            at,
+        );
+        let mut t = EventThrottle::new(THROTTLE_PERIOD);
+        // A size change does not hold back the stall event, and vice versa.
+        assert!(t.offer(t0, size("vmem0", 1)).is_some());
+        assert!(t.offer(t0, stalled(4)).is_some());
+        assert!(t.offer(t0, stalled(2)).is_none());
+        assert!(t.offer(t0, done.clone()).is_some());
+        assert!(t.offer(t0, done).is_some());
+        let out = t.due(t0 + THROTTLE_PERIOD);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            out[0].0,
+            QmpEvent::MemoryDeviceResizeStalled { size: 2, .. }
+        ));
     }
 
     #[test]

@@ -140,12 +140,30 @@ pub trait VmOps {
     /// `max_size`.
     fn set_requested_size(&mut self, id: &str, size: u64) -> Result<(), QmpError>;
 
+    /// The stall timeout of device `id`'s resizes in milliseconds (the
+    /// extension property `x-stall-timeout`), or `None` if the device has
+    /// none.
+    fn stall_timeout_ms(&self, id: &str) -> Option<u64> {
+        let _ = id;
+        None
+    }
+
+    /// Sets the stall timeout of device `id`'s resizes to `ms`
+    /// milliseconds; it applies to the resize in progress. The server calls
+    /// it only for an `id` that [`memory_devices`](Self::memory_devices)
+    /// lists and with `ms` within the accepted range (100 ms to one day).
+    fn set_stall_timeout(&mut self, id: &str, ms: u64) -> Result<(), QmpError> {
+        let _ = (id, ms);
+        Err(super::qom::not_found(super::qom::STALL_TIMEOUT))
+    }
+
     /// The RCU statistics, returned as they are by `x-query-rcu`.
     fn rcu_stats(&self) -> serde_json::Value;
 
     /// The hot-plug memory manager's state (mapped slots with their host
-    /// addresses and KVM slots, counters and timings), returned as it is by
-    /// the extension `x-query-hotplug`. `null` without hot-plug memory.
+    /// addresses and KVM slots, counters and timings, and the `resize`
+    /// outcome), returned as it is by the extension `x-query-hotplug`.
+    /// `null` without hot-plug memory.
     fn hotplug_state(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
