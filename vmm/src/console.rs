@@ -220,11 +220,6 @@ impl ConsoleInput {
         }
     }
 
-    /// Whether input is waiting for the guest.
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
     /// Bytes waiting for the guest.
     pub fn pending_len(&self) -> usize {
         self.pending.len()
