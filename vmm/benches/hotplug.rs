@@ -12,10 +12,15 @@
 //! 3. With a Linux guest (the kit's minimal kernel): time from `qom-set` to
 //!    the guest's plug being complete, and from the unplug request to the
 //!    mapping being returned to the host, over QMP with QEMU's client.
+//! 4. Many GiB: a 64 GiB region (512 slots) plugged slot by slot and
+//!    unplugged again, with two vCPUs running: the control thread's CPU time
+//!    per plug and unplug against the number of slots already mapped (does
+//!    a map swap stay flat as the map grows?), and the totals for 16 GiB.
 //!
 //! `cargo bench -p vmm --bench hotplug` (root, /dev/kvm, guest kit, the
 //! qemu.qmp venv from scripts/install-deps.sh). `HOTPLUG_CYCLES` (200),
-//! `STRESS_SECS` (5), `LINUX_CYCLES` (5); `-- quick` skips part 3.
+//! `STRESS_SECS` (5), `LINUX_CYCLES` (5); `-- quick` skips part 3;
+//! `-- scale` runs part 4 only.
 
 use devices::virtio::MemoryBackend;
 use devices::{BusRange, ExitRequest};
@@ -51,7 +56,12 @@ fn env(name: &str, default: u64) -> u64 {
 /// A bare VM with 2 vCPUs busy in CPL3 and a 4-slot hot-plug region; slot 0
 /// stays plugged (the vCPUs touch it).
 fn busy_vm() -> BareVm {
-    let vm = BareVm::with_hotplug(2, 64 << 20, 4 * SLOT_SIZE, busy(), 0);
+    busy_vm_with(4)
+}
+
+/// As [`busy_vm`], with a hot-plug region of `slots` slots.
+fn busy_vm_with(slots: u64) -> BareVm {
+    let vm = BareVm::with_hotplug(2, 64 << 20, slots * SLOT_SIZE, busy(), 0);
     let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
     hp.manager
         .plug(HOTPLUG_BASE, SLOT_SIZE)
@@ -333,15 +343,113 @@ fn linux() {
     }
 }
 
+/// The calling thread's CPU time.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID
+    // always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Part 4: plug a 64 GiB region slot by slot, then unplug it, measuring
+/// each call's CPU time on the calling (control) thread.
+fn scale() {
+    const SLOTS: u64 = 512;
+    rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+    let mut vm = busy_vm_with(SLOTS);
+    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let exit = Arc::clone(&vm.machine.devices.exit);
+    let driver = std::thread::spawn(move || {
+        rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+        std::thread::sleep(Duration::from_millis(200));
+        let (mut plug, mut unplug) = (Vec::new(), Vec::new());
+        // Slot 0 is plugged by busy_vm_with (the vCPUs touch it).
+        for i in 1..SLOTS {
+            let gpa = HOTPLUG_BASE + i * SLOT_SIZE;
+            let t = thread_cpu();
+            hp.manager.plug(gpa, SLOT_SIZE).expect("plug");
+            plug.push((
+                (thread_cpu() - t).as_secs_f64() * 1e6,
+                hp.manager.mapped_slots(),
+            ));
+        }
+        for i in (1..SLOTS).rev() {
+            let gpa = HOTPLUG_BASE + i * SLOT_SIZE;
+            let before = hp.manager.mapped_slots();
+            let t = thread_cpu();
+            hp.manager.unplug(gpa, SLOT_SIZE).expect("unplug");
+            unplug.push(((thread_cpu() - t).as_secs_f64() * 1e6, before));
+            // Stay under the retired-slot cap: let the grace period pass.
+            while hp.manager.retired_pending() > 32 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        rcu::drain_call_rcu();
+        let left = hp.manager.mapped_slots();
+        exit.request(ExitRequest::PowerOff);
+        (plug, unplug, left)
+    });
+    let _ = vm.run(Duration::from_secs(900));
+    let (plug, unplug, left) = driver.join().expect("driver");
+    println!(
+        "\n4. Control-thread CPU per map swap against slots mapped (64 GiB region, {SLOTS} slots \
+         of {} MiB, 2 vCPUs running; microseconds)",
+        SLOT_SIZE >> 20
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}",
+        "slots mapped at the call", "plug min", "median", "unplug min", "median"
+    );
+    for (lo, hi) in [(2, 9), (60, 67), (124, 131), (252, 259), (504, 512)] {
+        let pick = |v: &[(f64, usize)]| {
+            v.iter()
+                .filter(|(_, n)| (lo..=hi).contains(n))
+                .map(|(t, _)| *t)
+                .collect::<Vec<_>>()
+        };
+        let (p, u) = (pick(&plug), pick(&unplug));
+        if p.is_empty() || u.is_empty() {
+            continue;
+        }
+        let (pa, pb, _) = stats(p);
+        let (ua, ub, _) = stats(u);
+        println!(
+            "{:<34} {pa:>9.1} {pb:>9.1} {ua:>9.1} {ub:>9.1}",
+            format!("{lo}-{hi}")
+        );
+    }
+    let sum = |v: &[(f64, usize)], n: usize| v.iter().take(n).map(|(t, _)| t).sum::<f64>() / 1e3;
+    let per_gib = (1u64 << 30) / SLOT_SIZE;
+    println!(
+        "16 GiB ({} slots): plug {:.1} ms, unplug {:.1} ms of control-thread CPU \
+         ({:.2} / {:.2} ms per GiB); slots still mapped at the end: {left} (slot 0 is the vCPUs')",
+        16 * per_gib,
+        sum(&plug, (16 * per_gib) as usize),
+        sum(&unplug, (16 * per_gib) as usize),
+        sum(&plug, (16 * per_gib) as usize) / 16.0,
+        sum(&unplug, (16 * per_gib) as usize) / 16.0,
+    );
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("HOTPLUG_BENCH_CHILD") {
         let (s, rate) = spec.split_once(':').unwrap_or((&spec, "0"));
         stress_child(s, rate.parse().unwrap_or(0));
         return;
     }
+    if std::env::args().any(|a| a == "scale") {
+        scale();
+        return;
+    }
     let quick = std::env::args().any(|a| a == "quick");
     swap_cost();
     stress();
+    scale();
     if !quick {
         linux();
     }
