@@ -46,6 +46,7 @@
 //! period (vCPUs may be waiting for that lock inside their read sections).
 
 use crate::guest_memory::SharedMemory;
+use crate::memory_backing::{BackingError, MemoryBacking, Returned};
 use crate::vm::Vm;
 use devices::virtio::{MemoryBackend, MemoryBackendError};
 use serde::Serialize;
@@ -53,7 +54,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestRegionMmap};
 
 /// Size of one hot-plug slot: Linux's x86 memory block size.
 pub const SLOT_SIZE: u64 = 128 << 20;
@@ -77,32 +78,15 @@ pub enum HotplugError {
         /// Length.
         len: u64,
     },
-    /// Mapping a slot failed.
-    #[error("cannot map hot-plug slot at {gpa:#x}")]
-    Map {
-        /// Slot start.
-        gpa: u64,
-        /// Why.
-        #[source]
-        source: vm_memory::mmap::FromRangesError,
-    },
+    /// The backing could not map a slot or plug its blocks.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
     /// KVM refused the memory slot change.
     #[error(transparent)]
     Kvm(#[from] crate::vm::VmError),
     /// vm-memory refused the new map.
     #[error("cannot build the new guest memory map")]
     NewMap(#[source] vm_memory::GuestRegionCollectionError),
-    /// Changing the protection of a slot's blocks failed.
-    #[error("cannot change the protection of {len:#x} bytes of hot-plug memory at {gpa:#x}")]
-    Protect {
-        /// Guest address of the first block.
-        gpa: u64,
-        /// Length.
-        len: u64,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// The slot's KVM memory slot could not be deleted earlier; the slot is
     /// out of service for the VM's life.
     #[error("hot-plug slot at {gpa:#x} is quarantined after a failed memory slot deletion")]
@@ -138,8 +122,14 @@ pub struct HotplugStats {
     pub slots_quarantined: AtomicU64,
     /// Plugs refused because too many retired slots wait to be unmapped.
     pub plugs_refused_backlog: AtomicU64,
-    /// Bytes returned with `MADV_DONTNEED` from slots still in use.
+    /// Bytes returned with `MADV_DONTNEED` from slots still in use
+    /// (`backend=ram`).
     pub madvised_bytes: AtomicU64,
+    /// Bytes punched out of slot memfds still in use (`backend=memfd`).
+    pub punched_bytes: AtomicU64,
+    /// Bytes populated before the guest was told they are plugged
+    /// (`prealloc=on`).
+    pub populated_bytes: AtomicU64,
     /// Unplugged ranges that could not be made read-only (they were still
     /// returned to the host).
     pub protect_failures: AtomicU64,
@@ -176,6 +166,7 @@ pub struct MemoryManager {
     base: u64,
     size: u64,
     block_size: u64,
+    backing: MemoryBacking,
     slots: Mutex<Vec<Slot>>,
     stats: Arc<HotplugStats>,
     on_fatal: std::sync::OnceLock<FatalSlot>,
@@ -213,8 +204,17 @@ impl Drop for Retired {
 
 impl MemoryManager {
     /// A manager for the hot-plug region `[base, base + size)` (a multiple of
-    /// [`SLOT_SIZE`]) with blocks of `block_size` (dividing [`SLOT_SIZE`]).
-    pub fn new(vm: Arc<Vm>, memory: SharedMemory, base: u64, size: u64, block_size: u64) -> Self {
+    /// [`SLOT_SIZE`]) with blocks of `block_size` (dividing [`SLOT_SIZE`]),
+    /// backed as `backing` says (checked against the host by the caller:
+    /// [`MemoryBacking::check_host`]).
+    pub fn new(
+        vm: Arc<Vm>,
+        memory: SharedMemory,
+        base: u64,
+        size: u64,
+        block_size: u64,
+        backing: MemoryBacking,
+    ) -> Self {
         let blocks = (SLOT_SIZE / block_size.max(1)) as usize;
         let slots = (0..size / SLOT_SIZE)
             .map(|i| Slot {
@@ -233,6 +233,7 @@ impl MemoryManager {
             base,
             size,
             block_size,
+            backing,
             slots: Mutex::new(slots),
             stats: Arc::new(HotplugStats::default()),
             on_fatal: std::sync::OnceLock::new(),
@@ -296,6 +297,7 @@ impl MemoryManager {
         serde_json::json!({
             "slot-size": SLOT_SIZE,
             "block-size": self.block_size,
+            "backing": self.backing.to_string(),
             "mapped-slots": slots,
             "quarantined-slots": quarantined,
             "retired-pending": self.retired_pending(),
@@ -373,40 +375,23 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Maps `slot` with blocks `plugging` (first, last exclusive) writable
-    /// and the rest read-only, then gives it to KVM: a guest that touches the
-    /// blocks it is plugging as soon as KVM maps them finds them writable.
+    /// Maps `slot` (every block unplugged), plugs blocks `plugging`
+    /// (first, last exclusive: writable, populated with `prealloc=on`),
+    /// then gives the slot to KVM: a guest that touches the blocks it is
+    /// plugging as soon as KVM maps them finds them writable.
     fn map_slot(
         &self,
         slot: &mut Slot,
         plugging: (usize, usize),
     ) -> Result<Arc<GuestRegionMmap>, HotplugError> {
-        let region = Arc::new(
-            GuestRegionMmap::from_range(GuestAddress(slot.gpa), SLOT_SIZE as usize, None).map_err(
-                |source| HotplugError::Map {
-                    gpa: slot.gpa,
-                    source,
-                },
-            )?,
-        );
-        crate::guest_memory::name_mapping(&region, &format!("{SLOT_MAPPING_NAME}-{:x}", slot.gpa));
-        crate::guest_memory::exclude_from_core_dumps(&region);
+        let region = Arc::new(self.backing.map_slot(slot.gpa, SLOT_SIZE)?);
         let (a, b) = (
             plugging.0 as u64 * self.block_size,
             plugging.1 as u64 * self.block_size,
         );
-        for (offset, len, writable) in [(0, a, false), (a, b - a, true), (b, SLOT_SIZE - b, false)]
-        {
-            if len > 0 {
-                protect(&region, offset, len, writable).map_err(|source| {
-                    HotplugError::Protect {
-                        gpa: slot.gpa + offset,
-                        len,
-                        source,
-                    }
-                })?;
-            }
-        }
+        // Not yet in KVM nor published: on an error, dropping `region`
+        // unmaps it (a `Hole` in it harms nothing).
+        self.plug_blocks(&region, a, b - a)?;
         let host = region.as_ptr() as u64;
         // SAFETY: the mapping is owned by `region`, which the slot and every
         // map published while the KVM slot exists keep alive; the KVM slot
@@ -417,6 +402,23 @@ impl MemoryManager {
         }?;
         slot.region = Some(Arc::clone(&region));
         Ok(region)
+    }
+
+    /// [`MemoryBacking::plug`], counted.
+    fn plug_blocks(
+        &self,
+        region: &GuestRegionMmap,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), HotplugError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.backing.plug(region, offset, len)?;
+        if self.backing.prealloc() {
+            self.stats.populated_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn plug_range(&self, gpa: u64, len: u64) -> Result<(), HotplugError> {
@@ -473,7 +475,10 @@ impl MemoryManager {
                 continue;
             }
             let (offset, len) = (a as u64 * self.block_size, (b - a) as u64 * self.block_size);
-            if let Err(source) = protect(region, offset, len, true) {
+            if let Err(e) = self.plug_blocks(region, offset, len) {
+                if let HotplugError::Backing(BackingError::Hole { .. }) = &e {
+                    self.fatal(crate::error_chain(&e));
+                }
                 // Undo: the blocks made writable so far go back to
                 // read-only and empty (none of them was plugged: the device
                 // refuses to plug plugged blocks).
@@ -483,11 +488,7 @@ impl MemoryManager {
                         self.unback(r, slots[j].gpa, o, l);
                     }
                 }
-                return Err(HotplugError::Protect {
-                    gpa: slots[i].gpa + offset,
-                    len,
-                    source,
-                });
+                return Err(e);
             }
         }
         for (i, a, b) in parts {
@@ -644,58 +645,39 @@ impl MemoryManager {
     }
 
     /// Makes `len` bytes at `offset` of a live slot read-only, then returns
-    /// them to the host. In that order: a guest write between the two would
-    /// otherwise fault in a page that stays.
+    /// them to the host ([`MemoryBacking::unplug`]). In that order: a guest
+    /// write between the two would otherwise fault in a page that stays. A
+    /// range that may have become a hole inside the KVM memory slot stops
+    /// the VM.
     fn unback(&self, region: &GuestRegionMmap, slot_gpa: u64, offset: u64, len: u64) {
-        if let Err(e) = protect(region, offset, len, false) {
-            self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
-            log::warn!(
-                "cannot make unplugged guest memory at {:#x}+{len:#x} read-only: {e}",
+        let out = self.backing.unplug(region, offset, len);
+        match out.protected {
+            Ok(()) => {}
+            Err(e @ BackingError::Hole { .. }) => {
+                self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
+                self.fatal(crate::error_chain(&e));
+            }
+            Err(e) => {
+                self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "cannot make unplugged guest memory at {:#x}+{len:#x} read-only: {}",
+                    slot_gpa + offset,
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        match (out.returned, out.how) {
+            (Ok(()), Returned::Dontneed) => {
+                self.stats.madvised_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            (Ok(()), _) => {
+                self.stats.punched_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            (Err(e), how) => log::warn!(
+                "returning unplugged guest memory at {:#x}+{len:#x} ({how:?}) failed: {e}",
                 slot_gpa + offset
-            );
+            ),
         }
-        let host = region.as_ptr().wrapping_add(offset as usize);
-        // SAFETY: `host..host + len` lies inside the slot's live mapping
-        // (offset and len are block-aligned parts of it); MADV_DONTNEED on
-        // private anonymous memory only drops its pages (later accesses see
-        // zeros), it cannot make the mapping invalid.
-        let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
-        if rc == 0 {
-            self.stats.madvised_bytes.fetch_add(len, Ordering::Relaxed);
-        } else {
-            log::warn!(
-                "madvise(MADV_DONTNEED) of unplugged guest memory failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Makes `len` bytes at `offset` of `region` writable or read-only.
-fn protect(region: &GuestRegionMmap, offset: u64, len: u64, writable: bool) -> std::io::Result<()> {
-    let in_bounds = offset
-        .checked_add(len)
-        .is_some_and(|end| end <= region.len());
-    if !in_bounds {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    let prot = if writable {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_READ
-    };
-    let host = region.as_ptr().wrapping_add(offset as usize);
-    // SAFETY: `host..host + len` lies inside the slot's live mapping (checked
-    // above), which this process owns; protection changes cannot make it
-    // invalid. Read-only parts are never written by the VMM: its only writer
-    // of hot-plug memory is the virtio-mem device, on the control thread,
-    // which checks its plugged bitmap before writing, and the bitmap is
-    // updated on that thread after this call.
-    let rc = unsafe { libc::mprotect(host.cast(), len as usize, prot) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -748,7 +730,14 @@ mod tests {
         let vm = Arc::new(Vm::new(kvm).unwrap());
         let ram = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let memory: SharedMemory = Arc::new(rcu::RcuCell::new(GuestMap::first(ram)));
-        let mm = MemoryManager::new(Arc::clone(&vm), memory, base, slots * SLOT_SIZE, BLOCK);
+        let mm = MemoryManager::new(
+            Arc::clone(&vm),
+            memory,
+            base,
+            slots * SLOT_SIZE,
+            BLOCK,
+            MemoryBacking::default(),
+        );
         (vm, mm)
     }
 
