@@ -726,6 +726,10 @@ mod tests {
     /// A manager over `slots` slots at `base` (distinct per test: the tests
     /// of this module share one process and look at its mappings by name).
     fn manager(base: u64, slots: u64) -> (Arc<Vm>, MemoryManager) {
+        manager_with(base, slots, MemoryBacking::default())
+    }
+
+    fn manager_with(base: u64, slots: u64, backing: MemoryBacking) -> (Arc<Vm>, MemoryManager) {
         let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
         let vm = Arc::new(Vm::new(kvm).unwrap());
         let ram = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
@@ -736,7 +740,7 @@ mod tests {
             base,
             slots * SLOT_SIZE,
             BLOCK,
-            MemoryBacking::default(),
+            backing,
         );
         (vm, mm)
     }
@@ -932,5 +936,246 @@ mod tests {
         assert_eq!(mm.retired_pending(), 0);
         mm.plug_range(base, BLOCK).unwrap();
         assert_eq!(mm.mapped_slots(), 1);
+    }
+
+    fn backing(text: &str) -> MemoryBacking {
+        crate::config::parse_hotplug_memory(&format!("size=1G,{text}"))
+            .unwrap()
+            .1
+    }
+
+    /// `(maps line, smaps fields)` of this process's mappings that overlap
+    /// `[host, host + len)`.
+    fn smaps(host: u64, len: u64) -> Vec<(String, Vec<(String, u64)>)> {
+        let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut out: Vec<(String, Vec<(String, u64)>)> = Vec::new();
+        let mut inside = false;
+        for line in text.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-')
+                && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            {
+                inside = a < host + len && host < b;
+                if inside {
+                    out.push((line.to_string(), Vec::new()));
+                }
+            } else if inside && let Some((k, v)) = line.split_once(':') {
+                let n = v.split_whitespace().next().and_then(|n| n.parse().ok());
+                if let (Some(n), Some(last)) = (n, out.last_mut()) {
+                    last.1.push((k.to_string(), n));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum of field `key` (kB) over the mappings of `[host, host + len)`.
+    fn smaps_kb(host: u64, len: u64, key: &str) -> u64 {
+        smaps(host, len)
+            .iter()
+            .flat_map(|(_, f)| f.iter().filter(|(k, _)| k == key).map(|(_, v)| *v))
+            .sum()
+    }
+
+    /// The maps line of the mapping holding `addr`.
+    fn maps_line(addr: u64) -> String {
+        smaps(addr, 1).pop().unwrap().0
+    }
+
+    /// 512-byte blocks the slot at `gpa`'s memfd holds.
+    fn memfd_blocks(mm: &MemoryManager, gpa: u64) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let slots = mm.lock();
+        let s = slots.iter().find(|s| s.gpa == gpa).unwrap();
+        let f = s
+            .region
+            .as_ref()
+            .unwrap()
+            .file_offset()
+            .expect("a memfd slot");
+        f.file().metadata().unwrap().blocks()
+    }
+
+    #[test]
+    fn a_memfd_slot_maps_plugged_blocks_from_its_memfd_and_punches_unplugged_ones_out() {
+        let _serial = serial();
+        let base = 0x60_0000_0000;
+        let (_vm, mm) = manager_with(base, 1, backing("backend=memfd"));
+        mm.plug_range(base, 2 * BLOCK).unwrap();
+        let host = hosts(&mm)[0];
+        // Plugged: the memfd, shared and writable; unplugged: anonymous,
+        // read-only, named after the slot.
+        for off in [0, BLOCK] {
+            let l = maps_line(host + off);
+            assert!(
+                l.contains("rw-s") && l.contains("/memfd:vmm-hotplug-slot"),
+                "{l}"
+            );
+        }
+        // (Named `[anon:vmm-hotplug-slot-<gpa>]` on kernels with
+        // CONFIG_ANON_VMA_NAME.)
+        let anonymous_read_only = |l: &str| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1] == "r--p" && f[4] == "0" && f.get(5).is_none_or(|n| n.starts_with("[anon:"))
+        };
+        let l = maps_line(host + 2 * BLOCK);
+        assert!(anonymous_read_only(&l), "{l}");
+        assert!(!mm.writable(base + 2 * BLOCK, 8));
+        assert_eq!(memfd_blocks(&mm, base), 0, "nothing touched yet");
+        // The guest writes both blocks.
+        for off in [0, BLOCK] {
+            for page in (0..BLOCK).step_by(4096) {
+                // SAFETY: both blocks are plugged and writable; nothing
+                // else uses them.
+                unsafe { ((host + off + page) as *mut u64).write_volatile(0x5a) };
+            }
+        }
+        let full = memfd_blocks(&mm, base);
+        assert!(full * 512 >= 2 * BLOCK, "{full} blocks of 512 bytes");
+        // Unplugging block 1 returns its memory and leaves zeros, read-only.
+        mm.unplug_range(base + BLOCK, BLOCK).unwrap();
+        assert_eq!(full - memfd_blocks(&mm, base), BLOCK / 512);
+        assert_eq!(mm.stats.punched_bytes.load(Ordering::Relaxed), BLOCK);
+        assert_eq!(mm.stats.madvised_bytes.load(Ordering::Relaxed), 0);
+        let l = maps_line(host + BLOCK);
+        assert!(anonymous_read_only(&l), "{l}");
+        // SAFETY: mapped read-only; reading is allowed.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        // Reading unplugged blocks allocates nothing in the memfd.
+        for page in (BLOCK..SLOT_SIZE).step_by(4096) {
+            // SAFETY: as above.
+            unsafe { ((host + page) as *const u64).read_volatile() };
+        }
+        assert_eq!(full - memfd_blocks(&mm, base), BLOCK / 512);
+        // Plugged again: the memfd's range, empty.
+        mm.plug_range(base + BLOCK, BLOCK).unwrap();
+        // SAFETY: plugged and writable again.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        // SAFETY: block 0 was never unplugged.
+        assert_eq!(unsafe { (host as *const u64).read_volatile() }, 0x5a);
+        assert!(
+            mm.state_json()["backing"]
+                .as_str()
+                .unwrap()
+                .starts_with("backend=memfd")
+        );
+        // The last unplug retires the slot: unmapped, memfd closed, after
+        // a grace period.
+        mm.unplug_range(base, 2 * BLOCK).unwrap();
+        rcu::drain_call_rcu();
+        assert!(!mapped(host));
+    }
+
+    #[test]
+    fn prealloc_populates_plugged_blocks_before_the_plug_returns_for_every_backend() {
+        let _serial = serial();
+        for (n, (opts, rss_key)) in [
+            ("backend=ram,prealloc=on", "Rss"),
+            ("backend=memfd,prealloc=on", "Rss"),
+            ("backend=ram", "Rss"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let base = 0x70_0000_0000 + n as u64 * SLOT_SIZE;
+            let (_vm, mm) = manager_with(base, 1, backing(opts));
+            mm.plug_range(base, 4 * BLOCK).unwrap();
+            let host = hosts(&mm)[0];
+            let rss = smaps_kb(host, SLOT_SIZE, rss_key) << 10;
+            if backing(opts).prealloc() {
+                assert!(rss >= 4 * BLOCK, "{opts}: {rss:#x} resident");
+                assert_eq!(mm.stats.populated_bytes.load(Ordering::Relaxed), 4 * BLOCK);
+            } else {
+                assert!(rss < BLOCK, "{opts}: {rss:#x} resident without prealloc");
+            }
+            mm.unplug_range(base, 4 * BLOCK).unwrap();
+            rcu::drain_call_rcu();
+        }
+    }
+
+    #[test]
+    fn thp_on_makes_anonymous_and_memfd_slots_eligible_for_huge_pages() {
+        let _serial = serial();
+        let thp = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let anon_ok = !thp("/sys/kernel/mm/transparent_hugepage/enabled").contains("[never]");
+        assert!(anon_ok, "this test needs THP enabled (always or madvise)");
+        let base = 0x78_0000_0000;
+        for (n, opts) in ["backend=ram,thp=on", "backend=ram"]
+            .into_iter()
+            .enumerate()
+        {
+            let base = base + n as u64 * SLOT_SIZE;
+            let (_vm, mm) = manager_with(base, 1, backing(opts));
+            mm.plug_range(base, 2 * BLOCK).unwrap();
+            let host = hosts(&mm)[0];
+            let flags = smaps(host, 2 * BLOCK)
+                .iter()
+                .flat_map(|(_, f)| f.clone())
+                .filter(|(k, _)| k == "THPeligible")
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>();
+            let always = thp("/sys/kernel/mm/transparent_hugepage/enabled").contains("[always]");
+            if backing(opts).thp() || always {
+                assert!(
+                    !flags.is_empty() && flags.iter().all(|&v| v == 1),
+                    "{opts}: {flags:?}"
+                );
+            } else {
+                assert!(flags.iter().all(|&v| v == 0), "{opts}: {flags:?}");
+            }
+            mm.unplug_range(base, 2 * BLOCK).unwrap();
+            rcu::drain_call_rcu();
+        }
+        // memfd: the plugged range carries the advice (VmFlags "hg");
+        // whether huge pages follow is shmem_enabled's business.
+        let base = base + 2 * SLOT_SIZE;
+        let (_vm, mm) = manager_with(base, 1, backing("backend=memfd,thp=on"));
+        mm.plug_range(base, BLOCK).unwrap();
+        let host = hosts(&mm)[0];
+        let smaps_text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{host:x}-");
+        let vm_flags = smaps_text
+            .split("\n")
+            .skip_while(|l| !l.starts_with(&start))
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap()
+            .to_string();
+        assert!(vm_flags.split_whitespace().any(|f| f == "hg"), "{vm_flags}");
+        mm.unplug_range(base, BLOCK).unwrap();
+        rcu::drain_call_rcu();
+    }
+
+    #[test]
+    fn a_hugetlb_plug_the_pool_cannot_supply_fails_with_the_pool_named_and_changes_nothing() {
+        let _serial = serial();
+        let b = backing("backend=memfd,hugetlb=on,prealloc=on");
+        b.check_host().expect("this host has 2 MiB huge pages");
+        let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+        let count = |f: &str| -> u64 {
+            std::fs::read_to_string(format!("{dir}/{f}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        // A plug one page larger than what is free.
+        let available = count("free_hugepages").saturating_sub(count("resv_hugepages"));
+        let len = (available + 1) * BLOCK;
+        let slots = len.div_ceil(SLOT_SIZE);
+        let base = 0x80_0000_0000;
+        let (_vm, mm) = manager_with(base, slots, b);
+        let err = mm.plug_range(base, len).unwrap_err();
+        let msg = crate::error_chain(&err);
+        assert!(
+            matches!(&err, HotplugError::Backing(BackingError::PoolShort { need, .. }) if *need == available + 1),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("hugetlb pool short") && msg.contains(dir),
+            "{msg}"
+        );
+        assert_eq!(mm.mapped_slots(), 0, "nothing mapped");
+        assert_eq!(mm.stats.plugs.load(Ordering::Relaxed), 0);
+        assert!(mm.writable(base, 8), "no slot holds unplugged blocks");
     }
 }

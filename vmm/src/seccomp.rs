@@ -809,7 +809,10 @@ mod tests {
             "a shared file mapping (fd -1 here)"
         );
         assert_eq!(
-            in_filtered_child(&p, || mmap(libc::PROT_READ | libc::PROT_EXEC, libc::MAP_SHARED)),
+            in_filtered_child(&p, || mmap(
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_SHARED
+            )),
             KILLED,
             "executable file mapping"
         );
