@@ -2,7 +2,9 @@
 //! KVM and published to vCPUs only while they hold plugged memory.
 //!
 //! The region is split into fixed [`SLOT_SIZE`] slots. When the guest plugs
-//! the first block of a slot, the slot is mapped (anonymous, lazily backed),
+//! the first block of a slot, the slot is mapped (as its
+//! [`MemoryBacking`] says: anonymous or a memfd, lazily backed unless
+//! `prealloc=on`; see `memory_backing`),
 //! becomes a KVM memory slot, and a new guest memory map with it is published
 //! with `RcuCell::replace` before the guest's request is answered. When a
 //! slot's last block is unplugged, its KVM memory slot is deleted, a map
@@ -15,7 +17,8 @@
 //! hold host memory (QEMU's `unplugged-inaccessible`, made strict): a slot is
 //! mapped read-only, plugged blocks are made writable before the guest is
 //! told they are plugged, and blocks unplugged from a slot still in use are
-//! made read-only again and then dropped with `madvise(MADV_DONTNEED)`. A
+//! made read-only again and then dropped (`madvise(MADV_DONTNEED)`, or
+//! punched out of a memfd slot's memfd). A
 //! guest read of an unplugged block sees the kernel's shared zero page; a
 //! guest write ends `KVM_RUN` with `EFAULT` (the VM stops with an error) on
 //! hosts with hardware virtualization. The VMM's own writes to guest memory
