@@ -1181,4 +1181,70 @@ mod tests {
         assert_eq!(mm.stats.plugs.load(Ordering::Relaxed), 0);
         assert!(mm.writable(base, 8), "no slot holds unplugged blocks");
     }
+
+    /// Sets the host's 2 MiB hugetlb pool to `pages` for the life of the
+    /// guard and restores what it was when dropped (also on a panic).
+    struct PoolGuard(String);
+
+    const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+    impl PoolGuard {
+        fn set(pages: u64) -> Self {
+            let old = std::fs::read_to_string(NR_HUGEPAGES)
+                .expect("this test needs 2 MiB huge pages in the host kernel");
+            std::fs::write(NR_HUGEPAGES, pages.to_string())
+                .expect("this test sets the hugetlb pool (root, writable /sys)");
+            Self(old.trim().to_string())
+        }
+    }
+
+    impl Drop for PoolGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::write(NR_HUGEPAGES, &self.0);
+        }
+    }
+
+    #[test]
+    fn hugetlb_plugs_take_pages_from_the_pool_and_unplugs_give_them_back() {
+        let _serial = serial();
+        let free = || -> u64 {
+            std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = free();
+        let _pool = PoolGuard::set(before + 4);
+        let f0 = free();
+        assert!(f0 >= 4, "the pool could not be grown by 4 pages: {f0} free");
+        let base = 0x88_0000_0000;
+        let (_vm, mm) = manager_with(base, 1, backing("backend=memfd,hugetlb=on,prealloc=on"));
+        mm.plug_range(base, 2 * BLOCK).unwrap();
+        assert_eq!(f0 - free(), 2, "the plug populated two huge pages");
+        let host = hosts(&mm)[0];
+        let l = maps_line(host);
+        assert!(
+            l.contains("rw-s") && l.contains("/memfd:vmm-hotplug-slot"),
+            "{l}"
+        );
+        // SAFETY: block 1 is plugged and writable; nothing else uses it.
+        unsafe { ((host + BLOCK) as *mut u64).write_volatile(7) };
+        mm.unplug_range(base + BLOCK, BLOCK).unwrap();
+        assert_eq!(f0 - free(), 1, "the unplug punched its page out");
+        // SAFETY: mapped read-only; reading is allowed.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        assert_eq!(f0 - free(), 1, "reading an unplugged block took no page");
+        // Plugging more than the pool holds is refused, and takes nothing.
+        let err = mm.plug_range(base + BLOCK, f0 * BLOCK).unwrap_err();
+        assert!(
+            matches!(err, HotplugError::Backing(BackingError::PoolShort { .. })),
+            "{err}"
+        );
+        assert_eq!(f0 - free(), 1);
+        // The last unplug retires the slot; its memfd goes with the mapping.
+        mm.unplug_range(base, BLOCK).unwrap();
+        rcu::drain_call_rcu();
+        assert_eq!(free(), f0, "every page back in the pool");
+    }
 }
