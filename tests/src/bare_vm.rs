@@ -52,6 +52,7 @@ impl BareVm {
                 cpus,
                 memory,
                 hotplug_memory: hotplug,
+                hotplug_backing: Default::default(),
             },
             Instant::now(),
         )

@@ -3,6 +3,7 @@
 //! Everything a user can get wrong on the command line is caught here, with a
 //! one-line message, before any KVM object exists.
 
+use crate::memory_backing::{Backend, BackingConfigError, BackingOptions, MemoryBacking};
 use crate::size::{SizeError, format_size, parse_size};
 use clap::Parser;
 use rcu::WakeupStrategy;
@@ -39,8 +40,11 @@ pub struct Args {
     /// Guest RAM, e.g. 512M, 4G, or bytes.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
-    /// Size of the virtio-mem hot-plug region (0: none).
-    #[arg(long, value_name = "SIZE", default_value = "0")]
+    /// The virtio-mem hot-plug region: its size (0: none), or QEMU-style
+    /// options `size=SIZE[,backend=ram|memfd][,hugetlb=on|off]
+    /// [,hugetlbsize=2M][,prealloc=on|off][,thp=on|off]` (a first item
+    /// without `=` is the size).
+    #[arg(long, value_name = "SIZE|OPTIONS", default_value = "0")]
     pub hotplug_memory: String,
     /// Path of a QMP control socket to create.
     #[arg(long, value_name = "PATH")]
@@ -83,6 +87,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Hot-plug region size in bytes (0: none).
     pub hotplug_memory: u64,
+    /// How the hot-plug region is backed.
+    pub hotplug_backing: MemoryBacking,
     /// QMP socket path.
     pub qmp: Option<PathBuf>,
     /// Where to write the RCU statistics at exit.
@@ -142,6 +148,9 @@ pub enum ConfigError {
         /// "a directory" or "empty".
         problem: &'static str,
     },
+    /// `--hotplug-memory` options that do not parse or do not go together.
+    #[error("invalid --hotplug-memory: {0}")]
+    HotplugOption(#[source] HotplugOptionError),
     /// The memory size is not a whole number of pages.
     #[error("invalid --{flag} {size}: not a multiple of 4 KiB")]
     Unaligned {
@@ -161,6 +170,117 @@ fn size(flag: &'static str, text: &str) -> Result<u64, ConfigError> {
         });
     }
     Ok(v)
+}
+
+/// What is wrong with `--hotplug-memory`'s options (beyond its size, whose
+/// errors are those of every size flag).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum HotplugOptionError {
+    /// A key nobody knows.
+    #[error("unknown option '{0}' (known: {HOTPLUG_KEYS})")]
+    UnknownKey(String),
+    /// A key given twice.
+    #[error("option '{0}' given twice")]
+    Duplicate(String),
+    /// An item that is not `key=value` (only the first may be a bare size).
+    #[error("'{0}' is not key=value")]
+    NotKeyValue(String),
+    /// A value the key does not take.
+    #[error("{key}={value}: expected {expected}")]
+    BadValue {
+        /// The key.
+        key: String,
+        /// The value given.
+        value: String,
+        /// What it takes.
+        expected: &'static str,
+    },
+    /// Options but no size.
+    #[error("size= is missing")]
+    NoSize,
+    /// Backing options for a region of size 0 (none).
+    #[error("backing options given for a region of size 0 (no hot-plug memory)")]
+    OptionsWithoutRegion,
+    /// The backing options do not go together.
+    #[error(transparent)]
+    Backing(#[from] BackingConfigError),
+}
+
+/// The keys `--hotplug-memory` knows, as listed in its errors.
+const HOTPLUG_KEYS: &str = "size, backend, hugetlb, hugetlbsize, prealloc, thp";
+
+/// Parses `--hotplug-memory`: a size, or comma-separated `key=value`
+/// options (a first item without `=` is the size). Each key is handled by
+/// its own arm, so new keys (a device `id=`, a NUMA `node=`) are one arm
+/// each; unknown keys, repeated keys, bad values and backings that cannot
+/// work are refused with one line naming the problem.
+pub fn parse_hotplug_memory(text: &str) -> Result<(u64, MemoryBacking), ConfigError> {
+    const FLAG: &str = "hotplug-memory";
+    let opt = ConfigError::HotplugOption;
+    if !text.contains('=') && !text.contains(',') {
+        return Ok((size(FLAG, text)?, MemoryBacking::default()));
+    }
+    let on_off = |key: &str, value: &str| match value {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(opt(HotplugOptionError::BadValue {
+            key: key.into(),
+            value: value.into(),
+            expected: "on or off",
+        })),
+    };
+    let mut seen: Vec<&str> = Vec::new();
+    let mut region = None;
+    let mut o = BackingOptions::default();
+    let mut backing_given = false;
+    for (n, item) in text.split(',').enumerate() {
+        let item = item.trim();
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.trim(), v.trim()),
+            None if n == 0 => ("size", item),
+            None => return Err(opt(HotplugOptionError::NotKeyValue(item.into()))),
+        };
+        if seen.contains(&key) {
+            return Err(opt(HotplugOptionError::Duplicate(key.into())));
+        }
+        seen.push(key);
+        match key {
+            "size" => region = Some(size(FLAG, value)?),
+            "backend" => {
+                o.backend = match value {
+                    "ram" => Backend::Ram,
+                    "memfd" => Backend::Memfd,
+                    _ => {
+                        return Err(opt(HotplugOptionError::BadValue {
+                            key: key.into(),
+                            value: value.into(),
+                            expected: "ram or memfd",
+                        }));
+                    }
+                }
+            }
+            "hugetlb" => o.hugetlb = on_off(key, value)?,
+            "hugetlbsize" => {
+                o.hugetlbsize = Some(parse_size(value).map_err(|_| {
+                    opt(HotplugOptionError::BadValue {
+                        key: key.into(),
+                        value: value.into(),
+                        expected: "a page size such as 2M",
+                    })
+                })?)
+            }
+            "prealloc" => o.prealloc = on_off(key, value)?,
+            "thp" => o.thp = on_off(key, value)?,
+            _ => return Err(opt(HotplugOptionError::UnknownKey(key.into()))),
+        }
+        backing_given |= key != "size";
+    }
+    let region = region.ok_or(opt(HotplugOptionError::NoSize))?;
+    if region == 0 && backing_given {
+        return Err(opt(HotplugOptionError::OptionsWithoutRegion));
+    }
+    let backing = MemoryBacking::try_from(o).map_err(|e| opt(e.into()))?;
+    Ok((region, backing))
 }
 
 fn check_file(what: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
@@ -206,7 +326,7 @@ impl TryFrom<Args> for VmConfig {
             return Err(ConfigError::CpusOutOfRange(cpus));
         }
         let memory = size("memory", &a.memory)?;
-        let hotplug_memory = size("hotplug-memory", &a.hotplug_memory)?;
+        let (hotplug_memory, hotplug_backing) = parse_hotplug_memory(&a.hotplug_memory)?;
         let rcu_wakeup: WakeupStrategy = a.rcu_wakeup.parse().map_err(ConfigError::Wakeup)?;
         check_file("kernel", &a.kernel)?;
         if let Some(initrd) = &a.initrd {
@@ -220,6 +340,7 @@ impl TryFrom<Args> for VmConfig {
             cpus: cpus as u32,
             memory,
             hotplug_memory,
+            hotplug_backing,
             qmp: a.qmp,
             rcu_stats: a.rcu_stats,
             rcu_wakeup,
@@ -273,6 +394,118 @@ mod tests {
             args(&["--rcu-wakeup", "futex"]),
             Err(ConfigError::Wakeup(_))
         ));
+    }
+
+    #[test]
+    fn hotplug_memory_takes_a_size_or_qemu_style_options() {
+        let hp = |v: &str| {
+            let c = args(&["--hotplug-memory", v]).unwrap();
+            (c.hotplug_memory, c.hotplug_backing)
+        };
+        assert_eq!(hp("4G"), (4 << 30, MemoryBacking::default()));
+        assert_eq!(hp("size=4G"), (4 << 30, MemoryBacking::default()));
+        assert_eq!(hp("size=1G,backend=ram").1, MemoryBacking::default());
+        let (size, b) = hp("1G,backend=memfd,prealloc=on,thp=on");
+        assert_eq!(size, 1 << 30);
+        assert_eq!(b.backend(), Backend::Memfd);
+        assert!(b.prealloc() && b.thp() && b.hugetlb().is_none());
+        let (_, b) = hp("size=1G,backend=memfd,hugetlb=on,hugetlbsize=2M,prealloc=on");
+        assert_eq!(b.hugetlb(), Some(2 << 20));
+        assert_eq!(
+            b.to_string(),
+            "backend=memfd,hugetlb=on,hugetlbsize=2M,prealloc=on,thp=off"
+        );
+        let (_, b) = hp("size=1G, backend=memfd, hugetlb=on, prealloc=on");
+        assert_eq!(b.hugetlb(), Some(2 << 20), "the page size defaults to 2M");
+        assert_eq!(hp("size=0").0, 0);
+    }
+
+    #[test]
+    fn hotplug_memory_errors_are_one_clear_line_each() {
+        let err = |v: &str| args(&["--hotplug-memory", v]).unwrap_err().to_string();
+        let cases = [
+            (
+                "size=1G,shared=on",
+                "invalid --hotplug-memory: unknown option 'shared' (known: size, backend, \
+                 hugetlb, hugetlbsize, prealloc, thp)",
+            ),
+            (
+                "size=1G,id=vmem1",
+                "invalid --hotplug-memory: unknown option 'id' (known: size, backend, \
+                 hugetlb, hugetlbsize, prealloc, thp)",
+            ),
+            (
+                "size=1G,size=2G",
+                "invalid --hotplug-memory: option 'size' given twice",
+            ),
+            (
+                "1G,memfd",
+                "invalid --hotplug-memory: 'memfd' is not key=value",
+            ),
+            (
+                "size=1G,backend=file",
+                "invalid --hotplug-memory: backend=file: expected ram or memfd",
+            ),
+            (
+                "size=1G,prealloc=yes",
+                "invalid --hotplug-memory: prealloc=yes: expected on or off",
+            ),
+            (
+                "size=1G,thp=1",
+                "invalid --hotplug-memory: thp=1: expected on or off",
+            ),
+            (
+                "size=1G,backend=memfd,hugetlb=maybe",
+                "invalid --hotplug-memory: hugetlb=maybe: expected on or off",
+            ),
+            (
+                "size=1G,backend=memfd,hugetlb=on,hugetlbsize=big,prealloc=on",
+                "invalid --hotplug-memory: hugetlbsize=big: expected a page size such as 2M",
+            ),
+            (
+                "backend=memfd",
+                "invalid --hotplug-memory: size= is missing",
+            ),
+            (
+                "size=0,backend=memfd",
+                "invalid --hotplug-memory: backing options given for a region of size 0 \
+                 (no hot-plug memory)",
+            ),
+            (
+                "size=1G,hugetlb=on,prealloc=on",
+                "invalid --hotplug-memory: hugetlb=on needs backend=memfd (backend=ram is \
+                 anonymous memory)",
+            ),
+            (
+                "size=1G,backend=memfd,hugetlbsize=2M",
+                "invalid --hotplug-memory: hugetlbsize= needs hugetlb=on",
+            ),
+            (
+                "size=1G,backend=memfd,hugetlb=on,prealloc=on,thp=on",
+                "invalid --hotplug-memory: thp=on and hugetlb=on exclude each other \
+                 (hugetlb pages are huge already)",
+            ),
+            (
+                "size=1G,backend=memfd,hugetlb=on",
+                "invalid --hotplug-memory: hugetlb=on needs prealloc=on: a huge page the pool \
+                 cannot supply at first touch is SIGBUS, not an error the plug can report",
+            ),
+            (
+                "size=1G,backend=memfd,hugetlb=on,hugetlbsize=1G,prealloc=on",
+                "invalid --hotplug-memory: hugetlbsize=1G is not supported: the only size is \
+                 2M (pages must divide the 2 MiB block the guest plugs and unplugs, and be \
+                 larger than 4 KiB)",
+            ),
+            ("size=1G,", "invalid --hotplug-memory: '' is not key=value"),
+            (
+                "size=1000,backend=memfd",
+                "invalid --hotplug-memory 1000: not a multiple of 4 KiB",
+            ),
+        ];
+        for (given, want) in cases {
+            assert_eq!(err(given), want, "--hotplug-memory {given}");
+        }
+        assert!(err("size=lots").starts_with("invalid --hotplug-memory: "));
     }
 
     #[test]

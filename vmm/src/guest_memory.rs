@@ -213,19 +213,27 @@ pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
 /// so the kernel does not merge them with neighbouring mappings. Best
 /// effort: kernels without `CONFIG_ANON_VMA_NAME` ignore it.
 pub fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
+    name_range(region.as_ptr(), region.len() as usize, name);
+}
+
+/// As [`name_mapping`], for the `len` bytes at `host`, which must lie
+/// inside a live mapping of this process (a part of a hot-plug slot that
+/// was mapped anew). Best effort, as [`name_mapping`].
+pub fn name_range(host: *const u8, len: usize, name: &str) {
     const PR_SET_VMA: libc::c_int = 0x53564d41;
     const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
     let Ok(cname) = std::ffi::CString::new(name) else {
         return;
     };
-    // SAFETY: the address range is a live mapping owned by `region`; the
-    // name is a NUL-terminated string the kernel copies during the call.
+    // SAFETY: prctl only labels the address range (anonymous mappings in
+    // it); it fails without effect on a range that is not mapped. The name
+    // is a NUL-terminated string the kernel copies during the call.
     let rc = unsafe {
         libc::prctl(
             PR_SET_VMA,
             PR_SET_VMA_ANON_NAME,
-            region.as_ptr() as libc::c_ulong,
-            region.len() as libc::c_ulong,
+            host as libc::c_ulong,
+            len as libc::c_ulong,
             cname.as_ptr() as libc::c_ulong,
         )
     };
@@ -239,10 +247,26 @@ pub fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
 
 /// `madvise(ADVICE)` over the whole of `region`.
 fn advise(region: &vm_memory::GuestRegionMmap, advice: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: the range is a live mapping owned by `region`; the advice
-    // callers give (MADV_DONTDUMP, MADV_HUGEPAGE) only changes flags on the
-    // mapping or how the kernel backs it, never its contents or validity.
-    let rc = unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, advice) };
+    advise_range(region.as_ptr(), region.len() as usize, advice)
+}
+
+/// `madvise(ADVICE)` over `len` bytes at `host`, a range inside a live
+/// mapping of guest memory, with advice that only changes flags on the
+/// mapping or how the kernel backs it (`MADV_DONTDUMP`, `MADV_HUGEPAGE`,
+/// `MADV_POPULATE_WRITE`), never its contents or validity.
+pub(crate) fn advise_range(
+    host: *const u8,
+    len: usize,
+    advice: libc::c_int,
+) -> std::io::Result<()> {
+    debug_assert!(matches!(
+        advice,
+        libc::MADV_DONTDUMP | libc::MADV_HUGEPAGE | libc::MADV_POPULATE_WRITE
+    ));
+    // SAFETY: the advice callers give (checked above in debug builds)
+    // changes flags on the mapping or allocates its pages, never its
+    // contents or validity; on a range that is not mapped madvise fails.
+    let rc = unsafe { libc::madvise(host.cast_mut().cast(), len, advice) };
     if rc == 0 {
         Ok(())
     } else {

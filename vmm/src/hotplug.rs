@@ -12,6 +12,7 @@
 
 use crate::device_manager::{DeviceError, DeviceManager, FIRST_VIRTIO_GSI};
 use crate::guest_memory::SharedMemory;
+use crate::memory_backing::MemoryBacking;
 use crate::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MemoryManager, SLOT_SIZE};
 use crate::qmp::Timestamp;
 use crate::vm::{Vm, VmError};
@@ -56,6 +57,9 @@ pub enum HotplugSetupError {
         /// Size.
         size: u64,
     },
+    /// The host cannot provide the backing asked for.
+    #[error("hot-plug memory backing")]
+    Backing(#[source] crate::memory_backing::BackingError),
     /// No MMIO window left for the device.
     #[error("no virtio-mmio window available")]
     NoWindow,
@@ -100,13 +104,15 @@ pub struct Hotplug {
 impl Hotplug {
     /// Creates virtio-mem over `[base, base + size)`, places its transport
     /// in the first virtio-mmio window and wires its interrupt and queue
-    /// notification into KVM.
+    /// notification into KVM. The region is backed as `backing` says, once
+    /// the host is checked to provide it.
     pub fn new(
         vm: &Arc<Vm>,
         memory: &SharedMemory,
         devices: &DeviceManager,
         base: u64,
         size: u64,
+        backing: MemoryBacking,
     ) -> Result<Self, HotplugSetupError> {
         if size == 0 || size % SLOT_SIZE != 0 || base % SLOT_SIZE != 0 {
             return Err(HotplugSetupError::Region { base, size });
@@ -121,12 +127,14 @@ impl Hotplug {
                 limit,
             });
         }
+        backing.check_host().map_err(HotplugSetupError::Backing)?;
         let manager = Arc::new(MemoryManager::new(
             Arc::clone(vm),
             Arc::clone(memory),
             base,
             size,
             VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
+            backing,
         ));
         let vmem = Arc::new(
             VirtioMem::new(VirtioMemConfig::new(base, size), manager.clone())

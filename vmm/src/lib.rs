@@ -50,6 +50,7 @@ pub mod kvm_stats;
 pub mod log_limit;
 pub mod logger;
 pub mod machine;
+pub mod memory_backing;
 pub mod memory_manager;
 pub mod metrics;
 pub mod qmp;

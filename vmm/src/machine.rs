@@ -162,6 +162,8 @@ pub struct HardwareSpec {
     pub memory: u64,
     /// Hot-plug region in bytes (0: none).
     pub hotplug_memory: u64,
+    /// How the hot-plug region is backed.
+    pub hotplug_backing: crate::memory_backing::MemoryBacking,
 }
 
 /// How [`Machine::run`] runs.
@@ -199,6 +201,7 @@ impl Machine {
                 cpus: config.cpus,
                 memory: config.memory,
                 hotplug_memory: config.hotplug_memory,
+                hotplug_backing: config.hotplug_backing,
             },
             start,
             Some(config),
@@ -277,7 +280,12 @@ impl Machine {
         ));
         let hotplug = match map.hotplug_region() {
             Some(r) => Some(Arc::new(Hotplug::new(
-                &vm, &memory, &devices, r.start, r.size,
+                &vm,
+                &memory,
+                &devices,
+                r.start,
+                r.size,
+                spec.hotplug_backing,
             )?)),
             None => None,
         };

@@ -2,7 +2,9 @@
 //! KVM and published to vCPUs only while they hold plugged memory.
 //!
 //! The region is split into fixed [`SLOT_SIZE`] slots. When the guest plugs
-//! the first block of a slot, the slot is mapped (anonymous, lazily backed),
+//! the first block of a slot, the slot is mapped (as its
+//! [`MemoryBacking`] says: anonymous or a memfd, lazily backed unless
+//! `prealloc=on`; see `memory_backing`),
 //! becomes a KVM memory slot, and a new guest memory map with it is published
 //! with `RcuCell::replace` before the guest's request is answered. When a
 //! slot's last block is unplugged, its KVM memory slot is deleted, a map
@@ -15,7 +17,8 @@
 //! hold host memory (QEMU's `unplugged-inaccessible`, made strict): a slot is
 //! mapped read-only, plugged blocks are made writable before the guest is
 //! told they are plugged, and blocks unplugged from a slot still in use are
-//! made read-only again and then dropped with `madvise(MADV_DONTNEED)`. A
+//! made read-only again and then dropped (`madvise(MADV_DONTNEED)`, or
+//! punched out of a memfd slot's memfd). A
 //! guest read of an unplugged block sees the kernel's shared zero page; a
 //! guest write ends `KVM_RUN` with `EFAULT` (the VM stops with an error) on
 //! hosts with hardware virtualization. The VMM's own writes to guest memory
@@ -46,6 +49,7 @@
 //! period (vCPUs may be waiting for that lock inside their read sections).
 
 use crate::guest_memory::SharedMemory;
+use crate::memory_backing::{BackingError, MemoryBacking, Returned};
 use crate::vm::Vm;
 use devices::virtio::{MemoryBackend, MemoryBackendError};
 use serde::Serialize;
@@ -53,7 +57,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use thiserror::Error;
-use vm_memory::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestRegionMmap};
 
 /// Size of one hot-plug slot: Linux's x86 memory block size.
 pub const SLOT_SIZE: u64 = 128 << 20;
@@ -77,32 +81,15 @@ pub enum HotplugError {
         /// Length.
         len: u64,
     },
-    /// Mapping a slot failed.
-    #[error("cannot map hot-plug slot at {gpa:#x}")]
-    Map {
-        /// Slot start.
-        gpa: u64,
-        /// Why.
-        #[source]
-        source: vm_memory::mmap::FromRangesError,
-    },
+    /// The backing could not map a slot or plug its blocks.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
     /// KVM refused the memory slot change.
     #[error(transparent)]
     Kvm(#[from] crate::vm::VmError),
     /// vm-memory refused the new map.
     #[error("cannot build the new guest memory map")]
     NewMap(#[source] vm_memory::GuestRegionCollectionError),
-    /// Changing the protection of a slot's blocks failed.
-    #[error("cannot change the protection of {len:#x} bytes of hot-plug memory at {gpa:#x}")]
-    Protect {
-        /// Guest address of the first block.
-        gpa: u64,
-        /// Length.
-        len: u64,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
     /// The slot's KVM memory slot could not be deleted earlier; the slot is
     /// out of service for the VM's life.
     #[error("hot-plug slot at {gpa:#x} is quarantined after a failed memory slot deletion")]
@@ -138,8 +125,14 @@ pub struct HotplugStats {
     pub slots_quarantined: AtomicU64,
     /// Plugs refused because too many retired slots wait to be unmapped.
     pub plugs_refused_backlog: AtomicU64,
-    /// Bytes returned with `MADV_DONTNEED` from slots still in use.
+    /// Bytes returned with `MADV_DONTNEED` from slots still in use
+    /// (`backend=ram`).
     pub madvised_bytes: AtomicU64,
+    /// Bytes punched out of slot memfds still in use (`backend=memfd`).
+    pub punched_bytes: AtomicU64,
+    /// Bytes populated before the guest was told they are plugged
+    /// (`prealloc=on`).
+    pub populated_bytes: AtomicU64,
     /// Unplugged ranges that could not be made read-only (they were still
     /// returned to the host).
     pub protect_failures: AtomicU64,
@@ -176,6 +169,7 @@ pub struct MemoryManager {
     base: u64,
     size: u64,
     block_size: u64,
+    backing: MemoryBacking,
     slots: Mutex<Vec<Slot>>,
     stats: Arc<HotplugStats>,
     on_fatal: std::sync::OnceLock<FatalSlot>,
@@ -213,8 +207,17 @@ impl Drop for Retired {
 
 impl MemoryManager {
     /// A manager for the hot-plug region `[base, base + size)` (a multiple of
-    /// [`SLOT_SIZE`]) with blocks of `block_size` (dividing [`SLOT_SIZE`]).
-    pub fn new(vm: Arc<Vm>, memory: SharedMemory, base: u64, size: u64, block_size: u64) -> Self {
+    /// [`SLOT_SIZE`]) with blocks of `block_size` (dividing [`SLOT_SIZE`]),
+    /// backed as `backing` says (checked against the host by the caller:
+    /// [`MemoryBacking::check_host`]).
+    pub fn new(
+        vm: Arc<Vm>,
+        memory: SharedMemory,
+        base: u64,
+        size: u64,
+        block_size: u64,
+        backing: MemoryBacking,
+    ) -> Self {
         let blocks = (SLOT_SIZE / block_size.max(1)) as usize;
         let slots = (0..size / SLOT_SIZE)
             .map(|i| Slot {
@@ -233,6 +236,7 @@ impl MemoryManager {
             base,
             size,
             block_size,
+            backing,
             slots: Mutex::new(slots),
             stats: Arc::new(HotplugStats::default()),
             on_fatal: std::sync::OnceLock::new(),
@@ -296,6 +300,7 @@ impl MemoryManager {
         serde_json::json!({
             "slot-size": SLOT_SIZE,
             "block-size": self.block_size,
+            "backing": self.backing.to_string(),
             "mapped-slots": slots,
             "quarantined-slots": quarantined,
             "retired-pending": self.retired_pending(),
@@ -373,40 +378,23 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Maps `slot` with blocks `plugging` (first, last exclusive) writable
-    /// and the rest read-only, then gives it to KVM: a guest that touches the
-    /// blocks it is plugging as soon as KVM maps them finds them writable.
+    /// Maps `slot` (every block unplugged), plugs blocks `plugging`
+    /// (first, last exclusive: writable, populated with `prealloc=on`),
+    /// then gives the slot to KVM: a guest that touches the blocks it is
+    /// plugging as soon as KVM maps them finds them writable.
     fn map_slot(
         &self,
         slot: &mut Slot,
         plugging: (usize, usize),
     ) -> Result<Arc<GuestRegionMmap>, HotplugError> {
-        let region = Arc::new(
-            GuestRegionMmap::from_range(GuestAddress(slot.gpa), SLOT_SIZE as usize, None).map_err(
-                |source| HotplugError::Map {
-                    gpa: slot.gpa,
-                    source,
-                },
-            )?,
-        );
-        crate::guest_memory::name_mapping(&region, &format!("{SLOT_MAPPING_NAME}-{:x}", slot.gpa));
-        crate::guest_memory::exclude_from_core_dumps(&region);
+        let region = Arc::new(self.backing.map_slot(slot.gpa, SLOT_SIZE)?);
         let (a, b) = (
             plugging.0 as u64 * self.block_size,
             plugging.1 as u64 * self.block_size,
         );
-        for (offset, len, writable) in [(0, a, false), (a, b - a, true), (b, SLOT_SIZE - b, false)]
-        {
-            if len > 0 {
-                protect(&region, offset, len, writable).map_err(|source| {
-                    HotplugError::Protect {
-                        gpa: slot.gpa + offset,
-                        len,
-                        source,
-                    }
-                })?;
-            }
-        }
+        // Not yet in KVM nor published: on an error, dropping `region`
+        // unmaps it (a `Hole` in it harms nothing).
+        self.plug_blocks(&region, a, b - a)?;
         let host = region.as_ptr() as u64;
         // SAFETY: the mapping is owned by `region`, which the slot and every
         // map published while the KVM slot exists keep alive; the KVM slot
@@ -417,6 +405,23 @@ impl MemoryManager {
         }?;
         slot.region = Some(Arc::clone(&region));
         Ok(region)
+    }
+
+    /// [`MemoryBacking::plug`], counted.
+    fn plug_blocks(
+        &self,
+        region: &GuestRegionMmap,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), HotplugError> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.backing.plug(region, offset, len)?;
+        if self.backing.prealloc() {
+            self.stats.populated_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn plug_range(&self, gpa: u64, len: u64) -> Result<(), HotplugError> {
@@ -473,7 +478,10 @@ impl MemoryManager {
                 continue;
             }
             let (offset, len) = (a as u64 * self.block_size, (b - a) as u64 * self.block_size);
-            if let Err(source) = protect(region, offset, len, true) {
+            if let Err(e) = self.plug_blocks(region, offset, len) {
+                if let HotplugError::Backing(BackingError::Hole { .. }) = &e {
+                    self.fatal(crate::error_chain(&e));
+                }
                 // Undo: the blocks made writable so far go back to
                 // read-only and empty (none of them was plugged: the device
                 // refuses to plug plugged blocks).
@@ -483,11 +491,7 @@ impl MemoryManager {
                         self.unback(r, slots[j].gpa, o, l);
                     }
                 }
-                return Err(HotplugError::Protect {
-                    gpa: slots[i].gpa + offset,
-                    len,
-                    source,
-                });
+                return Err(e);
             }
         }
         for (i, a, b) in parts {
@@ -644,58 +648,39 @@ impl MemoryManager {
     }
 
     /// Makes `len` bytes at `offset` of a live slot read-only, then returns
-    /// them to the host. In that order: a guest write between the two would
-    /// otherwise fault in a page that stays.
+    /// them to the host ([`MemoryBacking::unplug`]). In that order: a guest
+    /// write between the two would otherwise fault in a page that stays. A
+    /// range that may have become a hole inside the KVM memory slot stops
+    /// the VM.
     fn unback(&self, region: &GuestRegionMmap, slot_gpa: u64, offset: u64, len: u64) {
-        if let Err(e) = protect(region, offset, len, false) {
-            self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
-            log::warn!(
-                "cannot make unplugged guest memory at {:#x}+{len:#x} read-only: {e}",
+        let out = self.backing.unplug(region, offset, len);
+        match out.protected {
+            Ok(()) => {}
+            Err(e @ BackingError::Hole { .. }) => {
+                self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
+                self.fatal(crate::error_chain(&e));
+            }
+            Err(e) => {
+                self.stats.protect_failures.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "cannot make unplugged guest memory at {:#x}+{len:#x} read-only: {}",
+                    slot_gpa + offset,
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        match (out.returned, out.how) {
+            (Ok(()), Returned::Dontneed) => {
+                self.stats.madvised_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            (Ok(()), _) => {
+                self.stats.punched_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            (Err(e), how) => log::warn!(
+                "returning unplugged guest memory at {:#x}+{len:#x} ({how:?}) failed: {e}",
                 slot_gpa + offset
-            );
+            ),
         }
-        let host = region.as_ptr().wrapping_add(offset as usize);
-        // SAFETY: `host..host + len` lies inside the slot's live mapping
-        // (offset and len are block-aligned parts of it); MADV_DONTNEED on
-        // private anonymous memory only drops its pages (later accesses see
-        // zeros), it cannot make the mapping invalid.
-        let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
-        if rc == 0 {
-            self.stats.madvised_bytes.fetch_add(len, Ordering::Relaxed);
-        } else {
-            log::warn!(
-                "madvise(MADV_DONTNEED) of unplugged guest memory failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-}
-
-/// Makes `len` bytes at `offset` of `region` writable or read-only.
-fn protect(region: &GuestRegionMmap, offset: u64, len: u64, writable: bool) -> std::io::Result<()> {
-    let in_bounds = offset
-        .checked_add(len)
-        .is_some_and(|end| end <= region.len());
-    if !in_bounds {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    let prot = if writable {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_READ
-    };
-    let host = region.as_ptr().wrapping_add(offset as usize);
-    // SAFETY: `host..host + len` lies inside the slot's live mapping (checked
-    // above), which this process owns; protection changes cannot make it
-    // invalid. Read-only parts are never written by the VMM: its only writer
-    // of hot-plug memory is the virtio-mem device, on the control thread,
-    // which checks its plugged bitmap before writing, and the bitmap is
-    // updated on that thread after this call.
-    let rc = unsafe { libc::mprotect(host.cast(), len as usize, prot) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -744,11 +729,22 @@ mod tests {
     /// A manager over `slots` slots at `base` (distinct per test: the tests
     /// of this module share one process and look at its mappings by name).
     fn manager(base: u64, slots: u64) -> (Arc<Vm>, MemoryManager) {
+        manager_with(base, slots, MemoryBacking::default())
+    }
+
+    fn manager_with(base: u64, slots: u64, backing: MemoryBacking) -> (Arc<Vm>, MemoryManager) {
         let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
         let vm = Arc::new(Vm::new(kvm).unwrap());
         let ram = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
         let memory: SharedMemory = Arc::new(rcu::RcuCell::new(GuestMap::first(ram)));
-        let mm = MemoryManager::new(Arc::clone(&vm), memory, base, slots * SLOT_SIZE, BLOCK);
+        let mm = MemoryManager::new(
+            Arc::clone(&vm),
+            memory,
+            base,
+            slots * SLOT_SIZE,
+            BLOCK,
+            backing,
+        );
         (vm, mm)
     }
 
@@ -943,5 +939,312 @@ mod tests {
         assert_eq!(mm.retired_pending(), 0);
         mm.plug_range(base, BLOCK).unwrap();
         assert_eq!(mm.mapped_slots(), 1);
+    }
+
+    fn backing(text: &str) -> MemoryBacking {
+        crate::config::parse_hotplug_memory(&format!("size=1G,{text}"))
+            .unwrap()
+            .1
+    }
+
+    /// `(maps line, smaps fields)` of this process's mappings that overlap
+    /// `[host, host + len)`.
+    fn smaps(host: u64, len: u64) -> Vec<(String, Vec<(String, u64)>)> {
+        let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut out: Vec<(String, Vec<(String, u64)>)> = Vec::new();
+        let mut inside = false;
+        for line in text.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = first.split_once('-')
+                && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+            {
+                inside = a < host + len && host < b;
+                if inside {
+                    out.push((line.to_string(), Vec::new()));
+                }
+            } else if inside && let Some((k, v)) = line.split_once(':') {
+                let n = v.split_whitespace().next().and_then(|n| n.parse().ok());
+                if let (Some(n), Some(last)) = (n, out.last_mut()) {
+                    last.1.push((k.to_string(), n));
+                }
+            }
+        }
+        out
+    }
+
+    /// Sum of field `key` (kB) over the mappings of `[host, host + len)`.
+    fn smaps_kb(host: u64, len: u64, key: &str) -> u64 {
+        smaps(host, len)
+            .iter()
+            .flat_map(|(_, f)| f.iter().filter(|(k, _)| k == key).map(|(_, v)| *v))
+            .sum()
+    }
+
+    /// The maps line of the mapping holding `addr`.
+    fn maps_line(addr: u64) -> String {
+        smaps(addr, 1).pop().unwrap().0
+    }
+
+    /// 512-byte blocks the slot at `gpa`'s memfd holds.
+    fn memfd_blocks(mm: &MemoryManager, gpa: u64) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let slots = mm.lock();
+        let s = slots.iter().find(|s| s.gpa == gpa).unwrap();
+        let f = s
+            .region
+            .as_ref()
+            .unwrap()
+            .file_offset()
+            .expect("a memfd slot");
+        f.file().metadata().unwrap().blocks()
+    }
+
+    #[test]
+    fn a_memfd_slot_maps_plugged_blocks_from_its_memfd_and_punches_unplugged_ones_out() {
+        let _serial = serial();
+        let base = 0x60_0000_0000;
+        let (_vm, mm) = manager_with(base, 1, backing("backend=memfd"));
+        mm.plug_range(base, 2 * BLOCK).unwrap();
+        let host = hosts(&mm)[0];
+        // Plugged: the memfd, shared and writable; unplugged: anonymous,
+        // read-only, named after the slot.
+        for off in [0, BLOCK] {
+            let l = maps_line(host + off);
+            assert!(
+                l.contains("rw-s") && l.contains("/memfd:vmm-hotplug-slot"),
+                "{l}"
+            );
+        }
+        // (Named `[anon:vmm-hotplug-slot-<gpa>]` on kernels with
+        // CONFIG_ANON_VMA_NAME.)
+        let anonymous_read_only = |l: &str| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f[1] == "r--p" && f[4] == "0" && f.get(5).is_none_or(|n| n.starts_with("[anon:"))
+        };
+        let l = maps_line(host + 2 * BLOCK);
+        assert!(anonymous_read_only(&l), "{l}");
+        assert!(!mm.writable(base + 2 * BLOCK, 8));
+        assert_eq!(memfd_blocks(&mm, base), 0, "nothing touched yet");
+        // The guest writes both blocks.
+        for off in [0, BLOCK] {
+            for page in (0..BLOCK).step_by(4096) {
+                // SAFETY: both blocks are plugged and writable; nothing
+                // else uses them.
+                unsafe { ((host + off + page) as *mut u64).write_volatile(0x5a) };
+            }
+        }
+        let full = memfd_blocks(&mm, base);
+        assert!(full * 512 >= 2 * BLOCK, "{full} blocks of 512 bytes");
+        // Unplugging block 1 returns its memory and leaves zeros, read-only.
+        mm.unplug_range(base + BLOCK, BLOCK).unwrap();
+        assert_eq!(full - memfd_blocks(&mm, base), BLOCK / 512);
+        assert_eq!(mm.stats.punched_bytes.load(Ordering::Relaxed), BLOCK);
+        assert_eq!(mm.stats.madvised_bytes.load(Ordering::Relaxed), 0);
+        let l = maps_line(host + BLOCK);
+        assert!(anonymous_read_only(&l), "{l}");
+        // SAFETY: mapped read-only; reading is allowed.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        // Reading unplugged blocks allocates nothing in the memfd.
+        for page in (BLOCK..SLOT_SIZE).step_by(4096) {
+            // SAFETY: as above.
+            unsafe { ((host + page) as *const u64).read_volatile() };
+        }
+        assert_eq!(full - memfd_blocks(&mm, base), BLOCK / 512);
+        // Plugged again: the memfd's range, empty.
+        mm.plug_range(base + BLOCK, BLOCK).unwrap();
+        // SAFETY: plugged and writable again.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        // SAFETY: block 0 was never unplugged.
+        assert_eq!(unsafe { (host as *const u64).read_volatile() }, 0x5a);
+        assert!(
+            mm.state_json()["backing"]
+                .as_str()
+                .unwrap()
+                .starts_with("backend=memfd")
+        );
+        // The last unplug retires the slot: unmapped, memfd closed, after
+        // a grace period.
+        mm.unplug_range(base, 2 * BLOCK).unwrap();
+        rcu::drain_call_rcu();
+        assert!(!mapped(host));
+    }
+
+    #[test]
+    fn prealloc_populates_plugged_blocks_before_the_plug_returns_for_every_backend() {
+        let _serial = serial();
+        for (n, (opts, rss_key)) in [
+            ("backend=ram,prealloc=on", "Rss"),
+            ("backend=memfd,prealloc=on", "Rss"),
+            ("backend=ram", "Rss"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let base = 0x70_0000_0000 + n as u64 * SLOT_SIZE;
+            let (_vm, mm) = manager_with(base, 1, backing(opts));
+            mm.plug_range(base, 4 * BLOCK).unwrap();
+            let host = hosts(&mm)[0];
+            let rss = smaps_kb(host, SLOT_SIZE, rss_key) << 10;
+            if backing(opts).prealloc() {
+                assert!(rss >= 4 * BLOCK, "{opts}: {rss:#x} resident");
+                assert_eq!(mm.stats.populated_bytes.load(Ordering::Relaxed), 4 * BLOCK);
+            } else {
+                assert!(rss < BLOCK, "{opts}: {rss:#x} resident without prealloc");
+            }
+            mm.unplug_range(base, 4 * BLOCK).unwrap();
+            rcu::drain_call_rcu();
+        }
+    }
+
+    #[test]
+    fn thp_on_makes_anonymous_and_memfd_slots_eligible_for_huge_pages() {
+        let _serial = serial();
+        let thp = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+        let anon_ok = !thp("/sys/kernel/mm/transparent_hugepage/enabled").contains("[never]");
+        assert!(anon_ok, "this test needs THP enabled (always or madvise)");
+        let base = 0x78_0000_0000;
+        for (n, opts) in ["backend=ram,thp=on", "backend=ram"]
+            .into_iter()
+            .enumerate()
+        {
+            let base = base + n as u64 * SLOT_SIZE;
+            let (_vm, mm) = manager_with(base, 1, backing(opts));
+            mm.plug_range(base, 2 * BLOCK).unwrap();
+            let host = hosts(&mm)[0];
+            let flags = smaps(host, 2 * BLOCK)
+                .iter()
+                .flat_map(|(_, f)| f.clone())
+                .filter(|(k, _)| k == "THPeligible")
+                .map(|(_, v)| v)
+                .collect::<Vec<_>>();
+            let always = thp("/sys/kernel/mm/transparent_hugepage/enabled").contains("[always]");
+            if backing(opts).thp() || always {
+                assert!(
+                    !flags.is_empty() && flags.iter().all(|&v| v == 1),
+                    "{opts}: {flags:?}"
+                );
+            } else {
+                assert!(flags.iter().all(|&v| v == 0), "{opts}: {flags:?}");
+            }
+            mm.unplug_range(base, 2 * BLOCK).unwrap();
+            rcu::drain_call_rcu();
+        }
+        // memfd: the plugged range carries the advice (VmFlags "hg");
+        // whether huge pages follow is shmem_enabled's business.
+        let base = base + 2 * SLOT_SIZE;
+        let (_vm, mm) = manager_with(base, 1, backing("backend=memfd,thp=on"));
+        mm.plug_range(base, BLOCK).unwrap();
+        let host = hosts(&mm)[0];
+        let smaps_text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{host:x}-");
+        let vm_flags = smaps_text
+            .split("\n")
+            .skip_while(|l| !l.starts_with(&start))
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap()
+            .to_string();
+        assert!(vm_flags.split_whitespace().any(|f| f == "hg"), "{vm_flags}");
+        mm.unplug_range(base, BLOCK).unwrap();
+        rcu::drain_call_rcu();
+    }
+
+    #[test]
+    fn a_hugetlb_plug_the_pool_cannot_supply_fails_with_the_pool_named_and_changes_nothing() {
+        let _serial = serial();
+        let b = backing("backend=memfd,hugetlb=on,prealloc=on");
+        b.check_host().expect("this host has 2 MiB huge pages");
+        let dir = "/sys/kernel/mm/hugepages/hugepages-2048kB";
+        let count = |f: &str| -> u64 {
+            std::fs::read_to_string(format!("{dir}/{f}"))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        // A plug one page larger than what is free.
+        let available = count("free_hugepages").saturating_sub(count("resv_hugepages"));
+        let len = (available + 1) * BLOCK;
+        let slots = len.div_ceil(SLOT_SIZE);
+        let base = 0x80_0000_0000;
+        let (_vm, mm) = manager_with(base, slots, b);
+        let err = mm.plug_range(base, len).unwrap_err();
+        let msg = crate::error_chain(&err);
+        assert!(
+            matches!(&err, HotplugError::Backing(BackingError::PoolShort { need, .. }) if *need == available + 1),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("hugetlb pool short") && msg.contains(dir),
+            "{msg}"
+        );
+        assert_eq!(mm.mapped_slots(), 0, "nothing mapped");
+        assert_eq!(mm.stats.plugs.load(Ordering::Relaxed), 0);
+        assert!(mm.writable(base, 8), "no slot holds unplugged blocks");
+    }
+
+    /// Sets the host's 2 MiB hugetlb pool to `pages` for the life of the
+    /// guard and restores what it was when dropped (also on a panic).
+    struct PoolGuard(String);
+
+    const NR_HUGEPAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+
+    impl PoolGuard {
+        fn set(pages: u64) -> Self {
+            let old = std::fs::read_to_string(NR_HUGEPAGES)
+                .expect("this test needs 2 MiB huge pages in the host kernel");
+            std::fs::write(NR_HUGEPAGES, pages.to_string())
+                .expect("this test sets the hugetlb pool (root, writable /sys)");
+            Self(old.trim().to_string())
+        }
+    }
+
+    impl Drop for PoolGuard {
+        fn drop(&mut self) {
+            let _ = std::fs::write(NR_HUGEPAGES, &self.0);
+        }
+    }
+
+    #[test]
+    fn hugetlb_plugs_take_pages_from_the_pool_and_unplugs_give_them_back() {
+        let _serial = serial();
+        let free = || -> u64 {
+            std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let before = free();
+        let _pool = PoolGuard::set(before + 4);
+        let f0 = free();
+        assert!(f0 >= 4, "the pool could not be grown by 4 pages: {f0} free");
+        let base = 0x88_0000_0000;
+        let (_vm, mm) = manager_with(base, 1, backing("backend=memfd,hugetlb=on,prealloc=on"));
+        mm.plug_range(base, 2 * BLOCK).unwrap();
+        assert_eq!(f0 - free(), 2, "the plug populated two huge pages");
+        let host = hosts(&mm)[0];
+        let l = maps_line(host);
+        assert!(
+            l.contains("rw-s") && l.contains("/memfd:vmm-hotplug-slot"),
+            "{l}"
+        );
+        // SAFETY: block 1 is plugged and writable; nothing else uses it.
+        unsafe { ((host + BLOCK) as *mut u64).write_volatile(7) };
+        mm.unplug_range(base + BLOCK, BLOCK).unwrap();
+        assert_eq!(f0 - free(), 1, "the unplug punched its page out");
+        // SAFETY: mapped read-only; reading is allowed.
+        assert_eq!(unsafe { ((host + BLOCK) as *const u64).read_volatile() }, 0);
+        assert_eq!(f0 - free(), 1, "reading an unplugged block took no page");
+        // Plugging more than the pool holds is refused, and takes nothing.
+        let err = mm.plug_range(base + BLOCK, f0 * BLOCK).unwrap_err();
+        assert!(
+            matches!(err, HotplugError::Backing(BackingError::PoolShort { .. })),
+            "{err}"
+        );
+        assert_eq!(f0 - free(), 1);
+        // The last unplug retires the slot; its memfd goes with the mapping.
+        mm.unplug_range(base, BLOCK).unwrap();
+        rcu::drain_call_rcu();
+        assert_eq!(free(), f0, "every page back in the pool");
     }
 }

@@ -744,6 +744,96 @@ mod tests {
         );
     }
 
+    fn memfd_create(flags: libc::c_uint) {
+        // SAFETY: the name is a valid C string; the memfd (if any) is
+        // closed when the child exits.
+        unsafe { libc::syscall(libc::SYS_memfd_create, c"x".as_ptr(), flags) };
+    }
+    fn fallocate_bad_fd(mode: libc::c_int) {
+        // SAFETY: fd -1: fails with EBADF.
+        unsafe { libc::syscall(libc::SYS_fallocate, -1, mode, 0, 4096) };
+    }
+    fn add_seals_bad_fd(seals: libc::c_int) {
+        // SAFETY: fd -1: fails with EBADF.
+        unsafe { libc::syscall(libc::SYS_fcntl, -1, libc::F_ADD_SEALS, seals) };
+    }
+    fn populate() {
+        // SAFETY: address 0 is not mapped: fails with ENOMEM.
+        unsafe { libc::syscall(libc::SYS_madvise, 0, 4096, libc::MADV_POPULATE_WRITE) };
+    }
+
+    #[test]
+    fn control_filter_allows_the_memfd_backing_calls_with_their_arguments_only() {
+        const BASE: libc::c_uint = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        let p = program(ThreadKind::Control).unwrap();
+        assert_eq!(in_filtered_child(&p, || memfd_create(BASE)), ALLOWED);
+        assert_eq!(
+            in_filtered_child(&p, || memfd_create(
+                libc::MFD_CLOEXEC
+                    | libc::MFD_ALLOW_SEALING
+                    | libc::MFD_HUGETLB
+                    | libc::MFD_HUGE_2MB
+            )),
+            ALLOWED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || memfd_create(0)),
+            KILLED,
+            "a memfd without CLOEXEC"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || fallocate_bad_fd(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            )),
+            ALLOWED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || fallocate_bad_fd(0)),
+            KILLED,
+            "allocating, not punching"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || add_seals_bad_fd(crate::memory_backing::MEMFD_SEALS)),
+            ALLOWED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || add_seals_bad_fd(libc::F_SEAL_WRITE)),
+            KILLED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || mmap(
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE
+            )),
+            ALLOWED,
+            "a shared file mapping (fd -1 here)"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || mmap(
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_SHARED
+            )),
+            KILLED,
+            "executable file mapping"
+        );
+        assert_eq!(
+            in_filtered_child(&p, || mmap(libc::PROT_READ, libc::MAP_PRIVATE)),
+            KILLED,
+            "private file mapping"
+        );
+        assert_eq!(in_filtered_child(&p, populate), ALLOWED);
+        // Only the control thread plugs memory.
+        let vcpu = program(ThreadKind::Vcpu).unwrap();
+        assert_eq!(in_filtered_child(&vcpu, || memfd_create(BASE)), KILLED);
+        assert_eq!(in_filtered_child(&vcpu, populate), KILLED);
+        assert_eq!(
+            in_filtered_child(&vcpu, || fallocate_bad_fd(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            )),
+            KILLED
+        );
+    }
+
     #[test]
     fn call_rcu_filter_allows_only_the_expedited_barrier() {
         let p = program(ThreadKind::CallRcu).unwrap();

@@ -24,7 +24,7 @@ import traceback
 import l2_vm
 from cargo_tests import cargo_tests
 from comparisons import bench_boot, experiment, qemu_count
-from hotplug import demo, hotplug
+from hotplug import demo, hotplug, hotplug_memfd
 from l2_vm import Failed
 from lifecycle import lifecycle_1cpu, lifecycle_2cpu, lifecycle_8cpu, reset_during_command
 from results import Results
@@ -36,6 +36,7 @@ SCENARIOS = {
     "lifecycle-8cpu": lifecycle_8cpu,
     "reset-during-command": reset_during_command,
     "hotplug": hotplug,
+    "hotplug-memfd": hotplug_memfd,
     "cargo-tests": cargo_tests,
     "experiment": experiment,
     "demo": demo,

@@ -19,7 +19,7 @@
 //! identity). No `chmod`, `chown`, `link`, `symlink`, `mkdir`, `truncate`
 //! or opening read-write.
 
-use super::allow_list::{AllowList, arg_eq};
+use super::allow_list::{AllowList, arg_eq, arg_masked_eq};
 use crate::kick::kick_signal;
 use kvm_bindings::{KVMIO, kvm_userspace_memory_region};
 use seccompiler::BackendError;
@@ -97,11 +97,17 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
     // dumps; unplugged blocks are returned (MADV_DONTNEED, in the common
     // list); guest memory may ask for transparent huge pages.
     list.when(libc::SYS_prctl, vec![arg_eq(0, libc::PR_SET_VMA as u64)?])?;
+    // `prealloc=on` populates plugged blocks before the guest is told.
     list.when_arg_in(
         libc::SYS_madvise,
         2,
-        &[libc::MADV_HUGEPAGE as u64, libc::MADV_DONTDUMP as u64],
+        &[
+            libc::MADV_HUGEPAGE as u64,
+            libc::MADV_DONTDUMP as u64,
+            libc::MADV_POPULATE_WRITE as u64,
+        ],
     )?;
+    allow_memfd_backing(list)?;
     // Files are opened three ways only (`report_file` for the reports):
     // read (/proc/self/stat and status for the metrics), created new under
     // a random name, never through a link (a report's temporary file), or
@@ -117,6 +123,55 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
                 as u64,
             (libc::O_WRONLY | libc::O_APPEND | libc::O_NOCTTY | libc::O_CLOEXEC) as u64,
         ],
+    )?;
+    Ok(())
+}
+
+/// `backend=memfd` (module `memory_backing`): a slot's memfd is created,
+/// sized and sealed when a plug first needs the slot, its ranges are mapped
+/// over plugged blocks, and unplugged blocks are punched out of it. Only
+/// these arguments: the memfd flags the VMM uses (with and without
+/// hugetlb's 2 MiB pages), the seals it applies, shared non-executable
+/// file mappings (the common list allows anonymous ones only), and the
+/// punch-hole mode of `fallocate`, which never grows a file. `ftruncate`
+/// is not restricted (it sizes a new memfd; the control thread opens no
+/// file for writing after set-up, and report files are created new, so
+/// there is nothing else for it to shrink).
+fn allow_memfd_backing(list: &mut AllowList) -> Result<(), BackendError> {
+    let base = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    list.when_arg_in(
+        libc::SYS_memfd_create,
+        1,
+        &[
+            u64::from(base),
+            u64::from(base | libc::MFD_HUGETLB | libc::MFD_HUGE_2MB),
+        ],
+    )?;
+    list.any(&[libc::SYS_ftruncate]);
+    list.when(
+        libc::SYS_fcntl,
+        vec![
+            arg_eq(1, libc::F_ADD_SEALS as u64)?,
+            arg_eq(2, crate::memory_backing::MEMFD_SEALS as u64)?,
+        ],
+    )?;
+    list.when(
+        libc::SYS_mmap,
+        vec![
+            arg_masked_eq(2, libc::PROT_EXEC as u64, 0)?,
+            arg_masked_eq(
+                3,
+                (libc::MAP_ANONYMOUS | libc::MAP_TYPE) as u64,
+                libc::MAP_SHARED as u64,
+            )?,
+        ],
+    )?;
+    list.when(
+        libc::SYS_fallocate,
+        vec![arg_eq(
+            1,
+            (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+        )?],
     )?;
     Ok(())
 }
