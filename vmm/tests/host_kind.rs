@@ -3,6 +3,8 @@
 //! on every kind of host, and `vmm --host-kind` prints what the script
 //! prints on this one. Needs neither root nor `/dev/kvm`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A test: failing loudly is the point.
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use vmm::host::HostKind;
