@@ -459,3 +459,31 @@ pub fn start_runner(vm: &BareVm, privilege: Privilege, heartbeat_vcpu: bool) {
         });
     }
 }
+
+/// Runs the VM on this thread and `drive` on a thread named `guest-driver`
+/// (a fenced RCU reader, as vCPU threads are). When `drive` returns or
+/// panics, that thread asks the VM to power off, so the run ends either
+/// way. Returns how the run ended and what `drive` returned, or its panic
+/// payload for the caller to report with what it knows.
+pub fn run_driven<T: Send + 'static>(
+    vm: &mut BareVm,
+    limit: Duration,
+    drive: impl FnOnce(GuestDriver) -> T + Send + 'static,
+) -> (vmm::machine::RunOutcome, std::thread::Result<T>) {
+    let driver = GuestDriver::new(vm);
+    let exit = std::sync::Arc::clone(&vm.machine.devices.exit);
+    let thread = std::thread::Builder::new()
+        .name("guest-driver".into())
+        .spawn(move || {
+            rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(driver)));
+            exit.request(devices::ExitRequest::PowerOff);
+            r
+        })
+        .expect("spawn the guest-driver thread");
+    let outcome = vm.run_outcome(limit);
+    let driven = thread
+        .join()
+        .expect("the guest-driver thread catches its panics");
+    (outcome, driven)
+}

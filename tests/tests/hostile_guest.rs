@@ -181,26 +181,15 @@ fn run_driven<T: Send + 'static>(
     vm: &mut BareVm,
     drive: impl FnOnce(GuestDriver) -> T + Send + 'static,
 ) -> (StopReason, T) {
-    let driver = GuestDriver::new(vm);
-    let exit = Arc::clone(&vm.machine.devices.exit);
-    let thread = std::thread::Builder::new()
-        .name("guest-driver".into())
-        .spawn(move || {
-            rcu::set_reader_mode(rcu::ReaderMode::Fenced);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                let mut driver = driver;
-                // Once the runner answers, the VMM has installed its panic
-                // hook (if it does): put the watch back in front of it.
-                driver.one(r(TEST_MMIO, 8)).expect("the runner answers");
-                tests::panic_watch::install();
-                drive(driver)
-            }));
-            exit.request(ExitRequest::PowerOff);
-            r
-        })
-        .unwrap();
-    let reason = vm.run(LIMIT);
-    match thread.join().unwrap() {
+    let (outcome, driven) = tests::guest_driver::run_driven(vm, LIMIT, move |mut driver| {
+        // Once the runner answers, the VMM has installed its panic hook (if
+        // it does): put the watch back in front of it.
+        driver.one(r(TEST_MMIO, 8)).expect("the runner answers");
+        tests::panic_watch::install();
+        drive(driver)
+    });
+    let reason = outcome.reason;
+    match driven {
         Ok(t) => (reason, t),
         Err(p) => {
             eprintln!(

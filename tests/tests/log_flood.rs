@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use devices::ExitRequest;
 use tests::bare_vm::{BareVm, TEST_MMIO};
-use tests::guest_driver::{GuestDriver, Op, Privilege, runner, start_runner};
+use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
 use tests::virtio_ops::{QUEUE_NOTIFY, STATUS, VIRTIO, break_device, r32, run, w32};
 use vmm::control::StopReason;
@@ -143,20 +143,8 @@ fn a_guest_looping_on_logged_paths_prints_little_on_stderr() {
 
     let redirect = StderrRedirect::to(&file);
     vmm::logger::init();
-    let driver = GuestDriver::new(&vm);
-    let exit = Arc::clone(&vm.machine.devices.exit);
     let hp2 = Arc::clone(&hp);
-    let thread = std::thread::Builder::new()
-        .name("guest-driver".into())
-        .spawn(move || {
-            rcu::set_reader_mode(rcu::ReaderMode::Fenced);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(driver, &hp2)));
-            exit.request(ExitRequest::PowerOff);
-            r
-        })
-        .unwrap();
-    let outcome = vm.run_outcome(LIMIT);
-    let driven = thread.join().unwrap();
+    let (outcome, driven) = run_driven(&mut vm, LIMIT, move |driver| drive(driver, &hp2));
     drop(redirect);
     let mut stderr = String::new();
     std::fs::File::open(&path)

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use devices::ExitRequest;
 use tests::bare_vm::{BareVm, TEST_MMIO};
-use tests::guest_driver::{GuestDriver, Op, Privilege, runner, start_runner};
+use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
 use tests::virtio_ops::{QUEUE_NOTIFY, VIRTIO, break_device, run, w32};
 use vmm::control::StopReason;
@@ -176,20 +176,8 @@ fn a_full_stderr_pipe_nobody_reads_does_not_block_the_vmm() {
         }
     });
 
-    let driver = GuestDriver::new(&vm);
-    let exit = Arc::clone(&vm.machine.devices.exit);
     let hp2 = Arc::clone(&hp);
-    let thread = std::thread::Builder::new()
-        .name("guest-driver".into())
-        .spawn(move || {
-            rcu::set_reader_mode(rcu::ReaderMode::Fenced);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drive(driver, &hp2)));
-            exit.request(ExitRequest::PowerOff);
-            r
-        })
-        .unwrap();
-    let outcome = vm.run_outcome(LIMIT);
-    let driven = thread.join().unwrap();
+    let (outcome, driven) = run_driven(&mut vm, LIMIT, move |driver| drive(driver, &hp2));
     let _ = done_tx.send(());
     watchdog.join().unwrap();
     let dropped = vmm::logger::dropped_lines();

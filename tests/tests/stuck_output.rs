@@ -16,14 +16,13 @@
 
 use devices::{BusDevice, BusRange};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
+use tests::raw_qmp::{self, RawQmp};
 use vmm::RunOptions;
 use vmm::control::{QmpStop, StopReason};
 use vmm::machine::RunOutcome;
@@ -105,57 +104,38 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A negotiated QMP connection.
-struct Qmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-}
+/// A negotiated QMP connection (tests::raw_qmp), run by command name.
+struct Qmp(RawQmp);
 
 impl Qmp {
     fn connect(sock: &Path) -> Self {
-        let end = Instant::now() + Duration::from_secs(60);
-        let s = loop {
-            match UnixStream::connect(sock) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => panic!("cannot connect to QMP: {e}"),
-            }
-        };
-        // Generous: `stop` may take its whole deadline to answer.
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Self {
-            w: s.try_clone().unwrap(),
-            r: BufReader::new(s),
-        };
-        let greeting = q.line();
-        assert!(greeting.get("QMP").is_some(), "{greeting}");
-        let r = q.execute("qmp_capabilities");
-        assert!(r.get("return").is_some(), "{r}");
-        q
-    }
-
-    fn line(&mut self) -> Value {
-        let mut line = String::new();
-        self.r
-            .read_line(&mut line)
-            .expect("QMP did not answer within 30 s");
-        serde_json::from_str(&line).unwrap()
+        Self(raw_qmp::connect(sock))
     }
 
     /// Runs `cmd`; returns its reply (events are skipped).
     fn execute(&mut self, cmd: &str) -> Value {
-        writeln!(self.w, r#"{{"execute":"{cmd}"}}"#).unwrap();
-        loop {
-            let v = self.line();
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
+        raw_qmp::execute(&mut self.0, &format!(r#"{{"execute":"{cmd}"}}"#))
     }
 
     fn status(&mut self) -> Value {
         self.execute("query-status")["return"]["status"].clone()
     }
+}
+
+/// A 1-vCPU VM whose guest writes the [`Gate`] port, which holds the vCPU
+/// inside the device until the test opens it; the vCPU is started.
+fn gated_vm() -> (BareVm, Arc<Gate>) {
+    let vm = BareVm::new(1, 64 << 20, write_gate(), 0);
+    let gate = Arc::new(Gate::default());
+    vm.machine
+        .devices
+        .add_pio(
+            BusRange::new(u64::from(GATE_PORT), 1).unwrap(),
+            gate.clone(),
+        )
+        .unwrap();
+    vm.start_long_mode(0, false);
+    (vm, gate)
 }
 
 /// Runs `vm` with QMP at `sock` (and console output to `console_out`)
@@ -264,16 +244,7 @@ fn qmp_stop_names_a_vcpu_that_cannot_park() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let d = scratch("stop");
     let sock = d.join("qmp.sock");
-    let mut vm = BareVm::new(1, 64 << 20, write_gate(), 0);
-    let gate = Arc::new(Gate::default());
-    vm.machine
-        .devices
-        .add_pio(
-            BusRange::new(u64::from(GATE_PORT), 1).unwrap(),
-            gate.clone(),
-        )
-        .unwrap();
-    vm.start_long_mode(0, false);
+    let (mut vm, gate) = gated_vm();
     let sock2 = sock.clone();
     let g = Arc::clone(&gate);
     let (outcome, _) = run_with(&mut vm, &sock, None, move || {
@@ -305,16 +276,7 @@ fn the_end_of_a_run_leaves_a_stuck_vcpu_behind() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let d = scratch("end");
     let sock = d.join("qmp.sock");
-    let mut vm = BareVm::new(1, 64 << 20, write_gate(), 0);
-    let gate = Arc::new(Gate::default());
-    vm.machine
-        .devices
-        .add_pio(
-            BusRange::new(u64::from(GATE_PORT), 1).unwrap(),
-            gate.clone(),
-        )
-        .unwrap();
-    vm.start_long_mode(0, false);
+    let (mut vm, gate) = gated_vm();
     let sock2 = sock.clone();
     let g = Arc::clone(&gate);
     let quit_sent = Arc::new(Mutex::new(None));
