@@ -132,9 +132,7 @@ impl MemoryMap {
         let mut floor = ram.last().map_or(0, GuestRange::end);
         let mut hotplug = Vec::new();
         for &size in hotplug_sizes {
-            if let Some(r) =
-                layout::hotplug_region(floor, size).map_err(MemoryMapError::Hotplug)?
-            {
+            if let Some(r) = layout::hotplug_region(floor, size).map_err(MemoryMapError::Hotplug)? {
                 floor = r.end();
                 hotplug.push(r);
             }

@@ -174,7 +174,13 @@ mod tests {
             assert_eq!(u32_at(s, 16), size as u32, "entry {i} length low");
             assert_eq!(u32_at(s, 20), (size >> 32) as u32, "entry {i} length high");
             assert_eq!(u32_at(s, 28), flags, "entry {i} flags");
-            assert!(s[6..8].iter().chain(&s[24..28]).chain(&s[32..40]).all(|b| *b == 0));
+            assert!(
+                s[6..8]
+                    .iter()
+                    .chain(&s[24..28])
+                    .chain(&s[32..40])
+                    .all(|b| *b == 0)
+            );
         }
     }
 }

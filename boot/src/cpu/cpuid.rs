@@ -294,7 +294,10 @@ mod tests {
         // EAX: virtual bits 48 in [15:8], physical bits 46 in [7:0].
         let e = [leaf(0x8000_0008, 0, (48 << 8) | 46, 0, 0, 0)];
         assert_eq!(phys_addr_bits(&e), Some(46));
-        assert_eq!(phys_addr_bits(&[leaf(0x8000_0008, 0, 48 << 8, 0, 0, 0)]), None);
+        assert_eq!(
+            phys_addr_bits(&[leaf(0x8000_0008, 0, 48 << 8, 0, 0, 0)]),
+            None
+        );
         assert_eq!(phys_addr_bits(&[leaf(1, 0, 0x30, 0, 0, 0)]), None);
     }
 

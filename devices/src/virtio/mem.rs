@@ -1486,7 +1486,10 @@ mod tests {
         assert!(vmem.accepts_features(1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE));
         // Without acpi_pxm (no SRAT), only UNPLUGGED_INACCESSIBLE is offered.
         let plain = MemFixture::new(0);
-        assert_eq!(plain.vmem.features(), 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE);
+        assert_eq!(
+            plain.vmem.features(),
+            1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
+        );
     }
 
     #[test]
