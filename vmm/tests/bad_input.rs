@@ -309,8 +309,8 @@ fn the_kvm_memory_slot_budget_counts_every_hotplug_device() {
     let free = limit - first;
     let (a, b) = (free / 2, free - free / 2 + 1);
     let (a_arg, b_arg) = (
-        format!("{}M", a * slot >> 20),
-        format!("size={}M,id=second", b * slot >> 20),
+        format!("{}M", (a * slot) >> 20),
+        format!("size={}M,id=second", (b * slot) >> 20),
     );
     let k = kernel();
     let r = vmm(&[
@@ -327,7 +327,7 @@ fn the_kvm_memory_slot_budget_counts_every_hotplug_device() {
     assert!(r.stderr.contains(&format!("needs {}", limit + 1)), "{r}");
     assert!(
         r.stderr
-            .contains(&format!("a {} MiB hot-plug region", (a + b) * slot >> 20)),
+            .contains(&format!("a {} MiB hot-plug region", ((a + b) * slot) >> 20)),
         "{r}"
     );
 }
