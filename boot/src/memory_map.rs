@@ -84,7 +84,7 @@ pub struct E820Entry {
 pub struct MemoryMap {
     ram_size: u64,
     ram: Vec<GuestRange>,
-    hotplug: Option<GuestRange>,
+    hotplug: Vec<GuestRange>,
 }
 
 impl MemoryMap {
@@ -94,6 +94,15 @@ impl MemoryMap {
     /// Fails if `ram_size` is below [`MIN_RAM_SIZE`], above [`MAX_RAM_SIZE`] or not a
     /// multiple of 4 KiB, or if the hot-plug region does not fit the address space.
     pub fn new(ram_size: u64, hotplug_size: u64) -> Result<Self, MemoryMapError> {
+        Self::with_hotplug(ram_size, &[hotplug_size])
+    }
+
+    /// Lays out `ram_size` bytes of boot RAM and one hot-plug region per entry of
+    /// `hotplug_sizes`, in order, one after the other above RAM, each placed and rounded
+    /// as [`layout::hotplug_region`] does (a size of zero gives no region).
+    ///
+    /// Fails as [`new`](Self::new) does, or if the regions do not fit the address space.
+    pub fn with_hotplug(ram_size: u64, hotplug_sizes: &[u64]) -> Result<Self, MemoryMapError> {
         if ram_size < MIN_RAM_SIZE {
             return Err(MemoryMapError::TooSmall {
                 size: ram_size,
@@ -120,9 +129,14 @@ impl MemoryMap {
                 size: ram_size - low,
             });
         }
-        let ram_end = ram.last().map_or(0, GuestRange::end);
-        let hotplug =
-            layout::hotplug_region(ram_end, hotplug_size).map_err(MemoryMapError::Hotplug)?;
+        let mut floor = ram.last().map_or(0, GuestRange::end);
+        let mut hotplug = Vec::new();
+        for &size in hotplug_sizes {
+            if let Some(r) = layout::hotplug_region(floor, size).map_err(MemoryMapError::Hotplug)? {
+                floor = r.end();
+                hotplug.push(r);
+            }
+        }
         Ok(MemoryMap {
             ram_size,
             ram,
@@ -161,9 +175,20 @@ impl MemoryMap {
         self.ram.last().map_or(0, GuestRange::end)
     }
 
-    /// The hot-plug region, if one was requested.
+    /// The (first) hot-plug region, if one was requested.
     pub fn hotplug_region(&self) -> Option<GuestRange> {
-        self.hotplug
+        self.hotplug.first().copied()
+    }
+
+    /// Every hot-plug region, in the order requested (ascending addresses, disjoint).
+    pub fn hotplug_regions(&self) -> &[GuestRange] {
+        &self.hotplug
+    }
+
+    /// End (exclusive) of the hot-plug address space: the last region's end, or the
+    /// end of RAM without hot-plug memory.
+    pub fn hotplug_end(&self) -> u64 {
+        self.hotplug.last().map_or(self.ram_end(), GuestRange::end)
     }
 
     /// The E820 map for the guest, sorted by address. The hot-plug region is not in it.
@@ -317,6 +342,23 @@ mod tests {
         let m = MemoryMap::new(3 * GIB, 0).unwrap();
         assert_eq!(m.ram_ranges().len(), 1);
         assert_eq!(m.e820().len(), 4);
+    }
+
+    #[test]
+    fn several_hotplug_regions_follow_each_other_block_aligned() {
+        let m = MemoryMap::with_hotplug(512 * MIB, &[GIB, 200 * MIB, 0, 128 * MIB]).unwrap();
+        let r = m.hotplug_regions();
+        assert_eq!(r.len(), 3, "a size of 0 gives no region");
+        // From 4 GiB (RAM ends below the hole), each rounded up to 128 MiB.
+        assert_eq!((r[0].start, r[0].size), (4 * GIB, GIB));
+        assert_eq!((r[1].start, r[1].size), (5 * GIB, 256 * MIB));
+        assert_eq!((r[2].start, r[2].size), (5 * GIB + 256 * MIB, 128 * MIB));
+        assert_eq!(m.hotplug_end(), 5 * GIB + 384 * MIB);
+        assert_eq!(m.hotplug_region(), Some(r[0]));
+        assert!(
+            m.e820().iter().all(|e| e.addr + e.size <= 4 * GIB),
+            "no hot-plug region in E820"
+        );
     }
 
     #[test]

@@ -51,8 +51,16 @@ impl BareVm {
             HardwareSpec {
                 cpus,
                 memory,
-                hotplug_memory: hotplug,
-                hotplug_backing: Default::default(),
+                hotplug: if hotplug == 0 {
+                    Vec::new()
+                } else {
+                    vec![vmm::config::HotplugDeviceConfig {
+                        id: vmm::hotplug::VMEM_ID.into(),
+                        size: hotplug,
+                        backing: Default::default(),
+                        node: None,
+                    }]
+                },
             },
             Instant::now(),
         )

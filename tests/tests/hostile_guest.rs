@@ -431,7 +431,7 @@ fn start_user(vm: &BareVm) {
 
 fn hotplug_vm(code: &[u8]) -> (BareVm, HotplugView) {
     let vm = BareVm::with_hotplug(2, RAM_SIZE, HOTPLUG_SIZE, code, 0);
-    let hp = Arc::clone(vm.machine.hotplug.as_ref().expect("hot-plug device"));
+    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
     assert_eq!(hp.mmio_base, VIRTIO, "the virtio-mmio window moved");
     assert_eq!(hp.vmem.addr(), HOTPLUG_BASE, "the hot-plug region moved");
     let memory = Arc::clone(&vm.machine.memory);

@@ -160,7 +160,7 @@ fn thousands_of_map_swaps_under_running_vcpus() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let mut vm = BareVm::with_hotplug(2, 64 << 20, 4 * SLOT_SIZE, hotplug_loop(), 0);
-    let hp = Arc::clone(vm.machine.hotplug.as_ref().expect("hot-plug device"));
+    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
     // This thread is the control thread (it runs the VM below).
     rcu::set_reader_mode(rcu::ReaderMode::Fenced);
 

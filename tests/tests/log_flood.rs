@@ -137,7 +137,7 @@ fn a_guest_looping_on_logged_paths_prints_little_on_stderr() {
     let file = std::fs::File::create(&path).unwrap();
 
     let mut vm = BareVm::with_hotplug(2, 64 * MIB, 8 * SLOT_SIZE, runner(), 0);
-    let hp = Arc::clone(vm.machine.hotplug.as_ref().expect("hot-plug device"));
+    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
     assert_eq!(hp.mmio_base, VIRTIO, "the virtio-mmio window moved");
     start_runner(&vm, Privilege::User, true);
 

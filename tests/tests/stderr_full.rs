@@ -152,7 +152,7 @@ fn a_full_stderr_pipe_nobody_reads_does_not_block_the_vmm() {
     writer.write_all(&vec![b'.'; capacity]).unwrap();
 
     let mut vm = BareVm::with_hotplug(2, 64 * MIB, 8 * SLOT_SIZE, runner(), 0);
-    let hp = Arc::clone(vm.machine.hotplug.as_ref().expect("hot-plug device"));
+    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
     assert_eq!(hp.mmio_base, VIRTIO, "the virtio-mmio window moved");
     start_runner(&vm, Privilege::User, true);
 

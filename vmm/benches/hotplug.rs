@@ -62,7 +62,7 @@ fn busy_vm() -> BareVm {
 /// As [`busy_vm`], with a hot-plug region of `slots` slots.
 fn busy_vm_with(slots: u64) -> BareVm {
     let vm = BareVm::with_hotplug(2, 64 << 20, slots * SLOT_SIZE, busy(), 0);
-    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let hp = vm.machine.hotplug.first().expect("hot-plug").clone();
     hp.manager
         .plug(HOTPLUG_BASE, SLOT_SIZE)
         .expect("plug slot 0");
@@ -89,7 +89,7 @@ fn swap_cost() {
     rcu::set_reader_mode(rcu::ReaderMode::Fenced);
     let cycles = env("HOTPLUG_CYCLES", 200);
     let mut vm = busy_vm();
-    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let hp = vm.machine.hotplug.first().expect("hot-plug").clone();
     let exit = Arc::clone(&vm.machine.devices.exit);
     let driver = std::thread::spawn(move || {
         rcu::set_reader_mode(rcu::ReaderMode::Fenced);
@@ -143,7 +143,7 @@ fn stress_child(strategy: &str, per_sec: u64) {
     rcu::set_reader_mode(rcu::ReaderMode::Fenced);
     let secs = env("STRESS_SECS", 5);
     let mut vm = busy_vm();
-    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let hp = vm.machine.hotplug.first().expect("hot-plug").clone();
     let exit = Arc::clone(&vm.machine.devices.exit);
     let driver = std::thread::spawn(move || {
         rcu::set_reader_mode(rcu::ReaderMode::Fenced);
@@ -362,7 +362,7 @@ fn scale() {
     const SLOTS: u64 = 512;
     rcu::set_reader_mode(rcu::ReaderMode::Fenced);
     let mut vm = busy_vm_with(SLOTS);
-    let hp = vm.machine.hotplug.as_ref().expect("hot-plug").clone();
+    let hp = vm.machine.hotplug.first().expect("hot-plug").clone();
     let exit = Arc::clone(&vm.machine.devices.exit);
     let driver = std::thread::spawn(move || {
         rcu::set_reader_mode(rcu::ReaderMode::Fenced);

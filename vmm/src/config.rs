@@ -40,12 +40,13 @@ pub struct Args {
     /// Guest RAM, e.g. 512M, 4G, or bytes.
     #[arg(long, value_name = "SIZE", default_value = "512M")]
     pub memory: String,
-    /// The virtio-mem hot-plug region: its size (0: none), or QEMU-style
-    /// options `size=SIZE[,backend=ram|memfd][,hugetlb=on|off]
-    /// [,hugetlbsize=2M][,prealloc=on|off][,thp=on|off]` (a first item
-    /// without `=` is the size).
-    #[arg(long, value_name = "SIZE|OPTIONS", default_value = "0")]
-    pub hotplug_memory: String,
+    /// A virtio-mem device and its hot-plug region: its size (0: none), or
+    /// QEMU-style options `size=SIZE[,id=ID][,node=N][,backend=ram|memfd]
+    /// [,hugetlb=on|off][,hugetlbsize=2M][,prealloc=on|off][,thp=on|off]`
+    /// (a first item without `=` is the size). Give it once per device (at
+    /// most 8); ids default to vmem0, vmem1, ... in order.
+    #[arg(long, value_name = "SIZE|OPTIONS")]
+    pub hotplug_memory: Vec<String>,
     /// Path of a QMP control socket to create.
     #[arg(long, value_name = "PATH")]
     pub qmp: Option<PathBuf>,
@@ -85,10 +86,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
-    /// Hot-plug region size in bytes (0: none).
-    pub hotplug_memory: u64,
-    /// How the hot-plug region is backed.
-    pub hotplug_backing: MemoryBacking,
+    /// The virtio-mem devices, in command-line order (empty: none).
+    pub hotplug: Vec<HotplugDeviceConfig>,
     /// QMP socket path.
     pub qmp: Option<PathBuf>,
     /// Where to write the RCU statistics at exit.
@@ -104,6 +103,41 @@ pub struct VmConfig {
     /// Confine every thread to its seccomp allow-list (on unless
     /// `--no-seccomp`).
     pub seccomp: bool,
+}
+
+/// Most virtio-mem devices a VM may have (`--hotplug-memory` given this
+/// many times at most); each takes a GSI of the IOAPIC.
+pub const MAX_HOTPLUG_DEVICES: usize = 8;
+
+/// Most NUMA nodes (`node=0` to `node=7`): node 0 holds the vCPUs and boot
+/// RAM, each other node at least one device.
+pub const MAX_NUMA_NODES: u16 = 8;
+
+/// One virtio-mem device, as `--hotplug-memory` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotplugDeviceConfig {
+    /// Its QMP id (`vmem0`, ... by default), unique among the devices.
+    pub id: String,
+    /// Region size in bytes (non-zero, a multiple of 4 KiB).
+    pub size: u64,
+    /// How the region is backed.
+    pub backing: MemoryBacking,
+    /// Its NUMA node, if `node=` was given (below [`MAX_NUMA_NODES`]; with
+    /// any node given, the nodes in use are contiguous from 0).
+    pub node: Option<u16>,
+}
+
+/// One `--hotplug-memory` option, parsed alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotplugMemoryOption {
+    /// Region size in bytes (0: none).
+    pub size: u64,
+    /// How the region is backed.
+    pub backing: MemoryBacking,
+    /// `id=`, if given.
+    pub id: Option<String>,
+    /// `node=`, if given.
+    pub node: Option<u16>,
 }
 
 /// A command line that cannot describe a VM.
@@ -198,28 +232,95 @@ pub enum HotplugOptionError {
     /// Options but no size.
     #[error("size= is missing")]
     NoSize,
-    /// Backing options for a region of size 0 (none).
-    #[error("backing options given for a region of size 0 (no hot-plug memory)")]
+    /// Options beyond the size for a region of size 0 (no device).
+    #[error("options other than size= given for a region of size 0 (no device)")]
     OptionsWithoutRegion,
     /// The backing options do not go together.
     #[error(transparent)]
     Backing(#[from] BackingConfigError),
+    /// Two devices with the same id.
+    #[error("id '{0}' is given to two devices")]
+    DuplicateId(String),
+    /// More devices than the VMM supports.
+    #[error("{0} devices, at most {MAX_HOTPLUG_DEVICES}")]
+    TooManyDevices(usize),
+    /// A node in use leaves a gap below it.
+    #[error(
+        "node={used} but no device is in node {missing}: NUMA nodes are numbered from 0 \
+         without gaps (node 0 holds the vCPUs and boot RAM)"
+    )]
+    NodeGap {
+        /// The highest node given.
+        used: u16,
+        /// The first node without a device.
+        missing: u16,
+    },
 }
 
 /// The keys `--hotplug-memory` knows, as listed in its errors.
-const HOTPLUG_KEYS: &str = "size, backend, hugetlb, hugetlbsize, prealloc, thp";
+const HOTPLUG_KEYS: &str = "size, id, node, backend, hugetlb, hugetlbsize, prealloc, thp";
 
-/// Parses `--hotplug-memory`: a size, or comma-separated `key=value`
+/// Whether `id` is a QEMU device id: a letter, then letters, digits, `-`,
+/// `.` or `_` (QEMU's `id_wellformed`), so it is one QOM path component.
+fn id_wellformed(id: &str) -> bool {
+    let mut c = id.chars();
+    c.next().is_some_and(|f| f.is_ascii_alphabetic())
+        && c.all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '.' | '_'))
+}
+
+/// Checks every `--hotplug-memory` option and gives each device its id: the
+/// options in order, those of size 0 left out (no device); ids default to
+/// `vmem<N>` for the N-th option. Refuses duplicate ids, more than
+/// [`MAX_HOTPLUG_DEVICES`] devices, and NUMA nodes that are not contiguous
+/// from 0 (node 0 always exists: it holds the vCPUs and boot RAM).
+pub fn hotplug_devices(options: &[String]) -> Result<Vec<HotplugDeviceConfig>, ConfigError> {
+    let opt = ConfigError::HotplugOption;
+    let mut devices: Vec<HotplugDeviceConfig> = Vec::new();
+    for (n, text) in options.iter().enumerate() {
+        let o = parse_hotplug_memory(text)?;
+        if o.size == 0 {
+            continue;
+        }
+        let id = o.id.unwrap_or_else(|| format!("vmem{n}"));
+        if devices.iter().any(|d| d.id == id) {
+            return Err(opt(HotplugOptionError::DuplicateId(id)));
+        }
+        devices.push(HotplugDeviceConfig {
+            id,
+            size: o.size,
+            backing: o.backing,
+            node: o.node,
+        });
+    }
+    if devices.len() > MAX_HOTPLUG_DEVICES {
+        return Err(opt(HotplugOptionError::TooManyDevices(devices.len())));
+    }
+    if let Some(used) = devices.iter().filter_map(|d| d.node).max() {
+        // Node 0 exists without a device; every node above needs one.
+        if let Some(missing) = (1..used).find(|k| !devices.iter().any(|d| d.node == Some(*k))) {
+            return Err(opt(HotplugOptionError::NodeGap { used, missing }));
+        }
+    }
+    Ok(devices)
+}
+
+/// Parses one `--hotplug-memory`: a size, or comma-separated `key=value`
 /// options (a first item without `=` is the size). Each key is handled by
-/// its own arm, so new keys (a device `id=`, a NUMA `node=`) are one arm
-/// each; unknown keys, repeated keys, bad values and backings that cannot
-/// work are refused with one line naming the problem.
-pub fn parse_hotplug_memory(text: &str) -> Result<(u64, MemoryBacking), ConfigError> {
+/// its own arm; unknown keys, repeated keys, bad values and backings that
+/// cannot work are refused with one line naming the problem.
+pub fn parse_hotplug_memory(text: &str) -> Result<HotplugMemoryOption, ConfigError> {
     const FLAG: &str = "hotplug-memory";
     let opt = ConfigError::HotplugOption;
     if !text.contains('=') && !text.contains(',') {
-        return Ok((size(FLAG, text)?, MemoryBacking::default()));
+        return Ok(HotplugMemoryOption {
+            size: size(FLAG, text)?,
+            backing: MemoryBacking::default(),
+            id: None,
+            node: None,
+        });
     }
+    let mut id = None;
+    let mut node = None;
     let on_off = |key: &str, value: &str| match value {
         "on" => Ok(true),
         "off" => Ok(false),
@@ -246,6 +347,31 @@ pub fn parse_hotplug_memory(text: &str) -> Result<(u64, MemoryBacking), ConfigEr
         seen.push(key);
         match key {
             "size" => region = Some(size(FLAG, value)?),
+            "id" => {
+                if !id_wellformed(value) {
+                    return Err(opt(HotplugOptionError::BadValue {
+                        key: key.into(),
+                        value: value.into(),
+                        expected: "a letter, then letters, digits, '-', '.' or '_'",
+                    }));
+                }
+                id = Some(value.to_string());
+            }
+            "node" => {
+                node = Some(
+                    value
+                        .parse::<u16>()
+                        .ok()
+                        .filter(|n| *n < MAX_NUMA_NODES)
+                        .ok_or_else(|| {
+                            opt(HotplugOptionError::BadValue {
+                                key: key.into(),
+                                value: value.into(),
+                                expected: "a NUMA node number from 0 to 7",
+                            })
+                        })?,
+                )
+            }
             "backend" => {
                 o.backend = match value {
                     "ram" => Backend::Ram,
@@ -280,7 +406,12 @@ pub fn parse_hotplug_memory(text: &str) -> Result<(u64, MemoryBacking), ConfigEr
         return Err(opt(HotplugOptionError::OptionsWithoutRegion));
     }
     let backing = MemoryBacking::try_from(o).map_err(|e| opt(e.into()))?;
-    Ok((region, backing))
+    Ok(HotplugMemoryOption {
+        size: region,
+        backing,
+        id,
+        node,
+    })
 }
 
 fn check_file(what: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
@@ -326,7 +457,7 @@ impl TryFrom<Args> for VmConfig {
             return Err(ConfigError::CpusOutOfRange(cpus));
         }
         let memory = size("memory", &a.memory)?;
-        let (hotplug_memory, hotplug_backing) = parse_hotplug_memory(&a.hotplug_memory)?;
+        let hotplug = hotplug_devices(&a.hotplug_memory)?;
         let rcu_wakeup: WakeupStrategy = a.rcu_wakeup.parse().map_err(ConfigError::Wakeup)?;
         check_file("kernel", &a.kernel)?;
         if let Some(initrd) = &a.initrd {
@@ -339,8 +470,7 @@ impl TryFrom<Args> for VmConfig {
             // Checked against MAX_CPUS above.
             cpus: cpus as u32,
             memory,
-            hotplug_memory,
-            hotplug_backing,
+            hotplug,
             qmp: a.qmp,
             rcu_stats: a.rcu_stats,
             rcu_wakeup,
@@ -368,7 +498,12 @@ mod tests {
         let c = args(&["--cpus", "2", "--memory", "128M", "--hotplug-memory", "1G"]).unwrap();
         assert_eq!(c.cpus, 2);
         assert_eq!(c.memory, 128 << 20);
-        assert_eq!(c.hotplug_memory, 1 << 30);
+        assert_eq!(c.hotplug.len(), 1);
+        assert_eq!(c.hotplug[0].size, 1 << 30);
+        assert_eq!(c.hotplug[0].id, "vmem0");
+        assert_eq!(c.hotplug[0].node, None);
+        assert!(args(&[]).unwrap().hotplug.is_empty());
+        assert!(args(&["--hotplug-memory", "0"]).unwrap().hotplug.is_empty());
         assert_eq!(c.rcu_wakeup, WakeupStrategy::Event);
         assert!(c.seccomp, "seccomp is on by default");
         let c = args(&["--rcu-wakeup", "semaphore", "--no-seccomp"]).unwrap();
@@ -400,7 +535,9 @@ mod tests {
     fn hotplug_memory_takes_a_size_or_qemu_style_options() {
         let hp = |v: &str| {
             let c = args(&["--hotplug-memory", v]).unwrap();
-            (c.hotplug_memory, c.hotplug_backing)
+            c.hotplug
+                .first()
+                .map_or((0, MemoryBacking::default()), |d| (d.size, d.backing))
         };
         assert_eq!(hp("4G"), (4 << 30, MemoryBacking::default()));
         assert_eq!(hp("size=4G"), (4 << 30, MemoryBacking::default()));
@@ -426,13 +563,31 @@ mod tests {
         let cases = [
             (
                 "size=1G,shared=on",
-                "invalid --hotplug-memory: unknown option 'shared' (known: size, backend, \
-                 hugetlb, hugetlbsize, prealloc, thp)",
+                "invalid --hotplug-memory: unknown option 'shared' (known: size, id, node, \
+                 backend, hugetlb, hugetlbsize, prealloc, thp)",
             ),
             (
-                "size=1G,id=vmem1",
-                "invalid --hotplug-memory: unknown option 'id' (known: size, backend, \
-                 hugetlb, hugetlbsize, prealloc, thp)",
+                "size=1G,id=1st",
+                "invalid --hotplug-memory: id=1st: expected a letter, then letters, digits, \
+                 '-', '.' or '_'",
+            ),
+            (
+                "size=1G,id=a/b",
+                "invalid --hotplug-memory: id=a/b: expected a letter, then letters, digits, \
+                 '-', '.' or '_'",
+            ),
+            (
+                "size=1G,node=8",
+                "invalid --hotplug-memory: node=8: expected a NUMA node number from 0 to 7",
+            ),
+            (
+                "size=1G,node=-1",
+                "invalid --hotplug-memory: node=-1: expected a NUMA node number from 0 to 7",
+            ),
+            (
+                "size=0,id=vmem3",
+                "invalid --hotplug-memory: options other than size= given for a region of \
+                 size 0 (no device)",
             ),
             (
                 "size=1G,size=2G",
@@ -468,8 +623,8 @@ mod tests {
             ),
             (
                 "size=0,backend=memfd",
-                "invalid --hotplug-memory: backing options given for a region of size 0 \
-                 (no hot-plug memory)",
+                "invalid --hotplug-memory: options other than size= given for a region of \
+                 size 0 (no device)",
             ),
             (
                 "size=1G,hugetlb=on,prealloc=on",
@@ -506,6 +661,74 @@ mod tests {
             assert_eq!(err(given), want, "--hotplug-memory {given}");
         }
         assert!(err("size=lots").starts_with("invalid --hotplug-memory: "));
+    }
+
+    #[test]
+    fn several_devices_get_ids_in_order_or_their_own() {
+        let c = args(&[
+            "--hotplug-memory",
+            "1G",
+            "--hotplug-memory",
+            "size=2G,node=1,backend=memfd",
+            "--hotplug-memory",
+            "size=512M,id=big",
+        ])
+        .unwrap();
+        let ids: Vec<(&str, u64, Option<u16>)> = c
+            .hotplug
+            .iter()
+            .map(|d| (d.id.as_str(), d.size, d.node))
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                ("vmem0", 1 << 30, None),
+                ("vmem1", 2 << 30, Some(1)),
+                ("big", 512 << 20, None)
+            ]
+        );
+        assert_eq!(c.hotplug[1].backing.backend(), Backend::Memfd);
+        // A device of size 0 is none, but keeps its place in the default ids.
+        let c = args(&["--hotplug-memory", "0", "--hotplug-memory", "1G"]).unwrap();
+        assert_eq!(c.hotplug.len(), 1);
+        assert_eq!(c.hotplug[0].id, "vmem1");
+    }
+
+    #[test]
+    fn duplicate_ids_gaps_in_nodes_and_too_many_devices_are_refused() {
+        let err = |v: &[&str]| {
+            let mut a = Vec::new();
+            for o in v {
+                a.extend(["--hotplug-memory", o]);
+            }
+            args(&a).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&["1G", "size=1G,id=vmem0"]),
+            "invalid --hotplug-memory: id 'vmem0' is given to two devices"
+        );
+        assert_eq!(
+            err(&["size=1G,id=a", "size=1G,id=a"]),
+            "invalid --hotplug-memory: id 'a' is given to two devices"
+        );
+        assert_eq!(
+            err(&["size=1G,node=2", "size=1G,node=0"]),
+            "invalid --hotplug-memory: node=2 but no device is in node 1: NUMA nodes are \
+             numbered from 0 without gaps (node 0 holds the vCPUs and boot RAM)"
+        );
+        assert_eq!(
+            err(&["128M"; MAX_HOTPLUG_DEVICES + 1]),
+            "invalid --hotplug-memory: 9 devices, at most 8"
+        );
+        // Node 0 needs no device; 1 and 2 are both used.
+        let ok = args(&[
+            "--hotplug-memory",
+            "size=1G,node=2",
+            "--hotplug-memory",
+            "size=1G,node=1",
+        ])
+        .unwrap();
+        assert_eq!(ok.hotplug.len(), 2);
     }
 
     #[test]

@@ -31,8 +31,65 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-/// The QMP id of the (only) virtio-mem device.
+/// The QMP id of the first virtio-mem device unless `id=` names it.
 pub const VMEM_ID: &str = "vmem0";
+
+/// Where and how one virtio-mem device is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotplugPlacement {
+    /// Its position among the devices: its virtio-mmio window and GSI.
+    pub index: u32,
+    /// Its QMP id.
+    pub id: String,
+    /// Start of its region (a multiple of [`SLOT_SIZE`]).
+    pub base: u64,
+    /// Size of its region (a non-zero multiple of [`SLOT_SIZE`]).
+    pub size: u64,
+    /// How the region is backed.
+    pub backing: MemoryBacking,
+    /// Its NUMA node (ACPI proximity domain), if the guest is told about
+    /// nodes (an SRAT): offered to the guest with `VIRTIO_MEM_F_ACPI_PXM`.
+    pub node: Option<u16>,
+    /// KVM memory slot number of its first 128 MiB slot; the region uses
+    /// `size / SLOT_SIZE` numbers from there.
+    pub first_kvm_slot: u32,
+}
+
+/// Checks that hot-plug `regions` (ascending) fit KVM: their slots, counted
+/// from [`FIRST_HOTPLUG_KVM_SLOT`], within `memslot_limit`
+/// (`KVM_CAP_NR_MEMSLOTS`), and their end within `phys_bits` of
+/// guest-physical address (CPUID 0x8000_0008 EAX[7:0] as KVM reports it;
+/// `None`: not reported, not checked).
+pub fn check_regions(
+    regions: &[boot::layout::GuestRange],
+    memslot_limit: u64,
+    phys_bits: Option<u32>,
+) -> Result<(), HotplugSetupError> {
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let needed = u64::from(FIRST_HOTPLUG_KVM_SLOT) + total.div_ceil(SLOT_SIZE);
+    if needed > memslot_limit {
+        return Err(HotplugSetupError::TooManySlots {
+            size_mib: total >> 20,
+            slot_mib: SLOT_SIZE >> 20,
+            needed,
+            limit: memslot_limit,
+        });
+    }
+    let (Some(bits), Some(last)) = (phys_bits, regions.last()) else {
+        return Ok(());
+    };
+    let limit = 1u64.checked_shl(bits).unwrap_or(u64::MAX);
+    if last.end() > limit {
+        return Err(HotplugSetupError::BeyondAddressWidth {
+            total_mib: total >> 20,
+            start: regions.first().map_or(0, |r| r.start),
+            end: last.end(),
+            bits,
+            limit_gib: limit >> 30,
+        });
+    }
+    Ok(())
+}
 
 /// Errors creating the hot-plug device.
 #[derive(Debug, Error)]
@@ -66,13 +123,31 @@ pub enum HotplugSetupError {
     /// The eventfd that signals resize changes could not be created.
     #[error("cannot create the resize eventfd")]
     EventFd(#[source] std::io::Error),
-    /// The region needs more KVM memory slots than KVM allows.
+    /// The regions end beyond the guest-physical address width.
+    #[error(
+        "{total_mib} MiB of hot-plug memory at {start:#x}..{end:#x} does not fit below the \
+         {limit_gib} GiB guest-physical address limit ({bits} address bits, CPUID \
+         0x8000_0008 as KVM reports it)"
+    )]
+    BeyondAddressWidth {
+        /// All regions together, in MiB.
+        total_mib: u64,
+        /// Start of the first region.
+        start: u64,
+        /// End (exclusive) of the last region.
+        end: u64,
+        /// The guest-physical address width.
+        bits: u32,
+        /// `2^bits` in GiB.
+        limit_gib: u64,
+    },
+    /// The regions need more KVM memory slots than KVM allows.
     #[error(
         "a {size_mib} MiB hot-plug region needs {needed} KVM memory slots (one per \
          {slot_mib} MiB after the first {FIRST_HOTPLUG_KVM_SLOT}), but KVM allows {limit}"
     )]
     TooManySlots {
-        /// Region size in MiB.
+        /// Region size in MiB (all regions together).
         size_mib: u64,
         /// Slot size in MiB.
         slot_mib: u64,
@@ -86,6 +161,8 @@ pub enum HotplugSetupError {
 /// The hot-plug device and its manager.
 #[derive(Debug)]
 pub struct Hotplug {
+    /// Its QMP id.
+    pub id: String,
     /// Slots, memslots and map swaps.
     pub manager: Arc<MemoryManager>,
     /// The virtio-mem device model.
@@ -102,22 +179,23 @@ pub struct Hotplug {
 }
 
 impl Hotplug {
-    /// Creates virtio-mem over `[base, base + size)`, places its transport
-    /// in the first virtio-mmio window and wires its interrupt and queue
-    /// notification into KVM. The region is backed as `backing` says, once
-    /// the host is checked to provide it.
+    /// Creates virtio-mem as `p` places it, puts its transport in
+    /// virtio-mmio window `p.index` with GSI [`FIRST_VIRTIO_GSI`]` +
+    /// p.index`, and wires its interrupt and queue notification into KVM.
+    /// The region is backed as `p.backing` says, once the host is checked to
+    /// provide it. The caller checks the KVM budget of all regions first
+    /// ([`check_regions`]).
     pub fn new(
         vm: &Arc<Vm>,
         memory: &SharedMemory,
         devices: &DeviceManager,
-        base: u64,
-        size: u64,
-        backing: MemoryBacking,
+        p: HotplugPlacement,
     ) -> Result<Self, HotplugSetupError> {
+        let (base, size) = (p.base, p.size);
         if size == 0 || size % SLOT_SIZE != 0 || base % SLOT_SIZE != 0 {
             return Err(HotplugSetupError::Region { base, size });
         }
-        let needed = u64::from(FIRST_HOTPLUG_KVM_SLOT) + size / SLOT_SIZE;
+        let needed = u64::from(p.first_kvm_slot) + size / SLOT_SIZE;
         let limit = vm.memslot_limit() as u64;
         if needed > limit {
             return Err(HotplugSetupError::TooManySlots {
@@ -127,24 +205,31 @@ impl Hotplug {
                 limit,
             });
         }
-        backing.check_host().map_err(HotplugSetupError::Backing)?;
-        let manager = Arc::new(MemoryManager::new(
-            Arc::clone(vm),
-            Arc::clone(memory),
-            base,
-            size,
-            VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
-            backing,
-        ));
-        let vmem = Arc::new(
-            VirtioMem::new(VirtioMemConfig::new(base, size), manager.clone())
-                .map_err(HotplugSetupError::Device)?,
+        p.backing.check_host().map_err(HotplugSetupError::Backing)?;
+        let manager = Arc::new(
+            MemoryManager::new(
+                Arc::clone(vm),
+                Arc::clone(memory),
+                base,
+                size,
+                VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
+                p.backing,
+            )
+            .with_first_kvm_slot(p.first_kvm_slot),
         );
-        let gsi = FIRST_VIRTIO_GSI;
+        let config = VirtioMemConfig {
+            node_id: p.node.unwrap_or(0),
+            acpi_pxm: p.node.is_some(),
+            ..VirtioMemConfig::new(base, size)
+        };
+        let vmem =
+            Arc::new(VirtioMem::new(config, manager.clone()).map_err(HotplugSetupError::Device)?);
+        let gsi = FIRST_VIRTIO_GSI + p.index;
         let irq = Arc::new(vm.irq_eventfd(gsi)?);
         let transport =
             Arc::new(VirtioMmio::new(vmem.clone(), irq).map_err(HotplugSetupError::Transport)?);
-        let mmio_base = boot::layout::virtio_mmio_base(0).ok_or(HotplugSetupError::NoWindow)?;
+        let mmio_base =
+            boot::layout::virtio_mmio_base(p.index).ok_or(HotplugSetupError::NoWindow)?;
         if let Some(evt) = transport.queue_notify_event(0) {
             vm.register_mmio_ioeventfd(evt, mmio_base + QUEUE_NOTIFY_OFFSET)?;
         }
@@ -153,6 +238,7 @@ impl Hotplug {
         devices.add_mmio(range, transport.clone())?;
         let resize_changed = EventFd::new(EFD_NONBLOCK).map_err(HotplugSetupError::EventFd)?;
         Ok(Self {
+            id: p.id,
             manager,
             vmem,
             transport,
@@ -188,7 +274,7 @@ impl Hotplug {
             t.map_or(Value::Null, |t| Timestamp::from_system_time(t).to_json())
         };
         json!({
-            "id": VMEM_ID,
+            "id": self.id,
             "state": r.state.name(),
             "requested-size": r.requested_size,
             "size": r.plugged_size,
@@ -204,11 +290,12 @@ impl Hotplug {
         })
     }
 
-    /// `x-query-hotplug`'s answer: the memory manager's state with the
-    /// resize outcome as member `resize`.
+    /// This device's part of `x-query-hotplug`: its id, the memory
+    /// manager's state, and the resize outcome as member `resize`.
     pub fn state_json(&self) -> Value {
         let mut v = self.manager.state_json();
         if let Value::Object(m) = &mut v {
+            m.insert("id".into(), Value::from(self.id.as_str()));
             m.insert("resize".into(), self.resize_json());
         }
         v
@@ -229,17 +316,21 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The QMP event of a resize report from device [`VMEM_ID`].
-pub fn resize_event(report: &ResizeReport, stall_timeout: Duration) -> crate::qmp::QmpEvent {
+/// The QMP event of a resize report from device `id`.
+pub fn resize_event(
+    id: &str,
+    report: &ResizeReport,
+    stall_timeout: Duration,
+) -> crate::qmp::QmpEvent {
     use crate::qmp::QmpEvent;
     match &report.event {
         ResizeEvent::Done => QmpEvent::MemoryDeviceResizeDone {
-            id: VMEM_ID.to_string(),
+            id: id.to_string(),
             size: report.plugged_size,
             requested_size: report.requested_size,
         },
         ResizeEvent::Stalled(reason) => QmpEvent::MemoryDeviceResizeStalled {
-            id: VMEM_ID.to_string(),
+            id: id.to_string(),
             size: report.plugged_size,
             requested_size: report.requested_size,
             reason: reason.name(),
@@ -308,11 +399,14 @@ impl HotplugWorker {
             .resize_poll(now, self.hotplug.driver_view());
         if let Some(report) = &poll.report {
             match &report.event {
-                ResizeEvent::Done => {
-                    log::info!("virtio-mem: resize to {:#x} done", report.requested_size)
-                }
+                ResizeEvent::Done => log::info!(
+                    "virtio-mem {}: resize to {:#x} done",
+                    self.hotplug.id,
+                    report.requested_size
+                ),
                 ResizeEvent::Stalled(reason) => log::info!(
-                    "virtio-mem: resize to {:#x} stalled at {:#x}: {}",
+                    "virtio-mem {}: resize to {:#x} stalled at {:#x}: {}",
+                    self.hotplug.id,
                     report.requested_size,
                     report.plugged_size,
                     reason.message()
@@ -398,5 +492,83 @@ impl MutEventSubscriber for HotplugWorker {
             // it, which makes it unreadable again.
             self.poll_resize();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boot::layout::GuestRange;
+
+    const GIB: u64 = 1 << 30;
+
+    /// The address width KVM reports on this host.
+    fn kvm_phys_bits() -> u32 {
+        let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
+        let cpuid = boot::cpu::cpuid::supported_cpuid(&kvm).unwrap();
+        boot::cpu::cpuid::phys_addr_bits(cpuid.as_slice()).expect("KVM reports 0x8000_0008")
+    }
+
+    #[test]
+    fn regions_up_to_the_address_width_fit_and_beyond_it_are_refused() {
+        let bits = kvm_phys_bits();
+        let top = 1u64 << bits;
+        // Two regions, the second ending exactly at 2^bits: fits.
+        let fit = [
+            GuestRange {
+                start: 4 * GIB,
+                size: GIB,
+            },
+            GuestRange {
+                start: top - 2 * GIB,
+                size: 2 * GIB,
+            },
+        ];
+        check_regions(&fit, u64::MAX, Some(bits)).unwrap();
+        // One 128 MiB slot more: refused, naming sizes and the limit.
+        let beyond = [
+            fit[0],
+            GuestRange {
+                start: top - 2 * GIB,
+                size: 2 * GIB + SLOT_SIZE,
+            },
+        ];
+        let e = check_regions(&beyond, u64::MAX, Some(bits)).unwrap_err();
+        assert!(matches!(e, HotplugSetupError::BeyondAddressWidth { .. }));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "3200 MiB of hot-plug memory at {:#x}..{:#x} does not fit below the {} GiB \
+                 guest-physical address limit ({bits} address bits, CPUID 0x8000_0008 as KVM \
+                 reports it)",
+                4 * GIB,
+                top + SLOT_SIZE,
+                top >> 30
+            )
+        );
+    }
+
+    #[test]
+    fn the_memslot_budget_covers_the_sum_of_all_regions() {
+        let two = [
+            GuestRange {
+                start: 4 * GIB,
+                size: GIB,
+            },
+            GuestRange {
+                start: 5 * GIB,
+                size: GIB,
+            },
+        ];
+        // 16 slots below the first hot-plug one, then 8 + 8 slots of 128 MiB.
+        let needed = u64::from(FIRST_HOTPLUG_KVM_SLOT) + 16;
+        check_regions(&two, needed, None).unwrap();
+        let e = check_regions(&two, needed - 1, None).unwrap_err();
+        assert!(
+            matches!(e, HotplugSetupError::TooManySlots { needed: n, size_mib: 2048, .. } if n == needed),
+            "{e}"
+        );
+        // Each region alone would fit.
+        check_regions(&two[..1], needed - 1, None).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, 
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
 use crate::host::HostKind;
-use crate::hotplug::{Hotplug, HotplugWorker, VMEM_ID};
+use crate::hotplug::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::kernel_cmdline::appended_args;
 use crate::kick::{self, KickError};
 use crate::kvm::{self, KvmError};
@@ -113,8 +113,8 @@ pub struct Machine {
     pub memory: SharedMemory,
     /// Devices and buses.
     pub devices: DeviceManager,
-    /// The virtio-mem device, with `--hotplug-memory`.
-    pub hotplug: Option<Arc<Hotplug>>,
+    /// The virtio-mem devices, one per `--hotplug-memory`, in order.
+    pub hotplug: Vec<Arc<Hotplug>>,
     vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
     vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
     fatal: Arc<FatalErrors>,
@@ -154,16 +154,15 @@ pub struct RunOutcome {
 }
 
 /// The hardware of a VM, without anything to boot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HardwareSpec {
     /// Number of vCPUs.
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
-    /// Hot-plug region in bytes (0: none).
-    pub hotplug_memory: u64,
-    /// How the hot-plug region is backed.
-    pub hotplug_backing: crate::memory_backing::MemoryBacking,
+    /// The virtio-mem devices, in order (their regions follow each other
+    /// above RAM).
+    pub hotplug: Vec<crate::config::HotplugDeviceConfig>,
 }
 
 /// How [`Machine::run`] runs.
@@ -200,8 +199,7 @@ impl Machine {
             HardwareSpec {
                 cpus: config.cpus,
                 memory: config.memory,
-                hotplug_memory: config.hotplug_memory,
-                hotplug_backing: config.hotplug_backing,
+                hotplug: config.hotplug.clone(),
             },
             start,
             Some(config),
@@ -222,8 +220,13 @@ impl Machine {
         let host = HostKind::detect();
         let kvm = kvm::open(spec.cpus)?;
         let vm = Arc::new(Vm::new(kvm)?);
-        let map = boot::MemoryMap::new(spec.memory, spec.hotplug_memory)
-            .map_err(MachineError::MemoryMap)?;
+        let sizes: Vec<u64> = spec.hotplug.iter().map(|d| d.size).collect();
+        let map =
+            boot::MemoryMap::with_hotplug(spec.memory, &sizes).map_err(MachineError::MemoryMap)?;
+        let phys_bits = boot::cpu::cpuid::supported_cpuid(vm.kvm())
+            .map(|c| boot::cpu::cpuid::phys_addr_bits(c.as_slice()))
+            .map_err(MachineError::Cpuid)?;
+        crate::hotplug::check_regions(map.hotplug_regions(), vm.memslot_limit() as u64, phys_bits)?;
         let mem = guest_memory::map_ram(&map.mmap_ranges())?;
         // Dropped after the helper is joined, whatever happens here, so the
         // slots never point at memory that was unmapped.
@@ -278,19 +281,29 @@ impl Machine {
             guest_memory::GuestMap::first(mem),
             MEMORY_MAP_LABEL,
         ));
-        let hotplug = match map.hotplug_region() {
-            Some(r) => Some(Arc::new(Hotplug::new(
+        let numa = spec.hotplug.iter().any(|d| d.node.is_some());
+        let mut hotplug = Vec::with_capacity(spec.hotplug.len());
+        let mut first_kvm_slot = crate::memory_manager::FIRST_HOTPLUG_KVM_SLOT;
+        for ((index, d), r) in (0u32..).zip(&spec.hotplug).zip(map.hotplug_regions()) {
+            hotplug.push(Arc::new(Hotplug::new(
                 &vm,
                 &memory,
                 &devices,
-                r.start,
-                r.size,
-                spec.hotplug_backing,
-            )?)),
-            None => None,
-        };
+                HotplugPlacement {
+                    index,
+                    id: d.id.clone(),
+                    base: r.start,
+                    size: r.size,
+                    backing: d.backing,
+                    node: numa.then_some(d.node.unwrap_or(0)),
+                    first_kvm_slot,
+                },
+            )?));
+            // Fits u32: check_regions bounded the slots by KVM's limit.
+            first_kvm_slot += (r.size / crate::memory_manager::SLOT_SIZE) as u32;
+        }
         let fatal = Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?);
-        if let Some(h) = &hotplug {
+        for h in &hotplug {
             let fatal = Arc::clone(&fatal);
             h.manager.on_fatal(Box::new(move |msg| fatal.report(msg)));
         }
@@ -335,12 +348,29 @@ impl Machine {
         let g = rcu::read_lock();
         let mem = self.memory.read(&g).memory();
         let mut acpi = self.devices.acpi_config(self.spec.cpus);
-        if let Some(h) = &self.hotplug {
+        for h in &self.hotplug {
             acpi.virtio_mmio.push(h.acpi());
+        }
+        if self.spec.hotplug.iter().any(|d| d.node.is_some()) {
+            acpi.numa = Some(boot::acpi::NumaAcpi {
+                ram: self.map.ram_ranges().to_vec(),
+                hotplug: self
+                    .hotplug
+                    .iter()
+                    .map(|h| {
+                        let i = h.vmem.info();
+                        let r = boot::layout::GuestRange {
+                            start: i.addr,
+                            size: i.region_size,
+                        };
+                        (r, u32::from(i.node_id))
+                    })
+                    .collect(),
+            });
         }
         let rsdp = boot::acpi::create_acpi_tables(mem, &acpi).map_err(MachineError::Acpi)?;
         boot::mptable::write_mptable(mem, self.spec.cpus).map_err(MachineError::Mptable)?;
-        let appended = appended_args(&config.cmdline, self.host, self.spec.hotplug_memory > 0);
+        let appended = appended_args(&config.cmdline, self.host, !self.hotplug.is_empty());
         let cmdline = boot::cmdline::build_cmdline(&config.cmdline, &appended)?;
         let boot = boot::load_kernel(
             mem,
@@ -495,21 +525,27 @@ impl Machine {
             None => None,
         };
         let events = qmp.as_ref().map(|q| lock(q).event_sender());
-        if let Some(h) = &self.hotplug {
+        // The lifetime plot marks the plugged size of all devices together.
+        let all_vmem: Arc<[Arc<devices::virtio::VirtioMem>]> =
+            self.hotplug.iter().map(|h| Arc::clone(&h.vmem)).collect();
+        for h in &self.hotplug {
+            let all_vmem = Arc::clone(&all_vmem);
             let events = events.clone();
             let rec = Arc::clone(&lifetime);
             let resize_events = events.clone();
             let vmem = Arc::clone(&h.vmem);
+            let (id, resize_id) = (h.id.clone(), h.id.clone());
             control.add(Arc::new(Mutex::new(
                 HotplugWorker::new(
                     Arc::clone(h),
                     Arc::clone(&self.memory),
                     Box::new(move |size| {
-                        log::info!("virtio-mem: plugged size now {size:#x}");
-                        lock(&rec).plugged_size(Instant::now(), size);
+                        log::info!("virtio-mem {id}: plugged size now {size:#x}");
+                        let total = all_vmem.iter().map(|v| v.plugged_size()).sum();
+                        lock(&rec).plugged_size(Instant::now(), total);
                         if let Some(e) = &events {
                             e.send(QmpEvent::MemoryDeviceSizeChange {
-                                id: VMEM_ID.to_string(),
+                                id: id.clone(),
                                 size,
                             });
                         }
@@ -517,7 +553,11 @@ impl Machine {
                 )
                 .on_resize(Box::new(move |report| {
                     if let Some(e) = &resize_events {
-                        e.send(crate::hotplug::resize_event(report, vmem.stall_timeout()));
+                        e.send(crate::hotplug::resize_event(
+                            &resize_id,
+                            report,
+                            vmem.stall_timeout(),
+                        ));
                     }
                 })),
             )));
@@ -580,8 +620,8 @@ impl Machine {
     }
 
     /// The hardware the VM was created with.
-    pub fn spec(&self) -> HardwareSpec {
-        self.spec
+    pub fn spec(&self) -> &HardwareSpec {
+        &self.spec
     }
 
     /// Where fatal errors of vCPUs are collected.

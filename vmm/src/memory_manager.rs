@@ -243,6 +243,16 @@ impl MemoryManager {
         }
     }
 
+    /// The manager with its slots numbered from KVM memory slot `first`
+    /// (instead of [`FIRST_HOTPLUG_KVM_SLOT`]): each device of a VM with
+    /// several gets its own range of numbers. Call before any plug.
+    pub fn with_first_kvm_slot(self, first: u32) -> Self {
+        for (i, s) in self.lock().iter_mut().enumerate() {
+            s.kvm_slot = first + i as u32;
+        }
+        self
+    }
+
     /// Sets what is called, once per event, when the hot-plug state can no
     /// longer be kept consistent with KVM and the VM must stop (the VMM
     /// passes its fatal-error list). Without one, such events are logged.
@@ -944,7 +954,7 @@ mod tests {
     fn backing(text: &str) -> MemoryBacking {
         crate::config::parse_hotplug_memory(&format!("size=1G,{text}"))
             .unwrap()
-            .1
+            .backing
     }
 
     /// `(maps line, smaps fields)` of this process's mappings that overlap

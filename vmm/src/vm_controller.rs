@@ -2,7 +2,7 @@
 //! [`VmOps`], on the control thread.
 
 use crate::control::{QmpStop, StopReason, StopSlot, set_stop};
-use crate::hotplug::{Hotplug, VMEM_ID};
+use crate::hotplug::Hotplug;
 use crate::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, RunState, VmOps};
 use crate::vcpu::{ANSWER_DEADLINE, VcpuHandle, pause_all};
 use devices::Ged;
@@ -15,7 +15,7 @@ pub struct VmController {
     state: RunState,
     ged: Arc<Ged>,
     stop: StopSlot,
-    hotplug: Option<Arc<Hotplug>>,
+    hotplug: Vec<Arc<Hotplug>>,
     base_memory: u64,
     rcu_report: Box<dyn Fn() -> serde_json::Value + Send>,
 }
@@ -34,7 +34,7 @@ impl VmController {
         vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
         ged: Arc<Ged>,
         stop: StopSlot,
-        hotplug: Option<Arc<Hotplug>>,
+        hotplug: Vec<Arc<Hotplug>>,
         base_memory: u64,
         rcu_report: Box<dyn Fn() -> serde_json::Value + Send>,
     ) -> Self {
@@ -47,6 +47,10 @@ impl VmController {
             base_memory,
             rcu_report,
         }
+    }
+
+    fn device(&self, id: &str) -> Option<&Arc<Hotplug>> {
+        self.hotplug.iter().find(|h| h.id == id)
     }
 
     fn each_vcpu(&self, f: impl Fn(&VcpuHandle)) {
@@ -125,22 +129,22 @@ impl VmOps for VmController {
             .map(|h| {
                 let i = h.vmem.info();
                 MemoryDeviceInfo {
-                    id: VMEM_ID.to_string(),
+                    id: h.id.clone(),
                     memaddr: i.addr,
                     requested_size: i.requested_size,
                     size: i.plugged_size,
                     max_size: i.region_size,
                     block_size: i.block_size,
                     node: u32::from(i.node_id),
-                    memdev: format!("/objects/{VMEM_ID}-memdev"),
+                    memdev: format!("/objects/{}-memdev", h.id),
                 }
             })
             .collect()
     }
 
     fn set_requested_size(&mut self, id: &str, size: u64) -> Result<(), QmpError> {
-        match &self.hotplug {
-            Some(h) if id == VMEM_ID => {
+        match self.device(id) {
+            Some(h) => {
                 let set = h.vmem.set_requested_size(size);
                 // Also after an interrupt failure: the new size is set.
                 h.resize_changed();
@@ -153,15 +157,13 @@ impl VmOps for VmController {
     }
 
     fn stall_timeout_ms(&self, id: &str) -> Option<u64> {
-        self.hotplug
-            .as_ref()
-            .filter(|_| id == VMEM_ID)
+        self.device(id)
             .map(|h| u64::try_from(h.vmem.stall_timeout().as_millis()).unwrap_or(u64::MAX))
     }
 
     fn set_stall_timeout(&mut self, id: &str, ms: u64) -> Result<(), QmpError> {
-        match &self.hotplug {
-            Some(h) if id == VMEM_ID => {
+        match self.device(id) {
+            Some(h) => {
                 h.vmem
                     .set_stall_timeout(std::time::Duration::from_millis(ms));
                 h.resize_changed();
@@ -177,9 +179,18 @@ impl VmOps for VmController {
         (self.rcu_report)()
     }
 
+    /// The first device's state at the top level (as with one device),
+    /// plus member `devices`: every device's state, in order, each with its
+    /// `id`.
     fn hotplug_state(&self) -> serde_json::Value {
-        self.hotplug
-            .as_ref()
-            .map_or(serde_json::Value::Null, |h| h.state_json())
+        let Some(first) = self.hotplug.first() else {
+            return serde_json::Value::Null;
+        };
+        let mut v = first.state_json();
+        if let serde_json::Value::Object(m) = &mut v {
+            let all: Vec<serde_json::Value> = self.hotplug.iter().map(|h| h.state_json()).collect();
+            m.insert("devices".into(), serde_json::Value::from(all));
+        }
+        v
     }
 }

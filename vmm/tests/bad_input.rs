@@ -267,3 +267,67 @@ fn hotplug_region_beyond_the_kvm_memory_slot_limit() {
     assert_clean_failure(&r, 1, &format!("but KVM allows {limit}"));
     assert!(r.stderr.contains(&format!("needs {}", limit + 1)), "{r}");
 }
+
+#[test]
+fn several_hotplug_devices_with_bad_ids_or_nodes_are_refused_in_one_line() {
+    let k = kernel();
+    let k = k.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["512M", "size=512M,id=vmem0"],
+            "invalid --hotplug-memory: id 'vmem0' is given to two devices",
+        ),
+        (
+            &["size=512M,node=9"],
+            "invalid --hotplug-memory: node=9: expected a NUMA node number from 0 to 7",
+        ),
+        (
+            &["size=512M,node=2", "size=512M,node=0"],
+            "node=2 but no device is in node 1",
+        ),
+        (
+            &["size=512M,id=a/b"],
+            "invalid --hotplug-memory: id=a/b: expected a letter",
+        ),
+    ];
+    for (options, needle) in cases {
+        let mut args = vec!["--kernel", k, "--memory", "128M"];
+        for o in options {
+            args.extend(["--hotplug-memory", o]);
+        }
+        assert_clean_failure(&vmm(&args), 2, needle);
+    }
+}
+
+#[test]
+fn the_kvm_memory_slot_budget_counts_every_hotplug_device() {
+    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+    let limit = kvm.get_nr_memslots() as u64;
+    let slot = vmm::memory_manager::SLOT_SIZE;
+    let first = u64::from(vmm::memory_manager::FIRST_HOTPLUG_KVM_SLOT);
+    // Two devices, each within the budget alone, one slot too many together.
+    let free = limit - first;
+    let (a, b) = (free / 2, free - free / 2 + 1);
+    let (a_arg, b_arg) = (
+        format!("{}M", (a * slot) >> 20),
+        format!("size={}M,id=second", (b * slot) >> 20),
+    );
+    let k = kernel();
+    let r = vmm(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--memory",
+        "128M",
+        "--hotplug-memory",
+        &a_arg,
+        "--hotplug-memory",
+        &b_arg,
+    ]);
+    assert_clean_failure(&r, 1, &format!("but KVM allows {limit}"));
+    assert!(r.stderr.contains(&format!("needs {}", limit + 1)), "{r}");
+    assert!(
+        r.stderr
+            .contains(&format!("a {} MiB hot-plug region", ((a + b) * slot) >> 20)),
+        "{r}"
+    );
+}

@@ -8,11 +8,15 @@
 //! comes in through [`AcpiConfig`]; this module only encodes it.
 //!
 //! The tables are laid out from [`RSDP_START`] in the order RSDP, XSDT, FADT, MADT,
-//! DSDT, each 16-byte aligned, and must end below [`ACPI_END`].
+//! DSDT and, with NUMA nodes ([`AcpiConfig::numa`]), SRAT, each 16-byte aligned, and
+//! must end below [`ACPI_END`]. Without NUMA nodes there is no SRAT.
 
 mod dsdt;
 mod fadt;
 mod madt;
+mod srat;
+
+pub use srat::{AFFINITY_ENABLED, MEMORY_HOT_PLUGGABLE, NumaAcpi};
 
 use acpi_tables::Aml;
 use acpi_tables::rsdp::Rsdp;
@@ -90,6 +94,8 @@ pub struct AcpiConfig {
     pub virtio_mmio: Vec<VirtioMmioAcpi>,
     /// The GED power-button device, if any.
     pub ged: Option<GedAcpi>,
+    /// NUMA nodes to describe in an SRAT; `None`: no SRAT.
+    pub numa: Option<NumaAcpi>,
 }
 
 impl AcpiConfig {
@@ -107,6 +113,7 @@ impl AcpiConfig {
             cmos_rtc: false,
             virtio_mmio: Vec::new(),
             ged: None,
+            numa: None,
         }
     }
 }
@@ -166,6 +173,8 @@ pub struct AcpiTables {
     pub madt: GuestAddress,
     /// Where the DSDT is.
     pub dsdt: GuestAddress,
+    /// Where the SRAT is, if there is one.
+    pub srat: Option<GuestAddress>,
 }
 
 /// Alignment of each table in the area.
@@ -181,12 +190,18 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     };
     let rsdp_addr = RSDP_START;
     let xsdt_addr = next(rsdp_addr, Rsdp::len());
-    let xsdt_len = 36 + 2 * 8;
+    let srat = cfg.numa.as_ref().map(|n| srat::build(cfg.num_cpus, n));
+    let xsdt_len = 36 + if srat.is_some() { 3 } else { 2 } * 8;
     let fadt_addr = next(xsdt_addr, xsdt_len);
     let madt_addr = next(fadt_addr, fadt::FADT_LEN);
     let dsdt_addr = next(madt_addr, madt.len());
     let fadt = fadt::build(cfg, dsdt_addr);
-    let end = dsdt_addr + dsdt.len() as u64;
+    let mut end = dsdt_addr + dsdt.len() as u64;
+    let srat_addr = srat.as_ref().map(|t| {
+        let at = next(dsdt_addr, dsdt.len());
+        end = at + t.len() as u64;
+        at
+    });
     if end > ACPI_END {
         return Err(AcpiError::TooBig {
             size: end - RSDP_START,
@@ -197,6 +212,9 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     let mut xsdt = XSDT::new(OEM_ID, *b"MVMMXSDT", OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(a) = srat_addr {
+        xsdt.add_entry(a);
+    }
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
 
     // Lossless: `end` is below ACPI_END (1 MiB).
@@ -214,6 +232,9 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     place(fadt_addr, &fadt);
     place(madt_addr, &madt);
     place(dsdt_addr, &dsdt);
+    if let (Some(a), Some(t)) = (srat_addr, &srat) {
+        place(a, t);
+    }
 
     Ok(AcpiTables {
         base: GuestAddress(RSDP_START),
@@ -223,6 +244,7 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
         fadt: GuestAddress(fadt_addr),
         madt: GuestAddress(madt_addr),
         dsdt: GuestAddress(dsdt_addr),
+        srat: srat_addr.map(GuestAddress),
     })
 }
 
@@ -383,6 +405,44 @@ pub(crate) mod tests {
         let last = spans.last().unwrap();
         assert_eq!(last.0 + last.1, t.base.0 + t.bytes.len() as u64);
         assert!(last.0 + last.1 <= ACPI_END);
+    }
+
+    #[test]
+    fn without_numa_there_is_no_srat_and_with_it_the_xsdt_points_at_it() {
+        let t = build_acpi_tables(&full_config()).unwrap();
+        assert_eq!(t.srat, None);
+        let mut cfg = full_config();
+        cfg.numa = Some(NumaAcpi {
+            ram: vec![layout::GuestRange {
+                start: 0,
+                size: 512 << 20,
+            }],
+            hotplug: vec![(
+                layout::GuestRange {
+                    start: 4 << 30,
+                    size: 1 << 30,
+                },
+                1,
+            )],
+        });
+        let n = build_acpi_tables(&cfg).unwrap();
+        let srat = n.srat.expect("an SRAT");
+        let xsdt = table_at(&n, n.xsdt.0);
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(xsdt, o))
+            .collect();
+        assert_eq!(entries, vec![n.fadt.0, n.madt.0, srat.0]);
+        let table = table_at(&n, srat.0);
+        assert_eq!(&table[..4], b"SRAT");
+        assert_eq!(sum(table), 0);
+        assert_eq!(srat.0 % 16, 0);
+        assert!(srat.0 >= n.dsdt.0 + table_at(&n, n.dsdt.0).len() as u64);
+        assert_eq!(srat.0 + table.len() as u64, n.base.0 + n.bytes.len() as u64);
+        // The other tables are the same bytes as without NUMA (apart from the
+        // XSDT and the FADT, which point at moved tables).
+        assert_eq!(table_at(&n, n.madt.0), table_at(&t, t.madt.0));
+        assert_eq!(table_at(&n, n.dsdt.0), table_at(&t, t.dsdt.0));
     }
 
     #[test]

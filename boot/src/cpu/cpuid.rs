@@ -97,6 +97,17 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
     }
 }
 
+/// The guest-physical address width in bits that `entries` report: CPUID
+/// 0x8000_0008 EAX[7:0] (Intel SDM vol. 2A, CPUID: "Physical Address Bits";
+/// AMD APM vol. 3, "PhysAddrSize"), or `None` if the leaf is missing or says 0.
+pub fn phys_addr_bits(entries: &[kvm_cpuid_entry2]) -> Option<u32> {
+    entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008 && e.index == 0)
+        .map(|e| e.eax & 0xff)
+        .filter(|bits| *bits != 0)
+}
+
 /// Number of APIC ID bits that enumerate `num_cpus` cores: ceil(log2(num_cpus)).
 pub fn core_id_bits(num_cpus: u32) -> u32 {
     num_cpus.max(1).next_power_of_two().trailing_zeros()
@@ -276,6 +287,18 @@ mod tests {
 
     fn get(e: &[kvm_cpuid_entry2], f: u32, i: u32) -> kvm_cpuid_entry2 {
         *e.iter().find(|x| x.function == f && x.index == i).unwrap()
+    }
+
+    #[test]
+    fn phys_addr_bits_is_eax_7_0_of_leaf_0x8000_0008() {
+        // EAX: virtual bits 48 in [15:8], physical bits 46 in [7:0].
+        let e = [leaf(0x8000_0008, 0, (48 << 8) | 46, 0, 0, 0)];
+        assert_eq!(phys_addr_bits(&e), Some(46));
+        assert_eq!(
+            phys_addr_bits(&[leaf(0x8000_0008, 0, 48 << 8, 0, 0, 0)]),
+            None
+        );
+        assert_eq!(phys_addr_bits(&[leaf(1, 0, 0x30, 0, 0, 0)]), None);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //!   unplugged memory at all), and `FEATURES_OK` fails if the driver does not accept it,
 //!   as QEMU does on x86, where drivers older than Linux 5.16 may read unplugged memory.
 //!   Linux 6.1's driver always accepts the bit (it is in its feature table
-//!   unconditionally) and behaves the same either way. `VIRTIO_MEM_F_ACPI_PXM` is not
-//!   offered: there is no NUMA topology, `node_id` is 0.
+//!   unconditionally) and behaves the same either way. `VIRTIO_MEM_F_ACPI_PXM` is
+//!   offered only when the VMM describes NUMA nodes to the guest
+//!   ([`VirtioMemConfig::acpi_pxm`], an ACPI SRAT), as QEMU offers it only with NUMA
+//!   configured; the driver may leave it unacked.
 //! - Block size: [`VIRTIO_MEM_DEFAULT_BLOCK_SIZE`] = 2 MiB, QEMU's default on x86 (the
 //!   THP size). Linux 6.1 accepts any power of two; with 2 MiB blocks and 128 MiB memory
 //!   blocks it plugs 2 MiB sub-blocks (its "SBM" mode).
@@ -60,7 +62,8 @@ use super::mem_request::{
 };
 use crate::interrupt::InterruptError;
 
-/// Feature bit: `node_id` is a valid ACPI proximity domain (not offered).
+/// Feature bit: `node_id` is a valid ACPI proximity domain (offered with
+/// [`VirtioMemConfig::acpi_pxm`]).
 pub const VIRTIO_MEM_F_ACPI_PXM: u32 = 0;
 /// Feature bit: the driver must not access unplugged memory (offered and required).
 pub const VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE: u32 = 1;
@@ -144,9 +147,12 @@ pub struct VirtioMemConfig {
     pub region_size: u64,
     /// Block size: a power of two, at least [`VIRTIO_MEM_MIN_BLOCK_SIZE`].
     pub block_size: u64,
-    /// NUMA node reported to the VMM's clients (the guest only sees it with
-    /// `VIRTIO_MEM_F_ACPI_PXM`, which is not offered).
+    /// NUMA node (ACPI proximity domain) of the region, reported to the VMM's clients
+    /// and, with `acpi_pxm`, to the guest.
     pub node_id: u16,
+    /// Offer `VIRTIO_MEM_F_ACPI_PXM`: `node_id` is a proximity domain of the guest's
+    /// ACPI SRAT. Off by default (no SRAT).
+    pub acpi_pxm: bool,
     /// The requested size at start; a multiple of `block_size`, at most `region_size`.
     pub requested_size: u64,
 }
@@ -160,6 +166,7 @@ impl VirtioMemConfig {
             region_size,
             block_size: VIRTIO_MEM_DEFAULT_BLOCK_SIZE,
             node_id: 0,
+            acpi_pxm: false,
             requested_size: 0,
         }
     }
@@ -299,6 +306,7 @@ pub struct VirtioMem {
     region_size: u64,
     block_size: u64,
     node_id: u16,
+    features: u64,
     backend: Arc<dyn MemoryBackend>,
     state: Mutex<MemState>,
 }
@@ -345,6 +353,11 @@ impl VirtioMem {
             region_size: config.region_size,
             block_size: bs,
             node_id: config.node_id,
+            features: if config.acpi_pxm {
+                OFFERED_FEATURES | 1 << VIRTIO_MEM_F_ACPI_PXM
+            } else {
+                OFFERED_FEATURES
+            },
             backend,
             state: Mutex::new(MemState {
                 bitmap: BlockBitmap::new(blocks),
@@ -792,7 +805,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn features(&self) -> u64 {
-        OFFERED_FEATURES
+        self.features
     }
 
     /// Requires `VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE`: unplugged memory is not backed.
@@ -1452,6 +1465,31 @@ mod tests {
         write32(&f.mmio, VIRTIO_MMIO_STATUS, 0);
         f.vmem.set_requested_size(2 * BLOCK).unwrap();
         assert_eq!(f.irq.count(), 1);
+    }
+
+    #[test]
+    fn a_numa_node_is_offered_as_acpi_pxm_with_node_id_in_the_config_space() {
+        // virtio 1.2 §5.15.3: feature bit 0 is VIRTIO_MEM_F_ACPI_PXM; §5.15.4:
+        // `le16 node_id` follows `le64 block_size` at offset 8.
+        let backend = Arc::new(FakeBackend::new(BLOCK));
+        let config = VirtioMemConfig {
+            node_id: 3,
+            acpi_pxm: true,
+            ..VirtioMemConfig::new(REGION_ADDR, REGION_SIZE)
+        };
+        let vmem = Arc::new(VirtioMem::new(config, backend).unwrap());
+        assert_eq!(vmem.features(), 0b11, "ACPI_PXM and UNPLUGGED_INACCESSIBLE");
+        let mut node = [0u8; 2];
+        vmem.read_config(8, &mut node);
+        assert_eq!(u16::from_le_bytes(node), 3);
+        // The driver may leave ACPI_PXM unacked (a guest without NUMA).
+        assert!(vmem.accepts_features(1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE));
+        // Without acpi_pxm (no SRAT), only UNPLUGGED_INACCESSIBLE is offered.
+        let plain = MemFixture::new(0);
+        assert_eq!(
+            plain.vmem.features(),
+            1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE
+        );
     }
 
     #[test]
