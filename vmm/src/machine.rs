@@ -563,7 +563,14 @@ impl Machine {
             )));
         }
         kick::install_handler()?;
-        let filters = crate::seccomp::RunFilters::prepare(options.seccomp)?;
+        let needs = crate::seccomp::FilterNeeds {
+            memfd_backing: self
+                .spec
+                .hotplug
+                .iter()
+                .any(|d| d.backing.backend() == crate::memory_backing::Backend::Memfd),
+        };
+        let filters = crate::seccomp::RunFilters::prepare(options.seccomp, needs)?;
         if options.seccomp != crate::seccomp::SeccompMode::Off {
             install_filtered_panic_hook();
         }

@@ -105,15 +105,31 @@ pub enum SeccompError {
     CallRcuSilent,
 }
 
-/// The compiled filter of thread kind `kind`. The control filter allows
-/// signals to this process only, so compile it in the process that uses it.
+/// What a VM's configuration adds to the filters; the default is a VM
+/// that needs none of it, and gets the narrowest filters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilterNeeds {
+    /// A hot-plug device is backed by memfds (`backend=memfd`): the control
+    /// thread creates, sizes, seals, maps and punches them.
+    pub memfd_backing: bool,
+}
+
+/// The compiled filter of thread kind `kind` for a VM that needs nothing
+/// beyond the defaults ([`program_for`]).
 pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    program_for(kind, FilterNeeds::default())
+}
+
+/// The compiled filter of thread kind `kind` for a VM with `needs`. The
+/// control filter allows signals to this process only, so compile it in
+/// the process that uses it.
+pub fn program_for(kind: ThreadKind, needs: FilterNeeds) -> Result<BpfProgram, SeccompError> {
     let build = |e| SeccompError::Build(kind, e);
     let mut list = AllowList::default();
     common::allow(&mut list).map_err(build)?;
     match kind {
         ThreadKind::Vcpu => vcpu::allow(&mut list),
-        ThreadKind::Control => control::allow(&mut list, std::process::id()),
+        ThreadKind::Control => control::allow(&mut list, std::process::id(), needs),
         ThreadKind::CallRcu => call_rcu::allow(&mut list),
     }
     .map_err(build)?;
@@ -190,11 +206,12 @@ pub struct RunFilters {
 
 impl RunFilters {
     /// Installs the SIGSYS handler (unless `mode` is
-    /// [`SeccompMode::Off`]) and compiles the filters `mode` asks for. With
+    /// [`SeccompMode::Off`]) and compiles the filters `mode` asks for, for
+    /// a VM with `needs`. With
     /// [`SeccompMode::AllThreads`] the call_rcu thread also gets its filter
     /// now ([`install_on_call_rcu_thread`]). Call it on the thread that will
     /// run the control loop, before the vCPU threads start.
-    pub fn prepare(mode: SeccompMode) -> Result<Self, SeccompError> {
+    pub fn prepare(mode: SeccompMode, needs: FilterNeeds) -> Result<Self, SeccompError> {
         if mode != SeccompMode::Off {
             prepare_process()?;
         }
@@ -206,7 +223,7 @@ impl RunFilters {
             },
             SeccompMode::AllThreads => {
                 let vcpu = Arc::new(program(ThreadKind::Vcpu)?);
-                let control = program(ThreadKind::Control)?;
+                let control = program_for(ThreadKind::Control, needs)?;
                 install_on_call_rcu_thread()?;
                 Self {
                     vcpu: Some(vcpu),
@@ -461,7 +478,9 @@ mod tests {
         common::allow(&mut list).unwrap();
         match kind {
             ThreadKind::Vcpu => vcpu::allow(&mut list),
-            ThreadKind::Control => control::allow(&mut list, std::process::id()),
+            ThreadKind::Control => {
+                control::allow(&mut list, std::process::id(), FilterNeeds::default())
+            }
             ThreadKind::CallRcu => call_rcu::allow(&mut list),
         }
         .unwrap();
@@ -763,9 +782,37 @@ mod tests {
     }
 
     #[test]
+    fn control_filter_of_a_vm_without_memfd_backing_refuses_the_memfd_calls() {
+        let p = program(ThreadKind::Control).unwrap();
+        const BASE: libc::c_uint = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+        assert_eq!(in_filtered_child(&p, || memfd_create(BASE)), KILLED);
+        assert_eq!(
+            in_filtered_child(&p, || fallocate_bad_fd(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+            )),
+            KILLED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || add_seals_bad_fd(crate::memory_backing::MEMFD_SEALS)),
+            KILLED
+        );
+        assert_eq!(
+            in_filtered_child(&p, || mmap(
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE
+            )),
+            KILLED,
+            "a shared file mapping"
+        );
+    }
+
+    #[test]
     fn control_filter_allows_the_memfd_backing_calls_with_their_arguments_only() {
         const BASE: libc::c_uint = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
-        let p = program(ThreadKind::Control).unwrap();
+        let memfd = FilterNeeds {
+            memfd_backing: true,
+        };
+        let p = program_for(ThreadKind::Control, memfd).unwrap();
         assert_eq!(in_filtered_child(&p, || memfd_create(BASE)), ALLOWED);
         assert_eq!(
             in_filtered_child(&p, || memfd_create(
@@ -850,10 +897,10 @@ mod tests {
             let p = program(kind).unwrap();
             assert!(!p.is_empty() && p.len() < 4096, "{kind}: {}", p.len());
         }
-        let f = RunFilters::prepare(SeccompMode::Off).unwrap();
+        let f = RunFilters::prepare(SeccompMode::Off, FilterNeeds::default()).unwrap();
         assert!(f.vcpu.is_none());
         f.enter_control().unwrap();
-        let f = RunFilters::prepare(SeccompMode::VcpuThreads).unwrap();
+        let f = RunFilters::prepare(SeccompMode::VcpuThreads, FilterNeeds::default()).unwrap();
         assert!(f.vcpu.is_some());
         // No control filter in this mode: applying it is a no-op, and this
         // test thread stays unfiltered.

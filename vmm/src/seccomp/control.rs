@@ -52,7 +52,11 @@ pub(crate) fn ioctls() -> [u64; 4] {
 
 /// Adds the control thread's own calls to `list`; `pid` is the process id
 /// (the only process it may signal).
-pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> {
+pub(crate) fn allow(
+    list: &mut AllowList,
+    pid: u32,
+    needs: super::FilterNeeds,
+) -> Result<(), BackendError> {
     list.any(&[
         // The event loop and what it watches.
         libc::SYS_epoll_wait,
@@ -107,7 +111,9 @@ pub(crate) fn allow(list: &mut AllowList, pid: u32) -> Result<(), BackendError> 
             libc::MADV_POPULATE_WRITE as u64,
         ],
     )?;
-    allow_memfd_backing(list)?;
+    if needs.memfd_backing {
+        allow_memfd_backing(list)?;
+    }
     // Files are opened three ways only (`report_file` for the reports):
     // read (/proc/self/stat and status for the metrics), created new under
     // a random name, never through a link (a report's temporary file), or
