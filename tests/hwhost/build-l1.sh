@@ -50,7 +50,7 @@ distro_k=$kit/distro/vmlinuz distro_i=$kit/distro/initramfs.cpio.gz
 mkdir -p "$cache" 2>/dev/null && [ -w "$cache" ] ||
     die "cache directory $cache is not writable; set VMM_KIT_CACHE to a writable directory"
 
-resolved=$("$repo/tests/guest/build-distro.sh" resolve | head -n 1)
+resolved=$("$repo/tests/guest/build-distro.sh" resolve | sed -n 1p)  # sed reads all: head could SIGPIPE the script under pipefail
 image=${resolved%%=*}
 key=$({
     for f in "$0" "$here/l1-init.sh" "$here/libs-spec.sh" "$repo/tests/guest/mkcpio.py"; do
