@@ -120,6 +120,21 @@ impl Serial {
         }
     }
 
+    /// Back to the power-on state (a machine reset): registers at their reset values,
+    /// both FIFOs empty (queued input is dropped); the output sink and the counters
+    /// stay. Blocks only on this device's mutex.
+    pub fn reset(&self) {
+        let mut uart = self.lock();
+        let trigger = SuperioTrigger(Arc::clone(&uart.interrupt_evt().0));
+        let placeholder = vm_superio::Serial::with_events(
+            SuperioTrigger(Arc::clone(&trigger.0)),
+            Arc::clone(&self.events),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut *uart, placeholder).into_writer();
+        *uart = vm_superio::Serial::with_events(trigger, Arc::clone(&self.events), out);
+    }
+
     /// Queues host input for the guest to read; returns how many leading bytes of
     /// `input` were queued.
     ///

@@ -177,6 +177,7 @@ impl BareVm {
                 qmp: None,
                 seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
                 console_out: None,
+                on_reset: Default::default(),
             })
             .expect("run")
     }

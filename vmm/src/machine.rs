@@ -1,7 +1,7 @@
 //! The assembled VM: built from a [`VmConfig`], run until it ends, and
 //! taken down in order.
 
-use crate::config::VmConfig;
+use crate::config::{OnReset, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot};
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -11,11 +11,13 @@ use crate::hotplug::{Hotplug, HotplugWorker, VMEM_ID};
 use crate::kernel_cmdline::appended_args;
 use crate::kick::{self, KickError};
 use crate::kvm::{self, KvmError};
+use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
 use crate::signals::SignalFd;
 use crate::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
 use crate::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
+use crate::vcpu_state::{VcpuState, VcpuStateError};
 use crate::vm::{Vm, VmError};
 use crate::vm_controller::VmController;
 use boot::BootInfo;
@@ -100,6 +102,21 @@ pub enum MachineError {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The power-on image (for `--on-reset restart`) could not be taken.
+    #[error("cannot keep the power-on state of the machine")]
+    PowerOn(#[source] PowerOnError),
+    /// A vCPU's power-on state (for `--on-reset restart`) could not be read.
+    #[error("cannot keep the power-on state of vCPU {index}")]
+    VcpuState {
+        /// Which.
+        index: u32,
+        /// Why.
+        #[source]
+        source: VcpuStateError,
+    },
+    /// KVM's MSR list (for `--on-reset restart`) could not be read.
+    #[error("cannot read the MSR list KVM supports")]
+    MsrList(#[source] kvm_ioctls::Error),
 }
 
 /// A VM ready to run.
@@ -179,6 +196,9 @@ pub struct RunOptions {
     /// reopened when the run starts; the caller keeps it open until then),
     /// or stdout if `None`.
     pub console_out: Option<std::os::fd::RawFd>,
+    /// What a guest reset and QMP `system_reset` do: end the run (the
+    /// default) or reboot the guest in place and carry on.
+    pub on_reset: OnReset,
 }
 
 impl Machine {
@@ -464,6 +484,9 @@ impl Machine {
             }));
         }
 
+        // Set while a QMP client has the VM paused (`stop`): a reset keeps
+        // it paused, as QEMU does.
+        let user_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // QMP listens before the guest runs, as with QEMU.
         let qmp = match &options.qmp {
             Some(path) => {
@@ -477,7 +500,8 @@ impl Machine {
                     Box::new(move || {
                         serde_json::to_value(lock(&rec).report(Instant::now())).unwrap_or_default()
                     }),
-                );
+                )
+                .with_reset(options.on_reset, Arc::clone(&user_paused));
                 let server = Arc::new(Mutex::new(
                     QmpServer::new(path, Box::new(ops)).map_err(MachineError::Qmp)?,
                 ));
@@ -487,24 +511,41 @@ impl Machine {
             None => None,
         };
         let events = qmp.as_ref().map(|q| lock(q).event_sender());
-        if let Some(h) = &self.hotplug {
-            let events = events.clone();
+        // What a change of the plugged size does: by the guest's requests,
+        // or by a reset that unplugs everything.
+        let size_changed: Arc<dyn Fn(u64) + Send + Sync> = {
+            let events = events.clone().map(Mutex::new);
             let rec = Arc::clone(&lifetime);
+            Arc::new(move |size| {
+                log::info!("virtio-mem: plugged size now {size:#x}");
+                lock(&rec).plugged_size(Instant::now(), size);
+                if let Some(e) = &events {
+                    lock(e).send(QmpEvent::MemoryDeviceSizeChange {
+                        id: VMEM_ID.to_string(),
+                        size,
+                    });
+                }
+            })
+        };
+        if let Some(h) = &self.hotplug {
+            let size_changed = Arc::clone(&size_changed);
             control.add(Arc::new(Mutex::new(HotplugWorker::new(
                 Arc::clone(h),
                 Arc::clone(&self.memory),
-                Box::new(move |size| {
-                    log::info!("virtio-mem: plugged size now {size:#x}");
-                    lock(&rec).plugged_size(Instant::now(), size);
-                    if let Some(e) = &events {
-                        e.send(QmpEvent::MemoryDeviceSizeChange {
-                            id: VMEM_ID.to_string(),
-                            size,
-                        });
-                    }
-                }),
+                Box::new(move |size| size_changed(size)),
             ))));
         }
+        // With `--on-reset restart`, the state a reset goes back to: taken
+        // now, everything loaded, before any vCPU ran (and before any
+        // filter: it reads KVM's MSR list).
+        let power_on = match options.on_reset {
+            OnReset::Exit => None,
+            OnReset::Restart => Some(self.capture_power_on()?),
+        };
+        let (image, mut vcpu_states) = match power_on {
+            Some((image, states)) => (Some(image), states.into_iter().map(Some).collect()),
+            None => (None, Vec::new()),
+        };
         kick::install_handler()?;
         let filters = crate::seccomp::RunFilters::prepare(options.seccomp)?;
         if options.seccomp != crate::seccomp::SeccompMode::Off {
@@ -521,7 +562,13 @@ impl Machine {
         };
         let mut handles = Vec::with_capacity(self.vcpu_fds.len());
         for (index, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
-            handles.push(VcpuHandle::spawn(index, fd, ctx.clone())?);
+            let state = vcpu_states.get_mut(index as usize).and_then(Option::take);
+            handles.push(VcpuHandle::spawn_resettable(
+                index,
+                fd,
+                ctx.clone(),
+                state,
+            )?);
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {
@@ -531,7 +578,35 @@ impl Machine {
             return Err(e.into());
         }
         let _ = self.vcpus.set(Arc::clone(&vcpus));
-        let result = control.run();
+        let result = loop {
+            let result = control.run();
+            let cause = match (&result, &image) {
+                (Ok(StopReason::Guest(devices::ExitRequest::Reset)), Some(_)) => {
+                    ShutdownCause::GuestReset
+                }
+                (Ok(StopReason::Qmp(crate::control::QmpStop::SystemReset)), Some(_)) => {
+                    ShutdownCause::HostQmpSystemReset
+                }
+                _ => break result,
+            };
+            let Some(image) = &image else {
+                break result;
+            };
+            let keep_paused = user_paused.load(std::sync::atomic::Ordering::Acquire);
+            if let Err(msg) = self.reboot(&vcpus, image, keep_paused, size_changed.as_ref()) {
+                break Ok(StopReason::Fatal(format!("cannot reset the machine: {msg}")));
+            }
+            *lock(&stop) = None;
+            lock(&lifetime).mark(
+                Instant::now(),
+                crate::rcu_lifetime::MarkerKind::Boot,
+                format!("reboot in place ({})", cause.as_str()),
+            );
+            log::info!("machine reset ({})", cause.as_str());
+            if let Some(q) = &qmp {
+                lock(q).event_sender().send(QmpEvent::Reset(cause));
+            }
+        };
         let stuck_vcpus = match crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
             Ok(()) => Vec::new(),
             Err(e) => {
@@ -560,6 +635,84 @@ impl Machine {
             console_bytes: self.devices.console_output.accepted(),
             console_bytes_dropped: self.devices.console_output.dropped(),
         })
+    }
+
+    /// The power-on image and each vCPU's power-on state, for resets.
+    fn capture_power_on(&self) -> Result<(PowerOnImage, Vec<VcpuState>), MachineError> {
+        let image = {
+            let g = rcu::read_lock();
+            PowerOnImage::capture(&self.vm, self.memory.read(&g).memory())
+        }
+        .map_err(MachineError::PowerOn)?;
+        let msrs = self
+            .vm
+            .kvm()
+            .get_msr_index_list()
+            .map_err(MachineError::MsrList)?;
+        let mut states = Vec::with_capacity(self.vcpu_fds.len());
+        for (index, fd) in (0u32..).zip(&self.vcpu_fds) {
+            states.push(
+                VcpuState::capture(fd, msrs.as_slice())
+                    .map_err(|source| MachineError::VcpuState { index, source })?,
+            );
+        }
+        log::debug!(
+            "power-on image: {} bytes of loaded RAM, {} MSRs per vCPU",
+            image.loaded_bytes(),
+            states.first().map_or(0, VcpuState::msr_count)
+        );
+        Ok((image, states))
+    }
+
+    /// Reboots the machine in place: every vCPU parked and put back in its
+    /// power-on state, the interrupt controllers and PIT too, the devices
+    /// reset (virtio-mem unplugs everything: its slots are retired and
+    /// unmapped after a grace period; the requested size stays), guest RAM
+    /// discarded and the loaded image written back. The vCPUs then run
+    /// again, unless `keep_paused`. Control thread; on error the machine
+    /// is in no state to run and the caller ends it.
+    fn reboot(
+        &self,
+        vcpus: &[VcpuHandle],
+        image: &PowerOnImage,
+        keep_paused: bool,
+        size_changed: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<(), String> {
+        if let Some(msg) = self.fatal.first() {
+            return Err(msg);
+        }
+        crate::vcpu::pause_all(vcpus, ANSWER_DEADLINE).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + ANSWER_DEADLINE;
+        for v in vcpus {
+            v.reset(deadline)?;
+        }
+        image
+            .restore_interrupt_controllers(&self.vm)
+            .map_err(|e| crate::error_chain(&e))?;
+        self.devices.serial.reset();
+        self.devices.ged.reset();
+        if let Some(h) = &self.hotplug {
+            h.vmem
+                .system_reset()
+                .map_err(|e| format!("virtio-mem: {}", crate::error_chain(&e)))?;
+            h.transport.system_reset();
+            if let Some(size) = h.vmem.take_size_change() {
+                size_changed(size);
+            }
+        }
+        {
+            let g = rcu::read_lock();
+            image
+                .restore_ram(self.memory.read(&g).memory())
+                .map_err(|e| crate::error_chain(&e))?;
+        }
+        // Last: a request made by the old guest after the reset was asked
+        // for is forgotten with it.
+        self.devices.exit.rearm();
+        if !keep_paused {
+            vcpus.iter().for_each(VcpuHandle::resume);
+        }
+        Ok(())
     }
 
     /// The hardware the VM was created with.
