@@ -563,12 +563,7 @@ impl Machine {
         let mut handles = Vec::with_capacity(self.vcpu_fds.len());
         for (index, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
             let state = vcpu_states.get_mut(index as usize).and_then(Option::take);
-            handles.push(VcpuHandle::spawn_resettable(
-                index,
-                fd,
-                ctx.clone(),
-                state,
-            )?);
+            handles.push(VcpuHandle::spawn_resettable(index, fd, ctx.clone(), state)?);
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {
@@ -594,7 +589,9 @@ impl Machine {
             };
             let keep_paused = user_paused.load(std::sync::atomic::Ordering::Acquire);
             if let Err(msg) = self.reboot(&vcpus, image, keep_paused, size_changed.as_ref()) {
-                break Ok(StopReason::Fatal(format!("cannot reset the machine: {msg}")));
+                break Ok(StopReason::Fatal(format!(
+                    "cannot reset the machine: {msg}"
+                )));
             }
             *lock(&stop) = None;
             lock(&lifetime).mark(

@@ -196,9 +196,7 @@ impl PowerOnImage {
     /// Puts the PICs, IOAPIC and PIT back. Control thread, no vCPU running.
     pub fn restore_interrupt_controllers(&self, vm: &Vm) -> Result<(), PowerOnError> {
         for chip in &self.irqchips {
-            vm.fd()
-                .set_irqchip(chip)
-                .map_err(kvm("KVM_SET_IRQCHIP"))?;
+            vm.fd().set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
         vm.fd().set_pit2(&self.pit).map_err(kvm("KVM_SET_PIT2"))
     }
@@ -251,7 +249,8 @@ mod tests {
         mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(&back, b"kernel");
         let mut other = vec![0xffu8; 4096 * 16];
-        mem.read_slice(&mut other, GuestAddress(0x200_0000)).unwrap();
+        mem.read_slice(&mut other, GuestAddress(0x200_0000))
+            .unwrap();
         assert!(other.iter().all(|&b| b == 0), "guest writes are gone");
         let resident_after = crate::guest_memory::resident_bytes(&mem);
         assert!(

@@ -333,10 +333,13 @@ impl VcpuHandle {
         }
         let mut st = lock(&self.control.state);
         loop {
-            if let ResetStep::Done(r) = &*lock(&self.control.reset) {
-                let r = r.clone();
-                *lock(&self.control.reset) = ResetStep::Idle;
-                return r;
+            {
+                let mut step = lock(&self.control.reset);
+                if let ResetStep::Done(r) = &*step {
+                    let r = r.clone();
+                    *step = ResetStep::Idle;
+                    return r;
+                }
             }
             if self.finished() {
                 return Err(format!("vCPU {index} ended before it was reset"));

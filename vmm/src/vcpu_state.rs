@@ -137,7 +137,8 @@ impl VcpuState {
         ioctl("KVM_SET_DEBUGREGS", vcpu.set_debug_regs(&self.debugregs))?;
         ioctl("KVM_SET_LAPIC", vcpu.set_lapic(&self.lapic))?;
         for chunk in self.msrs.chunks(MAX_MSRS) {
-            let list = Msrs::from_entries(chunk).map_err(|_| VcpuStateError::MsrList(chunk.len()))?;
+            let list =
+                Msrs::from_entries(chunk).map_err(|_| VcpuStateError::MsrList(chunk.len()))?;
             let done = ioctl("KVM_SET_MSRS", vcpu.set_msrs(&list))?;
             if done != chunk.len() {
                 return Err(VcpuStateError::Msrs {
