@@ -4,6 +4,8 @@
 //! its loaded code again from its power-on state, and nothing (descriptors,
 //! mappings, resident memory) grows from one reboot to the next.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
+
 use serde_json::Value;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
@@ -96,6 +98,7 @@ fn run_restart<T: Send>(
     on_reset: OnReset,
     drive: impl FnOnce(Arc<Mutex<Vec<u8>>>) -> T + Send,
 ) -> (RunOutcome, String, T) {
+    #[allow(clippy::incompatible_msrv)] // As stuck_output.rs: std::io::pipe (1.87).
     let (mut reader, writer) = std::io::pipe().unwrap();
     let console = Arc::new(Mutex::new(Vec::new()));
     std::thread::scope(|s| {

@@ -37,7 +37,10 @@ fn wait_size(q: &mut RawQmp, want: u64, what: &str) {
         if d["size"].as_u64() == Some(want) {
             return;
         }
-        assert!(Instant::now() < end, "{what}: size never reached {want}: {d}");
+        assert!(
+            Instant::now() < end,
+            "{what}: size never reached {want}: {d}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
