@@ -23,6 +23,17 @@ use vmm::machine::{RunOptions, RunOutcome};
 
 const LINE: &str = "guest says hello";
 
+/// The tests of this file run one at a time: the leak test counts the
+/// whole process's descriptors and mappings, which another test's VM
+/// would change under it.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 guest_code! {
     /// Prints LINE on COM1 (without touching any memory but its code),
     /// then resets through the i8042.
@@ -184,6 +195,7 @@ fn footprint() -> Footprint {
 /// the run with status 0.
 #[test]
 fn ten_guest_resets_reboot_in_place_and_leak_nothing() {
+    let _serial = one_at_a_time();
     let mut vm = BareVm::new(2, 64 << 20, hello_then_i8042_reset(), 0);
     vm.start_long_mode(0, false);
     let sock = sock_path("i8042");
@@ -252,6 +264,7 @@ fn ten_guest_resets_reboot_in_place_and_leak_nothing() {
 /// the rcu counters balance at the end (every callback queued ran).
 #[test]
 fn triple_faults_reboot_in_place() {
+    let _serial = one_at_a_time();
     let mut vm = BareVm::new(1, 64 << 20, hello_then_triple_fault(), 0);
     vm.start_long_mode(0, false);
     let sock = sock_path("triple");
@@ -291,6 +304,7 @@ fn wait_lines(console: &Mutex<Vec<u8>>, n: usize) {
 /// from its loaded code and finds the RAM it wrote before the reset zeroed.
 #[test]
 fn qmp_system_reset_with_restart_reboots_and_keeps_the_connection() {
+    let _serial = one_at_a_time();
     let mut vm = BareVm::new(1, 64 << 20, hello_then_halt(), 0);
     vm.start_long_mode(0, false);
     let pio = Arc::clone(&vm.pio);
@@ -323,6 +337,7 @@ fn qmp_system_reset_with_restart_reboots_and_keeps_the_connection() {
 /// before: `SHUTDOWN {guest: false, reason: host-qmp-system-reset}`.
 #[test]
 fn qmp_system_reset_with_exit_ends_the_run() {
+    let _serial = one_at_a_time();
     let mut vm = BareVm::new(1, 64 << 20, hello_then_halt(), 0);
     vm.start_long_mode(0, false);
     let sock = sock_path("qmp-exit");
