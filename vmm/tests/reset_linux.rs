@@ -60,8 +60,8 @@ fn wait_event(q: &mut RawQmp, name: &str) -> Value {
 }
 
 /// Plugged memory before a QMP `system_reset` with `--on-reset restart`:
-/// the reset sends `RESET`, unplugs everything (no slot mapped until the
-/// rebooted guest plugs again; `MEMORY_DEVICE_SIZE_CHANGE` to 0), keeps
+/// the reset sends `RESET`, unplugs everything (size 0, no slot mapped
+/// until the rebooted guest plugs again), keeps
 /// `requested-size`, and the rebooted guest's driver plugs it again on
 /// its own. `quit` then ends the VMM with status 0, with every RCU
 /// callback run.
