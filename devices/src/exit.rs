@@ -112,6 +112,17 @@ impl ExitSink {
         }
     }
 
+    /// Forgets the recorded request, so that the next one wins and signals again; the
+    /// counts are kept. For a machine reset that reboots in place: the VMM calls it on
+    /// its control thread while no vCPU runs (a request made concurrently may be
+    /// forgotten too). Drains the eventfd first, so it is readable again only after the
+    /// next request.
+    pub fn rearm(&self) {
+        // Not signalled: EAGAIN (non-blocking), nothing to drain.
+        let _ = self.evt.read();
+        self.first.store(0, Ordering::Release);
+    }
+
     /// The eventfd that becomes readable once the first request is recorded. The VMM
     /// watches it (for example with epoll); reading it is optional, and it is never
     /// written again.
@@ -144,6 +155,19 @@ mod tests {
         assert_eq!(sink.count(ExitRequest::Reset), 2);
         assert_eq!(sink.count(ExitRequest::PowerOff), 1);
         assert_eq!(sink.event_fd().read().unwrap(), 1, "signalled exactly once");
+    }
+
+    #[test]
+    fn rearm_lets_the_next_request_win_and_signal_again() {
+        let sink = ExitSink::new().unwrap();
+        assert!(sink.request(ExitRequest::Reset));
+        sink.rearm();
+        assert_eq!(sink.first(), None);
+        assert!(sink.event_fd().read().is_err(), "drained by rearm");
+        assert!(sink.request(ExitRequest::PowerOff));
+        assert_eq!(sink.first(), Some(ExitRequest::PowerOff));
+        assert_eq!(sink.event_fd().read().unwrap(), 1, "signalled again");
+        assert_eq!(sink.count(ExitRequest::Reset), 1, "counts are kept");
     }
 
     #[test]

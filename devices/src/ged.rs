@@ -65,6 +65,12 @@ impl Ged {
     pub fn pending(&self) -> u8 {
         self.events.load(Ordering::Acquire)
     }
+
+    /// Back to the power-on state: no pending event (a power button pressed before a
+    /// machine reset is not seen by the rebooted guest, as on QEMU).
+    pub fn reset(&self) {
+        self.events.store(0, Ordering::Release);
+    }
 }
 
 impl BusDevice for Ged {

@@ -120,6 +120,21 @@ impl Serial {
         }
     }
 
+    /// Back to the power-on state (a machine reset): registers at their reset values,
+    /// both FIFOs empty (queued input is dropped); the output sink and the counters
+    /// stay. Blocks only on this device's mutex.
+    pub fn reset(&self) {
+        let mut uart = self.lock();
+        let trigger = SuperioTrigger(Arc::clone(&uart.interrupt_evt().0));
+        let placeholder = vm_superio::Serial::with_events(
+            SuperioTrigger(Arc::clone(&trigger.0)),
+            Arc::clone(&self.events),
+            Box::new(std::io::sink()) as Box<dyn Write + Send>,
+        );
+        let out = std::mem::replace(&mut *uart, placeholder).into_writer();
+        *uart = vm_superio::Serial::with_events(trigger, Arc::clone(&self.events), out);
+    }
+
     /// Queues host input for the guest to read; returns how many leading bytes of
     /// `input` were queued.
     ///
@@ -301,6 +316,33 @@ mod tests {
     #[test]
     fn com1_range_is_8_ports_at_0x3f8() {
         assert_eq!((COM1_RANGE.base(), COM1_RANGE.last()), (0x3f8, 0x3ff));
+    }
+
+    /// A machine reset puts the registers back at their power-on values and
+    /// drops queued input; the sink (and what it got) and the counters stay.
+    #[test]
+    fn reset_restores_power_on_registers_and_keeps_the_sink() {
+        let (serial, buf, _) = serial_with_buf();
+        let fresh: Vec<u8> = [IER, LCR, MCR, LSR, SCR]
+            .iter()
+            .map(|&r| read1(&serial, r))
+            .collect();
+        serial.write(0x3f8, DATA, b"a");
+        serial.write(0x3f8, IER, &[IER_RDA | IER_THRE]);
+        serial.write(0x3f8, LCR, &[0x03]);
+        serial.write(0x3f8, MCR, &[0x08]);
+        serial.write(0x3f8, SCR, &[0x5a]);
+        assert_eq!(serial.queue_input(b"xyz").unwrap(), 3);
+        assert_eq!(read1(&serial, LSR) & LSR_DR, LSR_DR);
+        serial.reset();
+        let after: Vec<u8> = [IER, LCR, MCR, LSR, SCR]
+            .iter()
+            .map(|&r| read1(&serial, r))
+            .collect();
+        assert_eq!(after, fresh, "registers as at power-on, no input pending");
+        serial.write(0x3f8, DATA, b"b");
+        assert_eq!(&*buf.0.lock().unwrap(), b"ab", "same sink after the reset");
+        assert_eq!(serial.stats().bytes_out, 2);
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl BareVm {
                 qmp: None,
                 seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
                 console_out: None,
+                on_reset: Default::default(),
             })
             .expect("run")
     }

@@ -33,8 +33,14 @@ pub fn connect(sock: &Path) -> RawQmp {
     let mut w = s.try_clone().expect("a second handle on the socket");
     w.write_all(br#"{"execute":"qmp_capabilities"}"#)
         .expect("sending qmp_capabilities");
-    line.clear();
-    r.read_line(&mut line).expect("the qmp_capabilities reply");
+    // Events may come before the reply (the VM runs): skip them.
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("the qmp_capabilities reply");
+        if !line.contains("\"event\"") {
+            break;
+        }
+    }
     assert!(line.contains("return"), "{line}");
     (s, r)
 }

@@ -125,6 +125,7 @@ fn run_vm(vm: &mut BareVm, seccomp: SeccompMode) -> StopReason {
             qmp: None,
             seccomp,
             console_out: None,
+            on_reset: Default::default(),
         })
         .expect("run")
         .reason

@@ -156,6 +156,7 @@ fn run_with(
                 qmp: Some(sock.to_path_buf()),
                 seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
                 console_out,
+                on_reset: Default::default(),
             })
             .expect("run");
         let ended = Instant::now();

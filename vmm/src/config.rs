@@ -71,6 +71,34 @@ pub struct Args {
     /// is not expected to make then runs instead of killing the VMM).
     #[arg(long)]
     pub no_seccomp: bool,
+    /// What a guest reset (reboot, triple fault) and QMP `system_reset` do:
+    /// end the VMM with status 0 (`exit`, QEMU's -no-reboot), or reboot the
+    /// guest in place (`restart`).
+    #[arg(long, value_name = "restart|exit", default_value = "exit")]
+    pub on_reset: String,
+}
+
+/// What a machine reset does (`--on-reset`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnReset {
+    /// The VMM ends, status 0 (QEMU's `-no-reboot`, Firecracker).
+    #[default]
+    Exit,
+    /// The guest reboots in place: vCPUs and devices back to their
+    /// power-on state, RAM as it was before the first instruction, the
+    /// hot-plugged memory unplugged; same process, same QMP clients.
+    Restart,
+}
+
+impl std::str::FromStr for OnReset {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exit" => Ok(Self::Exit),
+            "restart" => Ok(Self::Restart),
+            other => Err(format!("'{other}' is neither 'restart' nor 'exit'")),
+        }
+    }
 }
 
 /// A checked VM configuration.
@@ -103,6 +131,8 @@ pub struct VmConfig {
     /// Confine every thread to its seccomp allow-list (on unless
     /// `--no-seccomp`).
     pub seccomp: bool,
+    /// What a machine reset does.
+    pub on_reset: OnReset,
 }
 
 /// Most virtio-mem devices a VM may have (`--hotplug-memory` given this
@@ -161,6 +191,9 @@ pub enum ConfigError {
     /// `--rcu-wakeup` is unknown.
     #[error("invalid --rcu-wakeup: {0}")]
     Wakeup(String),
+    /// `--on-reset` is unknown.
+    #[error("invalid --on-reset: {0}")]
+    OnReset(String),
     /// A file given on the command line cannot be opened.
     #[error("cannot open {what} '{path}'")]
     File {
@@ -459,6 +492,7 @@ impl TryFrom<Args> for VmConfig {
         let memory = size("memory", &a.memory)?;
         let hotplug = hotplug_devices(&a.hotplug_memory)?;
         let rcu_wakeup: WakeupStrategy = a.rcu_wakeup.parse().map_err(ConfigError::Wakeup)?;
+        let on_reset: OnReset = a.on_reset.parse().map_err(ConfigError::OnReset)?;
         check_file("kernel", &a.kernel)?;
         if let Some(initrd) = &a.initrd {
             check_file("initrd", initrd)?;
@@ -478,6 +512,7 @@ impl TryFrom<Args> for VmConfig {
             metrics: a.metrics,
             quiet: a.quiet,
             seccomp: !a.no_seccomp,
+            on_reset,
         })
     }
 }
@@ -506,6 +541,16 @@ mod tests {
         assert!(args(&["--hotplug-memory", "0"]).unwrap().hotplug.is_empty());
         assert_eq!(c.rcu_wakeup, WakeupStrategy::Event);
         assert!(c.seccomp, "seccomp is on by default");
+        assert_eq!(c.on_reset, OnReset::Exit, "a reset ends the VMM by default");
+        assert_eq!(
+            args(&["--on-reset", "restart"]).unwrap().on_reset,
+            OnReset::Restart
+        );
+        let e = args(&["--on-reset", "reboot"]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid --on-reset: 'reboot' is neither 'restart' nor 'exit'"
+        );
         let c = args(&["--rcu-wakeup", "semaphore", "--no-seccomp"]).unwrap();
         assert_eq!(c.rcu_wakeup, WakeupStrategy::Semaphore);
         assert!(!c.seccomp);

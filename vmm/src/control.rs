@@ -55,6 +55,15 @@ impl StopReason {
         }
     }
 
+    /// Whether this is a machine reset (by the guest or QMP
+    /// `system_reset`), which `--on-reset restart` turns into a reboot.
+    pub fn is_reset(&self) -> bool {
+        matches!(
+            self,
+            StopReason::Guest(ExitRequest::Reset) | StopReason::Qmp(QmpStop::SystemReset)
+        )
+    }
+
     /// The process exit status for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -75,12 +84,20 @@ pub enum ControlError {
 /// The shared "VM should stop" slot the subscribers fill.
 pub type StopSlot = Arc<Mutex<Option<StopReason>>>;
 
-/// Records `reason` unless a reason to stop was recorded already.
+/// Records `reason` unless a reason to stop was recorded already; a
+/// recorded reset ([`StopReason::is_reset`]) gives way to any other reason.
+/// With `--on-reset restart` a reset does not end the VM: a `quit`, signal
+/// or fatal error handled in the same loop round after it must not be
+/// lost when the machine reboots.
 pub fn set_stop(slot: &StopSlot, reason: StopReason) {
     let mut s = slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if s.is_none() {
+    let replace = match &*s {
+        None => true,
+        Some(old) => old.is_reset() && !reason.is_reset(),
+    };
+    if replace {
         *s = Some(reason);
     }
 }
@@ -326,6 +343,25 @@ impl ControlLoop {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A reset recorded first does not hide a quit recorded after it in
+    /// the same loop round (the reboot would otherwise drop the quit); any
+    /// other first reason still wins.
+    #[test]
+    fn a_reset_gives_way_to_a_later_reason_to_stop() {
+        let slot: StopSlot = Arc::new(Mutex::new(None));
+        set_stop(&slot, StopReason::Guest(ExitRequest::Reset));
+        set_stop(&slot, StopReason::Qmp(QmpStop::SystemReset));
+        assert_eq!(
+            *slot.lock().unwrap(),
+            Some(StopReason::Guest(ExitRequest::Reset))
+        );
+        set_stop(&slot, StopReason::Qmp(QmpStop::Quit));
+        assert_eq!(*slot.lock().unwrap(), Some(StopReason::Qmp(QmpStop::Quit)));
+        set_stop(&slot, StopReason::Signal(15));
+        set_stop(&slot, StopReason::Guest(ExitRequest::Reset));
+        assert_eq!(*slot.lock().unwrap(), Some(StopReason::Qmp(QmpStop::Quit)));
+    }
     use devices::Serial;
     use std::io::Write;
 

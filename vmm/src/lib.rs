@@ -53,6 +53,7 @@ pub mod machine;
 pub mod memory_backing;
 pub mod memory_manager;
 pub mod metrics;
+pub mod power_on;
 pub mod qmp;
 pub mod rcu_lifetime;
 pub mod rcu_plot;
@@ -63,10 +64,11 @@ pub mod signals;
 pub mod size;
 pub mod stdout_writer;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
 pub mod vm_controller;
 
-pub use config::{Args, ConfigError, VmConfig};
+pub use config::{Args, ConfigError, OnReset, VmConfig};
 pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};
 
 use std::time::Instant;
@@ -109,6 +111,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
             seccomp::SeccompMode::Off
         },
         console_out: None,
+        on_reset: config.on_reset,
     })?;
     let cfg = config;
     let mut status = outcome.reason.exit_code();

@@ -1,7 +1,7 @@
 //! The assembled VM: built from a [`VmConfig`], run until it ends, and
 //! taken down in order.
 
-use crate::config::VmConfig;
+use crate::config::{OnReset, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot};
 use crate::device_manager::{DeviceError, DeviceManager};
@@ -11,11 +11,13 @@ use crate::hotplug::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::kernel_cmdline::appended_args;
 use crate::kick::{self, KickError};
 use crate::kvm::{self, KvmError};
+use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
 use crate::signals::SignalFd;
 use crate::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
 use crate::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
+use crate::vcpu_state::{VcpuState, VcpuStateError};
 use crate::vm::{Vm, VmError};
 use crate::vm_controller::VmController;
 use boot::BootInfo;
@@ -100,6 +102,21 @@ pub enum MachineError {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),
+    /// The power-on image (for `--on-reset restart`) could not be taken.
+    #[error("cannot keep the power-on state of the machine")]
+    PowerOn(#[source] PowerOnError),
+    /// A vCPU's power-on state (for `--on-reset restart`) could not be read.
+    #[error("cannot keep the power-on state of vCPU {index}")]
+    VcpuState {
+        /// Which.
+        index: u32,
+        /// Why.
+        #[source]
+        source: VcpuStateError,
+    },
+    /// KVM's MSR list (for `--on-reset restart`) could not be read.
+    #[error("cannot read the MSR list KVM supports")]
+    MsrList(#[source] kvm_ioctls::Error),
 }
 
 /// A VM ready to run.
@@ -153,6 +170,10 @@ pub struct RunOutcome {
     pub console_bytes_dropped: u64,
 }
 
+/// What a change of a hot-plug device's plugged size does (log, lifetime
+/// record, QMP event); called on the control thread.
+type SizeChanged = Arc<dyn Fn(u64) + Send + Sync>;
+
 /// The hardware of a VM, without anything to boot.
 #[derive(Debug, Clone)]
 pub struct HardwareSpec {
@@ -180,6 +201,9 @@ pub struct RunOptions {
     /// reopened when the run starts; the caller keeps it open until then),
     /// or stdout if `None`.
     pub console_out: Option<std::os::fd::RawFd>,
+    /// What a guest reset and QMP `system_reset` do: end the run (the
+    /// default) or reboot the guest in place and carry on.
+    pub on_reset: OnReset,
 }
 
 impl Machine {
@@ -502,6 +526,9 @@ impl Machine {
             }));
         }
 
+        // Set while a QMP client has the VM paused (`stop`): a reset keeps
+        // it paused, as QEMU does.
+        let user_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         // QMP listens before the guest runs, as with QEMU.
         let qmp = match &options.qmp {
             Some(path) => {
@@ -515,7 +542,8 @@ impl Machine {
                     Box::new(move || {
                         serde_json::to_value(lock(&rec).report(Instant::now())).unwrap_or_default()
                     }),
-                );
+                )
+                .with_reset(options.on_reset, Arc::clone(&user_paused));
                 let server = Arc::new(Mutex::new(
                     QmpServer::new(path, Box::new(ops)).map_err(MachineError::Qmp)?,
                 ));
@@ -525,31 +553,43 @@ impl Machine {
             None => None,
         };
         let events = qmp.as_ref().map(|q| lock(q).event_sender());
-        // The lifetime plot marks the plugged size of all devices together.
+        // What a change of a device's plugged size does, by the guest's
+        // requests or by a reset that unplugs everything: one per device,
+        // in the order of `self.hotplug`. The lifetime plot marks the
+        // plugged size of all devices together.
         let all_vmem: Arc<[Arc<devices::virtio::VirtioMem>]> =
             self.hotplug.iter().map(|h| Arc::clone(&h.vmem)).collect();
-        for h in &self.hotplug {
-            let all_vmem = Arc::clone(&all_vmem);
-            let events = events.clone();
-            let rec = Arc::clone(&lifetime);
+        let size_changed: Vec<SizeChanged> = self
+            .hotplug
+            .iter()
+            .map(|h| {
+                let all_vmem = Arc::clone(&all_vmem);
+                let events = events.clone().map(Mutex::new);
+                let rec = Arc::clone(&lifetime);
+                let id = h.id.clone();
+                Arc::new(move |size| {
+                    log::info!("virtio-mem {id}: plugged size now {size:#x}");
+                    let total = all_vmem.iter().map(|v| v.plugged_size()).sum();
+                    lock(&rec).plugged_size(Instant::now(), total);
+                    if let Some(e) = &events {
+                        lock(e).send(QmpEvent::MemoryDeviceSizeChange {
+                            id: id.clone(),
+                            size,
+                        });
+                    }
+                }) as SizeChanged
+            })
+            .collect();
+        for (h, changed) in self.hotplug.iter().zip(&size_changed) {
+            let changed = Arc::clone(changed);
             let resize_events = events.clone();
             let vmem = Arc::clone(&h.vmem);
-            let (id, resize_id) = (h.id.clone(), h.id.clone());
+            let resize_id = h.id.clone();
             control.add(Arc::new(Mutex::new(
                 HotplugWorker::new(
                     Arc::clone(h),
                     Arc::clone(&self.memory),
-                    Box::new(move |size| {
-                        log::info!("virtio-mem {id}: plugged size now {size:#x}");
-                        let total = all_vmem.iter().map(|v| v.plugged_size()).sum();
-                        lock(&rec).plugged_size(Instant::now(), total);
-                        if let Some(e) = &events {
-                            e.send(QmpEvent::MemoryDeviceSizeChange {
-                                id: id.clone(),
-                                size,
-                            });
-                        }
-                    }),
+                    Box::new(move |size| changed(size)),
                 )
                 .on_resize(Box::new(move |report| {
                     if let Some(e) = &resize_events {
@@ -562,6 +602,17 @@ impl Machine {
                 })),
             )));
         }
+        // With `--on-reset restart`, the state a reset goes back to: taken
+        // now, everything loaded, before any vCPU ran (and before any
+        // filter: it reads KVM's MSR list).
+        let power_on = match options.on_reset {
+            OnReset::Exit => None,
+            OnReset::Restart => Some(self.capture_power_on()?),
+        };
+        let (image, mut vcpu_states) = match power_on {
+            Some((image, states)) => (Some(image), states.into_iter().map(Some).collect()),
+            None => (None, Vec::new()),
+        };
         kick::install_handler()?;
         let needs = crate::seccomp::FilterNeeds {
             memfd_backing: self
@@ -585,7 +636,8 @@ impl Machine {
         };
         let mut handles = Vec::with_capacity(self.vcpu_fds.len());
         for (index, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
-            handles.push(VcpuHandle::spawn(index, fd, ctx.clone())?);
+            let state = vcpu_states.get_mut(index as usize).and_then(Option::take);
+            handles.push(VcpuHandle::spawn_resettable(index, fd, ctx.clone(), state)?);
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {
@@ -595,7 +647,37 @@ impl Machine {
             return Err(e.into());
         }
         let _ = self.vcpus.set(Arc::clone(&vcpus));
-        let result = control.run();
+        let result = loop {
+            let result = control.run();
+            let cause = match (&result, &image) {
+                (Ok(StopReason::Guest(devices::ExitRequest::Reset)), Some(_)) => {
+                    ShutdownCause::GuestReset
+                }
+                (Ok(StopReason::Qmp(crate::control::QmpStop::SystemReset)), Some(_)) => {
+                    ShutdownCause::HostQmpSystemReset
+                }
+                _ => break result,
+            };
+            let Some(image) = &image else {
+                break result;
+            };
+            let keep_paused = user_paused.load(std::sync::atomic::Ordering::Acquire);
+            if let Err(msg) = self.reboot(&vcpus, image, keep_paused, &size_changed) {
+                break Ok(StopReason::Fatal(format!(
+                    "cannot reset the machine: {msg}"
+                )));
+            }
+            *lock(&stop) = None;
+            lock(&lifetime).mark(
+                Instant::now(),
+                crate::rcu_lifetime::MarkerKind::Boot,
+                format!("reboot in place ({})", cause.as_str()),
+            );
+            log::info!("machine reset ({})", cause.as_str());
+            if let Some(q) = &qmp {
+                lock(q).event_sender().send(QmpEvent::Reset(cause));
+            }
+        };
         let stuck_vcpus = match crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
             Ok(()) => Vec::new(),
             Err(e) => {
@@ -624,6 +706,84 @@ impl Machine {
             console_bytes: self.devices.console_output.accepted(),
             console_bytes_dropped: self.devices.console_output.dropped(),
         })
+    }
+
+    /// The power-on image and each vCPU's power-on state, for resets.
+    fn capture_power_on(&self) -> Result<(PowerOnImage, Vec<VcpuState>), MachineError> {
+        let image = {
+            let g = rcu::read_lock();
+            PowerOnImage::capture(&self.vm, self.memory.read(&g).memory())
+        }
+        .map_err(MachineError::PowerOn)?;
+        let msrs = self
+            .vm
+            .kvm()
+            .get_msr_index_list()
+            .map_err(MachineError::MsrList)?;
+        let mut states = Vec::with_capacity(self.vcpu_fds.len());
+        for (index, fd) in (0u32..).zip(&self.vcpu_fds) {
+            states.push(
+                VcpuState::capture(fd, msrs.as_slice())
+                    .map_err(|source| MachineError::VcpuState { index, source })?,
+            );
+        }
+        log::debug!(
+            "power-on image: {} bytes of loaded RAM, {} MSRs per vCPU",
+            image.loaded_bytes(),
+            states.first().map_or(0, VcpuState::msr_count)
+        );
+        Ok((image, states))
+    }
+
+    /// Reboots the machine in place: every vCPU parked and put back in its
+    /// power-on state, the interrupt controllers and PIT too, the devices
+    /// reset (virtio-mem unplugs everything: its slots are retired and
+    /// unmapped after a grace period; the requested size stays), guest RAM
+    /// discarded and the loaded image written back. The vCPUs then run
+    /// again, unless `keep_paused`. Control thread; on error the machine
+    /// is in no state to run and the caller ends it.
+    fn reboot(
+        &self,
+        vcpus: &[VcpuHandle],
+        image: &PowerOnImage,
+        keep_paused: bool,
+        size_changed: &[SizeChanged],
+    ) -> Result<(), String> {
+        if let Some(msg) = self.fatal.first() {
+            return Err(msg);
+        }
+        crate::vcpu::pause_all(vcpus, ANSWER_DEADLINE).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + ANSWER_DEADLINE;
+        for v in vcpus {
+            v.reset(deadline)?;
+        }
+        image
+            .restore_interrupt_controllers(&self.vm)
+            .map_err(|e| crate::error_chain(&e))?;
+        self.devices.serial.reset();
+        self.devices.ged.reset();
+        for (h, changed) in self.hotplug.iter().zip(size_changed) {
+            h.vmem
+                .system_reset()
+                .map_err(|e| format!("virtio-mem {}: {}", h.id, crate::error_chain(&e)))?;
+            h.transport.system_reset();
+            if let Some(size) = h.vmem.take_size_change() {
+                changed(size);
+            }
+        }
+        {
+            let g = rcu::read_lock();
+            image
+                .restore_ram(self.memory.read(&g).memory())
+                .map_err(|e| crate::error_chain(&e))?;
+        }
+        // Last: a request made by the old guest after the reset was asked
+        // for is forgotten with it.
+        self.devices.exit.rearm();
+        if !keep_paused {
+            vcpus.iter().for_each(VcpuHandle::resume);
+        }
+        Ok(())
     }
 
     /// The hardware the VM was created with.

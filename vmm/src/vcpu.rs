@@ -9,6 +9,7 @@
 use crate::emulation::{self, Outcome};
 use crate::guest_memory::SharedMemory;
 use crate::kick;
+use crate::vcpu_state::VcpuState;
 use devices::{Bus, ExitRequest, ExitSink};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use rcu::RcuCell;
@@ -147,6 +148,17 @@ enum RunState {
     Paused,
 }
 
+/// A machine reset asked of a parked vCPU ([`VcpuHandle::reset`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ResetStep {
+    /// Nothing asked.
+    Idle,
+    /// Put the power-on state back.
+    Requested,
+    /// Done, with the outcome.
+    Done(Result<(), String>),
+}
+
 /// Requests to a vCPU thread and its acknowledgements.
 #[derive(Debug)]
 struct Control {
@@ -154,6 +166,7 @@ struct Control {
     pending: AtomicBool,
     stop: AtomicBool,
     state: Mutex<(RunState, bool /* parked */)>,
+    reset: Mutex<ResetStep>,
     cv: Condvar,
 }
 
@@ -172,16 +185,32 @@ pub struct VcpuHandle {
 
 enum Next {
     Continue,
+    /// The guest reset: park until the control thread decides.
+    Park,
     Stop,
 }
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread.
+    /// Starts vCPU `index` on its own thread. A guest reset (triple fault,
+    /// reset system event) parks it, as [`pause`](Self::pause) would; it
+    /// cannot be [`reset`](Self::reset).
     pub fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+        Self::spawn_resettable(index, vcpu, ctx, None)
+    }
+
+    /// As [`spawn`](Self::spawn), keeping `power_on` (the state captured
+    /// before the vCPU's first run) for [`reset`](Self::reset).
+    pub fn spawn_resettable(
+        index: u32,
+        vcpu: VcpuFd,
+        ctx: VcpuContext,
+        power_on: Option<VcpuState>,
+    ) -> Result<Self, VcpuError> {
         let control = Arc::new(Control {
             pending: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             state: Mutex::new((RunState::Running, false)),
+            reset: Mutex::new(ResetStep::Idle),
             cv: Condvar::new(),
         });
         let stats = Arc::new(VcpuStats::default());
@@ -192,7 +221,7 @@ impl VcpuHandle {
             .spawn(move || {
                 // SAFETY: gettid has no preconditions.
                 t.store(i64::from(unsafe { libc::gettid() }), Ordering::Release);
-                run(index, vcpu, ctx, &c, &s)
+                run(index, vcpu, ctx, &c, &s, power_on.as_ref())
             })
             .map_err(|source| VcpuError::Spawn { index, source })?;
         Ok(Self {
@@ -275,6 +304,63 @@ impl VcpuHandle {
     pub fn pause(&self, deadline: Instant) -> bool {
         self.request_pause();
         self.wait_parked(deadline)
+    }
+
+    /// Whether the vCPU is asked to stay paused (by [`pause`](Self::pause)
+    /// or because the guest reset); it may still be on its way out of
+    /// `KVM_RUN`.
+    pub fn is_paused(&self) -> bool {
+        lock(&self.control.state).0 == RunState::Paused
+    }
+
+    /// Puts the vCPU back in its power-on state (the state given to
+    /// [`spawn_resettable`](Self::spawn_resettable)); it stays paused.
+    /// Call it only while the vCPU is parked (after [`pause_all`]); waits
+    /// for the vCPU thread to do it, at most until `deadline`.
+    pub fn reset(&self, deadline: Instant) -> Result<(), String> {
+        let index = self.index;
+        {
+            let st = lock(&self.control.state);
+            if !st.1 {
+                return Err(format!("vCPU {index} is not paused"));
+            }
+        }
+        *lock(&self.control.reset) = ResetStep::Requested;
+        // Wake the parked thread (it checks the reset request first).
+        {
+            let _st = lock(&self.control.state);
+            self.control.cv.notify_all();
+        }
+        let mut st = lock(&self.control.state);
+        loop {
+            {
+                let mut step = lock(&self.control.reset);
+                if let ResetStep::Done(r) = &*step {
+                    let r = r.clone();
+                    *step = ResetStep::Idle;
+                    return r;
+                }
+            }
+            if self.finished() {
+                return Err(format!("vCPU {index} ended before it was reset"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                *lock(&self.control.reset) = ResetStep::Idle;
+                return Err(format!(
+                    "vCPU {index} did not reset within {} s",
+                    ANSWER_DEADLINE.as_secs()
+                ));
+            }
+            st = match self
+                .control
+                .cv
+                .wait_timeout(st, left.min(std::time::Duration::from_millis(10)))
+            {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
     }
 
     /// Lets a paused vCPU run again.
@@ -420,7 +506,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext, control: &Control, stats: &VcpuStats) {
+fn run(
+    index: u32,
+    mut vcpu: VcpuFd,
+    ctx: VcpuContext,
+    control: &Control,
+    stats: &VcpuStats,
+    power_on: Option<&VcpuState>,
+) {
     // Before anything the guest can influence runs on this thread.
     if let Some(filter) = &ctx.seccomp
         && let Err(e) = crate::seccomp::apply(crate::seccomp::ThreadKind::Vcpu, filter)
@@ -438,7 +531,7 @@ fn run(index: u32, mut vcpu: VcpuFd, ctx: VcpuContext, control: &Control, stats:
     // A panic here is a bug in the VMM (never a guest's doing): stop the VM
     // with a message instead of leaving it running without this vCPU.
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_loop(index, &mut vcpu, &ctx, control, stats);
+        run_loop(index, &mut vcpu, &ctx, control, stats, power_on);
     }));
     if let Err(p) = ran {
         let what = p
@@ -472,6 +565,7 @@ fn run_loop(
     ctx: &VcpuContext,
     control: &Control,
     stats: &VcpuStats,
+    power_on: Option<&VcpuState>,
 ) {
     let mut first = true;
     loop {
@@ -479,7 +573,7 @@ fn run_loop(
             if control.stop.load(Ordering::SeqCst) {
                 return;
             }
-            if wait_while_paused(control) {
+            if wait_while_paused(control, vcpu, power_on) {
                 return;
             }
         }
@@ -539,17 +633,36 @@ fn run_loop(
             u64::try_from(t.elapsed().as_nanos()).unwrap_or(0),
             Ordering::Relaxed,
         );
-        if let Next::Stop = next {
-            return;
+        match next {
+            Next::Stop => return,
+            Next::Park => {
+                // Parked like a pause: the control thread resets the
+                // machine (or ends it) and resumes it.
+                lock(&control.state).0 = RunState::Paused;
+                control.pending.store(true, Ordering::SeqCst);
+            }
+            Next::Continue => {}
         }
     }
 }
 
-/// Blocks while the vCPU is paused; returns `true` if it must stop.
-fn wait_while_paused(control: &Control) -> bool {
+/// Blocks while the vCPU is paused, putting its power-on state back when
+/// the control thread asks ([`VcpuHandle::reset`]); returns `true` if it
+/// must stop.
+fn wait_while_paused(control: &Control, vcpu: &VcpuFd, power_on: Option<&VcpuState>) -> bool {
     let mut st = lock(&control.state);
     while st.0 == RunState::Paused && !control.stop.load(Ordering::SeqCst) {
         st.1 = true;
+        {
+            let mut reset = lock(&control.reset);
+            if *reset == ResetStep::Requested {
+                let outcome = match power_on {
+                    Some(s) => s.restore(vcpu).map_err(|e| crate::error_chain(&e)),
+                    None => Err("no power-on state was kept".to_string()),
+                };
+                *reset = ResetStep::Done(outcome);
+            }
+        }
         control.cv.notify_all();
         st = match control.cv.wait(st) {
             Ok(g) => g,
@@ -612,10 +725,11 @@ fn handle_exit(
             Ok(Next::Continue)
         }
         VcpuExit::Shutdown => {
-            // Triple fault: a reset, which ends the VM (as QEMU's -no-reboot).
+            // Triple fault: a reset. The control thread reboots the
+            // machine or ends it (`--on-reset`).
             stats.other.fetch_add(1, Ordering::Relaxed);
             ctx.exit.request(ExitRequest::Reset);
-            Ok(Next::Stop)
+            Ok(Next::Park)
         }
         VcpuExit::SystemEvent(kind, _) => {
             stats.other.fetch_add(1, Ordering::Relaxed);
@@ -625,6 +739,7 @@ fn handle_exit(
                 }
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
                     ctx.exit.request(ExitRequest::Reset);
+                    return Ok(Next::Park);
                 }
                 other => {
                     return Err(format!("vCPU {index}: guest system event {other} (crash)").into());

@@ -1,11 +1,13 @@
 //! What QMP commands do to the VM: the control side's implementation of
 //! [`VmOps`], on the control thread.
 
+use crate::config::OnReset;
 use crate::control::{QmpStop, StopReason, StopSlot, set_stop};
 use crate::hotplug::Hotplug;
 use crate::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, RunState, VmOps};
 use crate::vcpu::{ANSWER_DEADLINE, VcpuHandle, pause_all};
 use devices::Ged;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The VM as QMP sees it.
@@ -18,6 +20,9 @@ pub struct VmController {
     hotplug: Vec<Arc<Hotplug>>,
     base_memory: u64,
     rcu_report: Box<dyn Fn() -> serde_json::Value + Send>,
+    on_reset: OnReset,
+    /// Set while `stop` has the VM paused (read by the machine's reset).
+    paused: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for VmController {
@@ -46,7 +51,18 @@ impl VmController {
             hotplug,
             base_memory,
             rcu_report,
+            on_reset: OnReset::Exit,
+            paused: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// What `system_reset` does (`--on-reset`; [`OnReset::Exit`] unless
+    /// set), and the flag this controller keeps set while a client has the
+    /// VM paused (a reset leaves a paused VM paused).
+    pub fn with_reset(mut self, on_reset: OnReset, paused: Arc<AtomicBool>) -> Self {
+        self.on_reset = on_reset;
+        self.paused = paused;
+        self
     }
 
     fn device(&self, id: &str) -> Option<&Arc<Hotplug>> {
@@ -84,10 +100,12 @@ impl VmOps for VmController {
             })?;
         }
         self.state = RunState::Paused;
+        self.paused.store(true, Ordering::Release);
         Ok(())
     }
 
     fn cont(&mut self) -> Result<(), QmpError> {
+        self.paused.store(false, Ordering::Release);
         self.each_vcpu(VcpuHandle::resume);
         self.state = RunState::Running;
         Ok(())
@@ -99,9 +117,15 @@ impl VmOps for VmController {
             .map_err(|e| QmpError::generic(format!("cannot press the power button: {e}")))
     }
 
+    /// Asks the control loop to reset the machine: it reboots the guest in
+    /// place (`--on-reset restart`, then sends `RESET`) or ends the VM.
     fn system_reset(&mut self) -> Result<(), QmpError> {
         set_stop(&self.stop, StopReason::Qmp(QmpStop::SystemReset));
         Ok(())
+    }
+
+    fn reboots_on_reset(&self) -> bool {
+        self.on_reset == OnReset::Restart
     }
 
     fn quit(&mut self) {

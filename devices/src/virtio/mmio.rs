@@ -414,6 +414,14 @@ impl VirtioMmio {
         }
     }
 
+    /// Back to the power-on state (a machine reset): what a driver's write of 0 to the
+    /// status register does (status, features, queues and interrupt status cleared,
+    /// the device reset). Blocks only on this transport's lock.
+    pub fn system_reset(&self) {
+        let mut st = self.lock();
+        self.reset(&mut st);
+    }
+
     fn reset(&self, st: &mut MmioState) {
         st.status = 0;
         st.needs_reset = false;

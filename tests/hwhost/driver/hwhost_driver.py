@@ -27,6 +27,7 @@ from comparisons import bench_boot, experiment, qemu_count
 from hotplug import demo, hotplug, hotplug_memfd
 from l2_vm import Failed
 from lifecycle import lifecycle_1cpu, lifecycle_2cpu, lifecycle_8cpu, reset_during_command
+from reboot import reboot_in_place
 from results import Results
 
 
@@ -37,6 +38,7 @@ SCENARIOS = {
     "reset-during-command": reset_during_command,
     "hotplug": hotplug,
     "hotplug-memfd": hotplug_memfd,
+    "reboot-in-place": reboot_in_place,
     "cargo-tests": cargo_tests,
     "experiment": experiment,
     "demo": demo,

@@ -328,8 +328,11 @@ fn system_powerdown(ctx: &mut Ctx<'_>, args: Args) -> Result<Value, QmpError> {
 fn system_reset(ctx: &mut Ctx<'_>, args: Args) -> Result<Value, QmpError> {
     args.finish()?;
     ctx.vm.system_reset()?;
-    ctx.after
-        .push(QmpEvent::Shutdown(ShutdownCause::HostQmpSystemReset));
+    // A reboot in place is announced with RESET once done (machine.rs).
+    if !ctx.vm.reboots_on_reset() {
+        ctx.after
+            .push(QmpEvent::Shutdown(ShutdownCause::HostQmpSystemReset));
+    }
     Ok(json!({}))
 }
 

@@ -114,10 +114,18 @@ pub trait VmOps {
     /// then sends the `POWERDOWN` event.
     fn system_powerdown(&mut self) -> Result<(), QmpError>;
 
-    /// Ends the VM as a reset does here (like QEMU's `-no-reboot`): the
-    /// control loop should stop soon after. The server then sends `SHUTDOWN`
-    /// with `guest: false, reason: host-qmp-system-reset`.
+    /// Resets the machine. Unless [`reboots_on_reset`](Self::reboots_on_reset),
+    /// this ends the VM (like QEMU's `-no-reboot`): the control loop should
+    /// stop soon after, and the server sends `SHUTDOWN` with `guest: false,
+    /// reason: host-qmp-system-reset`. Otherwise the guest reboots in place
+    /// and the VMM sends `RESET` once it did.
     fn system_reset(&mut self) -> Result<(), QmpError>;
+
+    /// Whether [`system_reset`](Self::system_reset) reboots the guest in
+    /// place instead of ending the VM (`--on-reset restart`).
+    fn reboots_on_reset(&self) -> bool {
+        false
+    }
 
     /// Ends the VM: the control loop should stop soon after. The server then
     /// sends `SHUTDOWN` with `guest: false, reason: host-qmp-quit`.

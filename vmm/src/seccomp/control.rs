@@ -21,7 +21,7 @@
 
 use super::allow_list::{AllowList, arg_eq, arg_masked_eq};
 use crate::kick::kick_signal;
-use kvm_bindings::{KVMIO, kvm_userspace_memory_region};
+use kvm_bindings::{KVMIO, kvm_irqchip, kvm_pit_state2, kvm_userspace_memory_region};
 use seccompiler::BackendError;
 
 /// VM ioctl request numbers, from the kernel's `linux/kvm.h`.
@@ -34,13 +34,20 @@ mod request {
         0x46,
         kvm_userspace_memory_region
     );
+    // The kernel defines KVM_SET_IRQCHIP with _IOR.
+    vmm_sys_util::ioctl_ior_nr!(KVM_SET_IRQCHIP, KVMIO, 0x63, kvm_irqchip);
+    vmm_sys_util::ioctl_iow_nr!(KVM_SET_PIT2, KVMIO, 0xa0, kvm_pit_state2);
 }
 
 /// The ioctls the control thread makes.
-pub(crate) fn ioctls() -> [u64; 4] {
+pub(crate) fn ioctls() -> [u64; 6] {
     [
         // Memory hot-plug adds and deletes memory slots.
         request::KVM_SET_USER_MEMORY_REGION(),
+        // A machine reset with `--on-reset restart` puts the in-kernel
+        // PIC, IOAPIC and PIT back in their power-on state (power_on.rs).
+        request::KVM_SET_IRQCHIP(),
+        request::KVM_SET_PIT2(),
         // QMP connections are made non-blocking when accepted.
         libc::FIONBIO,
         // The terminal is put back in its mode when the VM ends (and
@@ -190,5 +197,9 @@ mod tests {
     fn memslot_request_number_matches_the_kernel_header() {
         // _IOW(0xAE, 0x46, struct kvm_userspace_memory_region) (32 bytes).
         assert_eq!(request::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
+        // _IOR(0xAE, 0x63, struct kvm_irqchip) (520 bytes),
+        // _IOW(0xAE, 0xa0, struct kvm_pit_state2) (112 bytes).
+        assert_eq!(request::KVM_SET_IRQCHIP(), 0x8208_ae63);
+        assert_eq!(request::KVM_SET_PIT2(), 0x4070_aea0);
     }
 }

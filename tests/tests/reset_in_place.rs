@@ -1,0 +1,355 @@
+//! `--on-reset restart`: a guest reset (i8042 reset command, triple fault)
+//! and QMP `system_reset` reboot the guest in place: the same process and
+//! QMP socket, connected clients get QEMU's `RESET` event, the guest runs
+//! its loaded code again from its power-on state, and nothing (descriptors,
+//! mappings, resident memory) grows from one reboot to the next.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
+
+use serde_json::Value;
+use std::io::{BufRead, Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tests::bare_vm::BareVm;
+use tests::guest_code;
+
+use devices::ExitRequest;
+use tests::raw_qmp::{self, RawQmp};
+use vmm::OnReset;
+use vmm::control::{QmpStop, StopReason};
+use vmm::machine::{RunOptions, RunOutcome};
+
+const LINE: &str = "guest says hello";
+
+/// The tests of this file run one at a time: the leak test counts the
+/// whole process's descriptors and mappings, which another test's VM
+/// would change under it.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+guest_code! {
+    /// Prints LINE on COM1 (without touching any memory but its code),
+    /// then resets through the i8042.
+    fn hello_then_i8042_reset(hello_i8042_start, hello_i8042_end) {
+        ".code64",
+        "lea rsi, [rip + 3f]",
+        "mov dx, 0x3f8",
+        "2: lodsb",
+        "test al, al",
+        "jz 4f",
+        "out dx, al",
+        "jmp 2b",
+        "4: mov al, 0xfe",
+        "out 0x64, al",
+        "5: hlt",
+        "jmp 5b",
+        "3: .asciz \"guest says hello\\n\"",
+    }
+}
+
+guest_code! {
+    /// Prints LINE on COM1, then faults with no usable IDT: a triple fault.
+    fn hello_then_triple_fault(hello_triple_start, hello_triple_end) {
+        ".code64",
+        "lea rsi, [rip + 3f]",
+        "mov dx, 0x3f8",
+        "2: lodsb",
+        "test al, al",
+        "jz 4f",
+        "out dx, al",
+        "jmp 2b",
+        "4: ud2",
+        "3: .asciz \"guest says hello\\n\"",
+    }
+}
+
+guest_code! {
+    /// Prints LINE on COM1, writes a marker into RAM at 0x20_0000 (which
+    /// must read zero again after a reset: it reports what it found on
+    /// port 0x80 first), then halts for good.
+    fn hello_then_halt(hello_halt_start, hello_halt_end) {
+        ".code64",
+        "mov rax, [0x200000]",
+        "out 0x80, eax",
+        "mov qword ptr [0x200000], 0x5a5a",
+        "lea rsi, [rip + 3f]",
+        "mov dx, 0x3f8",
+        "2: lodsb",
+        "test al, al",
+        "jz 4f",
+        "out dx, al",
+        "jmp 2b",
+        "4: cli",
+        "5: hlt",
+        "jmp 5b",
+        "3: .asciz \"guest says hello\\n\"",
+    }
+}
+
+fn sock_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-reset-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("qmp.sock")
+}
+
+/// Runs `vm` with `--on-reset restart`, QMP at `sock` and console output
+/// collected, while `drive` runs on another thread (it must end the VM).
+/// Returns the outcome, the console output and what `drive` returned.
+fn run_restart<T: Send>(
+    vm: &mut BareVm,
+    sock: &Path,
+    on_reset: OnReset,
+    drive: impl FnOnce(Arc<Mutex<Vec<u8>>>) -> T + Send,
+) -> (RunOutcome, String, T) {
+    #[allow(clippy::incompatible_msrv)] // As stuck_output.rs: std::io::pipe (1.87).
+    let (mut reader, writer) = std::io::pipe().unwrap();
+    let console = Arc::new(Mutex::new(Vec::new()));
+    std::thread::scope(|s| {
+        let c = Arc::clone(&console);
+        let collector = s.spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                c.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let c = Arc::clone(&console);
+        let driver = s.spawn(move || drive(c));
+        let outcome = vm
+            .machine
+            .run(RunOptions {
+                console: false,
+                timeout: Some(Duration::from_secs(120)),
+                qmp: Some(sock.to_path_buf()),
+                seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
+                console_out: Some(writer.as_raw_fd()),
+                on_reset,
+            })
+            .expect("run");
+        drop(writer);
+        let driven = match driver.join() {
+            Ok(v) => v,
+            Err(p) => std::panic::resume_unwind(p),
+        };
+        collector.join().unwrap();
+        let out = String::from_utf8_lossy(&console.lock().unwrap()).into_owned();
+        (outcome, out, driven)
+    })
+}
+
+/// The next event of `c` (commands' replies are not expected here).
+fn next_event(c: &mut RawQmp) -> Option<Value> {
+    loop {
+        let mut line = String::new();
+        match c.1.read_line(&mut line) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        let v: Value = serde_json::from_str(&line).expect("JSON from QMP");
+        if v.get("event").is_some() {
+            return Some(v);
+        }
+    }
+}
+
+/// What the process holds: open descriptors, mappings, resident bytes.
+#[derive(Debug, Clone, Copy)]
+struct Footprint {
+    fds: usize,
+    maps: usize,
+    rss: u64,
+}
+
+fn footprint() -> Footprint {
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    let maps = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .count();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    Footprint { fds, maps, rss }
+}
+
+/// Ten guest resets through the i8042 with `--on-reset restart`: the guest
+/// prints its line after every reboot, both connected QMP clients get one
+/// `RESET {guest: true, reason: guest-reset}` per reboot, and the process
+/// holds as many descriptors and mappings after the tenth reboot as after
+/// the second, and no more resident memory than a tolerance well below
+/// what one leaked guest RAM image per reboot would add. `quit` then ends
+/// the run with status 0.
+#[test]
+fn ten_guest_resets_reboot_in_place_and_leak_nothing() {
+    let _serial = one_at_a_time();
+    let mut vm = BareVm::new(2, 64 << 20, hello_then_i8042_reset(), 0);
+    vm.start_long_mode(0, false);
+    let sock = sock_path("i8042");
+    let s2 = sock.clone();
+    let (outcome, console, (seen_a, seen_b, at2, at10)) =
+        run_restart(&mut vm, &sock, OnReset::Restart, move |_| {
+            // b first: it then sees every RESET that a sees.
+            let mut b = raw_qmp::connect(&s2);
+            let mut a = raw_qmp::connect(&s2);
+            let mut seen_a = 0u32;
+            let (mut at2, mut at10) = (None, None);
+            while seen_a < 10 {
+                let ev = next_event(&mut a).expect("a RESET event");
+                assert_eq!(ev["event"], "RESET", "{ev}");
+                assert_eq!(ev["data"]["guest"], true, "{ev}");
+                assert_eq!(ev["data"]["reason"], "guest-reset", "{ev}");
+                seen_a += 1;
+                if seen_a == 2 {
+                    at2 = Some(footprint());
+                }
+            }
+            at10 = at10.or(Some(footprint()));
+            let r = raw_qmp::execute(&mut a, r#"{"execute":"quit"}"#);
+            assert!(r.get("return").is_some(), "{r}");
+            // Client b saw every RESET until the socket closed.
+            let mut seen_b = 0u32;
+            while let Some(ev) = next_event(&mut b) {
+                if ev["event"] == "RESET" {
+                    seen_b += 1;
+                }
+            }
+            (seen_a, seen_b, at2.unwrap(), at10.unwrap())
+        });
+    assert_eq!(outcome.reason, StopReason::Qmp(QmpStop::Quit));
+    assert_eq!(outcome.reason.exit_code(), 0);
+    let lines = console.matches(LINE).count() as u64;
+    // The guest resets from its first boot on, before the clients connect:
+    // every reset the guest asked for is counted by the device side.
+    let resets = vm.machine.devices.exit.count(ExitRequest::Reset);
+    assert!(
+        seen_a == 10 && seen_b >= 10,
+        "RESET events: a {seen_a}, b {seen_b}"
+    );
+    assert!(
+        u64::from(seen_b) <= resets,
+        "{seen_b} RESET events, {resets} resets"
+    );
+    // Each reboot prints once more; `quit` may come before the last one
+    // printed.
+    assert!(
+        lines == resets + 1 || lines == resets,
+        "{lines} lines for {resets} resets: {console:?}"
+    );
+    assert_eq!(at10.fds, at2.fds, "descriptors: {at2:?} -> {at10:?}");
+    assert!(
+        at10.maps <= at2.maps + 2,
+        "mappings grew over 8 reboots: {at2:?} -> {at10:?}"
+    );
+    assert!(
+        at10.rss <= at2.rss + (4 << 20),
+        "resident memory grew over 8 reboots: {at2:?} -> {at10:?}"
+    );
+}
+
+/// A triple fault with `--on-reset restart` reboots the guest too, and
+/// the rcu counters balance at the end (every callback queued ran).
+#[test]
+fn triple_faults_reboot_in_place() {
+    let _serial = one_at_a_time();
+    let mut vm = BareVm::new(1, 64 << 20, hello_then_triple_fault(), 0);
+    vm.start_long_mode(0, false);
+    let sock = sock_path("triple");
+    let s2 = sock.clone();
+    let (outcome, console, ()) = run_restart(&mut vm, &sock, OnReset::Restart, move |_| {
+        let mut a = raw_qmp::connect(&s2);
+        for _ in 0..3 {
+            let ev = next_event(&mut a).expect("a RESET event");
+            assert_eq!(ev["event"], "RESET", "{ev}");
+            assert_eq!(ev["data"]["reason"], "guest-reset", "{ev}");
+        }
+        let r = raw_qmp::execute(&mut a, r#"{"execute":"quit"}"#);
+        assert!(r.get("return").is_some(), "{r}");
+    });
+    assert_eq!(outcome.reason, StopReason::Qmp(QmpStop::Quit));
+    assert!(console.matches(LINE).count() >= 3, "{console:?}");
+}
+
+/// Waits until the console shows LINE `n` times (60 s at most).
+fn wait_lines(console: &Mutex<Vec<u8>>, n: usize) {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let count = String::from_utf8_lossy(&console.lock().unwrap())
+            .matches(LINE)
+            .count();
+        if count >= n {
+            return;
+        }
+        assert!(std::time::Instant::now() < end, "{count} of {n} lines");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// QMP `system_reset` with `--on-reset restart`: `RESET {guest: false,
+/// reason: host-qmp-system-reset}` and no `SHUTDOWN`, the client stays
+/// connected, the VM keeps running (`query-status`), the guest runs again
+/// from its loaded code and finds the RAM it wrote before the reset zeroed.
+#[test]
+fn qmp_system_reset_with_restart_reboots_and_keeps_the_connection() {
+    let _serial = one_at_a_time();
+    let mut vm = BareVm::new(1, 64 << 20, hello_then_halt(), 0);
+    vm.start_long_mode(0, false);
+    let pio = Arc::clone(&vm.pio);
+    let sock = sock_path("qmp-restart");
+    let s2 = sock.clone();
+    let (outcome, console, ()) = run_restart(&mut vm, &sock, OnReset::Restart, move |c| {
+        let mut a = raw_qmp::connect(&s2);
+        wait_lines(&c, 1);
+        for round in 1..=2 {
+            let r = raw_qmp::execute(&mut a, r#"{"execute":"system_reset"}"#);
+            assert!(r.get("return").is_some(), "{r}");
+            let ev = next_event(&mut a).expect("an event after system_reset");
+            assert_eq!(ev["event"], "RESET", "round {round}: {ev}");
+            assert_eq!(ev["data"]["guest"], false, "{ev}");
+            assert_eq!(ev["data"]["reason"], "host-qmp-system-reset", "{ev}");
+            wait_lines(&c, round + 1);
+            let st = raw_qmp::execute(&mut a, r#"{"execute":"query-status"}"#);
+            assert_eq!(st["return"]["status"], "running", "{st}");
+        }
+        a.0.write_all(br#"{"execute":"quit"}"#).unwrap();
+    });
+    assert_eq!(outcome.reason, StopReason::Qmp(QmpStop::Quit));
+    assert_eq!(console.matches(LINE).count(), 3, "{console:?}");
+    // Each boot read the marker's place before writing it: zero each time.
+    let reads: Vec<u64> = pio.writes().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(reads, vec![0, 0, 0], "what each boot found in RAM");
+}
+
+/// QMP `system_reset` with the default `--on-reset exit` ends the run as
+/// before: `SHUTDOWN {guest: false, reason: host-qmp-system-reset}`.
+#[test]
+fn qmp_system_reset_with_exit_ends_the_run() {
+    let _serial = one_at_a_time();
+    let mut vm = BareVm::new(1, 64 << 20, hello_then_halt(), 0);
+    vm.start_long_mode(0, false);
+    let sock = sock_path("qmp-exit");
+    let s2 = sock.clone();
+    let (outcome, _console, ev) = run_restart(&mut vm, &sock, OnReset::Exit, move |c| {
+        let mut a = raw_qmp::connect(&s2);
+        wait_lines(&c, 1);
+        let r = raw_qmp::execute(&mut a, r#"{"execute":"system_reset"}"#);
+        assert!(r.get("return").is_some(), "{r}");
+        next_event(&mut a).expect("an event after system_reset")
+    });
+    assert_eq!(outcome.reason, StopReason::Qmp(QmpStop::SystemReset));
+    assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
+    assert_eq!(ev["data"]["reason"], "host-qmp-system-reset", "{ev}");
+}
