@@ -136,18 +136,6 @@ pub enum GuestMemoryError {
     Layout(#[source] vm_memory::GuestRegionCollectionError),
 }
 
-/// Maps guest RAM for `ranges` (anonymous, private, lazily allocated), and
-/// registers each range as a KVM memory slot numbered from 0. Returns the
-/// map and the number of slots used.
-pub fn create_ram(
-    vm: &Vm,
-    ranges: &[(GuestAddress, usize)],
-) -> Result<(GuestMemoryMmap, u32), GuestMemoryError> {
-    let mem = map_ram(ranges)?;
-    let slots = register_ram(vm, &mem)?;
-    Ok((mem, slots))
-}
-
 /// Maps guest RAM for `ranges` (anonymous, private, lazily allocated,
 /// named, with transparent huge pages advised) without telling KVM; see
 /// [`register_ram`].
