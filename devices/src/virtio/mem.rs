@@ -566,7 +566,14 @@ impl VirtioMem {
     /// and the error is returned.
     pub fn system_reset(&self) -> Result<(), VirtioMemError> {
         let mut st = self.lock();
-        self.unplug_all(&mut st).map_err(VirtioMemError::Backend)
+        self.unplug_all(&mut st).map_err(VirtioMemError::Backend)?;
+        // The kept requested size is a new resize for the rebooted guest: it
+        // is followed to its outcome like a requested-size write.
+        if st.requested_size != 0 {
+            let (requested, plugged) = (st.requested_size, self.plugged_size_of(&st));
+            st.resize.request(Stamp::now(), requested, plugged);
+        }
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, MemState> {
@@ -1595,6 +1602,42 @@ mod tests {
     /// A moment after any stall deadline of the fixture's device.
     fn after_timeout(f: &MemFixture) -> Instant {
         Instant::now() + f.vmem.stall_timeout() + Duration::from_millis(1)
+    }
+
+    #[test]
+    fn after_a_reset_the_kept_requested_size_is_followed_again_to_done() {
+        let f = MemFixture::new(0);
+        let mut q = f.activate();
+        f.vmem.set_requested_size(2 * BLOCK).unwrap();
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(0), 2))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        assert_eq!(
+            poll_at(&f, Instant::now()).report.map(|r| r.event),
+            Some(ResizeEvent::Done)
+        );
+        f.vmem.system_reset().unwrap();
+        assert_eq!(f.vmem.plugged_size(), 0);
+        assert_eq!(f.vmem.requested_size(), 2 * BLOCK, "kept over the reset");
+        let p = poll_at(&f, Instant::now());
+        assert_eq!(p.report, None);
+        assert!(p.next_deadline.is_some(), "a stall deadline runs again");
+        // The rebooted guest's driver plugs the requested size again.
+        let mut q = f.activate();
+        assert_eq!(
+            kind(f.request(&mut q, plug(block(3), 2))),
+            VIRTIO_MEM_RESP_ACK
+        );
+        assert_eq!(
+            poll_at(&f, Instant::now()).report,
+            Some(ResizeReport {
+                event: ResizeEvent::Done,
+                requested_size: 2 * BLOCK,
+                plugged_size: 2 * BLOCK,
+                plugged_ranges: Vec::new(),
+            })
+        );
     }
 
     #[test]
