@@ -115,7 +115,7 @@ impl MemoryMap {
                 max: MAX_RAM_SIZE,
             });
         }
-        if ram_size % PAGE_SIZE != 0 {
+        if !ram_size.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryMapError::Unaligned { size: ram_size });
         }
         let low = ram_size.min(MMIO_HOLE_START);

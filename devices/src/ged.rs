@@ -76,10 +76,10 @@ impl Ged {
 impl BusDevice for Ged {
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
         data.fill(0);
-        if offset == GED_EVENT_REGISTER_OFFSET {
-            if let Some(first) = data.first_mut() {
-                *first = self.events.swap(0, Ordering::AcqRel);
-            }
+        if offset == GED_EVENT_REGISTER_OFFSET
+            && let Some(first) = data.first_mut()
+        {
+            *first = self.events.swap(0, Ordering::AcqRel);
         }
     }
 

@@ -56,10 +56,10 @@ impl SerialEvents for UartEvents {
     }
 
     fn in_buffer_empty(&self) {
-        if let Some(evt) = &self.input_drained {
-            if let Err(e) = evt.write(1) {
-                log::debug!("cannot signal serial input drained: {e}");
-            }
+        if let Some(evt) = &self.input_drained
+            && let Err(e) = evt.write(1)
+        {
+            log::debug!("cannot signal serial input drained: {e}");
         }
     }
 }
@@ -212,10 +212,10 @@ impl BusDevice for Serial {
     fn write(&self, _base: u64, offset: u64, data: &[u8]) {
         let mut uart = self.lock();
         for (i, &value) in data.iter().enumerate() {
-            if let Some(reg) = register(offset, i) {
-                if let Err(e) = uart.write(reg, value) {
-                    self.report_write_error(e);
-                }
+            if let Some(reg) = register(offset, i)
+                && let Err(e) = uart.write(reg, value)
+            {
+                self.report_write_error(e);
             }
         }
     }

@@ -148,10 +148,10 @@ pub fn tls_use(lines: &[String]) -> TlsUse {
                 let target = target.trim_end_matches('>');
                 // Calls to a place inside the same function, and the
                 // unresolved `call <f+0x..>` of an object file, are no callees.
-                if let (Ok(addr), false) = (u64::from_str_radix(addr, 16), target.contains('+')) {
-                    if !u.callees.iter().any(|(a, _)| *a == addr) {
-                        u.callees.push((addr, target.to_string()));
-                    }
+                if let (Ok(addr), false) = (u64::from_str_radix(addr, 16), target.contains('+'))
+                    && !u.callees.iter().any(|(a, _)| *a == addr)
+                {
+                    u.callees.push((addr, target.to_string()));
                 }
             }
         }

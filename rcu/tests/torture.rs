@@ -132,7 +132,7 @@ fn writer(sh: &Arc<Shared>, use_call_rcu: bool, seed: u64) {
             let sh2 = Arc::clone(sh);
             rcu::call_rcu_labeled("torture retire", move || sh2.free(old_idx));
             sh.retired_via_call_rcu.fetch_add(1, Ordering::Relaxed);
-            if x % 97 == 0 {
+            if x.is_multiple_of(97) {
                 rcu::force_rcu();
             }
         } else {

@@ -343,8 +343,8 @@ impl MemoryManager {
         if len == 0
             || gpa < self.base
             || end > self.base + self.size
-            || gpa % self.block_size != 0
-            || len % self.block_size != 0
+            || !gpa.is_multiple_of(self.block_size)
+            || !len.is_multiple_of(self.block_size)
         {
             return Err(bad());
         }

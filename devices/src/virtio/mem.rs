@@ -326,13 +326,13 @@ impl VirtioMem {
         if !bs.is_power_of_two() || bs < VIRTIO_MEM_MIN_BLOCK_SIZE {
             return Err(VirtioMemError::BlockSize(bs));
         }
-        if config.addr % bs != 0 {
+        if !config.addr.is_multiple_of(bs) {
             return Err(VirtioMemError::UnalignedAddress {
                 addr: config.addr,
                 block_size: bs,
             });
         }
-        if config.region_size == 0 || config.region_size % bs != 0 {
+        if config.region_size == 0 || !config.region_size.is_multiple_of(bs) {
             return Err(VirtioMemError::RegionSize {
                 size: config.region_size,
                 block_size: bs,
@@ -583,7 +583,7 @@ impl VirtioMem {
     }
 
     fn check_requested_size(&self, size: u64) -> Result<(), VirtioMemError> {
-        if size % self.block_size != 0 {
+        if !size.is_multiple_of(self.block_size) {
             return Err(VirtioMemError::UnalignedRequestedSize {
                 size,
                 block_size: self.block_size,
@@ -632,7 +632,7 @@ impl VirtioMem {
     /// The blocks `[addr, addr + nb_blocks * block_size)` as `(first, count, bytes)` if
     /// the range is aligned, non-empty and inside the usable region.
     fn block_range(&self, st: &MemState, addr: u64, nb_blocks: u16) -> Option<(usize, usize, u64)> {
-        if nb_blocks == 0 || addr % self.block_size != 0 || addr < self.addr {
+        if nb_blocks == 0 || !addr.is_multiple_of(self.block_size) || addr < self.addr {
             return None;
         }
         let len = u64::from(nb_blocks).checked_mul(self.block_size)?;
@@ -1922,7 +1922,7 @@ mod tests {
         fn valid(&self, addr: u64, nb: u16) -> Option<Vec<u64>> {
             let len = u64::from(nb) * BLOCK;
             let in_range = nb > 0
-                && addr % BLOCK == 0
+                && addr.is_multiple_of(BLOCK)
                 && addr >= REGION_ADDR
                 && addr
                     .checked_add(len)

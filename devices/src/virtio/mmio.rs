@@ -361,10 +361,8 @@ impl VirtioMmio {
                 .signal(VirtioInterruptKind::UsedBuffer)
                 .map_err(MmioError::Interrupt)?;
         }
-        if more_pending {
-            if let Some(evt) = self.notify.get(index) {
-                evt.write(1).map_err(MmioError::Notify)?;
-            }
+        if more_pending && let Some(evt) = self.notify.get(index) {
+            evt.write(1).map_err(MmioError::Notify)?;
         }
         Ok(QueueOutcome {
             completed,
@@ -407,10 +405,10 @@ impl VirtioMmio {
         } else {
             log::warn!("virtio-mmio: device needs reset: {reason}");
         }
-        if st.status & DRIVER_OK != 0 {
-            if let Err(e) = self.interrupt.signal(VirtioInterruptKind::ConfigChange) {
-                log::warn!("virtio-mmio: cannot raise the config interrupt: {e}");
-            }
+        if st.status & DRIVER_OK != 0
+            && let Err(e) = self.interrupt.signal(VirtioInterruptKind::ConfigChange)
+        {
+            log::warn!("virtio-mmio: cannot raise the config interrupt: {e}");
         }
     }
 
@@ -485,13 +483,13 @@ impl VirtioMmio {
             }
         }
         st.status = new;
-        if added & new & DRIVER_OK != 0 && !st.needs_reset {
-            if let Err(e) = self
+        if added & new & DRIVER_OK != 0
+            && !st.needs_reset
+            && let Err(e) = self
                 .device
                 .activate(st.acked_features, Arc::clone(&self.interrupt))
-            {
-                self.mark_broken_by(st, &e);
-            }
+        {
+            self.mark_broken_by(st, &e);
         }
     }
 
@@ -727,7 +725,7 @@ impl BusDevice for VirtioMmio {
             log::debug!("virtio-mmio: ignored read of bad width at offset {offset:#x}");
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             self.counters.bad_width.fetch_add(1, Ordering::Relaxed);
             log::debug!("virtio-mmio: ignored unaligned read at offset {offset:#x}");
             return;

@@ -93,13 +93,12 @@ impl Event {
             if v == SET {
                 return true;
             }
-            if v == FREE {
-                if let Err(SET) =
+            if v == FREE
+                && let Err(SET) =
                     self.state
                         .compare_exchange(FREE, BUSY, Ordering::SeqCst, Ordering::Acquire)
-                {
-                    return true;
-                }
+            {
+                return true;
             }
             let remaining = match deadline {
                 None => None,
