@@ -114,6 +114,21 @@ uint64_t shim_page_write_until(const int *stop)
     return n;
 }
 
+/* Replaces the page until *stop, waiting for a grace period after each
+ * swap and freeing the old page on this thread (no call_rcu thread: only
+ * the reader and this writer run); returns the number of swaps. */
+uint64_t shim_page_write_sync_until(const int *stop)
+{
+    uint64_t n = 0;
+    while (!uatomic_read(stop)) {
+        n++;
+        struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
+        urcu_memb_synchronize_rcu();
+        free(old);
+    }
+    return n;
+}
+
 /* ---- synchronize_rcu ---- */
 
 void shim_sync_loop(uint64_t n)

@@ -116,7 +116,9 @@ pub(crate) trait Pacer {
 /// How many lazy 10 ms polls a lazy grace period does before hurrying anyway.
 pub const LAZY_POLLS: u32 = 5;
 
-/// Re-scans of a hurried grace period, a short spin apart, before it sleeps.
+/// Re-scans of a grace period that is about to hurry, a short spin apart,
+/// before it asks the readers it waits for to report (a store into each
+/// one's slot and a barrier) and sleeps.
 #[cfg(not(loom))]
 const SPIN_SCANS: u32 = 20;
 #[cfg(loom)]
@@ -134,6 +136,11 @@ pub(crate) struct GpStats {
     pub(crate) reader_waits: std::sync::atomic::AtomicU64,
     pub(crate) membarriers: std::sync::atomic::AtomicU64,
     pub(crate) membarriers_skipped: std::sync::atomic::AtomicU64,
+    /// Stores of `waiting = true` into a reader's slot (one per reader a
+    /// hurried grace period still waits for after its spin).
+    pub(crate) wake_requests: std::sync::atomic::AtomicU64,
+    /// Sleeps of a grace period on `gp_event`.
+    pub(crate) gp_sleeps: std::sync::atomic::AtomicU64,
     pub(crate) stalls: std::sync::atomic::AtomicU64,
     /// Names of readers that blocked a grace period for over a second
     /// (most recent last, at most [`STALLED_NAMES`]).
@@ -206,6 +213,8 @@ macro_rules! domain_init {
                 reader_waits: std::sync::atomic::AtomicU64::new(0),
                 membarriers: std::sync::atomic::AtomicU64::new(0),
                 membarriers_skipped: std::sync::atomic::AtomicU64::new(0),
+                wake_requests: std::sync::atomic::AtomicU64::new(0),
+                gp_sleeps: std::sync::atomic::AtomicU64::new(0),
                 stalls: std::sync::atomic::AtomicU64::new(0),
                 stalled_readers: std::sync::Mutex::new(Vec::new()),
             }),
@@ -449,52 +458,63 @@ impl Domain {
         };
 
         let mut polls_left = if pacer.is_some() { LAZY_POLLS } else { 0 };
+        // `hurry`: the grace period stopped being lazy (or never was); it
+        // spins, then asks readers to report (`hurried`) and sleeps.
+        let mut hurry = false;
         let mut hurried = false;
         let mut spins = 0;
         while !pending.is_empty() {
             self.stats.reader_waits.fetch_add(1, Ordering::Relaxed);
             if hurried {
+                self.stats.gp_sleeps.fetch_add(1, Ordering::Relaxed);
+                #[cfg(not(loom))]
+                {
+                    let waited = started.elapsed();
+                    if !stall_reported && waited >= STALL_REPORT {
+                        stall_reported = true;
+                        self.report_stall(&pending, waited);
+                    }
+                    let limit = if stall_reported {
+                        std::time::Duration::from_secs(3600)
+                    } else {
+                        STALL_REPORT - waited
+                    };
+                    self.gp_event.wait_timeout(limit);
+                }
+                #[cfg(loom)]
+                self.gp_event.wait();
+                self.gp_event.reset();
+            } else if hurry
+                || self.hurry_requested.load(Ordering::Relaxed)
+                || pacer.is_none_or(|p| p.hurry(polls_left))
+            {
+                hurry = true;
                 if spins < SPIN_SCANS {
+                    // A short spin: readers usually leave within it, and
+                    // then the grace period ends with no store into their
+                    // slots, no second barrier and no sleep. The re-scan
+                    // needs no barrier (see the lazy re-poll below).
                     spins += 1;
                     for _ in 0..64 {
                         std::hint::spin_loop();
                     }
                 } else {
-                    #[cfg(not(loom))]
-                    {
-                        let waited = started.elapsed();
-                        if !stall_reported && waited >= STALL_REPORT {
-                            stall_reported = true;
-                            self.report_stall(&pending, waited);
-                        }
-                        let limit = if stall_reported {
-                            std::time::Duration::from_secs(3600)
-                        } else {
-                            STALL_REPORT - waited
-                        };
-                        self.gp_event.wait_timeout(limit);
+                    hurried = true;
+                    let reg = lock(&self.registry);
+                    pending.retain(|&p| reg.iter().any(|e| std::ptr::eq(e.slot, p)));
+                    for &p in &pending {
+                        self.stats.wake_requests.fetch_add(1, Ordering::Relaxed);
+                        // SAFETY: still registered, under the lock.
+                        unsafe { &*p }.waiting.store(true, Ordering::Relaxed);
                     }
-                    #[cfg(loom)]
-                    self.gp_event.wait();
-                    self.gp_event.reset();
+                    // (W) again: order the stores to `waiting` before the
+                    // loads of the readers' words. Pairs with (R2).
+                    let need = need_membarrier
+                        // SAFETY: as above.
+                        && pending.iter().any(|&p| !unsafe { &*p }.fenced());
+                    self.barrier(need);
+                    drop(reg);
                 }
-            } else if self.hurry_requested.load(Ordering::Relaxed)
-                || pacer.is_none_or(|p| p.hurry(polls_left))
-            {
-                hurried = true;
-                let reg = lock(&self.registry);
-                pending.retain(|&p| reg.iter().any(|e| std::ptr::eq(e.slot, p)));
-                for &p in &pending {
-                    // SAFETY: still registered, under the lock.
-                    unsafe { &*p }.waiting.store(true, Ordering::Relaxed);
-                }
-                // (W) again: order the stores to `waiting` before the loads
-                // of the readers' words. Pairs with (R2).
-                let need = need_membarrier
-                    // SAFETY: as above.
-                    && pending.iter().any(|&p| !unsafe { &*p }.fenced());
-                self.barrier(need);
-                drop(reg);
             } else {
                 // A lazy re-poll: no barrier. A section seen ended (or
                 // restarted with the new phase) was ended by a Release store
