@@ -1246,8 +1246,12 @@ fn main() {
         std::process::exit(1);
     }
 
+    // Through `black_box`: otherwise the compiler sees that PLAIN_PTR only
+    // ever holds null or &PLAIN_VALUE (whose content is constant), drops
+    // the load and the dereference from the QEMU-style and bare loops and
+    // folds their sum to 7 * n, which made the floor one `inc` per section.
     PLAIN_PTR.store(
-        std::ptr::from_ref(&PLAIN_VALUE).cast_mut(),
+        black_box(std::ptr::from_ref(&PLAIN_VALUE).cast_mut()),
         Ordering::Release,
     );
     urcu::shim_init_ptr(7);
