@@ -339,13 +339,12 @@ impl Domain {
             // that starts with the new phase sees what was published before.
             let v = self.gp_ctr.load(Ordering::Acquire) | (tmp & FENCED);
             // Release: a grace period that reads this value (Acquire) also
-            // sees everything this reader did before.
-            slot.ctr.store(v, Ordering::Release);
-            // (R1) Order the store to ctr before the loads of RCU-protected
-            // pointers in the section. Pairs with (W) in `synchronize`:
-            // either the grace period sees this section, or this section
-            // sees the pointers published before the grace period started.
-            reader_fence(v & FENCED != 0);
+            // sees everything this reader did before. Then (R1): order the
+            // store to ctr before the loads of RCU-protected pointers in the
+            // section. Pairs with (W) in `synchronize`: either the grace
+            // period sees this section, or this section sees the pointers
+            // published before the grace period started.
+            store_then_barrier(&slot.ctr, v, v & FENCED != 0);
             true
         } else {
             reader_enter_nested(slot, tmp)
@@ -359,13 +358,12 @@ impl Domain {
         debug_assert!(tmp & NEST_MASK != 0, "read_unlock outside a section");
         if tmp & NEST_MASK == 1 {
             // Release: the section's loads happen before a grace period that
-            // reads this value (Acquire) frees what they read.
-            slot.ctr.store(tmp - 1, Ordering::Release);
-            // (R2) Order the store to ctr before the load of `waiting`.
-            // Pairs with (W) after a hurried grace period sets `waiting`:
-            // either it sees this store, or this thread sees `waiting` and
-            // wakes it.
-            reader_fence(tmp & FENCED != 0);
+            // reads this value (Acquire) frees what they read. Then (R2):
+            // order the store to ctr before the load of `waiting`. Pairs
+            // with (W) after a hurried grace period sets `waiting`: either
+            // it sees this store, or this thread sees `waiting` and wakes
+            // it.
+            store_then_barrier(&slot.ctr, tmp - 1, tmp & FENCED != 0);
             if slot.waiting.load(Ordering::Relaxed) {
                 self.wake_grace_period(slot);
             }
@@ -632,13 +630,37 @@ fn nesting_overflow() -> ! {
     ]);
 }
 
-/// The reader-side barrier: a full fence, or only a compiler fence when a
-/// grace period's `membarrier` stands in for it.
+/// A reader's store to its word with Release ordering followed by the
+/// reader-side barrier, (R1) or (R2): a full barrier when `fenced`, or only
+/// a compiler fence when a grace period's `membarrier` stands in for it.
+///
+/// On x86-64 the fenced form is one locked exchange (`xchg`) instead of a
+/// store and `fence(SeqCst)` (which rustc emits as a locked `or` on the
+/// stack): every locked instruction is a full barrier there (x86-TSO: loads
+/// and stores are not reordered with locked instructions; Intel SDM vol. 3
+/// 8.2.2, AMD APM vol. 2 7.4.2), so no later load of the section (or of
+/// `waiting`) is performed before the exchange's store is globally
+/// visible, which is what the store-buffering pairs with (W) need. The
+/// compiler fence keeps the compiler from moving those loads above it. The
+/// language's memory model alone does not order a later non-SeqCst load
+/// after a SeqCst read-modify-write, so other architectures, and the loom
+/// models (which check the portable form), keep the store and the fence.
+/// One instruction, so still async-signal-safe.
 #[inline(always)]
-fn reader_fence(fence_needed: bool) {
-    if fence_needed {
-        fence(Ordering::SeqCst);
+fn store_then_barrier(word: &AtomicU64, v: u64, fenced: bool) {
+    if fenced {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        {
+            word.swap(v, Ordering::SeqCst);
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        {
+            word.store(v, Ordering::Release);
+            fence(Ordering::SeqCst);
+        }
     } else {
+        word.store(v, Ordering::Release);
         std::sync::atomic::compiler_fence(Ordering::SeqCst);
     }
 }
