@@ -7,8 +7,8 @@
 //! `cargo bench -p rcu-bench` runs five interleaved rounds (every row and
 //! peer once per round, the peer order rotating between rounds) and prints
 //! one table; `cargo bench -p rcu-bench -- quick` runs one short round, and
-//! naming row groups (`idle`, `publish`, `sync`, `grace`, `callback`) runs
-//! only those.
+//! naming row groups (`idle`, `publish`, `sync`, `paced`, `grace`,
+//! `callback`) runs only those.
 //!
 //! # How it measures
 //!
@@ -69,6 +69,12 @@
 //!   seize's `reclaim_all` requires that no thread is active) and are left
 //!   out; arc-swap's `store` and the lock's in-place write are synchronous
 //!   already and run the same loops as in the deferred row.
+//! * **publish 4 KiB, paced synchronous writer** (group `paced`, rcu and
+//!   liburcu only): the same, with the writer starting one swap every 50 µs
+//!   (spinning in between). Each grace period costs the reader something
+//!   (an IPI from `membarrier`, a cache miss on the new value), so a faster
+//!   writer lowers its own side's reader figure in the row above; at one
+//!   rate the reader figures compare the read sides alone.
 //! * **synchronize_rcu**: the caller (registered once, before timing, on
 //!   both sides; ours as a fenced reader, so the other reader's mode alone
 //!   decides whether our grace periods issue membarrier) runs grace periods
@@ -106,6 +112,8 @@ mod urcu {
         pub fn shim_page_write_until(stop: *const i32) -> u64;
         /// `stop` must stay valid until the call returns.
         pub fn shim_page_write_sync_until(stop: *const i32) -> u64;
+        /// `stop` must stay valid until the call returns.
+        pub fn shim_page_write_sync_paced(stop: *const i32, period_ns: u64) -> u64;
         pub safe fn shim_sync_loop(n: u64);
         /// `stop` must stay valid until the call returns.
         pub fn shim_busy_reader(stop: *const i32);
@@ -478,6 +486,25 @@ fn pub_write_sync_rcu() -> u64 {
     n
 }
 
+/// The synchronous writer, starting a swap only every `PACE_NS` (spinning
+/// in between, as the C loop does with `clock_gettime(CLOCK_MONOTONIC)`).
+#[inline(never)]
+fn pub_write_paced_rcu() -> u64 {
+    let period = Duration::from_nanos(PACE_NS);
+    let mut next = Instant::now();
+    let mut n = 0;
+    while !stopped() {
+        if Instant::now() < next {
+            std::hint::spin_loop();
+            continue;
+        }
+        next += period;
+        n += 1;
+        RCU_PAGE.replace_sync([n; 512]);
+    }
+    n
+}
+
 #[inline(never)]
 fn pub_write_sync_rcu_loop() -> u64 {
     let mut n = 0;
@@ -555,6 +582,16 @@ fn pub_write_sync_urcu() -> u64 {
     // SAFETY: STOP is a static.
     unsafe { urcu::shim_page_write_sync_until(STOP.as_ptr()) }
 }
+
+fn pub_write_paced_urcu() -> u64 {
+    // SAFETY: STOP is a static.
+    unsafe { urcu::shim_page_write_sync_paced(STOP.as_ptr(), PACE_NS) }
+}
+
+/// The paced synchronous writers' period: 20 k swaps per second, well below
+/// what either side's writer reaches, so both readers pay for the same
+/// number of grace periods.
+const PACE_NS: u64 = 50_000;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Publish {
@@ -659,6 +696,16 @@ impl Publish {
     fn has_sync_form(self) -> bool {
         !matches!(self, Publish::Epoch | Publish::Seize)
     }
+    /// The synchronous writer at a fixed rate (`PACE_NS`): rcu and liburcu
+    /// only.
+    fn write_paced(self) -> Option<u64> {
+        match self {
+            Publish::RcuMemb | Publish::RcuFenced => Some(pub_write_paced_rcu()),
+            Publish::Liburcu => Some(pub_write_paced_urcu()),
+            _ => None,
+        }
+    }
+
     /// Waits until the old values queued by the writer are freed, outside
     /// the timed window, so one peer's backlog does not burden the next.
     fn drain(self) {
@@ -668,6 +715,17 @@ impl Publish {
             _ => {}
         }
     }
+}
+
+/// How the publish rows' writer frees old values.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Writer {
+    /// call_rcu (and each peer's deferred form).
+    Deferred,
+    /// Swap, wait for a grace period, free, on the writer thread.
+    Sync,
+    /// As `Sync`, one swap every `PACE_NS`.
+    Paced,
 }
 
 // ---------------------------------------------------------------------------
@@ -889,7 +947,7 @@ fn idle_once(peer: Idle, threads: usize, n: u64) -> Option<f64> {
 
 /// One publish run of `dur`: (reader M sections per CPU second, writer k
 /// swaps per CPU second), or `None` if the two did not run in parallel.
-fn publish_once(peer: Publish, dur: Duration, sync: bool) -> Option<(f64, f64)> {
+fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)> {
     STOP.store(0, Ordering::Relaxed);
     let barrier = Barrier::new(3);
     let (r, w) = thread::scope(|s| {
@@ -902,16 +960,14 @@ fn publish_once(peer: Publish, dur: Duration, sync: bool) -> Option<(f64, f64)> 
             (w, n)
         });
         let writer = s.spawn(|| {
-            peer.writer_setup(sync);
+            peer.writer_setup(mode != Writer::Deferred);
             barrier.wait();
-            let (w, n) = timed(|| {
-                if sync {
-                    peer.write_sync().unwrap_or(0)
-                } else {
-                    peer.write()
-                }
+            let (w, n) = timed(|| match mode {
+                Writer::Deferred => peer.write(),
+                Writer::Sync => peer.write_sync().unwrap_or(0),
+                Writer::Paced => peer.write_paced().unwrap_or(0),
             });
-            if !sync {
+            if mode == Writer::Deferred {
                 peer.drain();
             }
             peer.teardown();
@@ -928,7 +984,11 @@ fn publish_once(peer: Publish, dur: Duration, sync: bool) -> Option<(f64, f64)> 
     if !parallel(&r.0, &w.0) {
         eprintln!(
             "  publish{}, {}: not parallel ({})",
-            if sync { " (synchronous)" } else { "" },
+            match mode {
+                Writer::Deferred => "",
+                Writer::Sync => " (synchronous)",
+                Writer::Paced => " (synchronous, paced)",
+            },
             peer.name(),
             busy_note(&r.0, &w.0)
         );
@@ -1209,7 +1269,7 @@ fn main() {
     // `cargo test --all-targets` runs this without `--bench`: a smoke run.
     let quick = args.iter().any(|a| a == "quick") || !args.iter().any(|a| a == "--bench");
     // Row groups named on the command line run alone; none named: all.
-    let groups = ["idle", "publish", "sync", "grace", "callback"];
+    let groups = ["idle", "publish", "sync", "paced", "grace", "callback"];
     let named: Vec<&str> = groups
         .into_iter()
         .filter(|g| args.iter().any(|a| a == g))
@@ -1323,6 +1383,12 @@ fn main() {
         Unit::KPerS,
         Publish::Liburcu.name(),
     );
+    let mut paced_r = Row::new(
+        "publish 4 KiB, synchronous writer paced to 20 k swaps/s (same grace periods on \
+         both sides): reader sections per reader CPU second",
+        Unit::MPerS,
+        Publish::Liburcu.name(),
+    );
     let mut grace_idle = Row::new(
         "synchronize_rcu, one other registered reader idle: wall time per call",
         Unit::Us,
@@ -1351,7 +1417,7 @@ fn main() {
         }
         for i in 0..PUBLISH.len() * usize::from(want("publish")) {
             let p = PUBLISH[rot(PUBLISH.len(), i)];
-            let r = publish_once(p, pub_dur, false);
+            let r = publish_once(p, pub_dur, Writer::Deferred);
             pub_r.push(p.name(), r.map(|r| r.0));
             pub_w.push(p.name(), r.map(|r| r.1));
         }
@@ -1360,9 +1426,17 @@ fn main() {
             if !p.has_sync_form() {
                 continue;
             }
-            let r = publish_once(p, pub_dur, true);
+            let r = publish_once(p, pub_dur, Writer::Sync);
             sync_r.push(p.name(), r.map(|r| r.0));
             sync_w.push(p.name(), r.map(|r| r.1));
+        }
+        for i in 0..PUBLISH.len() * usize::from(want("paced")) {
+            let p = PUBLISH[rot(PUBLISH.len(), i)];
+            if !matches!(p, Publish::RcuMemb | Publish::RcuFenced | Publish::Liburcu) {
+                continue;
+            }
+            let r = publish_once(p, pub_dur, Writer::Paced);
+            paced_r.push(p.name(), r.map(|r| r.0));
         }
         for i in 0..GRACE.len() * usize::from(want("grace")) {
             let k = rot(GRACE.len(), i);
@@ -1388,6 +1462,7 @@ fn main() {
         &mut pub_w,
         &mut sync_r,
         &mut sync_w,
+        &mut paced_r,
         &mut grace_idle,
         &mut grace_busy,
         &mut callback,
