@@ -109,6 +109,12 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
     /// Inside a read-side critical section (the grace period would wait for
     /// the caller's own section forever).
     pub fn replace_sync(&self, value: T) {
+        // Checked before publishing, so that a misuse changes nothing.
+        assert!(
+            !crate::in_read_section(),
+            "RcuCell::replace_sync() called inside an RCU read-side critical section: \
+             it would wait for itself forever"
+        );
         let new = Box::into_raw(Box::new(value));
         let old = self.ptr.swap(new, Ordering::AcqRel);
         crate::synchronize_rcu();

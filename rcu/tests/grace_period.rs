@@ -238,3 +238,17 @@ fn replace_sync_frees_on_the_caller_after_the_readers_leave() {
     assert_eq!(s1.call_rcu, s0.call_rcu, "replace_sync queues no callback");
     assert_eq!(s1.grace_periods - s0.grace_periods, 1);
 }
+
+#[test]
+fn replace_sync_inside_a_section_panics_before_publishing() {
+    let _x = exclusive();
+    let cell = Arc::new(RcuCell::new(Tracked(10)));
+    let c = Arc::clone(&cell);
+    let r = thread::spawn(move || {
+        let _g = rcu::read_lock();
+        c.replace_sync(Tracked(11));
+    })
+    .join();
+    assert!(r.is_err(), "replace_sync inside a section must panic");
+    assert_eq!(cell.with(|v| v.0), 10, "nothing was published");
+}
