@@ -7,7 +7,8 @@
 //! `cargo bench -p rcu-bench` runs five interleaved rounds (every row and
 //! peer once per round, the peer order rotating between rounds) and prints
 //! one table; `cargo bench -p rcu-bench -- quick` runs one short round, and
-//! naming row groups (`idle`, `publish`, `grace`, `callback`) runs only those.
+//! naming row groups (`idle`, `publish`, `sync`, `paced`, `grace`,
+//! `callback`) runs only those.
 //!
 //! # How it measures
 //!
@@ -58,6 +59,22 @@
 //!   value freed after a grace period: `call_rcu`, `defer_destroy`, `retire`,
 //!   arc-swap's reference count, the lock). Reader M sections/s and writer
 //!   k swaps/s, both per CPU second of the thread.
+//! * **publish 4 KiB, synchronous writer** (group `sync`): the same reader,
+//!   while the writer swaps the pointer, waits for a grace period itself and
+//!   frees the old value on its own thread (liburcu: `rcu_xchg_pointer` +
+//!   `synchronize_rcu` + `free`; ours: `RcuCell::replace_sync`). No
+//!   call_rcu thread runs, so on a 2-CPU machine the two threads can really
+//!   run in parallel, which the deferred row's three busy threads cannot.
+//!   crossbeam-epoch and seize have no synchronous form (they only defer;
+//!   seize's `reclaim_all` requires that no thread is active) and are left
+//!   out; arc-swap's `store` and the lock's in-place write are synchronous
+//!   already and run the same loops as in the deferred row.
+//! * **publish 4 KiB, paced synchronous writer** (group `paced`, rcu and
+//!   liburcu only): the same, with the writer starting one swap every 50 µs
+//!   (spinning in between). Each grace period costs the reader something
+//!   (an IPI from `membarrier`, a cache miss on the new value), so a faster
+//!   writer lowers its own side's reader figure in the row above; at one
+//!   rate the reader figures compare the read sides alone.
 //! * **synchronize_rcu**: the caller (registered once, before timing, on
 //!   both sides; ours as a fenced reader, so the other reader's mode alone
 //!   decides whether our grace periods issue membarrier) runs grace periods
@@ -93,6 +110,10 @@ mod urcu {
         pub fn shim_page_read_until(stop: *const i32, count: *mut u64) -> u64;
         /// `stop` must stay valid until the call returns.
         pub fn shim_page_write_until(stop: *const i32) -> u64;
+        /// `stop` must stay valid until the call returns.
+        pub fn shim_page_write_sync_until(stop: *const i32) -> u64;
+        /// `stop` must stay valid until the call returns.
+        pub fn shim_page_write_sync_paced(stop: *const i32, period_ns: u64) -> u64;
         pub safe fn shim_sync_loop(n: u64);
         /// `stop` must stay valid until the call returns.
         pub fn shim_busy_reader(stop: *const i32);
@@ -209,10 +230,11 @@ fn qemu_wake_writer() {
 
 #[inline(never)]
 fn idle_rcu(n: u64) -> u64 {
+    let cell = &*RCU_VALUE; // the LazyLock checked once, outside the loop
     let mut sum = 0;
     for _ in 0..n {
         let g = rcu::read_lock();
-        sum += RCU_VALUE.read(&g).0;
+        sum += cell.read(&g).0;
         drop(g);
     }
     sum
@@ -241,10 +263,11 @@ fn idle_bare_tls(n: u64) -> u64 {
 
 #[inline(never)]
 fn idle_epoch(n: u64) -> u64 {
+    let atomic = &*EPOCH_VALUE; // the LazyLock checked once, outside the loop
     let mut sum = 0;
     for _ in 0..n {
         let guard = crossbeam_epoch::pin();
-        let s = EPOCH_VALUE.load(Ordering::Acquire, &guard);
+        let s = atomic.load(Ordering::Acquire, &guard);
         // SAFETY: the value is never replaced, so never freed.
         sum += unsafe { s.deref() }.0;
     }
@@ -254,10 +277,11 @@ fn idle_epoch(n: u64) -> u64 {
 #[inline(never)]
 fn idle_seize(n: u64) -> u64 {
     use seize::Guard;
+    let (collector, ptr) = (&*SEIZE, &*SEIZE_VALUE); // LazyLocks checked once
     let mut sum = 0;
     for _ in 0..n {
-        let guard = SEIZE.enter();
-        let p = guard.protect(&SEIZE_VALUE, Ordering::Acquire);
+        let guard = collector.enter();
+        let p = guard.protect(ptr, Ordering::Acquire);
         // SAFETY: the value is never replaced, so never retired.
         sum += unsafe { &*p }.0;
     }
@@ -266,9 +290,10 @@ fn idle_seize(n: u64) -> u64 {
 
 #[inline(never)]
 fn idle_arcswap(n: u64) -> u64 {
+    let value = &*ARCSWAP_VALUE; // the LazyLock checked once, outside the loop
     let mut sum = 0;
     for _ in 0..n {
-        sum += ARCSWAP_VALUE.load().0;
+        sum += value.load().0;
     }
     sum
 }
@@ -361,11 +386,12 @@ impl Idle {
 
 #[inline(never)]
 fn pub_read_rcu() -> (u64, u64) {
+    let cell = &*RCU_PAGE; // the LazyLock checked once, outside the loop
     let (mut sum, mut n) = (0, 0);
     while !stopped() {
         for _ in 0..STOP_EVERY {
             let g = rcu::read_lock();
-            sum += RCU_PAGE.read(&g)[LAST];
+            sum += cell.read(&g)[LAST];
             drop(g);
         }
         n += STOP_EVERY;
@@ -375,11 +401,12 @@ fn pub_read_rcu() -> (u64, u64) {
 
 #[inline(never)]
 fn pub_read_epoch() -> (u64, u64) {
+    let atomic = &*EPOCH_PAGE; // the LazyLock checked once, outside the loop
     let (mut sum, mut n) = (0, 0);
     while !stopped() {
         for _ in 0..STOP_EVERY {
             let guard = crossbeam_epoch::pin();
-            let s = EPOCH_PAGE.load(Ordering::Acquire, &guard);
+            let s = atomic.load(Ordering::Acquire, &guard);
             // SAFETY: loaded under `guard`; the writer frees old pages only
             // through `defer_destroy`, after every such guard is gone.
             sum += unsafe { s.deref() }[LAST];
@@ -392,11 +419,12 @@ fn pub_read_epoch() -> (u64, u64) {
 #[inline(never)]
 fn pub_read_seize() -> (u64, u64) {
     use seize::Guard;
+    let (collector, ptr) = (&*SEIZE, &*SEIZE_PAGE); // LazyLocks checked once
     let (mut sum, mut n) = (0, 0);
     while !stopped() {
         for _ in 0..STOP_EVERY {
-            let guard = SEIZE.enter();
-            let p = guard.protect(&SEIZE_PAGE, Ordering::Acquire);
+            let guard = collector.enter();
+            let p = guard.protect(ptr, Ordering::Acquire);
             // SAFETY: protected by `guard`; the writer frees old pages only
             // through `retire`.
             sum += unsafe { &*p }[LAST];
@@ -408,10 +436,11 @@ fn pub_read_seize() -> (u64, u64) {
 
 #[inline(never)]
 fn pub_read_arcswap() -> (u64, u64) {
+    let value = &*ARCSWAP_PAGE; // the LazyLock checked once, outside the loop
     let (mut sum, mut n) = (0, 0);
     while !stopped() {
         for _ in 0..STOP_EVERY {
-            sum += ARCSWAP_PAGE.load()[LAST];
+            sum += value.load()[LAST];
         }
         n += STOP_EVERY;
     }
@@ -436,6 +465,52 @@ fn pub_write_rcu() -> u64 {
     while !stopped() {
         n += 1;
         RCU_PAGE.replace([n; 512]);
+    }
+    n
+}
+
+/// The synchronous form: swap, `synchronize_rcu`, drop the old page here.
+/// Logs what its grace periods cost (outside the timed loop).
+fn pub_write_sync_rcu() -> u64 {
+    let s0 = rcu::stats();
+    let n = pub_write_sync_rcu_loop();
+    let s1 = rcu::stats();
+    let gps = (s1.grace_periods - s0.grace_periods).max(1) as f64;
+    eprintln!(
+        "  rcu synchronous writer: {n} swaps, {:.2} membarriers, {:.2} reader waits, \
+         {:.3} sleeps per grace period",
+        (s1.membarriers - s0.membarriers) as f64 / gps,
+        (s1.reader_waits - s0.reader_waits) as f64 / gps,
+        (s1.gp_sleeps - s0.gp_sleeps) as f64 / gps,
+    );
+    n
+}
+
+/// The synchronous writer, starting a swap only every `PACE_NS` (spinning
+/// in between, as the C loop does with `clock_gettime(CLOCK_MONOTONIC)`).
+#[inline(never)]
+fn pub_write_paced_rcu() -> u64 {
+    let period = Duration::from_nanos(PACE_NS);
+    let mut next = Instant::now();
+    let mut n = 0;
+    while !stopped() {
+        if Instant::now() < next {
+            std::hint::spin_loop();
+            continue;
+        }
+        next += period;
+        n += 1;
+        RCU_PAGE.replace_sync([n; 512]);
+    }
+    n
+}
+
+#[inline(never)]
+fn pub_write_sync_rcu_loop() -> u64 {
+    let mut n = 0;
+    while !stopped() {
+        n += 1;
+        RCU_PAGE.replace_sync([n; 512]);
     }
     n
 }
@@ -503,6 +578,21 @@ fn pub_write_urcu() -> u64 {
     unsafe { urcu::shim_page_write_until(STOP.as_ptr()) }
 }
 
+fn pub_write_sync_urcu() -> u64 {
+    // SAFETY: STOP is a static.
+    unsafe { urcu::shim_page_write_sync_until(STOP.as_ptr()) }
+}
+
+fn pub_write_paced_urcu() -> u64 {
+    // SAFETY: STOP is a static.
+    unsafe { urcu::shim_page_write_sync_paced(STOP.as_ptr(), PACE_NS) }
+}
+
+/// The paced synchronous writers' period: 20 k swaps per second, well below
+/// what either side's writer reaches, so both readers pay for the same
+/// number of grace periods.
+const PACE_NS: u64 = 50_000;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Publish {
     RcuMemb,
@@ -550,9 +640,18 @@ impl Publish {
             _ => {}
         }
     }
-    fn writer_setup(self) {
-        if self == Publish::Liburcu {
-            urcu::shim_register();
+    /// Registers the writer where its side needs it (liburcu, for
+    /// call_rcu and synchronize_rcu). The synchronous rcu writer registers
+    /// too, as a fenced reader like the grace-period rows' caller, so both
+    /// sides' grace periods run from a registered thread.
+    fn writer_setup(self, sync: bool) {
+        match self {
+            Publish::Liburcu => urcu::shim_register(),
+            Publish::RcuMemb | Publish::RcuFenced if sync => {
+                rcu::set_reader_mode(ReaderMode::Fenced);
+                drop(rcu::read_lock());
+            }
+            _ => {}
         }
     }
     fn teardown(self) {
@@ -580,6 +679,33 @@ impl Publish {
             Publish::RwLock => pub_write_rwlock(),
         }
     }
+    /// The synchronous writer: the old value is freed on the writer thread
+    /// once no reader can hold it, with no helper thread. `None` for peers
+    /// without such a form (crossbeam-epoch and seize only defer). arc-swap
+    /// and the lock are synchronous already: their loops are the same as in
+    /// the deferred row.
+    fn write_sync(self) -> Option<u64> {
+        match self {
+            Publish::RcuMemb | Publish::RcuFenced => Some(pub_write_sync_rcu()),
+            Publish::Liburcu => Some(pub_write_sync_urcu()),
+            Publish::Epoch | Publish::Seize => None,
+            Publish::ArcSwap => Some(pub_write_arcswap()),
+            Publish::RwLock => Some(pub_write_rwlock()),
+        }
+    }
+    fn has_sync_form(self) -> bool {
+        !matches!(self, Publish::Epoch | Publish::Seize)
+    }
+    /// The synchronous writer at a fixed rate (`PACE_NS`): rcu and liburcu
+    /// only.
+    fn write_paced(self) -> Option<u64> {
+        match self {
+            Publish::RcuMemb | Publish::RcuFenced => Some(pub_write_paced_rcu()),
+            Publish::Liburcu => Some(pub_write_paced_urcu()),
+            _ => None,
+        }
+    }
+
     /// Waits until the old values queued by the writer are freed, outside
     /// the timed window, so one peer's backlog does not burden the next.
     fn drain(self) {
@@ -589,6 +715,17 @@ impl Publish {
             _ => {}
         }
     }
+}
+
+/// How the publish rows' writer frees old values.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Writer {
+    /// call_rcu (and each peer's deferred form).
+    Deferred,
+    /// Swap, wait for a grace period, free, on the writer thread.
+    Sync,
+    /// As `Sync`, one swap every `PACE_NS`.
+    Paced,
 }
 
 // ---------------------------------------------------------------------------
@@ -810,7 +947,7 @@ fn idle_once(peer: Idle, threads: usize, n: u64) -> Option<f64> {
 
 /// One publish run of `dur`: (reader M sections per CPU second, writer k
 /// swaps per CPU second), or `None` if the two did not run in parallel.
-fn publish_once(peer: Publish, dur: Duration) -> Option<(f64, f64)> {
+fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)> {
     STOP.store(0, Ordering::Relaxed);
     let barrier = Barrier::new(3);
     let (r, w) = thread::scope(|s| {
@@ -823,10 +960,16 @@ fn publish_once(peer: Publish, dur: Duration) -> Option<(f64, f64)> {
             (w, n)
         });
         let writer = s.spawn(|| {
-            peer.writer_setup();
+            peer.writer_setup(mode != Writer::Deferred);
             barrier.wait();
-            let (w, n) = timed(|| peer.write());
-            peer.drain();
+            let (w, n) = timed(|| match mode {
+                Writer::Deferred => peer.write(),
+                Writer::Sync => peer.write_sync().unwrap_or(0),
+                Writer::Paced => peer.write_paced().unwrap_or(0),
+            });
+            if mode == Writer::Deferred {
+                peer.drain();
+            }
             peer.teardown();
             (w, n)
         });
@@ -840,7 +983,12 @@ fn publish_once(peer: Publish, dur: Duration) -> Option<(f64, f64)> {
     });
     if !parallel(&r.0, &w.0) {
         eprintln!(
-            "  publish, {}: not parallel ({})",
+            "  publish{}, {}: not parallel ({})",
+            match mode {
+                Writer::Deferred => "",
+                Writer::Sync => " (synchronous)",
+                Writer::Paced => " (synchronous, paced)",
+            },
             peer.name(),
             busy_note(&r.0, &w.0)
         );
@@ -1121,7 +1269,7 @@ fn main() {
     // `cargo test --all-targets` runs this without `--bench`: a smoke run.
     let quick = args.iter().any(|a| a == "quick") || !args.iter().any(|a| a == "--bench");
     // Row groups named on the command line run alone; none named: all.
-    let groups = ["idle", "publish", "grace", "callback"];
+    let groups = ["idle", "publish", "sync", "paced", "grace", "callback"];
     let named: Vec<&str> = groups
         .into_iter()
         .filter(|g| args.iter().any(|a| a == g))
@@ -1158,8 +1306,12 @@ fn main() {
         std::process::exit(1);
     }
 
+    // Through `black_box`: otherwise the compiler sees that PLAIN_PTR only
+    // ever holds null or &PLAIN_VALUE (whose content is constant), drops
+    // the load and the dereference from the QEMU-style and bare loops and
+    // folds their sum to 7 * n, which made the floor one `inc` per section.
     PLAIN_PTR.store(
-        std::ptr::from_ref(&PLAIN_VALUE).cast_mut(),
+        black_box(std::ptr::from_ref(&PLAIN_VALUE).cast_mut()),
         Ordering::Release,
     );
     urcu::shim_init_ptr(7);
@@ -1220,6 +1372,23 @@ fn main() {
         Unit::KPerS,
         Publish::Liburcu.name(),
     );
+    let mut sync_r = Row::new(
+        "publish 4 KiB, synchronous writer (swap, synchronize_rcu, free; 2 threads): \
+         reader sections per reader CPU second",
+        Unit::MPerS,
+        Publish::Liburcu.name(),
+    );
+    let mut sync_w = Row::new(
+        "publish 4 KiB, synchronous writer: writer swaps per writer CPU second (same runs)",
+        Unit::KPerS,
+        Publish::Liburcu.name(),
+    );
+    let mut paced_r = Row::new(
+        "publish 4 KiB, synchronous writer paced to 20 k swaps/s (same grace periods on \
+         both sides): reader sections per reader CPU second",
+        Unit::MPerS,
+        Publish::Liburcu.name(),
+    );
     let mut grace_idle = Row::new(
         "synchronize_rcu, one other registered reader idle: wall time per call",
         Unit::Us,
@@ -1248,9 +1417,26 @@ fn main() {
         }
         for i in 0..PUBLISH.len() * usize::from(want("publish")) {
             let p = PUBLISH[rot(PUBLISH.len(), i)];
-            let r = publish_once(p, pub_dur);
+            let r = publish_once(p, pub_dur, Writer::Deferred);
             pub_r.push(p.name(), r.map(|r| r.0));
             pub_w.push(p.name(), r.map(|r| r.1));
+        }
+        for i in 0..PUBLISH.len() * usize::from(want("sync")) {
+            let p = PUBLISH[rot(PUBLISH.len(), i)];
+            if !p.has_sync_form() {
+                continue;
+            }
+            let r = publish_once(p, pub_dur, Writer::Sync);
+            sync_r.push(p.name(), r.map(|r| r.0));
+            sync_w.push(p.name(), r.map(|r| r.1));
+        }
+        for i in 0..PUBLISH.len() * usize::from(want("paced")) {
+            let p = PUBLISH[rot(PUBLISH.len(), i)];
+            if !matches!(p, Publish::RcuMemb | Publish::RcuFenced | Publish::Liburcu) {
+                continue;
+            }
+            let r = publish_once(p, pub_dur, Writer::Paced);
+            paced_r.push(p.name(), r.map(|r| r.0));
         }
         for i in 0..GRACE.len() * usize::from(want("grace")) {
             let k = rot(GRACE.len(), i);
@@ -1274,6 +1460,9 @@ fn main() {
         &mut idle2,
         &mut pub_r,
         &mut pub_w,
+        &mut sync_r,
+        &mut sync_w,
+        &mut paced_r,
         &mut grace_idle,
         &mut grace_busy,
         &mut callback,

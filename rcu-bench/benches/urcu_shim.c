@@ -20,6 +20,15 @@
 #include <unistd.h>
 
 #define PAGE_WORDS 512 /* 4 KiB */
+
+#include <time.h>
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 #define STOP_EVERY 1024
 
 void shim_register(void) { urcu_memb_register_thread(); }
@@ -110,6 +119,41 @@ uint64_t shim_page_write_until(const int *stop)
         n++;
         struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
         urcu_memb_call_rcu(&old->head, page_free);
+    }
+    return n;
+}
+
+/* Replaces the page until *stop, waiting for a grace period after each
+ * swap and freeing the old page on this thread (no call_rcu thread: only
+ * the reader and this writer run); returns the number of swaps. */
+uint64_t shim_page_write_sync_until(const int *stop)
+{
+    uint64_t n = 0;
+    while (!uatomic_read(stop)) {
+        n++;
+        struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
+        urcu_memb_synchronize_rcu();
+        free(old);
+    }
+    return n;
+}
+
+/* As shim_page_write_sync_until, but starts a swap only every period_ns
+ * (spinning in between, so the writer stays on its CPU); returns the
+ * number of swaps. */
+uint64_t shim_page_write_sync_paced(const int *stop, uint64_t period_ns)
+{
+    uint64_t n = 0, next = now_ns();
+    while (!uatomic_read(stop)) {
+        if (now_ns() < next) {
+            caa_cpu_relax();
+            continue;
+        }
+        next += period_ns;
+        n++;
+        struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
+        urcu_memb_synchronize_rcu();
+        free(old);
     }
     return n;
 }

@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 ///   (a reader that sees the new value sees everything written to it before)
 ///   and hands the old one to [`call_rcu`](crate::call_rcu), which drops it
 ///   on the call_rcu thread after a grace period. It never blocks.
+/// * [`replace_sync`](Self::replace_sync) publishes the same way, waits for
+///   a grace period and drops the old value on the calling thread.
 /// * [`update`](Self::update) is read-copy-update: clone, modify, publish,
 ///   retrying if another writer published in between, so concurrent updates
 ///   are never lost.
@@ -95,6 +97,28 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
         let new = Box::into_raw(Box::new(value));
         let old = self.ptr.swap(new, Ordering::AcqRel);
         self.retire(old);
+    }
+
+    /// Publishes `value`, waits for a grace period
+    /// ([`synchronize_rcu`](crate::synchronize_rcu)) and drops the previous value on the calling
+    /// thread, which no reader can reference any more. Blocks for the grace
+    /// period; needs no call_rcu thread and counts no `call_rcu` (liburcu's
+    /// `rcu_xchg_pointer` + `synchronize_rcu` + `free`).
+    ///
+    /// # Panics
+    /// Inside a read-side critical section (the grace period would wait for
+    /// the caller's own section forever).
+    pub fn replace_sync(&self, value: T) {
+        // Checked before publishing, so that a misuse changes nothing.
+        assert!(
+            !crate::in_read_section(),
+            "RcuCell::replace_sync() called inside an RCU read-side critical section: \
+             it would wait for itself forever"
+        );
+        let new = Box::into_raw(Box::new(value));
+        let old = self.ptr.swap(new, Ordering::AcqRel);
+        crate::synchronize_rcu();
+        Retired(old).free();
     }
 
     /// Read-copy-update: clones the current value, lets `f` modify the copy,

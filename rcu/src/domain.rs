@@ -116,7 +116,9 @@ pub(crate) trait Pacer {
 /// How many lazy 10 ms polls a lazy grace period does before hurrying anyway.
 pub const LAZY_POLLS: u32 = 5;
 
-/// Re-scans of a hurried grace period, a short spin apart, before it sleeps.
+/// Re-scans of a grace period that is about to hurry, a short spin apart,
+/// before it asks the readers it waits for to report (a store into each
+/// one's slot and a barrier) and sleeps.
 #[cfg(not(loom))]
 const SPIN_SCANS: u32 = 20;
 #[cfg(loom)]
@@ -134,6 +136,11 @@ pub(crate) struct GpStats {
     pub(crate) reader_waits: std::sync::atomic::AtomicU64,
     pub(crate) membarriers: std::sync::atomic::AtomicU64,
     pub(crate) membarriers_skipped: std::sync::atomic::AtomicU64,
+    /// Stores of `waiting = true` into a reader's slot (one per reader a
+    /// hurried grace period still waits for after its spin).
+    pub(crate) wake_requests: std::sync::atomic::AtomicU64,
+    /// Sleeps of a grace period on `gp_event`.
+    pub(crate) gp_sleeps: std::sync::atomic::AtomicU64,
     pub(crate) stalls: std::sync::atomic::AtomicU64,
     /// Names of readers that blocked a grace period for over a second
     /// (most recent last, at most [`STALLED_NAMES`]).
@@ -206,6 +213,8 @@ macro_rules! domain_init {
                 reader_waits: std::sync::atomic::AtomicU64::new(0),
                 membarriers: std::sync::atomic::AtomicU64::new(0),
                 membarriers_skipped: std::sync::atomic::AtomicU64::new(0),
+                wake_requests: std::sync::atomic::AtomicU64::new(0),
+                gp_sleeps: std::sync::atomic::AtomicU64::new(0),
                 stalls: std::sync::atomic::AtomicU64::new(0),
                 stalled_readers: std::sync::Mutex::new(Vec::new()),
             }),
@@ -330,13 +339,12 @@ impl Domain {
             // that starts with the new phase sees what was published before.
             let v = self.gp_ctr.load(Ordering::Acquire) | (tmp & FENCED);
             // Release: a grace period that reads this value (Acquire) also
-            // sees everything this reader did before.
-            slot.ctr.store(v, Ordering::Release);
-            // (R1) Order the store to ctr before the loads of RCU-protected
-            // pointers in the section. Pairs with (W) in `synchronize`:
-            // either the grace period sees this section, or this section
-            // sees the pointers published before the grace period started.
-            reader_fence(v & FENCED != 0);
+            // sees everything this reader did before. Then (R1): order the
+            // store to ctr before the loads of RCU-protected pointers in the
+            // section. Pairs with (W) in `synchronize`: either the grace
+            // period sees this section, or this section sees the pointers
+            // published before the grace period started.
+            store_then_barrier(&slot.ctr, v, v & FENCED != 0);
             true
         } else {
             reader_enter_nested(slot, tmp)
@@ -350,13 +358,12 @@ impl Domain {
         debug_assert!(tmp & NEST_MASK != 0, "read_unlock outside a section");
         if tmp & NEST_MASK == 1 {
             // Release: the section's loads happen before a grace period that
-            // reads this value (Acquire) frees what they read.
-            slot.ctr.store(tmp - 1, Ordering::Release);
-            // (R2) Order the store to ctr before the load of `waiting`.
-            // Pairs with (W) after a hurried grace period sets `waiting`:
-            // either it sees this store, or this thread sees `waiting` and
-            // wakes it.
-            reader_fence(tmp & FENCED != 0);
+            // reads this value (Acquire) frees what they read. Then (R2):
+            // order the store to ctr before the load of `waiting`. Pairs
+            // with (W) after a hurried grace period sets `waiting`: either
+            // it sees this store, or this thread sees `waiting` and wakes
+            // it.
+            store_then_barrier(&slot.ctr, tmp - 1, tmp & FENCED != 0);
             if slot.waiting.load(Ordering::Relaxed) {
                 self.wake_grace_period(slot);
             }
@@ -449,52 +456,63 @@ impl Domain {
         };
 
         let mut polls_left = if pacer.is_some() { LAZY_POLLS } else { 0 };
+        // `hurry`: the grace period stopped being lazy (or never was); it
+        // spins, then asks readers to report (`hurried`) and sleeps.
+        let mut hurry = false;
         let mut hurried = false;
         let mut spins = 0;
         while !pending.is_empty() {
             self.stats.reader_waits.fetch_add(1, Ordering::Relaxed);
             if hurried {
+                self.stats.gp_sleeps.fetch_add(1, Ordering::Relaxed);
+                #[cfg(not(loom))]
+                {
+                    let waited = started.elapsed();
+                    if !stall_reported && waited >= STALL_REPORT {
+                        stall_reported = true;
+                        self.report_stall(&pending, waited);
+                    }
+                    let limit = if stall_reported {
+                        std::time::Duration::from_secs(3600)
+                    } else {
+                        STALL_REPORT - waited
+                    };
+                    self.gp_event.wait_timeout(limit);
+                }
+                #[cfg(loom)]
+                self.gp_event.wait();
+                self.gp_event.reset();
+            } else if hurry
+                || self.hurry_requested.load(Ordering::Relaxed)
+                || pacer.is_none_or(|p| p.hurry(polls_left))
+            {
+                hurry = true;
                 if spins < SPIN_SCANS {
+                    // A short spin: readers usually leave within it, and
+                    // then the grace period ends with no store into their
+                    // slots, no second barrier and no sleep. The re-scan
+                    // needs no barrier (see the lazy re-poll below).
                     spins += 1;
                     for _ in 0..64 {
                         std::hint::spin_loop();
                     }
                 } else {
-                    #[cfg(not(loom))]
-                    {
-                        let waited = started.elapsed();
-                        if !stall_reported && waited >= STALL_REPORT {
-                            stall_reported = true;
-                            self.report_stall(&pending, waited);
-                        }
-                        let limit = if stall_reported {
-                            std::time::Duration::from_secs(3600)
-                        } else {
-                            STALL_REPORT - waited
-                        };
-                        self.gp_event.wait_timeout(limit);
+                    hurried = true;
+                    let reg = lock(&self.registry);
+                    pending.retain(|&p| reg.iter().any(|e| std::ptr::eq(e.slot, p)));
+                    for &p in &pending {
+                        self.stats.wake_requests.fetch_add(1, Ordering::Relaxed);
+                        // SAFETY: still registered, under the lock.
+                        unsafe { &*p }.waiting.store(true, Ordering::Relaxed);
                     }
-                    #[cfg(loom)]
-                    self.gp_event.wait();
-                    self.gp_event.reset();
+                    // (W) again: order the stores to `waiting` before the
+                    // loads of the readers' words. Pairs with (R2).
+                    let need = need_membarrier
+                        // SAFETY: as above.
+                        && pending.iter().any(|&p| !unsafe { &*p }.fenced());
+                    self.barrier(need);
+                    drop(reg);
                 }
-            } else if self.hurry_requested.load(Ordering::Relaxed)
-                || pacer.is_none_or(|p| p.hurry(polls_left))
-            {
-                hurried = true;
-                let reg = lock(&self.registry);
-                pending.retain(|&p| reg.iter().any(|e| std::ptr::eq(e.slot, p)));
-                for &p in &pending {
-                    // SAFETY: still registered, under the lock.
-                    unsafe { &*p }.waiting.store(true, Ordering::Relaxed);
-                }
-                // (W) again: order the stores to `waiting` before the loads
-                // of the readers' words. Pairs with (R2).
-                let need = need_membarrier
-                    // SAFETY: as above.
-                    && pending.iter().any(|&p| !unsafe { &*p }.fenced());
-                self.barrier(need);
-                drop(reg);
             } else {
                 // A lazy re-poll: no barrier. A section seen ended (or
                 // restarted with the new phase) was ended by a Release store
@@ -612,13 +630,37 @@ fn nesting_overflow() -> ! {
     ]);
 }
 
-/// The reader-side barrier: a full fence, or only a compiler fence when a
-/// grace period's `membarrier` stands in for it.
+/// A reader's store to its word with Release ordering followed by the
+/// reader-side barrier, (R1) or (R2): a full barrier when `fenced`, or only
+/// a compiler fence when a grace period's `membarrier` stands in for it.
+///
+/// On x86-64 the fenced form is one locked exchange (`xchg`) instead of a
+/// store and `fence(SeqCst)` (which rustc emits as a locked `or` on the
+/// stack): every locked instruction is a full barrier there (x86-TSO: loads
+/// and stores are not reordered with locked instructions; Intel SDM vol. 3
+/// 8.2.2, AMD APM vol. 2 7.4.2), so no later load of the section (or of
+/// `waiting`) is performed before the exchange's store is globally
+/// visible, which is what the store-buffering pairs with (W) need. The
+/// compiler fence keeps the compiler from moving those loads above it. The
+/// language's memory model alone does not order a later non-SeqCst load
+/// after a SeqCst read-modify-write, so other architectures, and the loom
+/// models (which check the portable form), keep the store and the fence.
+/// One instruction, so still async-signal-safe.
 #[inline(always)]
-fn reader_fence(fence_needed: bool) {
-    if fence_needed {
-        fence(Ordering::SeqCst);
+fn store_then_barrier(word: &AtomicU64, v: u64, fenced: bool) {
+    if fenced {
+        #[cfg(all(target_arch = "x86_64", not(loom)))]
+        {
+            word.swap(v, Ordering::SeqCst);
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        }
+        #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+        {
+            word.store(v, Ordering::Release);
+            fence(Ordering::SeqCst);
+        }
     } else {
+        word.store(v, Ordering::Release);
         std::sync::atomic::compiler_fence(Ordering::SeqCst);
     }
 }

@@ -277,6 +277,8 @@ pub fn stats() -> Stats {
         membarriers: gp.membarriers.load(Ordering::Relaxed),
         membarriers_skipped: gp.membarriers_skipped.load(Ordering::Relaxed),
         shared_grace_periods: gp.shared_grace_periods.load(Ordering::Relaxed),
+        wake_requests: gp.wake_requests.load(Ordering::Relaxed),
+        gp_sleeps: gp.gp_sleeps.load(Ordering::Relaxed),
         stalls: gp.stalls.load(Ordering::Relaxed),
         stalled_readers: gp
             .stalled_readers

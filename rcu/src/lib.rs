@@ -53,12 +53,14 @@
 //!   not waited for; the advance is a release store and the reader's load of
 //!   `gp_ctr` an acquire load, so such a reader sees the new pointer. One
 //!   barrier per grace period suffices for readers that are idle; re-scans
-//!   of readers still inside a section need none (next point).
+//!   of readers still inside a section need none (next point), so a grace
+//!   period first spins, re-scanning, for a few µs before it does anything
+//!   else.
 //! * **(R2) with (W): no lost wake-up of the writer.** Leaving a section, the
 //!   reader stores its word, fences (R2), then loads its `waiting` flag. A
-//!   grace period that stops polling and sleeps stores `waiting = true` in
-//!   the words of the readers it still waits for (never in an idle reader's),
-//!   fences (W), then loads their words. Again store buffering: either the
+//!   grace period that stops polling (or spinning) and sleeps stores
+//!   `waiting = true` in the words of the readers it still waits for (never
+//!   in an idle reader's), fences (W), then loads their words. Again store buffering: either the
 //!   writer sees the section ended, or the reader sees `waiting` and sets
 //!   the grace-period event.
 //! * **The section happens before the free.** The stores that enter and
@@ -66,13 +68,22 @@
 //!   loads the words with acquire ordering,
 //!   so every access of the finished section happens before whatever the
 //!   writer does after `synchronize_rcu` returns (such as freeing).
+//! * **The fenced reader's barrier.** In [`ReaderMode::Fenced`] the store
+//!   and the full fence of (R1) and of (R2) are, on x86-64, one locked
+//!   exchange of the word: every locked instruction is a full barrier there
+//!   (x86-TSO), so the later loads are not performed before the store is
+//!   visible, and a compiler fence keeps the compiler from moving them
+//!   above it. The language's memory model alone does not promise that for
+//!   a SeqCst read-modify-write followed by weaker loads, so other
+//!   architectures and the loom models use the store and `fence(SeqCst)`.
 //! * **Events.** The grace-period event and the call_rcu event pair a full
 //!   fence in `set` with one in `reset` (store buffering again), so a `set`
 //!   either precedes the waiter's `reset` and re-check, or wakes it.
 //!
 //! # Paying for the fences: membarrier
 //!
-//! (R1) and (R2) as real fences cost a few ns each. By default a reader
+//! (R1) and (R2) as real barriers cost a few ns each (a locked
+//! instruction). By default a reader
 //! executes only compiler fences there, and grace periods execute
 //! `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` in place of (W):
 //! the kernel runs a full barrier on every CPU that is running a thread of

@@ -34,8 +34,9 @@ pub enum ReaderMode {
     /// CPU running a thread of the process. The default. Falls back to
     /// `Fenced` behaviour when the kernel lacks membarrier.
     Membarrier,
-    /// A full fence on entering and on leaving the outermost section (a few
-    /// ns each); grace periods never need to interrupt this thread. Meant for
+    /// A full barrier on entering and on leaving the outermost section (on
+    /// x86-64 a locked exchange of the reader's word, a few ns each); grace
+    /// periods never need to interrupt this thread. Meant for
     /// threads that must not be interrupted, such as vCPU threads inside
     /// `KVM_RUN`: if every other reader of the process is `Fenced` too, grace
     /// periods send no inter-processor interrupts at all.

@@ -64,6 +64,14 @@ pub struct Stats {
     /// Grace-period barriers that needed no `membarrier` because no reader
     /// other than the caller relied on it.
     pub membarriers_skipped: u64,
+    /// Requests to a reader to report leaving its section: stores into its
+    /// slot by a grace period that still waited for it after spinning (one
+    /// per such reader and grace period). A grace period never stores into
+    /// the slot of a reader it does not wait for.
+    pub wake_requests: u64,
+    /// Times a grace period went to sleep until a reader it waited for left
+    /// its section (after spinning and requesting a report).
+    pub gp_sleeps: u64,
     /// Grace periods that a reader kept waiting for over a second.
     pub stalls: u64,
     /// The readers (thread name and id) that did, most recent last (at most
