@@ -9,8 +9,8 @@ import threading
 import time
 
 import l2_vm
-from guest_checks import GIB, boot, lifetime
-from l2_vm import L2_INITRD, L2_KERNEL, Failed, Vm, parse_size
+from guest_checks import GIB, boot, lifetime, meminfo_kib
+from l2_vm import L2_INITRD, L2_KERNEL, MIB, Failed, Vm, parse_size
 from tracing import Trace, load_base, rss_less_guest_kib
 
 
