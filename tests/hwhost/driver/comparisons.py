@@ -391,8 +391,11 @@ def bench_hotplug(res, args):
                 if ours:
                     vm = Vm(name, cpus, mem, hotplug=HP_REGION)
                 else:
+                    # debug-threads: QEMU names its vCPU threads "CPU N/KVM"
+                    # (Debian's build leaves every thread unnamed otherwise).
+                    argv = qemu_argv("q35", cpus, mem, HP_REGION, dyn, reserve=False)
                     vm = Vm(f"{name}-a{attempt}", cpus, mem,
-                            argv=qemu_argv("q35", cpus, mem, HP_REGION, dyn, reserve=False))
+                            argv=argv + ["-name", f"{name},debug-threads=on"])
                 try:
                     boot(res, vm, limit=600)
                     break
