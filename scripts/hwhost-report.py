@@ -120,8 +120,9 @@ def print_hotplug_bench(groups):
     print("Hot-plug benchmark on the test host (TCG: compare only side by side), ranges over "
           "runs; CPU is the control thread's (ours: the main thread's control loop; QEMU: its "
           "main loop), from `qom-set requested-size` to MEMORY_DEVICE_SIZE_CHANGE with the size, "
-          "and in parentheses less its idle rate over the same time:\n")
-    print("| shape | VMM | runs | idle control CPU | plug: control CPU per GiB | plug: to size "
+          "and in parentheses less its idle rate (mean of before the plug and after the unplug) "
+          "over the same time:\n")
+    print("| shape | VMM | runs | idle control CPU (before / after) | plug: control CPU per GiB | plug: to size "
           "| plug: to guest MemTotal | unplug: control CPU per GiB | unplug: to size "
           "| unplug: to guest MemTotal | unplug: to RSS returned |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -136,7 +137,8 @@ def print_hotplug_bench(groups):
             rs = by[vmm]
             p, u = [r["plug"] for r in rs], [r["unplug"] for r in rs]
             print(f"| {shape} | {vmm} | {len(rs)} "
-                  f"| {span([r['idle_control_ms_per_s'] for r in rs], 2)} ms/s "
+                  f"| {span([r.get('idle_before_ms_per_s') for r in rs], 2)} / "
+                  f"{span([r.get('idle_after_ms_per_s') for r in rs], 2)} ms/s "
                   f"| {span([x['control_ms_per_gib'] for x in p], 1)} "
                   f"({span([x['control_net_ms_per_gib'] for x in p], 1)}) ms "
                   f"| {span([x['size_reached_s'] for x in p], 1)} s "
