@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Summarises what the test host's `experiment`, `qemu-count` and
-`bench-boot` scenarios sent back (the data.jsonl that tests/hwhost/run.sh
-writes) as Markdown tables: our call_rcu counts per wake-up strategy and
-QEMU's for the same lifetimes (docs/rcu-lifetime.md), and the boot
-benchmark, ours beside QEMU microvm and q35 (tests/hwhost/README.md).
+"""Summarises what the test host's `experiment`, `qemu-count`,
+`bench-boot` and `bench-hotplug` scenarios sent back (the data.jsonl that
+tests/hwhost/run.sh writes) as Markdown tables: our call_rcu counts per
+wake-up strategy and QEMU's for the same lifetimes (docs/rcu-lifetime.md),
+the boot benchmark, ours beside QEMU microvm and q35, and the hot-plug
+benchmark, ours beside QEMU q35's virtio-mem (tests/hwhost/README.md).
 
 Usage: hwhost-report.py DATA.jsonl
 """
@@ -26,12 +27,15 @@ def main(path):
     ours = collections.defaultdict(list)
     qemu = collections.defaultdict(list)
     bench = collections.defaultdict(list)
+    hp_bench = collections.defaultdict(list)
     for line in open(path):
         rec = json.loads(line)
         v = rec["value"]
         if not isinstance(v, dict):
             continue
-        if v.get("vmm") == "ours" and "rcu" in v:
+        if v.get("bench") == "hotplug":
+            hp_bench[(v["region"], v["plug_mib"], v["fill_mib"])].append(v)
+        elif v.get("vmm") == "ours" and "rcu" in v:
             ours[(v["hotplug_cycles"], v["strategy"])].append(v)
         elif v.get("vmm") == "qemu" and "call_rcu1" in v:
             qemu[(v["hotplug_cycles"], v["dynamic_memslots"])].append(v)
@@ -43,6 +47,8 @@ def main(path):
 
     if bench:
         print_bench(bench)
+    if hp_bench:
+        print_hotplug_bench(hp_bench)
     if not ours and not qemu:
         return
     print("Our vmm, 8 vCPUs, 4 GiB, Debian cloud kernel + busybox, on the test host's KVM:\n")
@@ -106,6 +112,60 @@ def print_bench(bench):
                   f"| {span([r['poweroff_to_exit_s'] for r in rs], 2)} s "
                   f"| {span([r['setup_ms'] for r in rs])} ms "
                   f"| {span([r['rss_less_guest_mib'] for r in rs], 1)} MiB |")
+    print()
+
+
+def print_hotplug_bench(groups):
+    order = {"ours": 0, "qemu-q35": 1, "qemu-q35-dynamic": 2}
+    print("Hot-plug benchmark on the test host (TCG: compare only side by side), ranges over "
+          "runs; CPU is the control thread's (ours: the main thread's control loop; QEMU: its "
+          "main loop), from `qom-set requested-size` to MEMORY_DEVICE_SIZE_CHANGE with the size, "
+          "and in parentheses less its idle rate (mean of before the plug and after the unplug) "
+          "over the same time:\n")
+    print("| shape | VMM | runs | idle control CPU (before / after) | plug: control CPU per GiB | plug: to size "
+          "| plug: to guest MemTotal | unplug: control CPU per GiB | unplug: to size "
+          "| unplug: to guest MemTotal | unplug: to RSS returned |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (region, plug, fill), recs in sorted(groups.items()):
+        by = collections.defaultdict(list)
+        for r in recs:
+            by[r["vmm"]].append(r)
+        shape = f"{recs[0]['cpus']} vCPUs, {recs[0]['memory']}, {region} region, plug {plug} MiB"
+        if fill:
+            shape += f", guest fills {fill} MiB"
+        for vmm in sorted(by, key=lambda k: order.get(k, 9)):
+            rs = by[vmm]
+            p, u = [r["plug"] for r in rs], [r["unplug"] for r in rs]
+            print(f"| {shape} | {vmm} | {len(rs)} "
+                  f"| {span([r.get('idle_before_ms_per_s') for r in rs], 2)} / "
+                  f"{span([r.get('idle_after_ms_per_s') for r in rs], 2)} ms/s "
+                  f"| {span([x['control_ms_per_gib'] for x in p], 1)} "
+                  f"({span([x['control_net_ms_per_gib'] for x in p], 1)}) ms "
+                  f"| {span([x['size_reached_s'] for x in p], 1)} s "
+                  f"| {span([x['guest_visible_s'] for x in p], 1)} s "
+                  f"| {span([x['control_ms_per_gib'] for x in u], 1)} "
+                  f"({span([x['control_net_ms_per_gib'] for x in u], 1)}) ms "
+                  f"| {span([x['size_reached_s'] for x in u], 1)} s "
+                  f"| {span([x['guest_visible_s'] for x in u], 1)} s "
+                  f"| {span([x['memory_returned_s'] for x in u], 1)} s |")
+        ours = by.get("ours")
+        if ours:
+            slots = [r["plug"].get("slots") for r in ours]
+            swaps = [r["plug"].get("map_swaps") for r in ours] + \
+                [r["unplug"].get("map_swaps") for r in ours]
+            print(f"\nOurs: {span(slots)} slots mapped by the plug, {span(swaps)} map swaps per "
+                  "plug or unplug; control-thread CPU per map swap (plug, unplug): "
+                  f"{span([r['plug']['control_cpu_ms'] / r['plug']['map_swaps'] for r in ours if r['plug'].get('map_swaps')], 2)}, "
+                  f"{span([r['unplug']['control_cpu_ms'] / r['unplug']['map_swaps'] for r in ours if r['unplug'].get('map_swaps')], 2)} ms.")
+            for vmm in sorted(by, key=lambda k: order.get(k, 9)):
+                if vmm == "ours":
+                    continue
+                ratio = []
+                for kind in ("plug", "unplug"):
+                    a = sum(r[kind]["control_ms_per_gib"] for r in by[vmm]) / len(by[vmm])
+                    b = sum(r[kind]["control_ms_per_gib"] for r in ours) / len(ours)
+                    ratio.append(f"{kind} {a / b:.1f}x" if b > 0 else f"{kind} n/a")
+                print(f"{vmm}'s control-thread CPU per GiB against ours (means): {', '.join(ratio)}.")
     print()
 
 

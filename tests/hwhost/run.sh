@@ -32,7 +32,7 @@ cd "$repo"
 target=${CARGO_TARGET_DIR:-$repo/target}
 
 ci_set=(lifecycle-1cpu lifecycle-2cpu lifecycle-8cpu reset-during-command hotplug cargo-tests)
-all_set=("${ci_set[@]}" hotplug-memfd reboot-in-place experiment qemu-count bench-boot demo)
+all_set=("${ci_set[@]}" hotplug-memfd reboot-in-place experiment qemu-count bench-boot bench-hotplug demo)
 
 say() { echo "hwhost: $*" >&2; }
 die() { echo "hwhost: ERROR: $*" >&2; exit 1; }
@@ -194,7 +194,7 @@ if [ "$status" -ne 0 ] && grep -qE "$host_fault" "$out/console.log"; then
 fi
 # The comparisons send their figures whole: print them as tables.
 if [ -s "$out/data.jsonl" ] &&
-    printf '%s\n' "${scenarios[@]}" | grep -qxE 'experiment|qemu-count|bench-boot'; then
+    printf '%s\n' "${scenarios[@]}" | grep -qxE 'experiment|qemu-count|bench-boot|bench-hotplug'; then
     echo
     python3 "$repo/scripts/hwhost-report.py" "$out/data.jsonl"
 fi

@@ -23,7 +23,7 @@ import traceback
 
 import l2_vm
 from cargo_tests import cargo_tests
-from comparisons import bench_boot, experiment, qemu_count
+from comparisons import bench_boot, bench_hotplug, experiment, qemu_count
 from hotplug import demo, hotplug, hotplug_memfd
 from l2_vm import Failed
 from lifecycle import lifecycle_1cpu, lifecycle_2cpu, lifecycle_8cpu, reset_during_command
@@ -44,6 +44,7 @@ SCENARIOS = {
     "demo": demo,
     "qemu-count": qemu_count,
     "bench-boot": bench_boot,
+    "bench-hotplug": bench_hotplug,
 }
 
 
