@@ -113,7 +113,7 @@ mod urcu {
         /// `stop` must stay valid until the call returns.
         pub fn shim_page_write_sync_until(stop: *const i32) -> u64;
         /// `stop` must stay valid until the call returns.
-        pub fn shim_page_write_sync_paced(stop: *const i32, period_ns: u64) -> u64;
+        pub safe fn shim_page_swap_sync(n: u64);
         pub safe fn shim_sync_loop(n: u64);
         /// `stop` must stay valid until the call returns.
         pub fn shim_busy_reader(stop: *const i32);
@@ -486,10 +486,13 @@ fn pub_write_sync_rcu() -> u64 {
     n
 }
 
-/// The synchronous writer, starting a swap only every `PACE_NS` (spinning
-/// in between, as the C loop does with `clock_gettime(CLOCK_MONOTONIC)`).
+/// The paced synchronous writer of every side: starts a swap only every
+/// `PACE_NS`, spinning in between; `swap` swaps, waits for a grace period
+/// and frees. One Rust loop for both sides, because the writer thread's
+/// spinning itself slows the reader on the other CPU of this machine (by
+/// more than the grace periods do), so it must be the same code on both.
 #[inline(never)]
-fn pub_write_paced_rcu() -> u64 {
+fn pub_write_paced(swap: impl Fn(u64)) -> u64 {
     let period = Duration::from_nanos(PACE_NS);
     let mut next = Instant::now();
     let mut n = 0;
@@ -500,9 +503,13 @@ fn pub_write_paced_rcu() -> u64 {
         }
         next += period;
         n += 1;
-        RCU_PAGE.replace_sync([n; 512]);
+        swap(n);
     }
     n
+}
+
+fn pub_write_paced_rcu() -> u64 {
+    pub_write_paced(|n| RCU_PAGE.replace_sync([n; 512]))
 }
 
 #[inline(never)]
@@ -584,8 +591,7 @@ fn pub_write_sync_urcu() -> u64 {
 }
 
 fn pub_write_paced_urcu() -> u64 {
-    // SAFETY: STOP is a static.
-    unsafe { urcu::shim_page_write_sync_paced(STOP.as_ptr(), PACE_NS) }
+    pub_write_paced(|n| urcu::shim_page_swap_sync(n))
 }
 
 /// The paced synchronous writers' period: 20 k swaps per second, well below

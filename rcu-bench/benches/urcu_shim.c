@@ -138,24 +138,14 @@ uint64_t shim_page_write_sync_until(const int *stop)
     return n;
 }
 
-/* As shim_page_write_sync_until, but starts a swap only every period_ns
- * (spinning in between, so the writer stays on its CPU); returns the
- * number of swaps. */
-uint64_t shim_page_write_sync_paced(const int *stop, uint64_t period_ns)
+/* One synchronous swap (swap, synchronize_rcu, free here), for the paced
+ * writer: the pacing loop is the harness's, the same Rust code for both
+ * sides, so the writer thread spins alike between swaps. */
+void shim_page_swap_sync(uint64_t n)
 {
-    uint64_t n = 0, next = now_ns();
-    while (!uatomic_read(stop)) {
-        if (now_ns() < next) {
-            caa_cpu_relax();
-            continue;
-        }
-        next += period_ns;
-        n++;
-        struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
-        urcu_memb_synchronize_rcu();
-        free(old);
-    }
-    return n;
+    struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
+    urcu_memb_synchronize_rcu();
+    free(old);
 }
 
 /* ---- synchronize_rcu ---- */
