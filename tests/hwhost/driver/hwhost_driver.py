@@ -13,7 +13,7 @@ Results go to PATH (the second serial port) as JSON lines, one object each:
   {"t": "done"}
 The host side (monitor.py) turns them into a report and an exit status.
 Each scenario lives in the module named for its kind (lifecycle, hotplug,
-cargo_tests, comparisons).
+hotplug_numa, reboot, cargo_tests, comparisons).
 """
 
 import argparse
@@ -25,6 +25,7 @@ import l2_vm
 from cargo_tests import cargo_tests
 from comparisons import bench_boot, bench_hotplug, experiment, qemu_count
 from hotplug import demo, hotplug, hotplug_memfd
+from hotplug_numa import hotplug_numa
 from l2_vm import Failed
 from lifecycle import lifecycle_1cpu, lifecycle_2cpu, lifecycle_8cpu, reset_during_command
 from reboot import reboot_in_place
@@ -38,6 +39,7 @@ SCENARIOS = {
     "reset-during-command": reset_during_command,
     "hotplug": hotplug,
     "hotplug-memfd": hotplug_memfd,
+    "hotplug-numa": hotplug_numa,
     "reboot-in-place": reboot_in_place,
     "cargo-tests": cargo_tests,
     "experiment": experiment,
