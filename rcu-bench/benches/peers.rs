@@ -74,7 +74,9 @@
 //!   (spinning in between). Each grace period costs the reader something
 //!   (an IPI from `membarrier`, a cache miss on the new value), so a faster
 //!   writer lowers its own side's reader figure in the row above; at one
-//!   rate the reader figures compare the read sides alone.
+//!   rate the reader figures compare the read sides alone. The pacing loop
+//!   is the same Rust code for both sides; `RCU_BENCH_PACED_WORK=sync` makes
+//!   each tick a grace period only, `=none` nothing (see `paced_work`).
 //! * **synchronize_rcu**: the caller (registered once, before timing, on
 //!   both sides; ours as a fenced reader, so the other reader's mode alone
 //!   decides whether our grace periods issue membarrier) runs grace periods
@@ -486,13 +488,32 @@ fn pub_write_sync_rcu() -> u64 {
     n
 }
 
-/// The paced synchronous writer of every side: starts a swap only every
-/// `PACE_NS`, spinning in between; `swap` swaps, waits for a grace period
-/// and frees. One Rust loop for both sides, because the writer thread's
-/// spinning itself slows the reader on the other CPU of this machine (by
-/// more than the grace periods do), so it must be the same code on both.
+/// What the paced writer does at each tick (`RCU_BENCH_PACED_WORK`, read
+/// once per row): `swap` (the default: swap, grace period, free), `sync`
+/// (a grace period only) or `none` (nothing: what a spinning writer alone
+/// costs the reader). For attributing the paced row's reader figures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PacedWork {
+    Swap,
+    Sync,
+    Nothing,
+}
+
+fn paced_work() -> PacedWork {
+    match std::env::var("RCU_BENCH_PACED_WORK").as_deref() {
+        Ok("sync") => PacedWork::Sync,
+        Ok("none") => PacedWork::Nothing,
+        _ => PacedWork::Swap,
+    }
+}
+
+/// The paced synchronous writer of every side: starts one unit of work
+/// ([`paced_work`]) every `PACE_NS`, spinning in between; `swap(n)` swaps
+/// in page `n`, waits for a grace period and frees, `sync()` only waits for
+/// one. One Rust loop for both sides, so the writer spins alike on both.
 #[inline(never)]
-fn pub_write_paced(swap: impl Fn(u64)) -> u64 {
+fn pub_write_paced(swap: impl Fn(u64), sync: impl Fn()) -> u64 {
+    let work = paced_work();
     let period = Duration::from_nanos(PACE_NS);
     let mut next = Instant::now();
     let mut n = 0;
@@ -503,13 +524,17 @@ fn pub_write_paced(swap: impl Fn(u64)) -> u64 {
         }
         next += period;
         n += 1;
-        swap(n);
+        match work {
+            PacedWork::Swap => swap(n),
+            PacedWork::Sync => sync(),
+            PacedWork::Nothing => {}
+        }
     }
     n
 }
 
 fn pub_write_paced_rcu() -> u64 {
-    pub_write_paced(|n| RCU_PAGE.replace_sync([n; 512]))
+    pub_write_paced(|n| RCU_PAGE.replace_sync([n; 512]), rcu::synchronize_rcu)
 }
 
 #[inline(never)]
@@ -591,7 +616,7 @@ fn pub_write_sync_urcu() -> u64 {
 }
 
 fn pub_write_paced_urcu() -> u64 {
-    pub_write_paced(|n| urcu::shim_page_swap_sync(n))
+    pub_write_paced(|n| urcu::shim_page_swap_sync(n), || urcu::shim_sync_loop(1))
 }
 
 /// The paced synchronous writers' period: 20 k swaps per second, well below
