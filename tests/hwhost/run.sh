@@ -31,7 +31,7 @@ repo=$(cd "$here/../.." && pwd)
 cd "$repo"
 target=${CARGO_TARGET_DIR:-$repo/target}
 
-ci_set=(lifecycle-1cpu lifecycle-2cpu lifecycle-8cpu reset-during-command hotplug cargo-tests)
+ci_set=(lifecycle-1cpu lifecycle-2cpu lifecycle-8cpu reset-during-command hotplug hotplug-numa reboot-in-place cargo-tests)
 all_set=("${ci_set[@]}" hotplug-memfd hotplug-numa reboot-in-place experiment qemu-count bench-boot bench-hotplug demo)
 
 say() { echo "hwhost: $*" >&2; }
