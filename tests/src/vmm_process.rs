@@ -226,3 +226,49 @@ impl Drop for Session {
         let _ = self.child.wait();
     }
 }
+
+/// A `vmm` started in the background with stdin closed and its stdout (the
+/// guest console) and stderr each read whole by a thread, for tests that
+/// drive it over QMP meanwhile.
+#[derive(Debug)]
+pub struct Captured {
+    /// The process.
+    pub child: std::process::Child,
+    console: std::thread::JoinHandle<String>,
+    stderr: std::thread::JoinHandle<String>,
+}
+
+impl Captured {
+    /// Spawns `cmd` (its stdin, stdout and stderr are set here).
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vmm");
+        let read_all = |mut r: Box<dyn Read + Send>| {
+            std::thread::spawn(move || {
+                let mut s = String::new();
+                let _ = r.read_to_string(&mut s);
+                s
+            })
+        };
+        let console = read_all(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = read_all(Box::new(child.stderr.take().expect("stderr")));
+        Self {
+            child,
+            console,
+            stderr,
+        }
+    }
+
+    /// Waits up to `limit` for the process to end (killing it if it does
+    /// not) and returns its status (`None`: killed), console and stderr.
+    pub fn finish(mut self, limit: Duration) -> (Option<ExitStatus>, String, String) {
+        let status = crate::raw_qmp::wait_exit(&mut self.child, limit);
+        let console = self.console.join().expect("the console reader");
+        let stderr = self.stderr.join().expect("the stderr reader");
+        (status, console, stderr)
+    }
+}

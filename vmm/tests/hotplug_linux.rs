@@ -11,11 +11,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::Value;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::proc_maps::{address_range, overlaps};
+use tests::vmm_process::Captured;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -94,65 +94,35 @@ fn memory_hotplug_over_qmp_with_a_linux_guest() {
     let stats = dir.join("rcu.json");
 
     let start = Instant::now();
-    let mut vmm = Command::new(VMM)
-        .args([
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--memory",
-            "128M",
-            "--hotplug-memory",
-            "1G",
-            "--qmp",
-            sock.to_str().unwrap(),
-            "--rcu-stats",
-            stats.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = vmm.stdout.take().unwrap();
-    let console = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let mut err = vmm.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let vmm = Captured::spawn(Command::new(VMM).args([
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--hotplug-memory",
+        "1G",
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--rcu-stats",
+        stats.to_str().unwrap(),
+    ]));
 
     let sizes: Vec<String> = CYCLES.iter().map(u64::to_string).collect();
     let session = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/qmp/hotplug_session.py"))
         .arg(&sock)
-        .arg(vmm.id().to_string())
+        .arg(vmm.child.id().to_string())
         .arg(sizes.join(","))
         .output()
         .unwrap();
     let py_err = String::from_utf8_lossy(&session.stderr).to_string();
 
     // The session ends with `quit`: the VMM exits 0 by itself.
-    let end = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = vmm.try_wait().unwrap() {
-            break Some(s);
-        }
-        if Instant::now() > end {
-            let _ = vmm.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let console = console.join().unwrap();
-    let stderr = stderr.join().unwrap();
+    let (status, console, stderr) = vmm.finish(Duration::from_secs(60));
     let context = || {
         let tail: Vec<&str> = console.lines().rev().take(30).collect();
         format!(

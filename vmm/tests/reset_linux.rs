@@ -6,10 +6,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::Value;
-use std::io::{BufRead, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, Write};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::raw_qmp::{self, RawQmp};
+use tests::vmm_process::Captured;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -75,44 +76,26 @@ fn hotplugged_memory_is_unplugged_on_reset_and_plugged_again_by_the_rebooted_gue
     let sock = dir.join("qmp.sock");
     let stats = dir.join("rcu.json");
     let metrics = dir.join("metrics.json");
-    let mut vmm = Command::new(VMM)
-        .args([
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--memory",
-            "128M",
-            "--hotplug-memory",
-            "1G",
-            "--on-reset",
-            "restart",
-            "--qmp",
-            sock.to_str().unwrap(),
-            "--rcu-stats",
-            stats.to_str().unwrap(),
-            "--metrics",
-            metrics.to_str().unwrap(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = vmm.stdout.take().unwrap();
-    let console = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let mut err = vmm.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
+    let vmm = Captured::spawn(Command::new(VMM).args([
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--hotplug-memory",
+        "1G",
+        "--on-reset",
+        "restart",
+        "--qmp",
+        sock.to_str().unwrap(),
+        "--rcu-stats",
+        stats.to_str().unwrap(),
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]));
 
     let mut q = raw_qmp::connect(&sock);
     let r = raw_qmp::execute(
@@ -141,9 +124,7 @@ fn hotplugged_memory_is_unplugged_on_reset_and_plugged_again_by_the_rebooted_gue
     assert_eq!(st["return"]["status"], "running", "{st}");
 
     q.0.write_all(br#"{"execute":"quit"}"#).unwrap();
-    let status = raw_qmp::wait_exit(&mut vmm, Duration::from_secs(60));
-    let console = console.join().unwrap();
-    let stderr = stderr.join().unwrap();
+    let (status, console, stderr) = vmm.finish(Duration::from_secs(60));
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(0),
