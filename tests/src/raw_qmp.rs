@@ -3,7 +3,7 @@
 //! behaviour is the point), and waiting for a child process to end.
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, ExitStatus};
@@ -58,6 +58,45 @@ pub fn execute(c: &mut RawQmp, cmd: &str) -> Value {
             return v;
         }
     }
+}
+
+/// Sends `cmd` and returns its `return` value; panics on an error reply.
+pub fn execute_ok(c: &mut RawQmp, cmd: Value) -> Value {
+    let r = execute(c, &cmd.to_string());
+    assert!(r.get("error").is_none(), "{cmd} -> {r}");
+    r["return"].clone()
+}
+
+/// Reads messages until an event named `name` comes, for at most `limit`;
+/// returns its `data` and every message read on the way. Replies are
+/// waited for at most 30 s again afterwards, as [`connect`] sets.
+pub fn wait_event(c: &mut RawQmp, name: &str, limit: Duration) -> (Value, Vec<Value>) {
+    let end = Instant::now() + limit;
+    let mut seen = Vec::new();
+    c.1.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("a read timeout on a unix socket");
+    let mut line = String::new();
+    while Instant::now() < end {
+        match c.1.read_line(&mut line) {
+            Ok(0) => panic!("QMP closed while waiting for {name}; seen {seen:?}"),
+            Ok(_) => {
+                let v: Value =
+                    serde_json::from_str(&line).expect("a read timeout on a unix socket");
+                line.clear();
+                if v["event"] == name {
+                    c.1.get_ref()
+                        .set_read_timeout(Some(Duration::from_secs(30)))
+                        .expect("a read timeout on a unix socket");
+                    return (v["data"].clone(), seen);
+                }
+                seen.push(v);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading QMP: {e}"),
+        }
+    }
+    panic!("no {name} within {limit:?}; seen {seen:?}");
 }
 
 /// Waits up to `limit` for `child` to end; kills and reaps it and returns

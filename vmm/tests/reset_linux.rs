@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::Value;
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 use tests::raw_qmp::{self, RawQmp};
@@ -43,20 +43,6 @@ fn wait_size(q: &mut RawQmp, want: u64, what: &str) {
             "{what}: size never reached {want}: {d}"
         );
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// Reads until an event named `name` (replies to nothing are not
-/// expected: no command is in flight).
-fn wait_event(q: &mut RawQmp, name: &str) -> Value {
-    loop {
-        let mut line = String::new();
-        let n = q.1.read_line(&mut line).expect("an event within 30 s");
-        assert!(n > 0, "QMP closed while waiting for {name}");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == name {
-            return v;
-        }
     }
 }
 
@@ -108,9 +94,9 @@ fn hotplugged_memory_is_unplugged_on_reset_and_plugged_again_by_the_rebooted_gue
 
     let r = raw_qmp::execute(&mut q, r#"{"execute":"system_reset"}"#);
     assert!(r.get("return").is_some(), "{r}");
-    let ev = wait_event(&mut q, "RESET");
-    assert_eq!(ev["data"]["guest"], false, "{ev}");
-    assert_eq!(ev["data"]["reason"], "host-qmp-system-reset", "{ev}");
+    let (ev, _) = raw_qmp::wait_event(&mut q, "RESET", Duration::from_secs(60));
+    assert_eq!(ev["guest"], false, "{ev}");
+    assert_eq!(ev["reason"], "host-qmp-system-reset", "{ev}");
     // Right after the reset the guest is booting again (seconds here):
     // nothing is plugged or mapped, and the request stays.
     let d = vmem(&mut q);

@@ -14,11 +14,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::{Value, json};
-use std::io::{BufRead, ErrorKind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::raw_qmp::{RawQmp, connect, execute, wait_exit};
+use tests::raw_qmp::{RawQmp, connect, execute_ok, wait_event, wait_exit};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -63,54 +62,18 @@ fn start(name: &str, cmdline: &str) -> Vm {
     Vm { child, sock, dir }
 }
 
-/// Reads messages until an event named `name` comes, for at most `limit`;
-/// returns its `data` and every message read on the way.
-fn wait_event(c: &mut RawQmp, name: &str, limit: Duration) -> (Value, Vec<Value>) {
-    let end = Instant::now() + limit;
-    let mut seen = Vec::new();
-    c.1.get_ref()
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut line = String::new();
-    while Instant::now() < end {
-        match c.1.read_line(&mut line) {
-            Ok(0) => panic!("QMP closed while waiting for {name}; seen {seen:?}"),
-            Ok(_) => {
-                let v: Value = serde_json::from_str(&line).unwrap();
-                line.clear();
-                if v["event"] == name {
-                    c.1.get_ref()
-                        .set_read_timeout(Some(Duration::from_secs(30)))
-                        .unwrap();
-                    return (v["data"].clone(), seen);
-                }
-                seen.push(v);
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("reading QMP: {e}"),
-        }
-    }
-    panic!("no {name} within {limit:?}; seen {seen:?}");
-}
-
-fn ret(c: &mut RawQmp, cmd: Value) -> Value {
-    let r = execute(c, &cmd.to_string());
-    assert!(r.get("error").is_none(), "{cmd} -> {r}");
-    r["return"].clone()
-}
-
 fn hotplug_state(c: &mut RawQmp) -> Value {
-    ret(c, json!({"execute": "x-query-hotplug"}))
+    execute_ok(c, json!({"execute": "x-query-hotplug"}))
 }
 
 fn device_size(c: &mut RawQmp) -> u64 {
-    ret(c, json!({"execute": "query-memory-devices"}))[0]["data"]["size"]
+    execute_ok(c, json!({"execute": "query-memory-devices"}))[0]["data"]["size"]
         .as_u64()
         .unwrap()
 }
 
 fn set_requested(c: &mut RawQmp, size: u64) {
-    ret(
+    execute_ok(
         c,
         json!({"execute": "qom-set", "arguments": {"path": "vmem0", "property": "requested-size", "value": size}}),
     );
@@ -142,7 +105,7 @@ fn script(sock: &Path, options: &[&str], size: &str) -> (Option<i32>, String, St
 }
 
 fn quit(vm: &mut Vm, c: &mut RawQmp) {
-    ret(c, json!({"execute": "quit"}));
+    execute_ok(c, json!({"execute": "quit"}));
     let status = wait_exit(&mut vm.child, Duration::from_secs(60));
     assert_eq!(
         status.and_then(|s| s.code()),
@@ -166,7 +129,7 @@ fn a_plug_that_completes_is_reported_done_and_the_script_exits_0() {
         std::thread::sleep(Duration::from_millis(250));
     }
     // A generous stall timeout: this is about completion, not stalls.
-    ret(
+    execute_ok(
         &mut c,
         json!({"execute": "qom-set", "arguments": {"path": "vmem0", "property": "x-stall-timeout", "value": 600_000}}),
     );
@@ -206,12 +169,12 @@ fn without_a_guest_driver_a_resize_stalls_with_no_driver() {
     // probed.
     let mut vm = start("nodriver", "acpi=off");
     let mut c = connect(&vm.sock);
-    ret(
+    execute_ok(
         &mut c,
         json!({"execute": "qom-set", "arguments": {"path": "vmem0", "property": "x-stall-timeout", "value": 1000}}),
     );
     assert_eq!(
-        ret(
+        execute_ok(
             &mut c,
             json!({"execute": "qom-get", "arguments": {"path": "vmem0", "property": "x-stall-timeout"}})
         ),
@@ -249,7 +212,7 @@ fn without_a_guest_driver_a_resize_stalls_with_no_driver() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("block-size"), "{err}");
     assert_eq!(
-        ret(
+        execute_ok(
             &mut c,
             json!({"execute": "qom-get", "arguments": {"path": "vmem0", "property": "requested-size"}})
         ),

@@ -17,11 +17,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::{Value, json};
-use std::io::{BufRead, ErrorKind};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tests::raw_qmp::{RawQmp, connect, execute, wait_exit};
+use tests::raw_qmp::{RawQmp, connect, execute_ok, wait_event, wait_exit};
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -48,44 +47,8 @@ impl Drop for Vm {
     }
 }
 
-fn ret(c: &mut RawQmp, cmd: Value) -> Value {
-    let r = execute(c, &cmd.to_string());
-    assert!(r.get("error").is_none(), "{cmd} -> {r}");
-    r["return"].clone()
-}
-
-/// Reads messages until an event named `name` comes, for at most `limit`;
-/// returns its `data` and every message read on the way.
-fn wait_event(c: &mut RawQmp, name: &str, limit: Duration) -> (Value, Vec<Value>) {
-    let end = Instant::now() + limit;
-    let mut seen = Vec::new();
-    c.1.get_ref()
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut line = String::new();
-    while Instant::now() < end {
-        match c.1.read_line(&mut line) {
-            Ok(0) => panic!("QMP closed while waiting for {name}; seen {seen:?}"),
-            Ok(_) => {
-                let v: Value = serde_json::from_str(&line).unwrap();
-                line.clear();
-                if v["event"] == name {
-                    c.1.get_ref()
-                        .set_read_timeout(Some(Duration::from_secs(30)))
-                        .unwrap();
-                    return (v["data"].clone(), seen);
-                }
-                seen.push(v);
-            }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => panic!("reading QMP: {e}"),
-        }
-    }
-    panic!("no {name} within {limit:?}; seen {seen:?}");
-}
-
 fn devices(c: &mut RawQmp) -> Vec<Value> {
-    ret(c, json!({"execute": "query-memory-devices"}))
+    execute_ok(c, json!({"execute": "query-memory-devices"}))
         .as_array()
         .unwrap()
         .iter()
@@ -95,7 +58,7 @@ fn devices(c: &mut RawQmp) -> Vec<Value> {
 
 /// `x-query-hotplug`'s entry for device `id`.
 fn state_of(c: &mut RawQmp, id: &str) -> Value {
-    let all = ret(c, json!({"execute": "x-query-hotplug"}));
+    let all = execute_ok(c, json!({"execute": "x-query-hotplug"}));
     all["devices"]
         .as_array()
         .unwrap()
@@ -118,7 +81,7 @@ fn slots_of(c: &mut RawQmp, id: &str) -> Vec<(u64, u64)> {
 /// Sets `requested-size` of the device at QOM `path` and waits for the done
 /// event; returns it with the messages read on the way.
 fn resize(c: &mut RawQmp, path: &str, size: u64) -> (Value, Vec<Value>) {
-    ret(
+    execute_ok(
         c,
         json!({"execute": "qom-set", "arguments": {"path": path, "property": "requested-size", "value": size}}),
     );
@@ -186,7 +149,7 @@ fn two_devices_are_plugged_independently_by_id() {
     );
     assert!(d.iter().all(|d| d["max-size"] == 512 * MIB), "{d:?}");
     assert_eq!(
-        ret(
+        execute_ok(
             &mut c,
             json!({"execute": "qom-get", "arguments": {"path": "/machine/peripheral/fast", "property": "memaddr"}})
         ),
@@ -205,7 +168,7 @@ fn two_devices_are_plugged_independently_by_id() {
         }
     }
     for id in ["vmem0", "fast"] {
-        ret(
+        execute_ok(
             &mut c,
             json!({"execute": "qom-set", "arguments": {"path": id, "property": "x-stall-timeout", "value": 600_000}}),
         );
@@ -255,7 +218,7 @@ fn two_devices_are_plugged_independently_by_id() {
     assert_eq!(slots_of(&mut c, "vmem0"), [(vmem0_base, FIRST_KVM_SLOT)]);
     assert_eq!(slots_of(&mut c, "fast").len(), 2);
     // The top level of x-query-hotplug stays the first device's, as with one.
-    let top = ret(&mut c, json!({"execute": "x-query-hotplug"}));
+    let top = execute_ok(&mut c, json!({"execute": "x-query-hotplug"}));
     assert_eq!(top["id"], "vmem0");
     assert_eq!(top["resize"]["size"], 128 * MIB);
 
@@ -268,7 +231,7 @@ fn two_devices_are_plugged_independently_by_id() {
         (json!(128 * MIB), json!(0))
     );
 
-    ret(&mut c, json!({"execute": "quit"}));
+    execute_ok(&mut c, json!({"execute": "quit"}));
     let status = wait_exit(&mut vm.child, Duration::from_secs(60));
     assert_eq!(
         status.and_then(|s| s.code()),
