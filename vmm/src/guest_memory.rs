@@ -262,6 +262,24 @@ pub(crate) fn advise_range(
     }
 }
 
+/// `madvise(MADV_DONTNEED)` over `len` bytes at `host`, a range inside a
+/// live private anonymous mapping of guest memory: its pages go back to
+/// the host and later reads see zeros. For memory whose contents nobody
+/// needs any more (unplugged blocks, RAM discarded by a reset).
+pub(crate) fn discard_range(host: *const u8, len: usize) -> std::io::Result<()> {
+    // SAFETY: on a private anonymous mapping MADV_DONTNEED only drops the
+    // pages (the range stays mapped and reads as zeros), so no reference
+    // the VMM holds becomes invalid; guest memory is accessed only through
+    // volatile copies, so a changed content is no Rust-level hazard. On a
+    // range that is not mapped madvise fails.
+    let rc = unsafe { libc::madvise(host.cast_mut().cast(), len, libc::MADV_DONTNEED) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Leaves guest memory out of the VMM's core dumps (`MADV_DONTDUMP`, as
 /// QEMU's `dump-guest-core=off` does): a crash must not write the guest's
 /// secrets, or GiBs of RAM, into a core file. Best effort: a failure is

@@ -544,16 +544,9 @@ impl MemoryBacking {
                         len,
                         source,
                     });
-                // SAFETY: `host..host + len` lies inside the slot's live
-                // mapping (checked above); MADV_DONTNEED on private
-                // anonymous memory only drops its pages (later reads see
-                // zeros), it cannot make the mapping invalid.
-                let rc = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) };
-                let returned = if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                };
+                // `host..host + len` lies inside the slot's live private
+                // anonymous mapping (checked above).
+                let returned = crate::guest_memory::discard_range(host, len as usize);
                 Unplugged {
                     protected,
                     returned,

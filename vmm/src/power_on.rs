@@ -120,25 +120,14 @@ fn resident_runs(region: &GuestRegionMmap) -> Result<Vec<(usize, usize)>, PowerO
 /// `madvise(MADV_DONTNEED)` over the whole of `region`: a private
 /// anonymous mapping then reads as zeros and holds no host memory.
 fn discard(region: &GuestRegionMmap) -> Result<(), PowerOnError> {
-    // SAFETY: the range is a live private anonymous mapping owned by
-    // `region`; MADV_DONTNEED only drops its pages (later reads see
-    // zeros), which is what the caller wants while no vCPU runs.
-    let rc = unsafe {
-        libc::madvise(
-            region.as_ptr().cast(),
-            region.len() as usize,
-            libc::MADV_DONTNEED,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(PowerOnError::Ram {
+    // The region is a live private anonymous mapping; no vCPU runs.
+    crate::guest_memory::discard_range(region.as_ptr(), region.len() as usize).map_err(|source| {
+        PowerOnError::Ram {
             what: "discard",
             gpa: region.start_addr().0,
-            source: std::io::Error::last_os_error(),
-        })
-    }
+            source,
+        }
+    })
 }
 
 impl PowerOnImage {
