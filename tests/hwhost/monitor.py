@@ -148,6 +148,9 @@ def main():
         print(f"  {'passed' if r['ok'] else 'FAILED'}  {s}  ({r['secs']} s)")
         for name, value, unit in figures.get(s, []):
             print(f"            {name}: {value} {unit}")
+        if not r["ok"] and r.get("error"):
+            # Again here, at the end: CI shows a run's last lines first.
+            print(f"            why: {r['error'][-3000:]}")
     for s in missing:
         print(f"  NOT RUN {s}")
     print(f"hwhost: {len(passed)} passed, {len(failed) + len(missing)} failed", flush=True)
