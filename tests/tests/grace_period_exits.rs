@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
 use vmm::control::StopReason;
-use vmm::kvm_stats::KvmStats;
+use vmm::kvm::kvm_stats::KvmStats;
 
 guest_code! {
     /// Drops to CPL3 (user stack in r13) and spins there without exits.

@@ -198,7 +198,7 @@ fn int3_raises_breakpoint_with_rip_after_it() {
     let completed = outcome.vcpu_stats[0]
         .int3_completed
         .load(std::sync::atomic::Ordering::Relaxed);
-    if vm.machine.host() == vmm::host::HostKind::EmulationOnly {
+    if vm.machine.host() == vmm::kvm::host::HostKind::EmulationOnly {
         // KVM's emulator cannot run int3; the VMM completed it.
         assert_eq!(completed, 1);
     } else {
@@ -322,7 +322,7 @@ fn bus_swapped_under_a_running_vcpu_takes_effect() {
 fn kvm_vcpu_statistics_are_readable() {
     let mut vm = BareVm::new(1, 64 << 20, io_and_mmio(), 0);
     vm.start_long_mode(0, false);
-    let stats = vmm::kvm_stats::KvmStats::open(&vm.machine.vcpu_fds()[0]).expect("stats fd");
+    let stats = vmm::kvm::kvm_stats::KvmStats::open(&vm.machine.vcpu_fds()[0]).expect("stats fd");
     let before = stats.get("exits").expect("an 'exits' counter");
     assert_eq!(vm.run(LIMIT), StopReason::Guest(ExitRequest::PowerOff));
     let after = stats.get("exits").unwrap();

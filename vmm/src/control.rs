@@ -3,8 +3,8 @@
 //! server, its clients).
 
 use crate::console::{ConsoleInput, ReadEnd};
+use crate::kvm::vcpu::FatalErrors;
 use crate::signals::SignalFd;
-use crate::vcpu::FatalErrors;
 use devices::{ExitRequest, ExitSink};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::os::fd::AsRawFd;

@@ -2,7 +2,7 @@
 //! RCU-published port-I/O and MMIO buses that dispatch guest accesses.
 
 use crate::console_output::ConsoleOutput;
-use crate::vm::{Vm, VmError};
+use crate::kvm::vm::{Vm, VmError};
 use boot::layout;
 use devices::{
     AcpiPm, AcpiPmConfig, Bus, BusDevice, BusError, BusRange, ExitSink, Ged, I8042, Interrupt,

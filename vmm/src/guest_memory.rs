@@ -7,7 +7,7 @@
 //! A replaced map, and any region only it still referenced, is dropped (and
 //! so unmapped) on the call_rcu thread after a grace period.
 
-use crate::vm::{Vm, VmError};
+use crate::kvm::vm::{Vm, VmError};
 use rcu::RcuCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -12,10 +12,10 @@
 
 use crate::device_manager::{DeviceError, DeviceManager, FIRST_VIRTIO_GSI};
 use crate::guest_memory::SharedMemory;
+use crate::kvm::vm::{Vm, VmError};
 use crate::memory_backing::MemoryBacking;
 use crate::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MemoryManager, SLOT_SIZE};
 use crate::qmp::Timestamp;
-use crate::vm::{Vm, VmError};
 use devices::BusRange;
 use devices::virtio::{
     DriverView, QUEUE_NOTIFY_OFFSET, ResizeEvent, ResizeReport, VIRTIO_MEM_DEFAULT_BLOCK_SIZE,

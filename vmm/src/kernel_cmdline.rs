@@ -1,6 +1,6 @@
 //! What the VMM appends to the user's kernel command line.
 
-use crate::host::HostKind;
+use crate::kvm::host::HostKind;
 
 /// Arguments the VMM's devices need, each added only if the user did not set
 /// the same parameter: the serial console, how to reset (through the i8042,

@@ -5,11 +5,11 @@
 //! run it until the guest powers off, resets, or the user or a signal ends it,
 //! then write the reports. The pieces:
 //!
-//! * [`kvm`], [`vm`], [`vcpu`]: the KVM objects; vCPU threads dispatch exits
+//! * [`kvm`] ([`kvm::vm`], [`kvm::vcpu`]): the KVM objects; vCPU threads dispatch exits
 //!   through buses read inside RCU read sections ([`device_manager`]).
 //! * [`guest_memory`]: guest RAM and the RCU-published memory map.
 //! * [`control`]: the control thread's event loop.
-//! * [`host`], [`emulation`]: behaving well on hosts whose KVM emulates
+//! * [`kvm::host`], [`kvm::emulation`]: behaving well on hosts whose KVM emulates
 //!   guest kernel code.
 //! * [`report`], [`metrics`]: what is written at exit.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
@@ -29,7 +29,7 @@
 //! non-blocking stdout ([`stdout_writer`]); when stdout stops draining, the
 //! output is dropped and counted, never waited for. Requests to vCPUs
 //! (`stop`, pause, the end of a run) wait at most
-//! [`vcpu::ANSWER_DEADLINE`] and name the vCPUs that did not answer.
+//! [`kvm::vcpu::ANSWER_DEADLINE`] and name the vCPUs that did not answer.
 
 #![deny(missing_docs)]
 
@@ -38,15 +38,10 @@ pub mod console;
 pub mod console_output;
 pub mod control;
 pub mod device_manager;
-pub mod emulation;
 pub mod guest_memory;
-pub mod guest_pagewalk;
-pub mod host;
 pub mod hotplug;
 pub mod kernel_cmdline;
-pub mod kick;
 pub mod kvm;
-pub mod kvm_stats;
 pub mod log_limit;
 pub mod logger;
 pub mod machine;
@@ -63,9 +58,6 @@ pub mod seccomp;
 pub mod signals;
 pub mod size;
 pub mod stdout_writer;
-pub mod vcpu;
-pub mod vcpu_state;
-pub mod vm;
 pub mod vm_controller;
 
 pub use config::{Args, ConfigError, OnReset, VmConfig};

@@ -6,19 +6,19 @@ use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
-use crate::host::HostKind;
 use crate::hotplug::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::kernel_cmdline::appended_args;
-use crate::kick::{self, KickError};
-use crate::kvm::{self, KvmError};
+use crate::kvm::dev_kvm::{self, KvmError};
+use crate::kvm::host::HostKind;
+use crate::kvm::kick::{self, KickError};
+use crate::kvm::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
+use crate::kvm::vcpu_state::{VcpuState, VcpuStateError};
+use crate::kvm::vm::{Vm, VmError};
 use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
 use crate::signals::SignalFd;
 use crate::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
-use crate::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
-use crate::vcpu_state::{VcpuState, VcpuStateError};
-use crate::vm::{Vm, VmError};
 use crate::vm_controller::VmController;
 use boot::BootInfo;
 use rcu::RcuCell;
@@ -156,7 +156,7 @@ pub struct RunOutcome {
     /// Why the VM stopped.
     pub reason: StopReason,
     /// Per-vCPU exit counters.
-    pub vcpu_stats: Vec<Arc<crate::vcpu::VcpuStats>>,
+    pub vcpu_stats: Vec<Arc<crate::kvm::vcpu::VcpuStats>>,
     /// The RCU lifetime recorder (end marked).
     pub lifetime: Arc<Mutex<LifetimeRecorder>>,
     /// vCPUs whose threads did not exit within [`ANSWER_DEADLINE`] (left
@@ -242,7 +242,7 @@ impl Machine {
         config: Option<&VmConfig>,
     ) -> Result<Self, MachineError> {
         let host = HostKind::detect();
-        let kvm = kvm::open(spec.cpus)?;
+        let kvm = dev_kvm::open(spec.cpus)?;
         let vm = Arc::new(Vm::new(kvm)?);
         let sizes: Vec<u64> = spec.hotplug.iter().map(|d| d.size).collect();
         let map =
@@ -641,7 +641,7 @@ impl Machine {
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {
-            if let Err(stuck) = crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+            if let Err(stuck) = crate::kvm::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
                 log::error!("{stuck}");
             }
             return Err(e.into());
@@ -678,7 +678,7 @@ impl Machine {
                 lock(q).event_sender().send(QmpEvent::Reset(cause));
             }
         };
-        let stuck_vcpus = match crate::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+        let stuck_vcpus = match crate::kvm::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
             Ok(()) => Vec::new(),
             Err(e) => {
                 crate::logger::stderr_line(format_args!("vmm: {e}; not waiting any longer"));
@@ -752,7 +752,7 @@ impl Machine {
         if let Some(msg) = self.fatal.first() {
             return Err(msg);
         }
-        crate::vcpu::pause_all(vcpus, ANSWER_DEADLINE).map_err(|e| e.to_string())?;
+        crate::kvm::vcpu::pause_all(vcpus, ANSWER_DEADLINE).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + ANSWER_DEADLINE;
         for v in vcpus {
             v.reset(deadline)?;

@@ -35,7 +35,7 @@ fn main() {
         let _ = writeln!(
             std::io::stdout(),
             "{}",
-            vmm::host::HostKind::detect().name()
+            vmm::kvm::host::HostKind::detect().name()
         );
         std::process::exit(0);
     }

@@ -49,8 +49,8 @@
 //! period (vCPUs may be waiting for that lock inside their read sections).
 
 use crate::guest_memory::SharedMemory;
+use crate::kvm::vm::Vm;
 use crate::memory_backing::{BackingError, MemoryBacking, Returned};
-use crate::vm::Vm;
 use devices::virtio::{MemoryBackend, MemoryBackendError};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,7 +86,7 @@ pub enum HotplugError {
     Backing(#[from] BackingError),
     /// KVM refused the memory slot change.
     #[error(transparent)]
-    Kvm(#[from] crate::vm::VmError),
+    Kvm(#[from] crate::kvm::vm::VmError),
     /// vm-memory refused the new map.
     #[error("cannot build the new guest memory map")]
     NewMap(#[source] vm_memory::GuestRegionCollectionError),

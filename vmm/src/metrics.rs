@@ -2,7 +2,7 @@
 //! set-up time to the first `KVM_RUN`, CPU time outside `KVM_RUN`, exits
 //! handled, and memory beyond what the guest touched.
 
-use crate::vcpu::{Marks, VcpuStats};
+use crate::kvm::vcpu::{Marks, VcpuStats};
 use serde::Serialize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

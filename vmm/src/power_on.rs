@@ -16,9 +16,9 @@
 //! loading and capturing (milliseconds, before the guest ran) is not
 //! resident and would be missed.
 //!
-//! vCPU state is captured per vCPU ([`crate::vcpu_state`]).
+//! vCPU state is captured per vCPU ([`crate::kvm::vcpu_state`]).
 
-use crate::vm::Vm;
+use crate::kvm::vm::Vm;
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip, kvm_pit_state2,
 };
@@ -223,7 +223,7 @@ mod tests {
     /// and no longer holds host memory.
     #[test]
     fn restore_ram_brings_back_the_loaded_pages_and_zeroes_the_rest() {
-        let vm = Vm::new(crate::kvm::open(1).unwrap()).unwrap();
+        let vm = Vm::new(crate::kvm::dev_kvm::open(1).unwrap()).unwrap();
         let mem = crate::guest_memory::map_ram(&[(GuestAddress(0), 64 << 20)]).unwrap();
         mem.write_slice(b"kernel", GuestAddress(0x10_0000)).unwrap();
         let image = PowerOnImage::capture(&vm, &mem).unwrap();

@@ -681,7 +681,7 @@ mod tests {
             "PI futex"
         );
         assert_eq!(
-            in_filtered_child(&p, || tgkill_parent(crate::kick::kick_signal())),
+            in_filtered_child(&p, || tgkill_parent(crate::kvm::kick::kick_signal())),
             KILLED
         );
     }
@@ -709,7 +709,7 @@ mod tests {
     fn control_filter_signals_only_its_own_process_and_opens_files_only_to_read_or_create() {
         let p = program(ThreadKind::Control).unwrap();
         assert_eq!(
-            in_filtered_child(&p, || tgkill_parent(crate::kick::kick_signal())),
+            in_filtered_child(&p, || tgkill_parent(crate::kvm::kick::kick_signal())),
             ALLOWED
         );
         assert_eq!(
@@ -719,7 +719,7 @@ mod tests {
         assert_eq!(
             in_filtered_child(&p, || {
                 // SAFETY: thread id 0: fails with EINVAL if let through.
-                unsafe { libc::syscall(libc::SYS_tgkill, 1, 0, crate::kick::kick_signal()) };
+                unsafe { libc::syscall(libc::SYS_tgkill, 1, 0, crate::kvm::kick::kick_signal()) };
             }),
             KILLED,
             "another process"

@@ -20,7 +20,7 @@
 //! or opening read-write.
 
 use super::allow_list::{AllowList, arg_eq, arg_masked_eq};
-use crate::kick::kick_signal;
+use crate::kvm::kick::kick_signal;
 use kvm_bindings::{KVMIO, kvm_irqchip, kvm_pit_state2, kvm_userspace_memory_region};
 use seccompiler::BackendError;
 

@@ -8,7 +8,7 @@
 //! here because doing so is cheap and exact: `int3` (0xCC) raises `#BP`, so we
 //! inject that exception with RIP past the instruction, as the CPU would.
 
-use crate::guest_pagewalk::read_linear;
+use crate::kvm::guest_pagewalk::read_linear;
 use kvm_ioctls::VcpuFd;
 use vm_memory::GuestMemoryMmap;
 
