@@ -55,7 +55,7 @@ impl BareVm {
                     Vec::new()
                 } else {
                     vec![vmm::config::HotplugDeviceConfig {
-                        id: vmm::hotplug::VMEM_ID.into(),
+                        id: vmm::memory::hotplug_device::VMEM_ID.into(),
                         size: hotplug,
                         backing: Default::default(),
                         node: None,

@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::guest_memory::SharedMemory;
+use vmm::memory::guest_memory::SharedMemory;
 
 use crate::bare_vm::{BareVm, CODE_ADDR};
 

@@ -44,8 +44,8 @@ use tests::virtio_ops::{
 };
 use vm_memory::{Bytes, GuestAddress};
 use vmm::control::StopReason;
-use vmm::hotplug::Hotplug;
-use vmm::memory_manager::SLOT_SIZE;
+use vmm::memory::hotplug_device::Hotplug;
+use vmm::memory::memory_manager::SLOT_SIZE;
 
 const MIB: u64 = 1 << 20;
 const RAM_SIZE: u64 = 64 * MIB;
@@ -251,7 +251,7 @@ const F_INDIRECT: u16 = 4;
 const QSIZE: u16 = 16;
 
 struct Virtq {
-    memory: vmm::guest_memory::SharedMemory,
+    memory: vmm::memory::guest_memory::SharedMemory,
     base: u64,
     avail_idx: u16,
 }
@@ -406,7 +406,7 @@ fn notify_and_wait_broken(driver: &mut GuestDriver) -> (bool, u32) {
 /// Everything a test needs to look at the hot-plug state from outside.
 struct HotplugView {
     hp: Arc<Hotplug>,
-    memory: vmm::guest_memory::SharedMemory,
+    memory: vmm::memory::guest_memory::SharedMemory,
 }
 
 impl HotplugView {

@@ -25,8 +25,8 @@ use tests::guest_code;
 use tests::proc_maps::{address_range, overlaps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::control::StopReason;
-use vmm::guest_memory::SharedMemory;
-use vmm::memory_manager::{MAX_RETIRED_SLOTS, SLOT_SIZE};
+use vmm::memory::guest_memory::SharedMemory;
+use vmm::memory::memory_manager::{MAX_RETIRED_SLOTS, SLOT_SIZE};
 
 const HOTPLUG_BASE: u64 = 1 << 32;
 const DMA: u64 = TEST_MMIO + 0x1000;

@@ -32,8 +32,8 @@ use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
 use tests::virtio_ops::{QUEUE_NOTIFY, VIRTIO, break_device, run, w32};
 use vmm::control::StopReason;
-use vmm::hotplug::Hotplug;
-use vmm::memory_manager::SLOT_SIZE;
+use vmm::memory::hotplug_device::Hotplug;
+use vmm::memory::memory_manager::SLOT_SIZE;
 
 const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(600);

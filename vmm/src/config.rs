@@ -3,7 +3,7 @@
 //! Everything a user can get wrong on the command line is caught here, with a
 //! one-line message, before any KVM object exists.
 
-use crate::memory_backing::{Backend, BackingConfigError, BackingOptions, MemoryBacking};
+use crate::memory::memory_backing::{Backend, BackingConfigError, BackingOptions, MemoryBacking};
 use crate::size::{SizeError, format_size, parse_size};
 use clap::Parser;
 use rcu::WakeupStrategy;

@@ -7,7 +7,7 @@
 //!
 //! * [`kvm`] ([`kvm::vm`], [`kvm::vcpu`]): the KVM objects; vCPU threads dispatch exits
 //!   through buses read inside RCU read sections ([`device_manager`]).
-//! * [`guest_memory`]: guest RAM and the RCU-published memory map.
+//! * [`memory::guest_memory`]: guest RAM and the RCU-published memory map.
 //! * [`control`]: the control thread's event loop.
 //! * [`kvm::host`], [`kvm::emulation`]: behaving well on hosts whose KVM emulates
 //!   guest kernel code.
@@ -38,15 +38,12 @@ pub mod console;
 pub mod console_output;
 pub mod control;
 pub mod device_manager;
-pub mod guest_memory;
-pub mod hotplug;
 pub mod kernel_cmdline;
 pub mod kvm;
 pub mod log_limit;
 pub mod logger;
 pub mod machine;
-pub mod memory_backing;
-pub mod memory_manager;
+pub mod memory;
 pub mod metrics;
 pub mod power_on;
 pub mod qmp;

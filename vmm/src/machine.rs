@@ -5,8 +5,6 @@ use crate::config::{OnReset, VmConfig};
 use crate::console::{ConsoleInput, RawTerminal};
 use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
-use crate::hotplug::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::kernel_cmdline::appended_args;
 use crate::kvm::dev_kvm::{self, KvmError};
 use crate::kvm::host::HostKind;
@@ -14,6 +12,8 @@ use crate::kvm::kick::{self, KickError};
 use crate::kvm::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
 use crate::kvm::vcpu_state::{VcpuState, VcpuStateError};
 use crate::kvm::vm::{Vm, VmError};
+use crate::memory::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
+use crate::memory::hotplug_device::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
@@ -95,7 +95,7 @@ pub enum MachineError {
     Control(#[from] ControlError),
     /// The hot-plug device could not be created.
     #[error(transparent)]
-    Hotplug(#[from] crate::hotplug::HotplugSetupError),
+    Hotplug(#[from] crate::memory::hotplug_device::HotplugSetupError),
     /// The QMP socket could not be served.
     #[error("cannot serve QMP")]
     Qmp(#[source] crate::qmp::ServerError),
@@ -250,7 +250,11 @@ impl Machine {
         let phys_bits = boot::cpu::cpuid::supported_cpuid(vm.kvm())
             .map(|c| boot::cpu::cpuid::phys_addr_bits(c.as_slice()))
             .map_err(MachineError::Cpuid)?;
-        crate::hotplug::check_regions(map.hotplug_regions(), vm.memslot_limit() as u64, phys_bits)?;
+        crate::memory::hotplug_device::check_regions(
+            map.hotplug_regions(),
+            vm.memslot_limit() as u64,
+            phys_bits,
+        )?;
         let mem = guest_memory::map_ram(&map.mmap_ranges())?;
         // Dropped after the helper is joined, whatever happens here, so the
         // slots never point at memory that was unmapped.
@@ -307,7 +311,7 @@ impl Machine {
         ));
         let numa = spec.hotplug.iter().any(|d| d.node.is_some());
         let mut hotplug = Vec::with_capacity(spec.hotplug.len());
-        let mut first_kvm_slot = crate::memory_manager::FIRST_HOTPLUG_KVM_SLOT;
+        let mut first_kvm_slot = crate::memory::memory_manager::FIRST_HOTPLUG_KVM_SLOT;
         for ((index, d), r) in (0u32..).zip(&spec.hotplug).zip(map.hotplug_regions()) {
             hotplug.push(Arc::new(Hotplug::new(
                 &vm,
@@ -324,7 +328,7 @@ impl Machine {
                 },
             )?));
             // Fits u32: check_regions bounded the slots by KVM's limit.
-            first_kvm_slot += (r.size / crate::memory_manager::SLOT_SIZE) as u32;
+            first_kvm_slot += (r.size / crate::memory::memory_manager::SLOT_SIZE) as u32;
         }
         let fatal = Arc::new(FatalErrors::new().map_err(MachineError::EventFd)?);
         for h in &hotplug {
@@ -593,7 +597,7 @@ impl Machine {
                 )
                 .on_resize(Box::new(move |report| {
                     if let Some(e) = &resize_events {
-                        e.send(crate::hotplug::resize_event(
+                        e.send(crate::memory::hotplug_device::resize_event(
                             &resize_id,
                             report,
                             vmem.stall_timeout(),
@@ -619,7 +623,7 @@ impl Machine {
                 .spec
                 .hotplug
                 .iter()
-                .any(|d| d.backing.backend() == crate::memory_backing::Backend::Memfd),
+                .any(|d| d.backing.backend() == crate::memory::memory_backing::Backend::Memfd),
         };
         let filters = crate::seccomp::RunFilters::prepare(options.seccomp, needs)?;
         if options.seccomp != crate::seccomp::SeccompMode::Off {

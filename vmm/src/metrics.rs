@@ -104,7 +104,7 @@ impl Metrics {
         let vcpu_ms = sum(|v| v.thread_cpu_ns.load(Ordering::Relaxed)) as f64 / 1e6;
         let process_ms = ticks_ms(process_ticks);
         let rss = rss_kib();
-        let guest = crate::guest_memory::resident_bytes(memory) / 1024;
+        let guest = crate::memory::guest_memory::resident_bytes(memory) / 1024;
         Metrics {
             setup_ms: first_ns as f64 / 1e6,
             first_kvm_run_monotonic_ns: now_ns.saturating_sub(since_start) + first_ns,

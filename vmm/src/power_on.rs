@@ -121,13 +121,13 @@ fn resident_runs(region: &GuestRegionMmap) -> Result<Vec<(usize, usize)>, PowerO
 /// anonymous mapping then reads as zeros and holds no host memory.
 fn discard(region: &GuestRegionMmap) -> Result<(), PowerOnError> {
     // The region is a live private anonymous mapping; no vCPU runs.
-    crate::guest_memory::discard_range(region.as_ptr(), region.len() as usize).map_err(|source| {
-        PowerOnError::Ram {
+    crate::memory::guest_memory::discard_range(region.as_ptr(), region.len() as usize).map_err(
+        |source| PowerOnError::Ram {
             what: "discard",
             gpa: region.start_addr().0,
             source,
-        }
-    })
+        },
+    )
 }
 
 impl PowerOnImage {
@@ -224,7 +224,7 @@ mod tests {
     #[test]
     fn restore_ram_brings_back_the_loaded_pages_and_zeroes_the_rest() {
         let vm = Vm::new(crate::kvm::dev_kvm::open(1).unwrap()).unwrap();
-        let mem = crate::guest_memory::map_ram(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = crate::memory::guest_memory::map_ram(&[(GuestAddress(0), 64 << 20)]).unwrap();
         mem.write_slice(b"kernel", GuestAddress(0x10_0000)).unwrap();
         let image = PowerOnImage::capture(&vm, &mem).unwrap();
         assert!(image.loaded_bytes() >= page_size());
@@ -232,11 +232,11 @@ mod tests {
         mem.write_slice(b"KERNEL", GuestAddress(0x10_0000)).unwrap();
         mem.write_slice(&[0xaa; 4096 * 16], GuestAddress(0x200_0000))
             .unwrap();
-        let resident_before = crate::guest_memory::resident_bytes(&mem);
+        let resident_before = crate::memory::guest_memory::resident_bytes(&mem);
         image.restore_ram(&mem).unwrap();
         // Before reading the discarded range (a read maps the zero page,
         // which mincore counts as resident).
-        let resident_after = crate::guest_memory::resident_bytes(&mem);
+        let resident_after = crate::memory::guest_memory::resident_bytes(&mem);
         let mut back = [0u8; 6];
         mem.read_slice(&mut back, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(&back, b"kernel");

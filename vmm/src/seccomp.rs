@@ -793,7 +793,9 @@ mod tests {
             KILLED
         );
         assert_eq!(
-            in_filtered_child(&p, || add_seals_bad_fd(crate::memory_backing::MEMFD_SEALS)),
+            in_filtered_child(&p, || add_seals_bad_fd(
+                crate::memory::memory_backing::MEMFD_SEALS
+            )),
             KILLED
         );
         assert_eq!(
@@ -840,7 +842,9 @@ mod tests {
             "allocating, not punching"
         );
         assert_eq!(
-            in_filtered_child(&p, || add_seals_bad_fd(crate::memory_backing::MEMFD_SEALS)),
+            in_filtered_child(&p, || add_seals_bad_fd(
+                crate::memory::memory_backing::MEMFD_SEALS
+            )),
             ALLOWED
         );
         assert_eq!(

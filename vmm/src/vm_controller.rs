@@ -3,8 +3,8 @@
 
 use crate::config::OnReset;
 use crate::control::{QmpStop, StopReason, StopSlot, set_stop};
-use crate::hotplug::Hotplug;
 use crate::kvm::vcpu::{ANSWER_DEADLINE, VcpuHandle, pause_all};
+use crate::memory::hotplug_device::Hotplug;
 use crate::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, RunState, VmOps};
 use devices::Ged;
 use std::sync::atomic::{AtomicBool, Ordering};

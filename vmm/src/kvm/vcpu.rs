@@ -6,10 +6,10 @@
 //! it (see the `rcu` crate). Nothing on the exit path takes a lock shared with
 //! other vCPUs: the bus tables are immutable and each device has its own lock.
 
-use crate::guest_memory::SharedMemory;
 use crate::kvm::emulation::{self, Outcome};
 use crate::kvm::kick;
 use crate::kvm::vcpu_state::VcpuState;
+use crate::memory::guest_memory::SharedMemory;
 use devices::{Bus, ExitRequest, ExitSink};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use rcu::RcuCell;

@@ -165,7 +165,7 @@ fn allow_memfd_backing(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_fcntl,
         vec![
             arg_eq(1, libc::F_ADD_SEALS as u64)?,
-            arg_eq(2, crate::memory_backing::MEMFD_SEALS as u64)?,
+            arg_eq(2, crate::memory::memory_backing::MEMFD_SEALS as u64)?,
         ],
     )?;
     list.when(

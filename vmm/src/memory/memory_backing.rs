@@ -67,8 +67,8 @@
 //! Calls come from the control thread (the memory manager), whose seccomp
 //! filter allows the calls they make (`seccomp/control.rs`).
 
-use crate::guest_memory::{advise_range, name_range};
-use crate::memory_manager::SLOT_MAPPING_NAME;
+use crate::memory::guest_memory::{advise_range, name_range};
+use crate::memory::memory_manager::SLOT_MAPPING_NAME;
 use crate::size::format_size;
 use std::fs::File;
 use std::io;
@@ -351,7 +351,7 @@ impl MemoryBacking {
                     path,
                 });
             }
-            let slot_pages = crate::memory_manager::SLOT_SIZE / page;
+            let slot_pages = crate::memory::memory_manager::SLOT_SIZE / page;
             match pool_available(page) {
                 Ok(n) if n < slot_pages => log::warn!(
                     "hugetlb pool {path} has {n} free pages: plugs beyond {} will fail \
@@ -432,10 +432,10 @@ impl MemoryBacking {
                 r
             }
         };
-        crate::guest_memory::name_mapping(&region, &slot_name(gpa));
-        crate::guest_memory::exclude_from_core_dumps(&region);
+        crate::memory::guest_memory::name_mapping(&region, &slot_name(gpa));
+        crate::memory::guest_memory::exclude_from_core_dumps(&region);
         if self.thp && self.backend == Backend::Ram {
-            crate::guest_memory::advise_hugepages(&region);
+            crate::memory::guest_memory::advise_hugepages(&region);
         }
         Ok(region)
     }
@@ -546,7 +546,7 @@ impl MemoryBacking {
                     });
                 // `host..host + len` lies inside the slot's live private
                 // anonymous mapping (checked above).
-                let returned = crate::guest_memory::discard_range(host, len as usize);
+                let returned = crate::memory::guest_memory::discard_range(host, len as usize);
                 Unplugged {
                     protected,
                     returned,

@@ -48,9 +48,9 @@
 //! with the virtio-mem device's lock held: nothing here waits for a grace
 //! period (vCPUs may be waiting for that lock inside their read sections).
 
-use crate::guest_memory::SharedMemory;
 use crate::kvm::vm::Vm;
-use crate::memory_backing::{BackingError, MemoryBacking, Returned};
+use crate::memory::guest_memory::SharedMemory;
+use crate::memory::memory_backing::{BackingError, MemoryBacking, Returned};
 use devices::virtio::{MemoryBackend, MemoryBackendError};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -731,7 +731,7 @@ impl MemoryBackend for MemoryManager {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 mod tests {
     use super::*;
-    use crate::guest_memory::{GuestMap, map_ram};
+    use crate::memory::guest_memory::{GuestMap, map_ram};
     use std::sync::atomic::AtomicUsize;
 
     const BLOCK: u64 = 2 << 20;

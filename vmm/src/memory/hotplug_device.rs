@@ -11,10 +11,10 @@
 //! processed.
 
 use crate::device_manager::{DeviceError, DeviceManager, FIRST_VIRTIO_GSI};
-use crate::guest_memory::SharedMemory;
 use crate::kvm::vm::{Vm, VmError};
-use crate::memory_backing::MemoryBacking;
-use crate::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MemoryManager, SLOT_SIZE};
+use crate::memory::guest_memory::SharedMemory;
+use crate::memory::memory_backing::MemoryBacking;
+use crate::memory::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MemoryManager, SLOT_SIZE};
 use crate::qmp::Timestamp;
 use devices::BusRange;
 use devices::virtio::{
@@ -116,7 +116,7 @@ pub enum HotplugSetupError {
     },
     /// The host cannot provide the backing asked for.
     #[error("hot-plug memory backing")]
-    Backing(#[source] crate::memory_backing::BackingError),
+    Backing(#[source] crate::memory::memory_backing::BackingError),
     /// No MMIO window left for the device.
     #[error("no virtio-mmio window available")]
     NoWindow,
