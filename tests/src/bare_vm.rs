@@ -6,7 +6,7 @@ use devices::BusRange;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 use vmm::{HardwareSpec, Machine, RunOptions};
 
 /// Where test guests' code goes.

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 use vmm::kvm::kvm_stats::KvmStats;
 
 guest_code! {

@@ -43,7 +43,7 @@ use tests::virtio_ops::{
     DRIVER_OK_STATUS, NEEDS_RESET, QUEUE_NOTIFY, STATUS, VIRTIO, handshake_ops, r32, w32,
 };
 use vm_memory::{Bytes, GuestAddress};
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 use vmm::memory::hotplug_device::Hotplug;
 use vmm::memory::memory_manager::SLOT_SIZE;
 

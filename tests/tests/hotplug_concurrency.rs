@@ -24,7 +24,7 @@ use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_code;
 use tests::proc_maps::{address_range, overlaps};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 use vmm::memory::guest_memory::SharedMemory;
 use vmm::memory::memory_manager::{MAX_RETIRED_SLOTS, SLOT_SIZE};
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tests::bare_vm::{BareVm, CODE_ADDR, TEST_MMIO, TEST_PORT};
 use tests::guest_code;
 use tests::recorder::Recorder;
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 
 const LIMIT: Duration = Duration::from_secs(60);
 

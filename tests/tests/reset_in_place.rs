@@ -18,7 +18,7 @@ use tests::guest_code;
 use devices::ExitRequest;
 use tests::raw_qmp::{self, RawQmp};
 use vmm::OnReset;
-use vmm::control::{QmpStop, StopReason};
+use vmm::control::event_loop::{QmpStop, StopReason};
 use vmm::machine::{RunOptions, RunOutcome};
 
 const LINE: &str = "guest says hello";

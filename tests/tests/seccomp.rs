@@ -21,7 +21,7 @@ use std::time::Duration;
 use tests::bare_vm::BareVm;
 use tests::guest_code;
 use vmm::RunOptions;
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 use vmm::seccomp::SeccompMode;
 
 /// Names the case a child process runs.

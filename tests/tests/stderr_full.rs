@@ -31,7 +31,7 @@ use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
 use tests::virtio_ops::{QUEUE_NOTIFY, VIRTIO, break_device, run, w32};
-use vmm::control::StopReason;
+use vmm::control::event_loop::StopReason;
 use vmm::memory::hotplug_device::Hotplug;
 use vmm::memory::memory_manager::SLOT_SIZE;
 

@@ -24,7 +24,7 @@ use tests::bare_vm::BareVm;
 use tests::guest_code;
 use tests::raw_qmp::{self, RawQmp};
 use vmm::RunOptions;
-use vmm::control::{QmpStop, StopReason};
+use vmm::control::event_loop::{QmpStop, StopReason};
 use vmm::machine::RunOutcome;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -234,7 +234,7 @@ fn grace_periods_and_qmp_go_on_while_stdout_is_stuck() {
     assert!(outcome.console_bytes_dropped > 0);
     // What was not dropped is what the pipe and the buffer held.
     assert!(
-        outcome.console_bytes >= vmm::console_output::CAPACITY as u64,
+        outcome.console_bytes >= vmm::control::console_output::CAPACITY as u64,
         "{} bytes accepted",
         outcome.console_bytes
     );

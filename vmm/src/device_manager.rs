@@ -1,7 +1,7 @@
 //! The VM's devices: creating them, wiring their interrupts to KVM, and the
 //! RCU-published port-I/O and MMIO buses that dispatch guest accesses.
 
-use crate::console_output::ConsoleOutput;
+use crate::control::console_output::ConsoleOutput;
 use crate::kvm::vm::{Vm, VmError};
 use boot::layout;
 use devices::{

@@ -14,7 +14,7 @@
 //! * [`report`], [`metrics`]: what is written at exit.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
 //!   VM is set up.
-//! * [`console_output`], [`stdout_writer`]: guest console output, buffered
+//! * [`control::console_output`], [`control::stdout_writer`]: guest console output, buffered
 //!   by vCPUs and written by the control thread without blocking.
 //!
 //! # Rule: no blocking I/O inside an RCU read section
@@ -25,8 +25,8 @@
 //! whatever waits for a grace period hangs. So nothing that runs inside a
 //! read section may write to stdout, stderr, a pipe or a socket, or wait
 //! for another thread without a bound. Guest console output goes into a
-//! bounded buffer ([`console_output`]) that the control thread drains to a
-//! non-blocking stdout ([`stdout_writer`]); when stdout stops draining, the
+//! bounded buffer ([`control::console_output`]) that the control thread drains to a
+//! non-blocking stdout ([`control::stdout_writer`]); when stdout stops draining, the
 //! output is dropped and counted, never waited for. Requests to vCPUs
 //! (`stop`, pause, the end of a run) wait at most
 //! [`kvm::vcpu::ANSWER_DEADLINE`] and name the vCPUs that did not answer.
@@ -34,8 +34,6 @@
 #![deny(missing_docs)]
 
 pub mod config;
-pub mod console;
-pub mod console_output;
 pub mod control;
 pub mod device_manager;
 pub mod kernel_cmdline;
@@ -52,10 +50,7 @@ pub mod rcu_plot;
 pub mod report;
 pub mod report_file;
 pub mod seccomp;
-pub mod signals;
 pub mod size;
-pub mod stdout_writer;
-pub mod vm_controller;
 
 pub use config::{Args, ConfigError, OnReset, VmConfig};
 pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};
@@ -105,11 +100,13 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let cfg = config;
     let mut status = outcome.reason.exit_code();
     match &outcome.reason {
-        control::StopReason::Fatal(msg) => logger::stderr_line(format_args!("vmm: {msg}")),
-        control::StopReason::Signal(sig) => {
+        control::event_loop::StopReason::Fatal(msg) => {
+            logger::stderr_line(format_args!("vmm: {msg}"))
+        }
+        control::event_loop::StopReason::Signal(sig) => {
             logger::stderr_line(format_args!("vmm: terminating on signal {sig}"))
         }
-        control::StopReason::Timeout => {
+        control::event_loop::StopReason::Timeout => {
             logger::stderr_line(format_args!("vmm: time limit reached"))
         }
         _ => {}

@@ -2,8 +2,13 @@
 //! taken down in order.
 
 use crate::config::{OnReset, VmConfig};
-use crate::console::{ConsoleInput, RawTerminal};
-use crate::control::{Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot};
+use crate::control::console::{ConsoleInput, RawTerminal};
+use crate::control::event_loop::{
+    Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot,
+};
+use crate::control::signals::SignalFd;
+use crate::control::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
+use crate::control::vm_controller::VmController;
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::kernel_cmdline::appended_args;
 use crate::kvm::dev_kvm::{self, KvmError};
@@ -17,9 +22,6 @@ use crate::memory::hotplug_device::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
 use crate::rcu_lifetime::LifetimeRecorder;
-use crate::signals::SignalFd;
-use crate::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
-use crate::vm_controller::VmController;
 use boot::BootInfo;
 use rcu::RcuCell;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -657,9 +659,10 @@ impl Machine {
                 (Ok(StopReason::Guest(devices::ExitRequest::Reset)), Some(_)) => {
                     ShutdownCause::GuestReset
                 }
-                (Ok(StopReason::Qmp(crate::control::QmpStop::SystemReset)), Some(_)) => {
-                    ShutdownCause::HostQmpSystemReset
-                }
+                (
+                    Ok(StopReason::Qmp(crate::control::event_loop::QmpStop::SystemReset)),
+                    Some(_),
+                ) => ShutdownCause::HostQmpSystemReset,
                 _ => break result,
             };
             let Some(image) = &image else {

@@ -25,7 +25,7 @@ fn main() {
     let start = Instant::now();
     // Before any other thread exists, so all of them inherit the mask and
     // termination signals reach the control loop's signalfd.
-    if let Err(e) = vmm::signals::block_termination() {
+    if let Err(e) = vmm::control::signals::block_termination() {
         vmm::logger::stderr_line(format_args!("vmm: cannot block termination signals: {e}"));
         std::process::exit(1);
     }

@@ -2,7 +2,7 @@
 //! [`VmOps`], on the control thread.
 
 use crate::config::OnReset;
-use crate::control::{QmpStop, StopReason, StopSlot, set_stop};
+use crate::control::event_loop::{QmpStop, StopReason, StopSlot, set_stop};
 use crate::kvm::vcpu::{ANSWER_DEADLINE, VcpuHandle, pause_all};
 use crate::memory::hotplug_device::Hotplug;
 use crate::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, RunState, VmOps};

@@ -14,7 +14,7 @@
 //!
 //! The control thread takes the buffered bytes out with
 //! [`ConsoleOutput::peek`] and [`ConsoleOutput::consume`] and writes them
-//! without blocking (see [`crate::stdout_writer`]).
+//! without blocking (see [`crate::control::stdout_writer`]).
 
 use std::collections::VecDeque;
 use std::io::Write;

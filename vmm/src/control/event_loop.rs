@@ -2,9 +2,9 @@
 //! end the VM, fatal vCPU errors and termination signals (and, with the QMP
 //! server, its clients).
 
-use crate::console::{ConsoleInput, ReadEnd};
+use crate::control::console::{ConsoleInput, ReadEnd};
+use crate::control::signals::SignalFd;
 use crate::kvm::vcpu::FatalErrors;
-use crate::signals::SignalFd;
 use devices::{ExitRequest, ExitSink};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use std::os::fd::AsRawFd;
@@ -236,7 +236,7 @@ impl MutEventSubscriber for Console {
             let room = MAX_PENDING.saturating_sub(self.input.pending_len());
             let input = &mut self.input;
             let mut quit = false;
-            match crate::console::read_available(self.fd, room.max(1), |chunk| {
+            match crate::control::console::read_available(self.fd, room.max(1), |chunk| {
                 quit = input.input(chunk);
                 !quit
             }) {

@@ -25,7 +25,7 @@
 //! reader left) ends console output for the run: the buffered and all later
 //! bytes are dropped and counted, and the error is logged once.
 
-use crate::console_output::ConsoleOutput;
+use crate::control::console_output::ConsoleOutput;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
