@@ -11,7 +11,7 @@
 //! * [`control`]: the control thread's event loop.
 //! * [`kvm::host`], [`kvm::emulation`]: behaving well on hosts whose KVM emulates
 //!   guest kernel code.
-//! * [`report`], [`metrics`]: what is written at exit.
+//! * [`report`]: what is written at exit.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
 //!   VM is set up.
 //! * [`control::console_output`], [`control::stdout_writer`]: guest console output, buffered
@@ -42,13 +42,9 @@ pub mod log_limit;
 pub mod logger;
 pub mod machine;
 pub mod memory;
-pub mod metrics;
 pub mod power_on;
 pub mod qmp;
-pub mod rcu_lifetime;
-pub mod rcu_plot;
 pub mod report;
-pub mod report_file;
 pub mod seccomp;
 pub mod size;
 
@@ -137,13 +133,13 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .report(Instant::now());
     if let Some(path) = &cfg.rcu_stats
-        && let Err(e) = report::write_json("RCU statistics", path, &lifetime)
+        && let Err(e) = report::output::write_json("RCU statistics", path, &lifetime)
     {
         logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
         status = status.max(1);
     }
     if let Some(path) = &cfg.rcu_plot
-        && let Err(e) = rcu_plot::write_plot(path, &lifetime)
+        && let Err(e) = report::rcu_plot::write_plot(path, &lifetime)
     {
         logger::stderr_line(format_args!(
             "vmm: cannot write the RCU plot: {}",
@@ -153,20 +149,20 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     }
     if let Some(path) = &cfg.metrics {
         let g = rcu::read_lock();
-        let m = metrics::Metrics::collect(
+        let m = report::metrics::Metrics::collect(
             machine.marks(),
             &outcome.vcpu_stats,
             machine.memory.read(&g),
         )
         .with_console(outcome.console_bytes, outcome.console_bytes_dropped);
         drop(g);
-        if let Err(e) = report::write_json("metrics", path, &m) {
+        if let Err(e) = report::output::write_json("metrics", path, &m) {
             logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             status = status.max(1);
         }
     }
     if !cfg.quiet {
-        logger::stderr_text(&report::lifetime_table(&lifetime));
+        logger::stderr_text(&report::output::lifetime_table(&lifetime));
     }
     if stuck {
         // A vCPU thread left behind may still use guest memory and its

@@ -21,7 +21,7 @@ use crate::memory::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, Shar
 use crate::memory::hotplug_device::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
-use crate::rcu_lifetime::LifetimeRecorder;
+use crate::report::rcu_lifetime::LifetimeRecorder;
 use boot::BootInfo;
 use rcu::RcuCell;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -677,7 +677,7 @@ impl Machine {
             *lock(&stop) = None;
             lock(&lifetime).mark(
                 Instant::now(),
-                crate::rcu_lifetime::MarkerKind::Boot,
+                crate::report::rcu_lifetime::MarkerKind::Boot,
                 format!("reboot in place ({})", cause.as_str()),
             );
             log::info!("machine reset ({})", cause.as_str());

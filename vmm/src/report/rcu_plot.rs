@@ -7,7 +7,7 @@
 //! viewer renders the text. When grace periods are far fewer than calls they
 //! get their own scale on the right-hand axis, so both stay readable.
 
-use crate::rcu_lifetime::{LifetimeReport, MarkerKind};
+use crate::report::rcu_lifetime::{LifetimeReport, MarkerKind};
 use plotters::drawing::DrawingAreaErrorKind;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -75,12 +75,14 @@ fn time_unit(span_s: f64) -> (f64, &'static str) {
 }
 
 /// Writes the plot of `report` to `path` as SVG, the way every report is
-/// written ([`crate::report_file`]): a failure leaves the old file or none.
+/// written ([`crate::report::report_file`]): a failure leaves the old file or none.
 pub fn write_plot(path: &Path, report: &LifetimeReport) -> Result<(), PlotError> {
     let svg = render_svg(report)?;
-    crate::report_file::write_report(path, svg.as_bytes()).map_err(|source| PlotError::Write {
-        path: path.to_path_buf(),
-        source,
+    crate::report::report_file::write_report(path, svg.as_bytes()).map_err(|source| {
+        PlotError::Write {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -110,7 +112,8 @@ fn draw(
     let x_of = |t_ms: u64| t_ms as f64 / 1000.0 / unit;
     let x_max = x_of(last_ms).max(1e-3);
 
-    let max_of = |f: fn(&crate::rcu_lifetime::Sample) -> u64| tl.iter().map(f).max().unwrap_or(0);
+    let max_of =
+        |f: fn(&crate::report::rcu_lifetime::Sample) -> u64| tl.iter().map(f).max().unwrap_or(0);
     let calls_max = max_of(|s| s.call_rcu).max(max_of(|s| s.callbacks_run));
     let gp_max = max_of(|s| s.grace_periods);
     let two_axes = gp_max > 0 && calls_max >= gp_max.saturating_mul(SECOND_AXIS_RATIO);
@@ -229,7 +232,7 @@ fn draw(
         root.draw(&Text::new(l.text, (l.x0, row_top + 2), style))
             .map_err(PlotError::Draw)?;
     }
-    let pts = |f: fn(&crate::rcu_lifetime::Sample) -> u64| {
+    let pts = |f: fn(&crate::report::rcu_lifetime::Sample) -> u64| {
         tl.iter()
             .map(move |s| (x_of(s.t_ms), f(s) as f64))
             .collect::<Vec<_>>()
@@ -289,7 +292,7 @@ struct PlacedLabel {
 }
 
 /// The text of marker `m`'s label.
-fn label_text(m: &crate::rcu_lifetime::Marker) -> String {
+fn label_text(m: &crate::report::rcu_lifetime::Marker) -> String {
     match m.kind {
         MarkerKind::Boot => "boot".to_string(),
         MarkerKind::End if m.detail.is_empty() => "end".to_string(),
@@ -365,7 +368,7 @@ fn place_labels(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rcu_lifetime::{Marker, Sample};
+    use crate::report::rcu_lifetime::{Marker, Sample};
 
     fn report(span_ms: u64, calls_per_gp: u64) -> LifetimeReport {
         let mut timeline = Vec::new();

@@ -2,7 +2,7 @@
 //! (`--rcu-stats`), a short table of them on stderr, and the metrics
 //! (`--metrics`).
 
-use crate::rcu_lifetime::{LifetimeReport, MarkerKind, short_site, site_label};
+use crate::report::rcu_lifetime::{LifetimeReport, MarkerKind, short_site, site_label};
 use rcu::Stats;
 use std::path::Path;
 use thiserror::Error;
@@ -29,7 +29,7 @@ pub enum ReportError {
 /// Writes `value` as pretty JSON to `path`: a new file renamed into place
 /// (a failure leaves the old file or none, never a truncated one), or a
 /// special file such as `/dev/stdout` written in place; links planted by
-/// someone else are never followed ([`crate::report_file`]).
+/// someone else are never followed ([`crate::report::report_file`]).
 pub fn write_json<T: serde::Serialize>(
     what: &'static str,
     path: &Path,
@@ -37,7 +37,7 @@ pub fn write_json<T: serde::Serialize>(
 ) -> Result<(), ReportError> {
     let mut text = serde_json::to_vec_pretty(value).map_err(|e| ReportError::Json(what, e))?;
     text.push(b'\n');
-    crate::report_file::write_report(path, &text).map_err(|source| ReportError::Write {
+    crate::report::report_file::write_report(path, &text).map_err(|source| ReportError::Write {
         what,
         path: path.to_path_buf(),
         source,
@@ -287,7 +287,7 @@ mod tests {
     fn lifetime_table_heads_with_uptime_and_events() {
         let start = std::time::Instant::now();
         let at = |ms| start + std::time::Duration::from_millis(ms);
-        let mut rec = crate::rcu_lifetime::LifetimeRecorder::new(start);
+        let mut rec = crate::report::rcu_lifetime::LifetimeRecorder::new(start);
         rec.plugged_size(at(10), 1 << 30);
         rec.plugged_size(at(20), 2 << 30);
         rec.plugged_size(at(30), 1 << 30);
