@@ -54,7 +54,7 @@ impl BareVm {
                 hotplug: if hotplug == 0 {
                     Vec::new()
                 } else {
-                    vec![vmm::config::HotplugDeviceConfig {
+                    vec![vmm::cli::config::HotplugDeviceConfig {
                         id: vmm::memory::hotplug_device::VMEM_ID.into(),
                         size: hotplug,
                         backing: Default::default(),

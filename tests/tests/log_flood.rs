@@ -1,6 +1,6 @@
 //! A guest that loops on what the VMM logs cannot flood its stderr.
 //!
-//! The VM runs in this process with the VMM's own logger (`vmm::logger`, as
+//! The VM runs in this process with the VMM's own logger (`vmm::cli::logger`, as
 //! the `vmm` command installs it) at the default level, its stderr
 //! (descriptor 2) redirected to a file. A tiny guest (the
 //! `tests::guest_driver` runner at CPL3 on vCPU 0) then:
@@ -142,7 +142,7 @@ fn a_guest_looping_on_logged_paths_prints_little_on_stderr() {
     start_runner(&vm, Privilege::User, true);
 
     let redirect = StderrRedirect::to(&file);
-    vmm::logger::init();
+    vmm::cli::logger::init();
     let hp2 = Arc::clone(&hp);
     let (outcome, driven) = run_driven(&mut vm, LIMIT, move |driver| drive(driver, &hp2));
     drop(redirect);

@@ -33,22 +33,18 @@
 
 #![deny(missing_docs)]
 
-pub mod config;
+pub mod cli;
 pub mod control;
 pub mod device_manager;
-pub mod kernel_cmdline;
 pub mod kvm;
-pub mod log_limit;
-pub mod logger;
 pub mod machine;
 pub mod memory;
 pub mod power_on;
 pub mod qmp;
 pub mod report;
 pub mod seccomp;
-pub mod size;
 
-pub use config::{Args, ConfigError, OnReset, VmConfig};
+pub use cli::config::{Args, ConfigError, OnReset, VmConfig};
 pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};
 
 use std::time::Instant;
@@ -79,7 +75,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let mut machine = Machine::build(&config, start)?;
     // Said once, after set-up succeeded (errors stay on one line).
     if let Some(notice) = machine.host().notice() {
-        logger::stderr_line(format_args!("{notice}"));
+        cli::logger::stderr_line(format_args!("{notice}"));
     }
     let outcome = machine.run(machine::RunOptions {
         console: true,
@@ -97,19 +93,19 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     let mut status = outcome.reason.exit_code();
     match &outcome.reason {
         control::event_loop::StopReason::Fatal(msg) => {
-            logger::stderr_line(format_args!("vmm: {msg}"))
+            cli::logger::stderr_line(format_args!("vmm: {msg}"))
         }
         control::event_loop::StopReason::Signal(sig) => {
-            logger::stderr_line(format_args!("vmm: terminating on signal {sig}"))
+            cli::logger::stderr_line(format_args!("vmm: terminating on signal {sig}"))
         }
         control::event_loop::StopReason::Timeout => {
-            logger::stderr_line(format_args!("vmm: time limit reached"))
+            cli::logger::stderr_line(format_args!("vmm: time limit reached"))
         }
         _ => {}
     }
 
     if outcome.console_bytes_dropped > 0 {
-        logger::stderr_line(format_args!(
+        cli::logger::stderr_line(format_args!(
             "vmm: {} of {} bytes of guest console output were dropped (stdout did not keep up or failed)",
             outcome.console_bytes_dropped,
             outcome.console_bytes + outcome.console_bytes_dropped,
@@ -121,7 +117,7 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     // and no grace period would end.
     let stuck = !outcome.stuck_vcpus.is_empty();
     if stuck {
-        logger::stderr_line(format_args!(
+        cli::logger::stderr_line(format_args!(
             "vmm: not waiting for pending RCU callbacks: a vCPU did not exit"
         ));
     } else {
@@ -135,13 +131,13 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
     if let Some(path) = &cfg.rcu_stats
         && let Err(e) = report::output::write_json("RCU statistics", path, &lifetime)
     {
-        logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
+        cli::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
         status = status.max(1);
     }
     if let Some(path) = &cfg.rcu_plot
         && let Err(e) = report::rcu_plot::write_plot(path, &lifetime)
     {
-        logger::stderr_line(format_args!(
+        cli::logger::stderr_line(format_args!(
             "vmm: cannot write the RCU plot: {}",
             error_chain(&e)
         ));
@@ -157,12 +153,12 @@ pub fn run(config: VmConfig, start: Instant) -> Result<i32, MachineError> {
         .with_console(outcome.console_bytes, outcome.console_bytes_dropped);
         drop(g);
         if let Err(e) = report::output::write_json("metrics", path, &m) {
-            logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
+            cli::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             status = status.max(1);
         }
     }
     if !cfg.quiet {
-        logger::stderr_text(&report::output::lifetime_table(&lifetime));
+        cli::logger::stderr_text(&report::output::lifetime_table(&lifetime));
     }
     if stuck {
         // A vCPU thread left behind may still use guest memory and its

@@ -1,7 +1,8 @@
 //! The assembled VM: built from a [`VmConfig`], run until it ends, and
 //! taken down in order.
 
-use crate::config::{OnReset, VmConfig};
+use crate::cli::config::{OnReset, VmConfig};
+use crate::cli::kernel_cmdline::appended_args;
 use crate::control::console::{ConsoleInput, RawTerminal};
 use crate::control::event_loop::{
     Console, ControlError, ControlLoop, Lifecycle, StopReason, StopSlot,
@@ -10,7 +11,6 @@ use crate::control::signals::SignalFd;
 use crate::control::stdout_writer::{ConsoleDrain, FINAL_FLUSH, StdoutWriter};
 use crate::control::vm_controller::VmController;
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::kernel_cmdline::appended_args;
 use crate::kvm::dev_kvm::{self, KvmError};
 use crate::kvm::host::HostKind;
 use crate::kvm::kick::{self, KickError};
@@ -185,7 +185,7 @@ pub struct HardwareSpec {
     pub memory: u64,
     /// The virtio-mem devices, in order (their regions follow each other
     /// above RAM).
-    pub hotplug: Vec<crate::config::HotplugDeviceConfig>,
+    pub hotplug: Vec<crate::cli::config::HotplugDeviceConfig>,
 }
 
 /// How [`Machine::run`] runs.
@@ -688,7 +688,7 @@ impl Machine {
         let stuck_vcpus = match crate::kvm::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
             Ok(()) => Vec::new(),
             Err(e) => {
-                crate::logger::stderr_line(format_args!("vmm: {e}; not waiting any longer"));
+                crate::cli::logger::stderr_line(format_args!("vmm: {e}; not waiting any longer"));
                 e.indexes
             }
         };
@@ -839,7 +839,7 @@ fn install_filtered_panic_hook() {
                 .map(|s| (*s).to_string())
                 .or_else(|| info.payload().downcast_ref::<String>().cloned())
                 .unwrap_or_default();
-            crate::logger::stderr_line(format_args!(
+            crate::cli::logger::stderr_line(format_args!(
                 "vmm: thread '{name}' panicked{location}: {payload}"
             ));
         }));

@@ -26,10 +26,10 @@ fn main() {
     // Before any other thread exists, so all of them inherit the mask and
     // termination signals reach the control loop's signalfd.
     if let Err(e) = vmm::control::signals::block_termination() {
-        vmm::logger::stderr_line(format_args!("vmm: cannot block termination signals: {e}"));
+        vmm::cli::logger::stderr_line(format_args!("vmm: cannot block termination signals: {e}"));
         std::process::exit(1);
     }
-    vmm::logger::init();
+    vmm::cli::logger::init();
     // `vmm --host-kind` alone: what kind of KVM this host has (docs/hosts.md).
     if std::env::args_os().skip(1).eq(["--host-kind"]) {
         let _ = writeln!(
@@ -48,7 +48,7 @@ fn main() {
                 std::process::exit(0);
             }
             _ => {
-                vmm::logger::stderr_line(format_args!(
+                vmm::cli::logger::stderr_line(format_args!(
                     "vmm: {} (see vmm --help)",
                     one_line(&e.to_string())
                 ));
@@ -59,14 +59,14 @@ fn main() {
     let config = match VmConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
-            vmm::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
+            vmm::cli::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             std::process::exit(2);
         }
     };
     match vmm::run(config, start) {
         Ok(status) => std::process::exit(status),
         Err(e) => {
-            vmm::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
+            vmm::cli::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             std::process::exit(1);
         }
     }

@@ -1,7 +1,7 @@
 //! What QMP commands do to the VM: the control side's implementation of
 //! [`VmOps`], on the control thread.
 
-use crate::config::OnReset;
+use crate::cli::config::OnReset;
 use crate::control::event_loop::{QmpStop, StopReason, StopSlot, set_stop};
 use crate::kvm::vcpu::{ANSWER_DEADLINE, VcpuHandle, pause_all};
 use crate::memory::hotplug_device::Hotplug;

@@ -67,9 +67,9 @@
 //! Calls come from the control thread (the memory manager), whose seccomp
 //! filter allows the calls they make (`seccomp/control.rs`).
 
+use crate::cli::size::format_size;
 use crate::memory::guest_memory::{advise_range, name_range};
 use crate::memory::memory_manager::SLOT_MAPPING_NAME;
-use crate::size::format_size;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

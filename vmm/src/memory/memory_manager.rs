@@ -952,7 +952,7 @@ mod tests {
     }
 
     fn backing(text: &str) -> MemoryBacking {
-        crate::config::parse_hotplug_memory(&format!("size=1G,{text}"))
+        crate::cli::config::parse_hotplug_memory(&format!("size=1G,{text}"))
             .unwrap()
             .backing
     }

@@ -253,7 +253,7 @@ impl LifetimeRecorder {
             std::cmp::Ordering::Less => MarkerKind::Unplug,
             std::cmp::Ordering::Equal => return,
         };
-        self.push_marker(at, kind, crate::size::format_size(bytes), Some(bytes));
+        self.push_marker(at, kind, crate::cli::size::format_size(bytes), Some(bytes));
         self.sample_now(at);
     }
 

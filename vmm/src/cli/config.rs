@@ -3,8 +3,8 @@
 //! Everything a user can get wrong on the command line is caught here, with a
 //! one-line message, before any KVM object exists.
 
+use crate::cli::size::{SizeError, format_size, parse_size};
 use crate::memory::memory_backing::{Backend, BackingConfigError, BackingOptions, MemoryBacking};
-use crate::size::{SizeError, format_size, parse_size};
 use clap::Parser;
 use rcu::WakeupStrategy;
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! A minimal stderr logger: `VMM_LOG=debug` (or info, warn, error, trace)
 //! sets the level; the default is `warn`. Each call site prints at most
-//! [`log_limit::BURST`](crate::log_limit::BURST) messages a second; the
+//! [`log_limit::BURST`](crate::cli::log_limit::BURST) messages a second; the
 //! rest are counted and the count printed with the next one.
 //!
 //! Everything the VMM prints on stderr goes through [`stderr_line`] or
@@ -17,7 +17,7 @@
 //! A regular file is written directly (it never waits for a reader); a
 //! stderr that cannot be reopened (a socket) is written in blocking mode.
 
-use crate::log_limit::{Admit, LogLimiter};
+use crate::cli::log_limit::{Admit, LogLimiter};
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use std::fs::File;
 use std::io::Write;
