@@ -70,9 +70,9 @@ pub const FIRST_HOTPLUG_KVM_SLOT: u32 = 16;
 /// slot are refused (8 GiB of address space).
 pub const MAX_RETIRED_SLOTS: u64 = 64;
 
-/// Errors of hot-plug operations.
+/// Errors of the memory manager's plug and unplug operations on its slots.
 #[derive(Debug, Error)]
-pub enum HotplugError {
+pub enum MemoryManagerError {
     /// The range is not inside the hot-plug region or not block-aligned.
     #[error("range {gpa:#x}+{len:#x} is not a block-aligned part of the hot-plug region")]
     Range {
@@ -105,9 +105,10 @@ pub enum HotplugError {
     },
 }
 
-/// Counters and timings of hot-plug work.
+/// Counters and timings of the memory manager's work: plugs, slots, map
+/// swaps, memory returned to the host.
 #[derive(Debug, Default, Serialize)]
-pub struct HotplugStats {
+pub struct MemoryManagerStats {
     /// Successful plug calls.
     pub plugs: AtomicU64,
     /// Successful unplug calls.
@@ -171,7 +172,7 @@ pub struct MemoryManager {
     block_size: u64,
     backing: MemoryBacking,
     slots: Mutex<Vec<Slot>>,
-    stats: Arc<HotplugStats>,
+    stats: Arc<MemoryManagerStats>,
     on_fatal: std::sync::OnceLock<FatalSlot>,
 }
 
@@ -190,7 +191,7 @@ pub type FatalHandler = Box<dyn Fn(String) + Send + Sync>;
 struct Retired {
     at: Instant,
     slots: u64,
-    stats: Arc<HotplugStats>,
+    stats: Arc<MemoryManagerStats>,
 }
 
 impl Drop for Retired {
@@ -238,7 +239,7 @@ impl MemoryManager {
             block_size,
             backing,
             slots: Mutex::new(slots),
-            stats: Arc::new(HotplugStats::default()),
+            stats: Arc::new(MemoryManagerStats::default()),
             on_fatal: std::sync::OnceLock::new(),
         }
     }
@@ -275,7 +276,7 @@ impl MemoryManager {
     }
 
     /// Counters and timings.
-    pub fn stats(&self) -> &Arc<HotplugStats> {
+    pub fn stats(&self) -> &Arc<MemoryManagerStats> {
         &self.stats
     }
 
@@ -337,8 +338,8 @@ impl MemoryManager {
     }
 
     /// Block indices `(slot, first, last_exclusive)` covered by a range.
-    fn split(&self, gpa: u64, len: u64) -> Result<Vec<(usize, usize, usize)>, HotplugError> {
-        let bad = || HotplugError::Range { gpa, len };
+    fn split(&self, gpa: u64, len: u64) -> Result<Vec<(usize, usize, usize)>, MemoryManagerError> {
+        let bad = || MemoryManagerError::Range { gpa, len };
         let end = gpa.checked_add(len).ok_or_else(bad)?;
         if len == 0
             || gpa < self.base
@@ -366,19 +367,23 @@ impl MemoryManager {
 
     /// Publishes a map with `add` regions added and regions at `remove`
     /// (slot starts) removed; the previous map is freed after a grace period.
-    fn publish(&self, add: &[Arc<GuestRegionMmap>], remove: &[u64]) -> Result<(), HotplugError> {
+    fn publish(
+        &self,
+        add: &[Arc<GuestRegionMmap>],
+        remove: &[u64],
+    ) -> Result<(), MemoryManagerError> {
         let g = rcu::read_lock();
         let cur = self.memory.read(&g);
         let mut mem = cur.memory().clone();
         for r in add {
             mem = mem
                 .insert_region(Arc::clone(r))
-                .map_err(HotplugError::NewMap)?;
+                .map_err(MemoryManagerError::NewMap)?;
         }
         for &gpa in remove {
             mem = mem
                 .remove_region(GuestAddress(gpa), SLOT_SIZE)
-                .map_err(HotplugError::NewMap)?
+                .map_err(MemoryManagerError::NewMap)?
                 .0;
         }
         let next = cur.next(mem);
@@ -396,7 +401,7 @@ impl MemoryManager {
         &self,
         slot: &mut Slot,
         plugging: (usize, usize),
-    ) -> Result<Arc<GuestRegionMmap>, HotplugError> {
+    ) -> Result<Arc<GuestRegionMmap>, MemoryManagerError> {
         let region = Arc::new(self.backing.map_slot(slot.gpa, SLOT_SIZE)?);
         let (a, b) = (
             plugging.0 as u64 * self.block_size,
@@ -423,7 +428,7 @@ impl MemoryManager {
         region: &GuestRegionMmap,
         offset: u64,
         len: u64,
-    ) -> Result<(), HotplugError> {
+    ) -> Result<(), MemoryManagerError> {
         if len == 0 {
             return Ok(());
         }
@@ -434,12 +439,12 @@ impl MemoryManager {
         Ok(())
     }
 
-    fn plug_range(&self, gpa: u64, len: u64) -> Result<(), HotplugError> {
+    fn plug_range(&self, gpa: u64, len: u64) -> Result<(), MemoryManagerError> {
         let t = Instant::now();
         let parts = self.split(gpa, len)?;
         let mut slots = self.lock();
         if let Some(&(i, _, _)) = parts.iter().find(|&&(i, _, _)| slots[i].quarantined) {
-            return Err(HotplugError::Quarantined { gpa: slots[i].gpa });
+            return Err(MemoryManagerError::Quarantined { gpa: slots[i].gpa });
         }
         let needs_slot = parts.iter().any(|&(i, _, _)| slots[i].region.is_none());
         let pending = self.retired_pending();
@@ -447,7 +452,7 @@ impl MemoryManager {
             self.stats
                 .plugs_refused_backlog
                 .fetch_add(1, Ordering::Relaxed);
-            return Err(HotplugError::Backlog { pending });
+            return Err(MemoryManagerError::Backlog { pending });
         }
         let mut added = Vec::new();
         let mut newly_mapped = Vec::new();
@@ -489,7 +494,7 @@ impl MemoryManager {
             }
             let (offset, len) = (a as u64 * self.block_size, (b - a) as u64 * self.block_size);
             if let Err(e) = self.plug_blocks(region, offset, len) {
-                if let HotplugError::Backing(BackingError::Hole { .. }) = &e {
+                if let MemoryManagerError::Backing(BackingError::Hole { .. }) = &e {
                     self.fatal(crate::error_chain(&e));
                 }
                 // Undo: the blocks made writable so far go back to
@@ -517,7 +522,7 @@ impl MemoryManager {
         Ok(())
     }
 
-    fn unplug_range(&self, gpa: u64, len: u64) -> Result<(), HotplugError> {
+    fn unplug_range(&self, gpa: u64, len: u64) -> Result<(), MemoryManagerError> {
         let t = Instant::now();
         let parts = self.split(gpa, len)?;
         let mut slots = self.lock();
@@ -800,7 +805,7 @@ mod tests {
                 || (slot == FIRST_HOTPLUG_KVM_SLOT && size == 0)
         });
         let err = mm.plug_range(base, 2 * SLOT_SIZE).unwrap_err();
-        assert!(matches!(err, HotplugError::Kvm(_)), "{err}");
+        assert!(matches!(err, MemoryManagerError::Kvm(_)), "{err}");
         // KVM still maps the first slot: its memory stays mapped.
         let kept = mm.lock()[0]
             .kept_mapping
@@ -812,7 +817,7 @@ mod tests {
         vm.inject_memslot_faults(|_, _| false);
         let err = mm.plug_range(base, BLOCK).unwrap_err();
         assert!(
-            matches!(err, HotplugError::Quarantined { gpa } if gpa == base),
+            matches!(err, MemoryManagerError::Quarantined { gpa } if gpa == base),
             "{err}"
         );
         mm.plug_range(base + SLOT_SIZE, BLOCK).unwrap();
@@ -941,7 +946,9 @@ mod tests {
         }
         assert_eq!(mm.retired_pending(), MAX_RETIRED_SLOTS);
         let err = mm.plug_range(base, BLOCK).unwrap_err();
-        assert!(matches!(err, HotplugError::Backlog { pending } if pending == MAX_RETIRED_SLOTS));
+        assert!(
+            matches!(err, MemoryManagerError::Backlog { pending } if pending == MAX_RETIRED_SLOTS)
+        );
         assert_eq!(mm.stats.plugs_refused_backlog.load(Ordering::Relaxed), 1);
         assert_eq!(mm.mapped_slots(), 0);
         drop(g);
@@ -1180,7 +1187,7 @@ mod tests {
         let err = mm.plug_range(base, len).unwrap_err();
         let msg = crate::error_chain(&err);
         assert!(
-            matches!(&err, HotplugError::Backing(BackingError::PoolShort { need, .. }) if *need == available + 1),
+            matches!(&err, MemoryManagerError::Backing(BackingError::PoolShort { need, .. }) if *need == available + 1),
             "{msg}"
         );
         assert!(
@@ -1248,7 +1255,10 @@ mod tests {
         // Plugging more than the pool holds is refused, and takes nothing.
         let err = mm.plug_range(base + BLOCK, f0 * BLOCK).unwrap_err();
         assert!(
-            matches!(err, HotplugError::Backing(BackingError::PoolShort { .. })),
+            matches!(
+                err,
+                MemoryManagerError::Backing(BackingError::PoolShort { .. })
+            ),
             "{err}"
         );
         assert_eq!(f0 - free(), 1);
