@@ -5,17 +5,66 @@
 //! run it until the guest powers off, resets, or the user or a signal ends it,
 //! then write the reports. The pieces:
 //!
-//! * [`kvm`] ([`kvm::vm`], [`kvm::vcpu`]): the KVM objects; vCPU threads dispatch exits
-//!   through buses read inside RCU read sections ([`device_manager`]).
-//! * [`memory::guest_memory`]: guest RAM and the RCU-published memory map.
-//! * [`control`]: the control thread's event loop.
-//! * [`kvm::host`], [`kvm::emulation`]: behaving well on hosts whose KVM emulates
-//!   guest kernel code.
-//! * [`report`]: what is written at exit.
+//! * [`machine`]: the assembled VM ([`Machine`]): built from the
+//!   configuration, run until it ends, taken down in order.
+//! * [`power_on`]: the power-on image (RAM as loaded, irqchip and PIT) a
+//!   reset (`--on-reset restart`) puts back.
+//! * [`device_manager`]: the devices, their interrupts, and the
+//!   RCU-published port-I/O and MMIO buses (replaced copy-on-write by
+//!   `add_mmio` / `add_pio`) that guest accesses are dispatched through.
+//! * [`kvm`]: everything that talks to KVM:
+//!   * [`kvm::dev_kvm`]: opening `/dev/kvm`, checking its capabilities.
+//!   * [`kvm::vm`]: the VM object: irqchip, PIT, memory slots, irqfds,
+//!     ioeventfds.
+//!   * [`kvm::vcpu`]: vCPU threads; an MMIO or port-I/O exit is handled in
+//!     its `handle_exit`, which dispatches it to the buses inside an RCU
+//!     read section.
+//!   * [`kvm::kick`]: getting a vCPU thread out of `KVM_RUN`.
+//!   * [`kvm::vcpu_state`]: a vCPU's power-on state, put back on a reset.
+//!   * [`kvm::kvm_stats`]: KVM's binary statistics of a vCPU.
+//!   * [`kvm::emulation`]: `KVM_EXIT_INTERNAL_ERROR`, explained.
+//!   * [`kvm::guest_pagewalk`]: guest page-table walks (the bytes at a
+//!     failing RIP).
+//!   * [`kvm::host`]: hardware or emulation-only KVM, and what that means
+//!     for guests.
+//! * [`memory`]: guest memory and memory hot-plug:
+//!   * [`memory::guest_memory`]: guest RAM and the RCU-published guest
+//!     memory map.
+//!   * [`memory::memory_manager`]: the hot-plug slots; the map is swapped in
+//!     `MemoryManager::publish`, retired slots unmapped after a grace
+//!     period.
+//!   * [`memory::memory_backing`]: how hot-plugged memory is backed.
+//!   * [`memory::hotplug_device`]: a virtio-mem device wired to the VM, and
+//!     the control-thread worker that processes its requests.
+//! * [`control`]: the control thread:
+//!   * [`control::event_loop`]: its event loop, and why the VM stopped.
+//!   * [`control::vm_controller`]: where a QMP command acts on the VM (the
+//!     control side's [`qmp::VmOps`]).
+//!   * [`control::console`]: the serial console on the terminal.
+//!   * [`control::console_output`]: guest console output, buffered by
+//!     vCPUs.
+//!   * [`control::stdout_writer`]: that output written to stdout by the
+//!     control thread without blocking.
+//!   * [`control::signals`]: termination signals through a signalfd.
+//! * [`qmp`]: the QMP socket: framing, connections, QEMU's errors; a
+//!   command lands in `qmp/commands.rs`, which parses it and calls
+//!   [`qmp::VmOps`].
+//! * [`report`]: what is recorded during the VM's life and written at exit:
+//!   * [`report::rcu_lifetime`]: the RCU lifetime record.
+//!   * [`report::rcu_plot`]: its SVG plot.
+//!   * [`report::metrics`]: the VMM's own costs.
+//!   * [`report::output`]: the JSON reports and the table on stderr.
+//!   * [`report::report_file`]: writing a report file without following
+//!     planted links.
+//! * [`cli`]: the command line and stderr:
+//!   * [`cli::config`]: the command line, parsed and checked.
+//!   * [`cli::size`]: sizes as users write them.
+//!   * [`cli::kernel_cmdline`]: what the VMM appends to the kernel command
+//!     line.
+//!   * [`cli::logger`]: the stderr logger; [`cli::logger::stderr_line`].
+//!   * [`cli::log_limit`]: the per-call-site log budget.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
-//!   VM is set up.
-//! * [`control::console_output`], [`control::stdout_writer`]: guest console output, buffered
-//!   by vCPUs and written by the control thread without blocking.
+//!   VM is set up (one filter per thread kind in `seccomp/`).
 //!
 //! # Rule: no blocking I/O inside an RCU read section
 //!
