@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # What kind of KVM this host has, by the rule the VMM uses
-# (vmm/src/host.rs, `vmm --host-kind`; docs/hosts.md):
+# (vmm/src/kvm/host.rs, `vmm --host-kind`; docs/hosts.md):
 #   hardware        vmx or svm in /proc/cpuinfo and no kvm_pvm module
 #   emulation-only  the kvm_pvm module is loaded, or neither vmx nor svm:
 #                   guest kernel code runs in KVM's instruction emulator and

@@ -104,7 +104,7 @@ mod tests {
         }
         assert_eq!(l.admit(SITE, t0), Admit::Suppress);
         assert_eq!(
-            l.admit(("vmm/src/memory_manager.rs", 7), t0),
+            l.admit(("vmm/src/memory/memory_manager.rs", 7), t0),
             Admit::Print { suppressed: 0 }
         );
     }

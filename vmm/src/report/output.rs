@@ -212,15 +212,19 @@ mod tests {
             },
             by_site: vec![
                 site("vmm/src/device_manager.rs:140:22", "bus replace", 1440),
-                site("vmm/src/memory_manager.rs:230:9", "memory map replace", 20),
                 site(
-                    "vmm/src/memory_manager.rs:243:13",
+                    "vmm/src/memory/memory_manager.rs:230:9",
+                    "memory map replace",
+                    20,
+                ),
+                site(
+                    "vmm/src/memory/memory_manager.rs:243:13",
                     "hot-plug slot unmapped",
                     10,
                 ),
                 site("vmm/src/lib.rs:86:5", "drain_call_rcu", 1),
                 site("vmm/src/x.rs:1:1", "RcuCell::replace", 1),
-                site("vmm/src/control.rs:77:3", "", 15),
+                site("vmm/src/control/event_loop.rs:77:3", "", 15),
                 site("vmm/src/y.rs:9:1", "", 3),
             ],
             ..Stats::default()
@@ -279,7 +283,7 @@ mod tests {
         assert!(line("hot-plug slot unmapped").contains("memory_manager.rs:243"));
         assert!(line("1  drain_call_rcu").contains("lib.rs:86"));
         // Top five by the core's order; the rest summed.
-        assert!(!t.contains("control.rs"));
+        assert!(!t.contains("event_loop.rs"));
         assert!(line("other sites").contains("18"));
     }
 

@@ -686,13 +686,13 @@ mod tests {
         };
         assert_eq!(
             site_label(&site(
-                "vmm/src/memory_manager.rs:243:13",
+                "vmm/src/memory/memory_manager.rs:243:13",
                 "hot-plug slot unmapped"
             )),
             "hot-plug slot unmapped"
         );
         assert_eq!(
-            site_label(&site("vmm/src/memory_manager.rs:243:13", "")),
+            site_label(&site("vmm/src/memory/memory_manager.rs:243:13", "")),
             "memory_manager.rs:243"
         );
         assert_eq!(short_site("/abs/x.rs:7"), "x.rs:7");

@@ -68,9 +68,9 @@ pub(crate) fn allow(
         // The event loop and what it watches.
         libc::SYS_epoll_wait,
         // The console output's final flush waits for stdout to be writable
-        // with a deadline (stdout_writer.rs), as does writing a stdout that
+        // with a deadline (control/stdout_writer.rs), as does writing a stdout that
         // could not be reopened non-blocking; console input checks, timeout
-        // 0, whether more is waiting (console.rs read_available).
+        // 0, whether more is waiting (control/console.rs read_available).
         libc::SYS_poll,
         libc::SYS_epoll_ctl,
         libc::SYS_read,

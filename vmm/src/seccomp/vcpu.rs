@@ -45,7 +45,7 @@ pub(crate) fn ioctls() -> [u64; 13] {
         request::KVM_SET_REGS(),
         request::KVM_SET_VCPU_EVENTS(),
         // A machine reset with `--on-reset restart`: the parked vCPU puts
-        // its own power-on state back (vcpu_state.rs; with KVM_SET_REGS
+        // its own power-on state back (kvm/vcpu_state.rs; with KVM_SET_REGS
         // and KVM_SET_VCPU_EVENTS above). Only setters on its own vCPU fd.
         request::KVM_SET_MP_STATE(),
         request::KVM_SET_SREGS(),
