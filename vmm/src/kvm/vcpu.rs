@@ -142,10 +142,35 @@ impl VcpuStats {
     }
 }
 
+/// Where a vCPU thread is in its life, as its handle sees it. Every
+/// transition is made under [`Control::inner`]'s lock and announced on
+/// [`Control::cv`]:
+///
+/// ```text
+///            request_pause               the thread is out of KVM_RUN
+///  Running ────────────────▶ Pausing ──────────────────────────────▶ Parked
+///     ▲ ▲                       │                                    │ │ reset: the thread puts
+///     │ └──────── resume ───────┘                                    │ │ its power-on state back
+///     └───────────────────────────── resume ─────────────────────────┘ ◀┘ and stays Parked
+///  Running ── the guest resets (triple fault, reset event) ──▶ Pausing (then Parked)
+///  any state but Exited ── request_stop ──▶ Stopping ── the thread ends ──▶ Exited
+///  any state ── the thread ends (power-off, fatal error, panic) ──▶ Exited
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunState {
+enum VcpuRunState {
+    /// In `KVM_RUN`, or on its way in or out of it.
     Running,
-    Paused,
+    /// Asked to park; it parks at its next pass through the top of its loop.
+    Pausing,
+    /// Out of `KVM_RUN`, waiting on [`Control::cv`] for a resume, a reset
+    /// or a stop.
+    Parked,
+    /// Asked to end; it ends at its next pass through the top of its loop
+    /// (at once if parked).
+    Stopping,
+    /// The thread's run function returned (it may still be unwinding its
+    /// thread-locals; joining it does not wait on the guest).
+    Exited,
 }
 
 /// A machine reset asked of a parked vCPU ([`VcpuHandle::reset`]).
@@ -159,15 +184,65 @@ enum ResetStep {
     Done(Result<(), String>),
 }
 
-/// Requests to a vCPU thread and its acknowledgements.
+/// The part of [`Control`] under its lock.
+#[derive(Debug)]
+struct Inner {
+    state: VcpuRunState,
+    reset: ResetStep,
+}
+
+/// Requests to a vCPU thread and its answers.
 #[derive(Debug)]
 struct Control {
-    /// Set to leave `KVM_RUN` and look at `state`/`stop`.
+    /// Set, before the kick, whenever `inner.state` asks the thread to leave
+    /// `KVM_RUN`; the thread clears it at the top of its loop and then
+    /// looks at the state. A kick that lands before `KVM_RUN` makes it
+    /// return at once (`immediate_exit`), so one kick per request is enough.
     pending: AtomicBool,
-    stop: AtomicBool,
-    state: Mutex<(RunState, bool /* parked */)>,
-    reset: Mutex<ResetStep>,
+    inner: Mutex<Inner>,
     cv: Condvar,
+}
+
+impl Control {
+    /// Moves to `to` and wakes every waiter.
+    fn set(&self, inner: &mut Inner, to: VcpuRunState) {
+        inner.state = to;
+        self.cv.notify_all();
+    }
+
+    /// Waits on the condition variable until `done` holds or `deadline`
+    /// passes; returns the guard and whether `done` held.
+    fn wait_until<'a>(
+        &self,
+        mut g: std::sync::MutexGuard<'a, Inner>,
+        deadline: Instant,
+        mut done: impl FnMut(&mut Inner) -> bool,
+    ) -> (std::sync::MutexGuard<'a, Inner>, bool) {
+        loop {
+            if done(&mut g) {
+                return (g, true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (g, false);
+            }
+            g = match self.cv.wait_timeout(g, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Marks the vCPU [`VcpuRunState::Exited`] when its thread's run function
+/// ends, however it ends (return, early error or panic).
+struct ExitedOnDrop(Arc<Control>);
+
+impl Drop for ExitedOnDrop {
+    fn drop(&mut self) {
+        let mut g = lock(&self.0.inner);
+        self.0.set(&mut g, VcpuRunState::Exited);
+    }
 }
 
 /// The control thread's handle on a running vCPU. Shareable: every method
@@ -181,13 +256,6 @@ pub struct VcpuHandle {
     tid: Arc<std::sync::atomic::AtomicI64>,
     /// A stop gave up on the thread: never wait for it again.
     abandoned: AtomicBool,
-}
-
-enum Next {
-    Continue,
-    /// The guest reset: park until the control thread decides.
-    Park,
-    Stop,
 }
 
 impl VcpuHandle {
@@ -208,9 +276,10 @@ impl VcpuHandle {
     ) -> Result<Self, VcpuError> {
         let control = Arc::new(Control {
             pending: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            state: Mutex::new((RunState::Running, false)),
-            reset: Mutex::new(ResetStep::Idle),
+            inner: Mutex::new(Inner {
+                state: VcpuRunState::Running,
+                reset: ResetStep::Idle,
+            }),
             cv: Condvar::new(),
         });
         let stats = Arc::new(VcpuStats::default());
@@ -219,6 +288,7 @@ impl VcpuHandle {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                let _exited = ExitedOnDrop(Arc::clone(&c));
                 // SAFETY: gettid has no preconditions.
                 t.store(i64::from(unsafe { libc::gettid() }), Ordering::Release);
                 run(index, vcpu, ctx, &c, &s, power_on.as_ref())
@@ -254,6 +324,8 @@ impl VcpuHandle {
         self.tid.load(Ordering::Acquire)
     }
 
+    /// Makes the thread look at its state: `pending` first, then the signal
+    /// that takes it out of `KVM_RUN`.
     fn kick(&self) {
         self.control.pending.store(true, Ordering::SeqCst);
         if let Some(t) = lock(&self.thread).as_ref() {
@@ -262,40 +334,30 @@ impl VcpuHandle {
     }
 
     /// Asks the vCPU to pause and kicks it out of `KVM_RUN`; does not wait
-    /// (see [`wait_parked`](Self::wait_parked)).
+    /// (see [`wait_parked`](Self::wait_parked)). No effect on a vCPU that is
+    /// stopping or has ended.
     pub fn request_pause(&self) {
-        lock(&self.control.state).0 = RunState::Paused;
+        {
+            let mut g = lock(&self.control.inner);
+            if g.state == VcpuRunState::Running {
+                self.control.set(&mut g, VcpuRunState::Pausing);
+            }
+        }
         self.kick();
     }
 
     /// Waits until the vCPU is parked (out of `KVM_RUN`, waiting to resume)
-    /// or its thread ended, re-kicking it every 10 ms, but not past
-    /// `deadline`. Returns `false` if it did not park by then: it is still
-    /// running guest code or, if a device access blocks, stuck in it. The
-    /// pause request stays (it parks when it gets back) until the caller
-    /// [`resume`](Self::resume)s it, as [`pause_all`] does.
+    /// or its thread ended, but not past `deadline`. Returns `false` if it
+    /// did not park by then: it is still running guest code or, if a device
+    /// access blocks, stuck in it. The pause request stays (it parks when it
+    /// gets back) until the caller [`resume`](Self::resume)s it, as
+    /// [`pause_all`] does.
     pub fn wait_parked(&self, deadline: Instant) -> bool {
-        let mut st = lock(&self.control.state);
-        while !st.1 && !self.finished() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            st = match self
-                .control
-                .cv
-                .wait_timeout(st, left.min(std::time::Duration::from_millis(10)))
-            {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
-            if !st.1 {
-                // The kick may have raced with the thread entering the
-                // pause check; kicks are idempotent.
-                self.kick();
-            }
-        }
-        true
+        let g = lock(&self.control.inner);
+        let (_g, parked) = self.control.wait_until(g, deadline, |i| {
+            matches!(i.state, VcpuRunState::Parked | VcpuRunState::Exited)
+        });
+        parked
     }
 
     /// Asks the vCPU to pause and waits until it is out of `KVM_RUN`, at
@@ -310,7 +372,10 @@ impl VcpuHandle {
     /// or because the guest reset); it may still be on its way out of
     /// `KVM_RUN`.
     pub fn is_paused(&self) -> bool {
-        lock(&self.control.state).0 == RunState::Paused
+        matches!(
+            lock(&self.control.inner).state,
+            VcpuRunState::Pausing | VcpuRunState::Parked
+        )
     }
 
     /// Puts the vCPU back in its power-on state (the state given to
@@ -319,93 +384,76 @@ impl VcpuHandle {
     /// for the vCPU thread to do it, at most until `deadline`.
     pub fn reset(&self, deadline: Instant) -> Result<(), String> {
         let index = self.index;
-        {
-            let st = lock(&self.control.state);
-            if !st.1 {
-                return Err(format!("vCPU {index} is not paused"));
-            }
+        let mut g = lock(&self.control.inner);
+        if g.state != VcpuRunState::Parked {
+            return Err(format!("vCPU {index} is not paused"));
         }
-        *lock(&self.control.reset) = ResetStep::Requested;
-        // Wake the parked thread (it checks the reset request first).
-        {
-            let _st = lock(&self.control.state);
-            self.control.cv.notify_all();
-        }
-        let mut st = lock(&self.control.state);
-        loop {
-            {
-                let mut step = lock(&self.control.reset);
-                if let ResetStep::Done(r) = &*step {
-                    let r = r.clone();
-                    *step = ResetStep::Idle;
-                    return r;
-                }
+        g.reset = ResetStep::Requested;
+        self.control.cv.notify_all();
+        let (mut g, answered) = self.control.wait_until(g, deadline, |i| {
+            matches!(i.reset, ResetStep::Done(_)) || i.state == VcpuRunState::Exited
+        });
+        match std::mem::replace(&mut g.reset, ResetStep::Idle) {
+            ResetStep::Done(r) => r,
+            _ if g.state == VcpuRunState::Exited => {
+                Err(format!("vCPU {index} ended before it was reset"))
             }
-            if self.finished() {
-                return Err(format!("vCPU {index} ended before it was reset"));
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                *lock(&self.control.reset) = ResetStep::Idle;
-                return Err(format!(
+            _ => {
+                debug_assert!(!answered);
+                Err(format!(
                     "vCPU {index} did not reset within {} s",
                     ANSWER_DEADLINE.as_secs()
-                ));
+                ))
             }
-            st = match self
-                .control
-                .cv
-                .wait_timeout(st, left.min(std::time::Duration::from_millis(10)))
-            {
-                Ok((g, _)) => g,
-                Err(e) => e.into_inner().0,
-            };
         }
     }
 
-    /// Lets a paused vCPU run again.
+    /// Lets a paused vCPU run again (no effect on one that is stopping or
+    /// has ended).
     pub fn resume(&self) {
-        let mut st = lock(&self.control.state);
-        st.0 = RunState::Running;
-        self.control.cv.notify_all();
+        let mut g = lock(&self.control.inner);
+        if matches!(g.state, VcpuRunState::Pausing | VcpuRunState::Parked) {
+            self.control.set(&mut g, VcpuRunState::Running);
+        }
     }
 
     /// Whether the thread has ended.
     pub fn finished(&self) -> bool {
-        lock(&self.thread)
-            .as_ref()
-            .is_none_or(JoinHandle::is_finished)
+        lock(&self.control.inner).state == VcpuRunState::Exited
     }
 
-    /// Asks the vCPU thread to end and kicks it; does not wait (see
-    /// [`wait_stopped`](Self::wait_stopped)).
+    /// Asks the vCPU thread to end and kicks it (a parked one is woken);
+    /// does not wait (see [`wait_stopped`](Self::wait_stopped)).
     pub fn request_stop(&self) {
-        self.control.stop.store(true, Ordering::SeqCst);
-        self.resume();
+        {
+            let mut g = lock(&self.control.inner);
+            if g.state != VcpuRunState::Exited {
+                self.control.set(&mut g, VcpuRunState::Stopping);
+            }
+        }
         self.kick();
     }
 
-    /// Waits for the thread to end, kicking it every millisecond, and joins
-    /// it; gives up at `deadline` and returns `false` (the thread is then
-    /// left running, stuck where it is, and never waited for again: the
-    /// caller must not free what it may still use, such as guest memory).
+    /// Waits for the thread to end and joins it; gives up at `deadline` and
+    /// returns `false` (the thread is then left running, stuck where it is,
+    /// and never waited for again: the caller must not free what it may
+    /// still use, such as guest memory).
     pub fn wait_stopped(&self, deadline: Instant) -> bool {
-        let mut slot = lock(&self.thread);
-        let Some(t) = slot.as_ref() else {
-            return true;
-        };
         if self.abandoned.load(Ordering::Relaxed) {
             return false;
         }
-        while !t.is_finished() {
-            if Instant::now() >= deadline {
-                self.abandoned.store(true, Ordering::Relaxed);
-                return false;
-            }
-            kick::kick(t);
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        let g = lock(&self.control.inner);
+        let (g, exited) = self
+            .control
+            .wait_until(g, deadline, |i| i.state == VcpuRunState::Exited);
+        drop(g);
+        if !exited {
+            self.abandoned.store(true, Ordering::Relaxed);
+            return false;
         }
-        if let Some(t) = slot.take() {
+        // The run function has returned: what is left is the thread's own
+        // teardown, which does not wait on the guest.
+        if let Some(t) = lock(&self.thread).take() {
             let _ = t.join();
         }
         true
@@ -559,6 +607,29 @@ fn thread_cpu_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
+/// What an exit asks of the vCPU thread once it is handled.
+enum ExitAction {
+    /// Enter the guest again.
+    Resume,
+    /// The guest reset: park until the control thread resets the machine
+    /// (or ends it).
+    Park,
+    /// The guest powered off: end the thread.
+    Stop,
+    /// Stop the VM with this message (the thread ends).
+    Fatal(String),
+}
+
+/// How far handling an exit got while the exit data borrowed the vCPU.
+enum Handled {
+    /// Handled; the thread does this next.
+    Done(ExitAction),
+    /// KVM could not emulate an instruction: the emulation fallback needs
+    /// the vCPU itself (its registers), so it runs after the exit data is
+    /// dropped.
+    NeedsEmulation,
+}
+
 fn run_loop(
     index: u32,
     vcpu: &mut VcpuFd,
@@ -569,13 +640,10 @@ fn run_loop(
 ) {
     let mut first = true;
     loop {
-        if control.pending.swap(false, Ordering::SeqCst) || control.stop.load(Ordering::SeqCst) {
-            if control.stop.load(Ordering::SeqCst) {
-                return;
-            }
-            if wait_while_paused(control, vcpu, power_on) {
-                return;
-            }
+        if control.pending.swap(false, Ordering::SeqCst)
+            && !answer_requests(control, vcpu, power_on)
+        {
+            return;
         }
         if first {
             first = false;
@@ -589,184 +657,179 @@ fn run_loop(
         }
         let result = vcpu.run();
         let t = Instant::now();
-        let next = match result {
+        let handled = match result {
             Ok(exit) => handle_exit(index, exit, ctx, stats),
-            Err(e) => match e.errno() {
+            Err(e) => Handled::Done(match e.errno() {
                 libc::EINTR => {
                     stats.interrupted.fetch_add(1, Ordering::Relaxed);
-                    Ok(Next::Continue)
+                    ExitAction::Resume
                 }
-                libc::EAGAIN => Ok(Next::Continue),
-                libc::EFAULT => Err(NeedsVcpu::Fatal(format!(
+                libc::EAGAIN => ExitAction::Resume,
+                libc::EFAULT => ExitAction::Fatal(format!(
                     "vCPU {index}: KVM_RUN failed: {e}: the guest accessed memory the host \
                      does not back for it (such as a write to an unplugged hot-plug block)"
-                ))),
-                _ => Err(NeedsVcpu::Fatal(format!(
-                    "vCPU {index}: KVM_RUN failed: {e}"
-                ))),
-            },
+                )),
+                _ => ExitAction::Fatal(format!("vCPU {index}: KVM_RUN failed: {e}")),
+            }),
         };
         // Clear a kick's immediate exit before the next KVM_RUN (requests
         // are re-checked at the top of the loop first).
         vcpu.set_kvm_immediate_exit(0);
-        let next = match next {
-            Err(NeedsVcpu::InternalError) => {
+        let action = match handled {
+            Handled::Done(action) => action,
+            Handled::NeedsEmulation => {
                 let g = rcu::read_lock();
                 match emulation::handle_internal_error(vcpu, index, ctx.memory.read(&g)) {
                     Outcome::Completed => {
                         stats.int3_completed.fetch_add(1, Ordering::Relaxed);
-                        Next::Continue
+                        ExitAction::Resume
                     }
-                    Outcome::Fatal(msg) => {
-                        ctx.fatal.report(msg);
-                        Next::Stop
-                    }
+                    Outcome::Fatal(msg) => ExitAction::Fatal(msg),
                 }
             }
-            Err(NeedsVcpu::Fatal(msg)) => {
-                ctx.fatal.report(msg);
-                Next::Stop
-            }
-            Ok(n) => n,
         };
         stats.handling_ns.fetch_add(
             u64::try_from(t.elapsed().as_nanos()).unwrap_or(0),
             Ordering::Relaxed,
         );
-        match next {
-            Next::Stop => return,
-            Next::Park => {
-                // Parked like a pause: the control thread resets the
-                // machine (or ends it) and resumes it.
-                lock(&control.state).0 = RunState::Paused;
+        match action {
+            ExitAction::Resume => {}
+            ExitAction::Park => {
+                // Parked like a pause (Running -> Pausing): the control
+                // thread resets the machine (or ends it) and resumes it.
+                let mut g = lock(&control.inner);
+                if g.state == VcpuRunState::Running {
+                    control.set(&mut g, VcpuRunState::Pausing);
+                }
                 control.pending.store(true, Ordering::SeqCst);
             }
-            Next::Continue => {}
+            ExitAction::Stop => return,
+            ExitAction::Fatal(msg) => {
+                ctx.fatal.report(msg);
+                return;
+            }
         }
     }
 }
 
-/// Blocks while the vCPU is paused, putting its power-on state back when
-/// the control thread asks ([`VcpuHandle::reset`]); returns `true` if it
-/// must stop.
-fn wait_while_paused(control: &Control, vcpu: &VcpuFd, power_on: Option<&VcpuState>) -> bool {
-    let mut st = lock(&control.state);
-    while st.0 == RunState::Paused && !control.stop.load(Ordering::SeqCst) {
-        st.1 = true;
-        {
-            let mut reset = lock(&control.reset);
-            if *reset == ResetStep::Requested {
-                let outcome = match power_on {
-                    Some(s) => s.restore(vcpu).map_err(|e| crate::error_chain(&e)),
-                    None => Err("no power-on state was kept".to_string()),
+/// Answers what the control thread asked (the thread saw `pending`): parks
+/// while paused (Pausing -> Parked), putting the power-on state back when a
+/// reset is asked; returns `false` if the thread must end.
+fn answer_requests(control: &Control, vcpu: &VcpuFd, power_on: Option<&VcpuState>) -> bool {
+    let mut g = lock(&control.inner);
+    loop {
+        match g.state {
+            VcpuRunState::Running => return true,
+            VcpuRunState::Stopping | VcpuRunState::Exited => return false,
+            VcpuRunState::Pausing | VcpuRunState::Parked => {
+                if g.reset == ResetStep::Requested {
+                    g.reset = ResetStep::Done(match power_on {
+                        Some(s) => s.restore(vcpu).map_err(|e| crate::error_chain(&e)),
+                        None => Err("no power-on state was kept".to_string()),
+                    });
+                }
+                control.set(&mut g, VcpuRunState::Parked);
+                g = match control.cv.wait(g) {
+                    Ok(g) => g,
+                    Err(e) => e.into_inner(),
                 };
-                *reset = ResetStep::Done(outcome);
             }
         }
-        control.cv.notify_all();
-        st = match control.cv.wait(st) {
-            Ok(g) => g,
-            Err(e) => e.into_inner(),
-        };
-    }
-    st.1 = false;
-    control.stop.load(Ordering::SeqCst)
-}
-
-/// Exits that need the vCPU itself (not just the exit data) to handle.
-enum NeedsVcpu {
-    InternalError,
-    Fatal(String),
-}
-
-impl From<String> for NeedsVcpu {
-    fn from(s: String) -> Self {
-        NeedsVcpu::Fatal(s)
     }
 }
 
-fn handle_exit(
-    index: u32,
-    exit: VcpuExit<'_>,
-    ctx: &VcpuContext,
+/// A guest access to a bus, as the exit gives it.
+enum BusAccess<'a> {
+    Read(&'a mut [u8]),
+    Write(&'a [u8]),
+}
+
+/// Hands an I/O or MMIO access to the device the bus maps `addr` to, inside
+/// a read section; counts it in `kind` (and in `unclaimed` if no device
+/// claims it: reads of unclaimed addresses return what the bus fills in).
+fn dispatch(
+    bus: &RcuCell<Bus>,
+    kind: &AtomicU64,
     stats: &VcpuStats,
-) -> Result<Next, NeedsVcpu> {
+    addr: u64,
+    access: BusAccess<'_>,
+) -> Handled {
+    kind.fetch_add(1, Ordering::Relaxed);
+    let g = rcu::read_lock();
+    let bus = bus.read(&g);
+    let claimed = match access {
+        BusAccess::Read(data) => bus.dispatch_read(addr, data),
+        BusAccess::Write(data) => bus.dispatch_write(addr, data),
+    };
+    if !claimed {
+        stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+    }
+    Handled::Done(ExitAction::Resume)
+}
+
+fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext, stats: &VcpuStats) -> Handled {
+    let done = Handled::Done;
     match exit {
-        VcpuExit::IoIn(port, data) => {
-            stats.io.fetch_add(1, Ordering::Relaxed);
-            let g = rcu::read_lock();
-            if !ctx.pio.read(&g).dispatch_read(u64::from(port), data) {
-                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Next::Continue)
-        }
-        VcpuExit::IoOut(port, data) => {
-            stats.io.fetch_add(1, Ordering::Relaxed);
-            let g = rcu::read_lock();
-            if !ctx.pio.read(&g).dispatch_write(u64::from(port), data) {
-                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Next::Continue)
-        }
+        VcpuExit::IoIn(port, data) => dispatch(
+            &ctx.pio,
+            &stats.io,
+            stats,
+            u64::from(port),
+            BusAccess::Read(data),
+        ),
+        VcpuExit::IoOut(port, data) => dispatch(
+            &ctx.pio,
+            &stats.io,
+            stats,
+            u64::from(port),
+            BusAccess::Write(data),
+        ),
         VcpuExit::MmioRead(addr, data) => {
-            stats.mmio.fetch_add(1, Ordering::Relaxed);
-            let g = rcu::read_lock();
-            if !ctx.mmio.read(&g).dispatch_read(addr, data) {
-                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Next::Continue)
+            dispatch(&ctx.mmio, &stats.mmio, stats, addr, BusAccess::Read(data))
         }
         VcpuExit::MmioWrite(addr, data) => {
-            stats.mmio.fetch_add(1, Ordering::Relaxed);
-            let g = rcu::read_lock();
-            if !ctx.mmio.read(&g).dispatch_write(addr, data) {
-                stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Next::Continue)
+            dispatch(&ctx.mmio, &stats.mmio, stats, addr, BusAccess::Write(data))
         }
         VcpuExit::Shutdown => {
             // Triple fault: a reset. The control thread reboots the
             // machine or ends it (`--on-reset`).
             stats.other.fetch_add(1, Ordering::Relaxed);
             ctx.exit.request(ExitRequest::Reset);
-            Ok(Next::Park)
+            done(ExitAction::Park)
         }
         VcpuExit::SystemEvent(kind, _) => {
             stats.other.fetch_add(1, Ordering::Relaxed);
-            match kind {
+            done(match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => {
                     ctx.exit.request(ExitRequest::PowerOff);
+                    ExitAction::Stop
                 }
                 kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
                     ctx.exit.request(ExitRequest::Reset);
-                    return Ok(Next::Park);
+                    ExitAction::Park
                 }
                 other => {
-                    return Err(format!("vCPU {index}: guest system event {other} (crash)").into());
+                    ExitAction::Fatal(format!("vCPU {index}: guest system event {other} (crash)"))
                 }
-            }
-            Ok(Next::Stop)
+            })
         }
-        VcpuExit::Hlt => {
+        VcpuExit::Hlt | VcpuExit::IoapicEoi(_) => {
             stats.other.fetch_add(1, Ordering::Relaxed);
-            Ok(Next::Continue)
+            done(ExitAction::Resume)
         }
         VcpuExit::Intr => {
             stats.interrupted.fetch_add(1, Ordering::Relaxed);
-            Ok(Next::Continue)
-        }
-        VcpuExit::IoapicEoi(_) => {
-            stats.other.fetch_add(1, Ordering::Relaxed);
-            Ok(Next::Continue)
+            done(ExitAction::Resume)
         }
         VcpuExit::InternalError => {
             stats.other.fetch_add(1, Ordering::Relaxed);
-            Err(NeedsVcpu::InternalError)
+            Handled::NeedsEmulation
         }
-        VcpuExit::FailEntry(reason, cpu) => Err(format!(
+        VcpuExit::FailEntry(reason, cpu) => done(ExitAction::Fatal(format!(
             "vCPU {index}: KVM could not enter the guest (hardware entry failure reason {reason:#x} on host CPU {cpu})"
-        )
-        .into()),
-        other => Err(format!("vCPU {index}: unexpected exit from KVM_RUN: {other:?}").into()),
+        ))),
+        other => done(ExitAction::Fatal(format!(
+            "vCPU {index}: unexpected exit from KVM_RUN: {other:?}"
+        ))),
     }
 }
