@@ -176,6 +176,24 @@ pub struct RunOutcome {
 /// record, QMP event); called on the control thread.
 type SizeChanged = Arc<dyn Fn(u64) + Send + Sync>;
 
+/// What [`Machine::run`] sets up around the control loop, and takes down
+/// at the end.
+struct Session {
+    control: ControlLoop,
+    /// Why the VM should stop, filled by the loop's subscribers.
+    stop: StopSlot,
+    /// The terminal in raw mode while the console runs (restored on drop).
+    raw: Option<RawTerminal>,
+    drain: Arc<Mutex<ConsoleDrain>>,
+    lifetime: Arc<Mutex<LifetimeRecorder>>,
+    /// Set while a QMP client has the VM paused (`stop`): a reset keeps it
+    /// paused, as QEMU does.
+    user_paused: Arc<std::sync::atomic::AtomicBool>,
+    qmp: Option<Arc<Mutex<QmpServer>>>,
+    /// One per virtio-mem device, in the order of `Machine::hotplug`.
+    size_changed: Vec<SizeChanged>,
+}
+
 /// The hardware of a VM, without anything to boot.
 #[derive(Debug, Clone)]
 pub struct HardwareSpec {
@@ -461,7 +479,28 @@ impl Machine {
 
     /// Starts the vCPUs and runs the control loop until the VM ends; stops
     /// every vCPU before returning.
+    ///
+    /// In order: the control loop and its subscribers, the RCU lifetime
+    /// record, the QMP server, the virtio-mem workers, the vCPUs, the loop
+    /// itself with its reboots in place, and the teardown (one private
+    /// method each).
     pub fn run(&mut self, options: RunOptions) -> Result<RunOutcome, MachineError> {
+        let mut session = self.control_loop(&options)?;
+        // The control thread reads the memory map (virtio-mem requests, QMP)
+        // and must not make grace periods interrupt the vCPUs either.
+        rcu::set_reader_mode(rcu::ReaderMode::Fenced);
+        self.record_lifetime(&mut session);
+        self.start_qmp(&options, &mut session)?;
+        self.add_hotplug_workers(&mut session);
+        let (vcpus, image) = self.start_vcpus(&options)?;
+        let result = self.run_until_end(&mut session, &vcpus, image.as_ref());
+        Ok(self.finish(session, &vcpus, result)?)
+    }
+
+    /// The control loop with what every run has: guest power-off, reset and
+    /// fatal errors and signals ([`Lifecycle`]), the console (if asked),
+    /// the drain of guest console output to stdout, and the time limit.
+    fn control_loop(&self, options: &RunOptions) -> Result<Session, MachineError> {
         let stop: StopSlot = Arc::new(Mutex::new(None));
         let signals = SignalFd::new().map_err(MachineError::Signals)?;
         let mut control = ControlLoop::new(Arc::clone(&stop))?;
@@ -500,78 +539,85 @@ impl Machine {
             writer,
         )));
         control.add(drain.clone());
+        Ok(Session {
+            control,
+            stop,
+            raw,
+            drain,
+            lifetime: Arc::new(Mutex::new(LifetimeRecorder::new(self.marks.start))),
+            user_paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            qmp: None,
+            size_changed: Vec::new(),
+        })
+    }
 
-        // The control thread reads the memory map (virtio-mem requests, QMP)
-        // and must not make grace periods interrupt the vCPUs either.
-        rcu::set_reader_mode(rcu::ReaderMode::Fenced);
-
-        // The RCU lifetime: sampled by the loop, marked at boot, plugs and
-        // unplugs, and at the end.
-        let lifetime = Arc::new(Mutex::new(LifetimeRecorder::new(self.marks.start)));
-        {
-            let (rec, marks) = (Arc::clone(&lifetime), Arc::clone(&self.marks));
-            let mut booted = false;
-            control.set_tick(Box::new(move |now| {
-                let mut r = lock(&rec);
-                if !booted {
-                    let ns = marks
-                        .first_run_ns
-                        .load(std::sync::atomic::Ordering::Relaxed);
-                    if ns != 0 {
-                        booted = true;
-                        r.mark_boot(marks.start + std::time::Duration::from_nanos(ns));
-                    }
+    /// The RCU lifetime: sampled by the loop's tick, marked at boot (the
+    /// first `KVM_RUN`), at plugs and unplugs, and at the end.
+    fn record_lifetime(&self, session: &mut Session) {
+        let (rec, marks) = (Arc::clone(&session.lifetime), Arc::clone(&self.marks));
+        let mut booted = false;
+        session.control.set_tick(Box::new(move |now| {
+            let mut r = lock(&rec);
+            if !booted {
+                let ns = marks
+                    .first_run_ns
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                if ns != 0 {
+                    booted = true;
+                    r.mark_boot(marks.start + std::time::Duration::from_nanos(ns));
                 }
-                r.maybe_sample(now);
-                let next = r.next_sample_in(now);
-                if booted {
-                    next
-                } else {
-                    next.min(std::time::Duration::from_millis(10))
-                }
-            }));
-        }
-
-        // Set while a QMP client has the VM paused (`stop`): a reset keeps
-        // it paused, as QEMU does.
-        let user_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // QMP listens before the guest runs, as with QEMU.
-        let qmp = match &options.qmp {
-            Some(path) => {
-                let rec = Arc::clone(&lifetime);
-                let ops = VmController::new(
-                    Arc::clone(&self.vcpus),
-                    Arc::clone(&self.devices.ged),
-                    Arc::clone(&stop),
-                    self.hotplug.clone(),
-                    self.spec.memory,
-                    Box::new(move || {
-                        serde_json::to_value(lock(&rec).report(Instant::now())).unwrap_or_default()
-                    }),
-                )
-                .with_reset(options.on_reset, Arc::clone(&user_paused));
-                let server = Arc::new(Mutex::new(
-                    QmpServer::new(path, Box::new(ops)).map_err(MachineError::Qmp)?,
-                ));
-                control.add(server.clone());
-                Some(server)
             }
-            None => None,
+            r.maybe_sample(now);
+            let next = r.next_sample_in(now);
+            if booted {
+                next
+            } else {
+                next.min(std::time::Duration::from_millis(10))
+            }
+        }));
+    }
+
+    /// The QMP server, if asked: it listens before the guest runs, as with
+    /// QEMU.
+    fn start_qmp(&self, options: &RunOptions, session: &mut Session) -> Result<(), MachineError> {
+        let Some(path) = &options.qmp else {
+            return Ok(());
         };
-        let events = qmp.as_ref().map(|q| lock(q).event_sender());
-        // What a change of a device's plugged size does, by the guest's
-        // requests or by a reset that unplugs everything: one per device,
-        // in the order of `self.hotplug`. The lifetime plot marks the
-        // plugged size of all devices together.
+        let rec = Arc::clone(&session.lifetime);
+        let ops = VmController::new(
+            Arc::clone(&self.vcpus),
+            Arc::clone(&self.devices.ged),
+            Arc::clone(&session.stop),
+            self.hotplug.clone(),
+            self.spec.memory,
+            Box::new(move || {
+                serde_json::to_value(lock(&rec).report(Instant::now())).unwrap_or_default()
+            }),
+        )
+        .with_reset(options.on_reset, Arc::clone(&session.user_paused));
+        let server = Arc::new(Mutex::new(
+            QmpServer::new(path, Box::new(ops)).map_err(MachineError::Qmp)?,
+        ));
+        session.control.add(server.clone());
+        session.qmp = Some(server);
+        Ok(())
+    }
+
+    /// One worker per virtio-mem device on the control loop, with what a
+    /// change of its plugged size does (by the guest's requests or by a
+    /// reset that unplugs everything): a log line, the lifetime plot's
+    /// plugged size of all devices together, and the QMP events.
+    fn add_hotplug_workers(&self, session: &mut Session) {
+        let events = session.qmp.as_ref().map(|q| lock(q).event_sender());
         let all_vmem: Arc<[Arc<devices::virtio::VirtioMem>]> =
             self.hotplug.iter().map(|h| Arc::clone(&h.vmem)).collect();
-        let size_changed: Vec<SizeChanged> = self
+        session.size_changed = self
             .hotplug
             .iter()
             .map(|h| {
                 let all_vmem = Arc::clone(&all_vmem);
                 let events = events.clone().map(Mutex::new);
-                let rec = Arc::clone(&lifetime);
+                let rec = Arc::clone(&session.lifetime);
                 let id = h.id.clone();
                 Arc::new(move |size| {
                     log::info!("virtio-mem {id}: plugged size now {size:#x}");
@@ -586,12 +632,12 @@ impl Machine {
                 }) as SizeChanged
             })
             .collect();
-        for (h, changed) in self.hotplug.iter().zip(&size_changed) {
+        for (h, changed) in self.hotplug.iter().zip(&session.size_changed) {
             let changed = Arc::clone(changed);
             let resize_events = events.clone();
             let vmem = Arc::clone(&h.vmem);
             let resize_id = h.id.clone();
-            control.add(Arc::new(Mutex::new(
+            session.control.add(Arc::new(Mutex::new(
                 HotplugWorker::new(
                     Arc::clone(h),
                     Arc::clone(&self.memory),
@@ -608,6 +654,15 @@ impl Machine {
                 })),
             )));
         }
+    }
+
+    /// Takes the power-on state (with `--on-reset restart`), prepares the
+    /// seccomp filters, starts one thread per vCPU and filters the control
+    /// thread. Returns the vCPUs and the power-on image resets go back to.
+    fn start_vcpus(
+        &mut self,
+        options: &RunOptions,
+    ) -> Result<(Arc<[VcpuHandle]>, Option<PowerOnImage>), MachineError> {
         // With `--on-reset restart`, the state a reset goes back to: taken
         // now, everything loaded, before any vCPU ran (and before any
         // filter: it reads KVM's MSR list).
@@ -653,9 +708,21 @@ impl Machine {
             return Err(e.into());
         }
         let _ = self.vcpus.set(Arc::clone(&vcpus));
-        let result = loop {
-            let result = control.run();
-            let cause = match (&result, &image) {
+        Ok((vcpus, image))
+    }
+
+    /// Runs the control loop until the VM ends; a reset with a power-on
+    /// `image` (`--on-reset restart`) reboots the machine in place, sends
+    /// QMP's `RESET` and runs the loop again.
+    fn run_until_end(
+        &self,
+        session: &mut Session,
+        vcpus: &Arc<[VcpuHandle]>,
+        image: Option<&PowerOnImage>,
+    ) -> Result<StopReason, ControlError> {
+        loop {
+            let result = session.control.run();
+            let cause = match (&result, image) {
                 (Ok(StopReason::Guest(devices::ExitRequest::Reset)), Some(_)) => {
                     ShutdownCause::GuestReset
                 }
@@ -663,29 +730,42 @@ impl Machine {
                     Ok(StopReason::Qmp(crate::control::event_loop::QmpStop::SystemReset)),
                     Some(_),
                 ) => ShutdownCause::HostQmpSystemReset,
-                _ => break result,
+                _ => return result,
             };
-            let Some(image) = &image else {
-                break result;
+            let Some(image) = image else {
+                return result;
             };
-            let keep_paused = user_paused.load(std::sync::atomic::Ordering::Acquire);
-            if let Err(msg) = self.reboot(&vcpus, image, keep_paused, &size_changed) {
-                break Ok(StopReason::Fatal(format!(
+            let keep_paused = session
+                .user_paused
+                .load(std::sync::atomic::Ordering::Acquire);
+            if let Err(msg) = self.reboot(vcpus, image, keep_paused, &session.size_changed) {
+                return Ok(StopReason::Fatal(format!(
                     "cannot reset the machine: {msg}"
                 )));
             }
-            *lock(&stop) = None;
-            lock(&lifetime).mark(
+            *lock(&session.stop) = None;
+            lock(&session.lifetime).mark(
                 Instant::now(),
                 crate::report::rcu_lifetime::MarkerKind::Boot,
                 format!("reboot in place ({})", cause.as_str()),
             );
             log::info!("machine reset ({})", cause.as_str());
-            if let Some(q) = &qmp {
+            if let Some(q) = &session.qmp {
                 lock(q).event_sender().send(QmpEvent::Reset(cause));
             }
-        };
-        let stuck_vcpus = match crate::kvm::vcpu::stop_all(&vcpus, ANSWER_DEADLINE) {
+        }
+    }
+
+    /// Stops every vCPU (naming those left behind), writes out the console
+    /// output still buffered, tells QMP clients why the VM ended and closes
+    /// their connections, and marks the end of the lifetime.
+    fn finish(
+        &self,
+        session: Session,
+        vcpus: &Arc<[VcpuHandle]>,
+        result: Result<StopReason, ControlError>,
+    ) -> Result<RunOutcome, ControlError> {
+        let stuck_vcpus = match crate::kvm::vcpu::stop_all(vcpus, ANSWER_DEADLINE) {
             Ok(()) => Vec::new(),
             Err(e) => {
                 crate::cli::logger::stderr_line(format_args!("vmm: {e}; not waiting any longer"));
@@ -694,9 +774,9 @@ impl Machine {
         };
         // The vCPUs have stopped (or were left behind): what is still
         // buffered goes out now, or is dropped and counted at the deadline.
-        lock(&drain).flush_until(Instant::now() + FINAL_FLUSH);
-        drop(raw);
-        if let (Some(q), Ok(reason)) = (&qmp, &result) {
+        lock(&session.drain).flush_until(Instant::now() + FINAL_FLUSH);
+        drop(session.raw);
+        if let (Some(q), Ok(reason)) = (&session.qmp, &result) {
             // QMP's own `quit` and `system_reset` already announced it.
             if let Some(cause) = shutdown_cause(reason) {
                 lock(q).event_sender().send(QmpEvent::Shutdown(cause));
@@ -704,11 +784,11 @@ impl Machine {
             lock(q).shutdown(std::time::Duration::from_millis(200));
         }
         let reason = result?;
-        lock(&lifetime).mark_end(Instant::now(), &reason.describe());
+        lock(&session.lifetime).mark_end(Instant::now(), &reason.describe());
         Ok(RunOutcome {
             reason,
             vcpu_stats: vcpus.iter().map(VcpuHandle::stats_arc).collect(),
-            lifetime,
+            lifetime: session.lifetime,
             stuck_vcpus,
             console_bytes: self.devices.console_output.accepted(),
             console_bytes_dropped: self.devices.console_output.dropped(),
