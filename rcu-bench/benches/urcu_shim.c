@@ -21,14 +21,6 @@
 
 #define PAGE_WORDS 512 /* 4 KiB */
 
-#include <time.h>
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
 #define STOP_EVERY 1024
 
 void shim_register(void) { urcu_memb_register_thread(); }
