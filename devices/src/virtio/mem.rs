@@ -47,7 +47,7 @@ use std::time::{Duration, Instant, SystemTime};
 use thiserror::Error;
 use virtio_bindings::virtio_ids::VIRTIO_ID_MEM;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap, Le16, Le64};
 
 use super::chain::{ChainError, RequestBuffers};
 use super::device::{QueueProgress, VirtioDevice, VirtioDeviceError};
@@ -78,6 +78,28 @@ pub const VIRTIO_MEM_USABLE_EXTENT: u64 = 2 * (128 << 20);
 pub const VIRTIO_MEM_QUEUE_SIZE: u16 = 128;
 /// Size of `struct virtio_mem_config`.
 pub const VIRTIO_MEM_CONFIG_SIZE: usize = 56;
+
+/// The configuration space as the driver reads it (`struct
+/// virtio_mem_config`, virtio 1.2 §5.15.4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct WireConfig {
+    block_size: Le64,
+    node_id: Le16,
+    padding: [u8; 6],
+    addr: Le64,
+    region_size: Le64,
+    usable_region_size: Le64,
+    plugged_size: Le64,
+    requested_size: Le64,
+}
+
+// SAFETY: little-endian integer fields only, with the spec's padding as an
+// explicit field (no implicit padding: the size assertion below), so every
+// byte pattern is a valid value and every value's bytes are initialised.
+unsafe impl ByteValued for WireConfig {}
+
+const _: () = assert!(std::mem::size_of::<WireConfig>() == VIRTIO_MEM_CONFIG_SIZE);
 
 const QUEUE_SIZES: [u16; 1] = [VIRTIO_MEM_QUEUE_SIZE];
 const OFFERED_FEATURES: u64 = 1 << VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE;
@@ -782,21 +804,18 @@ impl VirtioMem {
     }
 
     fn config_bytes(&self, st: &MemState) -> [u8; VIRTIO_MEM_CONFIG_SIZE] {
+        let config = WireConfig {
+            block_size: self.block_size.into(),
+            node_id: self.node_id.into(),
+            padding: [0; 6],
+            addr: self.addr.into(),
+            region_size: self.region_size.into(),
+            usable_region_size: st.usable_region_size.into(),
+            plugged_size: self.plugged_size_of(st).into(),
+            requested_size: st.requested_size.into(),
+        };
         let mut c = [0u8; VIRTIO_MEM_CONFIG_SIZE];
-        let fields: [(usize, &[u8]); 7] = [
-            (0, &self.block_size.to_le_bytes()),
-            (8, &self.node_id.to_le_bytes()),
-            (16, &self.addr.to_le_bytes()),
-            (24, &self.region_size.to_le_bytes()),
-            (32, &st.usable_region_size.to_le_bytes()),
-            (40, &self.plugged_size_of(st).to_le_bytes()),
-            (48, &st.requested_size.to_le_bytes()),
-        ];
-        for (offset, bytes) in fields {
-            if let Some(dst) = c.get_mut(offset..offset + bytes.len()) {
-                dst.copy_from_slice(bytes);
-            }
-        }
+        c.copy_from_slice(config.as_slice());
         c
     }
 

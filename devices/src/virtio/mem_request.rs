@@ -5,10 +5,43 @@
 //! STATE). A response is 10 bytes: `le16 type; le16 padding[3]; le16 state` (the state
 //! only for an acknowledged STATE request). Padding is ignored on input and written as 0.
 
+use vm_memory::{ByteValued, Le16, Le64};
+
 /// Size of a request in bytes.
 pub const MEM_REQUEST_SIZE: usize = 24;
 /// Size of a response in bytes.
 pub const MEM_RESPONSE_SIZE: usize = 10;
+
+/// A request as the driver lays it out (`struct virtio_mem_req`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct WireRequest {
+    kind: Le16,
+    padding: [Le16; 3],
+    addr: Le64,
+    nb_blocks: Le16,
+    padding_1: [Le16; 3],
+}
+
+// SAFETY: little-endian integer fields only, with the spec's padding as
+// explicit fields (no implicit padding: the size assertion below), so every
+// byte pattern is a valid value and every value's bytes are initialised.
+unsafe impl ByteValued for WireRequest {}
+
+/// A response as the device lays it out (`struct virtio_mem_resp`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct WireResponse {
+    kind: Le16,
+    padding: [Le16; 3],
+    state: Le16,
+}
+
+// SAFETY: as for `WireRequest`.
+unsafe impl ByteValued for WireResponse {}
+
+const _: () = assert!(std::mem::size_of::<WireRequest>() == MEM_REQUEST_SIZE);
+const _: () = assert!(std::mem::size_of::<WireResponse>() == MEM_RESPONSE_SIZE);
 
 /// Request type: plug consecutive blocks.
 pub const VIRTIO_MEM_REQ_PLUG: u16 = 0;
@@ -71,12 +104,10 @@ pub enum MemRequest {
 impl MemRequest {
     /// Decodes a request; padding is ignored.
     pub fn parse(bytes: &[u8; MEM_REQUEST_SIZE]) -> MemRequest {
-        let kind = u16::from_le_bytes([bytes[0], bytes[1]]);
-        let addr = u64::from_le_bytes([
-            bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
-        ]);
-        let nb_blocks = u16::from_le_bytes([bytes[16], bytes[17]]);
-        match kind {
+        let mut wire = WireRequest::default();
+        wire.as_mut_slice().copy_from_slice(bytes);
+        let (addr, nb_blocks) = (wire.addr.to_native(), wire.nb_blocks.to_native());
+        match wire.kind.to_native() {
             VIRTIO_MEM_REQ_PLUG => MemRequest::Plug { addr, nb_blocks },
             VIRTIO_MEM_REQ_UNPLUG => MemRequest::Unplug { addr, nb_blocks },
             VIRTIO_MEM_REQ_UNPLUG_ALL => MemRequest::UnplugAll,
@@ -94,10 +125,14 @@ impl MemRequest {
             MemRequest::State { addr, nb_blocks } => (VIRTIO_MEM_REQ_STATE, addr, nb_blocks),
             MemRequest::Unknown { kind } => (kind, 0, 0),
         };
+        let wire = WireRequest {
+            kind: kind.into(),
+            addr: addr.into(),
+            nb_blocks: nb_blocks.into(),
+            ..WireRequest::default()
+        };
         let mut out = [0u8; MEM_REQUEST_SIZE];
-        out[0..2].copy_from_slice(&kind.to_le_bytes());
-        out[8..16].copy_from_slice(&addr.to_le_bytes());
-        out[16..18].copy_from_slice(&nb_blocks.to_le_bytes());
+        out.copy_from_slice(wire.as_slice());
         out
     }
 }
@@ -145,9 +180,13 @@ impl MemResponse {
             MemResponse::Ack(Some(BlockState::Mixed)) => VIRTIO_MEM_STATE_MIXED,
             _ => 0,
         };
+        let wire = WireResponse {
+            kind: self.kind().into(),
+            state: state.into(),
+            ..WireResponse::default()
+        };
         let mut out = [0u8; MEM_RESPONSE_SIZE];
-        out[0..2].copy_from_slice(&self.kind().to_le_bytes());
-        out[8..10].copy_from_slice(&state.to_le_bytes());
+        out.copy_from_slice(wire.as_slice());
         out
     }
 }
