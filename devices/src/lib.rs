@@ -11,6 +11,8 @@
 //! - [`interrupt`]: the interrupt lines devices raise ([`Interrupt`]).
 //! - [`virtio`]: the virtio-mmio transport ([`VirtioMmio`]) and the virtio-mem device
 //!   ([`VirtioMem`]), whose memory work goes through a [`MemoryBackend`] the VMM provides.
+//! - `test_utils` (feature `test-utils`): test doubles for the crate's users, a
+//!   driver-side virtqueue and a contract-checking [`MemoryBackend`].
 //!
 //! This crate knows nothing of KVM, QMP or RCU. Devices are called on vCPU threads,
 //! concurrently; each keeps its own fine-grained synchronisation and none takes a lock
@@ -34,6 +36,8 @@ pub mod ged;
 pub mod i8042;
 pub mod interrupt;
 pub mod serial;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod virtio;
 
 pub use acpi_pm::{AcpiPm, AcpiPmConfig};

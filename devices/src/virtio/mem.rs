@@ -961,12 +961,12 @@ mod tests {
 
     use super::*;
     use crate::bus::BusDevice;
+    use crate::virtio::fixtures::*;
     use crate::virtio::mem_progress::DEFAULT_STALL_TIMEOUT;
     use crate::virtio::mem_request::{
         VIRTIO_MEM_RESP_ACK, VIRTIO_MEM_RESP_BUSY, VIRTIO_MEM_RESP_ERROR, VIRTIO_MEM_RESP_NACK,
         VIRTIO_MEM_STATE_MIXED, VIRTIO_MEM_STATE_PLUGGED, VIRTIO_MEM_STATE_UNPLUGGED,
     };
-    use crate::virtio::test_utils::*;
 
     const MIB: u64 = 1 << 20;
 
@@ -1046,7 +1046,7 @@ mod tests {
 
     #[test]
     fn construction_validates_the_geometry() {
-        let backend: Arc<dyn MemoryBackend> = Arc::new(FakeBackend::new(BLOCK));
+        let backend: Arc<dyn MemoryBackend> = Arc::new(CheckedBackend::new(BLOCK));
         let bad = |c: VirtioMemConfig| VirtioMem::new(c, backend.clone()).unwrap_err();
         let good = VirtioMemConfig::new(REGION_ADDR, REGION_SIZE);
         assert!(matches!(
@@ -1152,7 +1152,10 @@ mod tests {
             kind(f.request(&mut q, plug(block(3), 4))),
             VIRTIO_MEM_RESP_ACK
         );
-        assert_eq!(f.backend.calls(), vec![Call::Plug(block(3), 4 * BLOCK)]);
+        assert_eq!(
+            f.backend.calls(),
+            vec![BackendCall::Plug(block(3), 4 * BLOCK)]
+        );
         assert_eq!(f.backend.plugged(), blocks(3..7));
         assert_eq!(device_blocks(&f.vmem), blocks(3..7));
         assert_eq!(f.config_u64(CFG_PLUGGED), 8 * MIB);
@@ -1248,7 +1251,7 @@ mod tests {
             kind(f.request(&mut q, plug(block(0), 2))),
             VIRTIO_MEM_RESP_ACK
         );
-        let send = |q: &mut TestQueue<'_>, req: MemRequest, resp: u64| {
+        let send = |q: &mut TestQueue<&GuestMemoryMmap>, req: MemRequest, resp: u64| {
             f.mem
                 .write_slice(&req.to_bytes(), GuestAddress(REQ_ADDR))
                 .unwrap();
@@ -1317,8 +1320,8 @@ mod tests {
         assert_eq!(
             f.backend.calls(),
             vec![
-                Call::Plug(block(2), 2 * BLOCK),
-                Call::Unplug(block(3), BLOCK)
+                BackendCall::Plug(block(2), 2 * BLOCK),
+                BackendCall::Unplug(block(3), BLOCK)
             ]
         );
         assert_eq!(device_blocks(&f.vmem), blocks(2..3));
@@ -1330,7 +1333,7 @@ mod tests {
         let f = MemFixture::new(64 * MIB);
         let mut q = f.activate();
         f.request(&mut q, plug(block(4), 2));
-        let st = |q: &mut TestQueue<'_>, addr, nb_blocks| {
+        let st = |q: &mut TestQueue<&GuestMemoryMmap>, addr, nb_blocks| {
             state(f.request(q, MemRequest::State { addr, nb_blocks }))
         };
         assert_eq!(
@@ -1362,12 +1365,12 @@ mod tests {
             kind(f.request(&mut q, MemRequest::UnplugAll)),
             VIRTIO_MEM_RESP_ACK
         );
-        let unplugs: Vec<Call> = f.backend.calls().into_iter().skip(3).collect();
+        let unplugs: Vec<BackendCall> = f.backend.calls().into_iter().skip(3).collect();
         assert_eq!(
             unplugs,
             vec![
-                Call::Unplug(block(0), 3 * BLOCK),
-                Call::Unplug(block(5), BLOCK)
+                BackendCall::Unplug(block(0), 3 * BLOCK),
+                BackendCall::Unplug(block(5), BLOCK)
             ]
         );
         assert!(f.backend.plugged().is_empty());
@@ -1497,7 +1500,7 @@ mod tests {
     fn a_numa_node_is_offered_as_acpi_pxm_with_node_id_in_the_config_space() {
         // virtio 1.2 §5.15.3: feature bit 0 is VIRTIO_MEM_F_ACPI_PXM; §5.15.4:
         // `le16 node_id` follows `le64 block_size` at offset 8.
-        let backend = Arc::new(FakeBackend::new(BLOCK));
+        let backend = Arc::new(CheckedBackend::new(BLOCK));
         let config = VirtioMemConfig {
             node_id: 3,
             acpi_pxm: true,
@@ -1598,7 +1601,11 @@ mod tests {
     }
 
     /// Pushes a malformed chain and checks the device broke without acting.
-    fn assert_breaks(f: &MemFixture, q: &mut TestQueue<'_>, make: impl FnOnce(&mut TestQueue<'_>)) {
+    fn assert_breaks(
+        f: &MemFixture,
+        q: &mut TestQueue<&GuestMemoryMmap>,
+        make: impl FnOnce(&mut TestQueue<&GuestMemoryMmap>),
+    ) {
         let irqs = f.irq.count();
         let malformed = f.vmem.stats().malformed;
         make(q);
@@ -1832,7 +1839,7 @@ mod tests {
         );
     }
 
-    type MakeChain = Box<dyn Fn(&mut TestQueue<'_>)>;
+    type MakeChain = Box<dyn Fn(&mut TestQueue<&GuestMemoryMmap>)>;
 
     #[test]
     fn malformed_chains_break_the_device() {

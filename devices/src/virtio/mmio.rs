@@ -772,7 +772,7 @@ mod tests {
     use virtio_queue::QueueOwnedT;
 
     use super::*;
-    use crate::virtio::test_utils::*;
+    use crate::virtio::fixtures::*;
 
     const DEVICE_TYPE: u32 = 42;
     const DEV_FEATURE_A: u64 = 1 << 3;
@@ -894,9 +894,9 @@ mod tests {
     const ALL_FEATURES: u64 = TRANSPORT_FEATURES | DEV_FEATURE_A | DEV_FEATURE_HIGH;
 
     /// Negotiates all features, sets up queue 0 and sets S_DRIVER_OK.
-    fn activate<'m>(mmio: &VirtioMmio, mem: &'m GuestMemoryMmap) -> TestQueue<'m> {
+    fn activate<'m>(mmio: &VirtioMmio, mem: &'m GuestMemoryMmap) -> TestQueue<&'m GuestMemoryMmap> {
         assert_ne!(negotiate(mmio, ALL_FEATURES) & S_FEATURES_OK, 0);
-        let q = TestQueue::new(mem);
+        let q = new_queue(mem);
         q.setup(mmio, 0);
         write32(
             mmio,
@@ -1163,7 +1163,7 @@ mod tests {
         let (dev, mmio, irq) = transport();
         let mem = guest_memory();
         negotiate(&mmio, ALL_FEATURES);
-        let mut q = TestQueue::new(&mem);
+        let mut q = new_queue(&mem);
         q.setup(&mmio, 0);
         q.push(&[(0x8000, 16, false)]);
         assert_eq!(
@@ -1263,7 +1263,7 @@ mod tests {
         let (dev, mmio, _) = transport();
         let mem = guest_memory();
         negotiate(&mmio, ALL_FEATURES);
-        let q = TestQueue::new(&mem);
+        let q = new_queue(&mem);
         q.setup(&mmio, 0);
         write32(&mmio, VIRTIO_MMIO_QUEUE_SEL, 1);
         write32(&mmio, VIRTIO_MMIO_QUEUE_NUM, 3);
@@ -1408,7 +1408,7 @@ mod tests {
         ) {
             let (dev, mmio, _) = transport();
             let mem = guest_memory();
-            let _q = TestQueue::new(&mem);
+            let _q = new_queue(&mem);
             for (op, offset, len, value) in ops {
                 match op {
                     0 => {

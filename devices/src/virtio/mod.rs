@@ -42,7 +42,7 @@ pub mod mem_request;
 pub mod mmio;
 
 #[cfg(test)]
-pub(crate) mod test_utils;
+pub(crate) mod fixtures;
 
 pub use chain::ChainError;
 pub use device::{QueueProgress, VirtioDevice, VirtioDeviceError};

@@ -1,29 +1,27 @@
-//! Test fixtures for the virtio modules: a guest memory, a counting interrupt line, a
-//! recording memory backend, a split queue, and a driver that talks to a [`VirtioMmio`] through its registers
-//! the way Linux's `virtio_mmio` and `virtio_mem` drivers do.
+//! Test fixtures for the virtio modules: a guest memory, a counting interrupt line, the
+//! virtio-mem device behind its transport with a [`CheckedBackend`] (queues are
+//! [`TestQueue`]s, both from [`crate::test_utils`]), and a driver that talks to a
+//! [`VirtioMmio`] through its registers the way Linux's `virtio_mmio` and `virtio_mem`
+//! drivers do.
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
     VIRTIO_CONFIG_S_FEATURES_OK,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::mem::{VirtioMem, VirtioMemConfig};
-use super::mem_backend::{MemoryBackend, MemoryBackendError};
 use super::mem_request::{MEM_RESPONSE_SIZE, MemRequest};
 use super::mmio::VirtioMmio;
 use crate::bus::BusDevice;
 use crate::interrupt::{Interrupt, InterruptError};
+pub(crate) use crate::test_utils::{BackendCall, CheckedBackend, TestQueue};
 
 /// Size of the test guest's RAM, at guest-physical 0.
 pub(crate) const RAM_SIZE: usize = 0x10_0000;
@@ -76,232 +74,11 @@ pub(crate) fn write32(dev: &dyn BusDevice, offset: u32, value: u32) {
     dev.write(0, offset.into(), &value.to_le_bytes());
 }
 
-/// One backend call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Call {
-    Plug(u64, u64),
-    Unplug(u64, u64),
-}
-
-#[derive(Debug, Default)]
-struct FakeState {
-    calls: Vec<Call>,
-    plugged: BTreeSet<u64>,
-    /// Blocks unplugged after having been plugged: read-only, as the VMM's backend
-    /// leaves them.
-    read_only: BTreeSet<u64>,
-    fail_next: usize,
-    fail_after: Option<usize>,
-    contract_violations: usize,
-}
-
-/// A backend that records calls, tracks which blocks it backs, can be told to fail, and
-/// counts calls that break the [`MemoryBackend`] contract.
-#[derive(Debug)]
-pub(crate) struct FakeBackend {
-    block: u64,
-    state: Mutex<FakeState>,
-}
-
-impl FakeBackend {
-    pub(crate) fn new(block: u64) -> FakeBackend {
-        FakeBackend {
-            block,
-            state: Mutex::new(FakeState::default()),
-        }
-    }
-
-    pub(crate) fn calls(&self) -> Vec<Call> {
-        self.state.lock().unwrap().calls.clone()
-    }
-
-    /// The block addresses the backend currently backs.
-    pub(crate) fn plugged(&self) -> BTreeSet<u64> {
-        self.state.lock().unwrap().plugged.clone()
-    }
-
-    pub(crate) fn fail_next(&self, n: usize) {
-        self.state.lock().unwrap().fail_next = n;
-    }
-
-    /// Lets `n` more calls succeed, then fails one.
-    pub(crate) fn fail_after(&self, n: usize) {
-        self.state.lock().unwrap().fail_after = Some(n);
-    }
-
-    pub(crate) fn contract_violations(&self) -> usize {
-        self.state.lock().unwrap().contract_violations
-    }
-
-    fn apply(&self, call: Call) -> Result<(), MemoryBackendError> {
-        let mut st = self.state.lock().unwrap();
-        st.calls.push(call);
-        let (gpa, len, plug) = match call {
-            Call::Plug(g, l) => (g, l, true),
-            Call::Unplug(g, l) => (g, l, false),
-        };
-        let blocks: Vec<u64> = (0..len / self.block)
-            .map(|i| gpa + i * self.block)
-            .collect();
-        let ok = len > 0
-            && len % self.block == 0
-            && gpa % self.block == 0
-            && blocks.iter().all(|b| st.plugged.contains(b) != plug);
-        if !ok {
-            st.contract_violations += 1;
-        }
-        if st.fail_next > 0 {
-            st.fail_next -= 1;
-            return Err(MemoryBackendError::new("injected failure"));
-        }
-        match st.fail_after {
-            Some(0) => {
-                st.fail_after = None;
-                return Err(MemoryBackendError::new("injected failure"));
-            }
-            Some(n) => st.fail_after = Some(n - 1),
-            None => {}
-        }
-        for b in blocks {
-            if plug {
-                st.plugged.insert(b);
-                st.read_only.remove(&b);
-            } else {
-                st.plugged.remove(&b);
-                st.read_only.insert(b);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl MemoryBackend for FakeBackend {
-    fn plug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
-        self.apply(Call::Plug(gpa, len))
-    }
-
-    fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
-        self.apply(Call::Unplug(gpa, len))
-    }
-
-    fn writable(&self, gpa: u64, len: u64) -> bool {
-        let first = gpa - gpa % self.block;
-        let end = gpa.saturating_add(len);
-        let st = self.state.lock().unwrap();
-        !st.read_only.range(first..end).any(|_| true)
-    }
-}
-
-/// A split queue in guest memory that the test fills as a driver would.
-///
-/// The rings are laid out here rather than with `MockSplitQueue`, whose used ring
-/// overlaps the upper half of its available ring (its `AvailRing::end` adds the element
-/// count, not the byte size), so more than a few published heads would overwrite the
-/// used index.
-pub(crate) struct TestQueue<'m> {
-    mem: &'m GuestMemoryMmap,
-    next_desc: u16,
-}
-
-impl<'m> TestQueue<'m> {
-    /// Zeroes the rings at [`QUEUE_BASE`].
-    pub(crate) fn new(mem: &'m GuestMemoryMmap) -> TestQueue<'m> {
-        let q = TestQueue { mem, next_desc: 0 };
-        let end = q.used_addr() + 4 + 8 * u64::from(QUEUE_SIZE) + 2;
-        let zeros = vec![0u8; (end - QUEUE_BASE) as usize];
-        mem.write_slice(&zeros, GuestAddress(QUEUE_BASE)).unwrap();
-        q
-    }
-
-    pub(crate) fn desc_addr(&self) -> u64 {
-        QUEUE_BASE
-    }
-
-    pub(crate) fn avail_addr(&self) -> u64 {
-        QUEUE_BASE + 16 * u64::from(QUEUE_SIZE)
-    }
-
-    pub(crate) fn used_addr(&self) -> u64 {
-        (self.avail_addr() + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4)
-    }
-
-    /// Configures queue `index` through the registers, as Linux's `vm_setup_vq` does.
-    pub(crate) fn setup(&self, dev: &VirtioMmio, index: u32) {
-        write32(dev, VIRTIO_MMIO_QUEUE_SEL, index);
-        assert_eq!(read32(dev, VIRTIO_MMIO_QUEUE_READY), 0);
-        assert!(read32(dev, VIRTIO_MMIO_QUEUE_NUM_MAX) >= u32::from(QUEUE_SIZE));
-        write32(dev, VIRTIO_MMIO_QUEUE_NUM, QUEUE_SIZE.into());
-        for (low, addr) in [
-            (VIRTIO_MMIO_QUEUE_DESC_LOW, self.desc_addr()),
-            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, self.avail_addr()),
-            (VIRTIO_MMIO_QUEUE_USED_LOW, self.used_addr()),
-        ] {
-            write32(dev, low, addr as u32);
-            write32(dev, low + 4, (addr >> 32) as u32);
-        }
-        write32(dev, VIRTIO_MMIO_QUEUE_READY, 1);
-    }
-
-    /// Stores `descs` (address, length, device-writable) as a chain at the next free
-    /// table slots and makes it available; returns the head index.
-    pub(crate) fn push(&mut self, descs: &[(u64, u32, bool)]) -> u16 {
-        let indices: Vec<u16> = (0..descs.len() as u16)
-            .map(|i| (self.next_desc + i) % QUEUE_SIZE)
-            .collect();
-        self.next_desc = (self.next_desc + descs.len() as u16) % QUEUE_SIZE;
-        for (pos, &(addr, len, write)) in descs.iter().enumerate() {
-            let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-            let next = indices.get(pos + 1).copied();
-            if next.is_some() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            self.store(indices[pos], addr, len, flags, next.unwrap_or(0));
-        }
-        self.publish(indices[0]);
-        indices[0]
-    }
-
-    /// Writes descriptor `index` of the table.
-    pub(crate) fn store(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let desc = RawDescriptor::from(Descriptor::new(addr, len, flags, next));
-        let at = self.desc_addr() + 16 * u64::from(index);
-        self.mem.write_obj(desc, GuestAddress(at)).unwrap();
-    }
-
-    fn avail_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.avail_addr() + 2))
-            .unwrap()
-    }
-
-    /// Overwrites the available ring's index.
-    pub(crate) fn set_avail_idx(&self, idx: u16) {
-        self.mem
-            .write_obj(idx, GuestAddress(self.avail_addr() + 2))
-            .unwrap();
-    }
-
-    /// Puts `head` in the available ring and bumps its index.
-    pub(crate) fn publish(&self, head: u16) {
-        let idx = self.avail_idx();
-        let slot = self.avail_addr() + 4 + 2 * u64::from(idx % QUEUE_SIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.set_avail_idx(idx.wrapping_add(1));
-    }
-
-    pub(crate) fn used_idx(&self) -> u16 {
-        self.mem
-            .read_obj(GuestAddress(self.used_addr() + 2))
-            .unwrap()
-    }
-
-    /// The `(id, len)` of used element `i` (ring position `i % size`).
-    pub(crate) fn used(&self, i: u16) -> (u32, u32) {
-        let at = self.used_addr() + 4 + 8 * u64::from(i % QUEUE_SIZE);
-        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
-        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
-        (id, len)
-    }
+/// A zeroed [`TestQueue`] of [`QUEUE_SIZE`] entries at [`QUEUE_BASE`] in `mem`.
+pub(crate) fn new_queue(mem: &GuestMemoryMmap) -> TestQueue<&GuestMemoryMmap> {
+    let mut q = TestQueue::new(mem, QUEUE_BASE, QUEUE_SIZE);
+    q.reset();
+    q
 }
 
 /// The full stack: guest memory, a virtio-mem device behind a virtio-mmio transport,
@@ -310,14 +87,14 @@ pub(crate) struct MemFixture {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) vmem: Arc<VirtioMem>,
     pub(crate) mmio: VirtioMmio,
-    pub(crate) backend: Arc<FakeBackend>,
+    pub(crate) backend: Arc<CheckedBackend>,
     pub(crate) irq: Arc<CountingIrq>,
 }
 
 impl MemFixture {
     /// 1 GiB region at 4 GiB with 2 MiB blocks and `requested` bytes requested.
     pub(crate) fn new(requested: u64) -> MemFixture {
-        let backend = Arc::new(FakeBackend::new(BLOCK));
+        let backend = Arc::new(CheckedBackend::new(BLOCK).with_region(REGION_ADDR, REGION_SIZE));
         let config = VirtioMemConfig {
             requested_size: requested,
             ..VirtioMemConfig::new(REGION_ADDR, REGION_SIZE)
@@ -342,14 +119,14 @@ impl MemFixture {
 
     /// The whole Linux probe: negotiate the offered features, set up the queue,
     /// S_DRIVER_OK. Returns the queue.
-    pub(crate) fn activate(&self) -> TestQueue<'_> {
+    pub(crate) fn activate(&self) -> TestQueue<&GuestMemoryMmap> {
         let offered = device_features(&self.mmio);
         assert_eq!(
             self.negotiate(offered) & S_FEATURES_OK,
             S_FEATURES_OK,
             "features accepted"
         );
-        let q = TestQueue::new(&self.mem);
+        let q = new_queue(&self.mem);
         q.setup(&self.mmio, 0);
         let status = read32(&self.mmio, VIRTIO_MMIO_STATUS);
         write32(&self.mmio, VIRTIO_MMIO_STATUS, status | S_DRIVER_OK);
@@ -368,7 +145,7 @@ impl MemFixture {
     /// descriptor), processes it, and returns the raw response if one was completed.
     pub(crate) fn request(
         &self,
-        q: &mut TestQueue<'_>,
+        q: &mut TestQueue<&GuestMemoryMmap>,
         req: MemRequest,
     ) -> Option<[u8; MEM_RESPONSE_SIZE]> {
         self.request_raw(q, &req.to_bytes())
@@ -376,7 +153,7 @@ impl MemFixture {
 
     pub(crate) fn request_raw(
         &self,
-        q: &mut TestQueue<'_>,
+        q: &mut TestQueue<&GuestMemoryMmap>,
         raw: &[u8; 24],
     ) -> Option<[u8; MEM_RESPONSE_SIZE]> {
         self.mem.write_slice(raw, GuestAddress(REQ_ADDR)).unwrap();
