@@ -11,144 +11,28 @@
 //! The stream is split twice, in one piece and in pseudo-random chunks, and
 //! both splits must give the same frames (the splitter is incremental: read
 //! sizes must not matter). Each frame is then answered as the server answers
-//! it, against [`FakeVm`], and every reply is checked:
+//! it, against `vmm::test_utils::FakeVm`, and every reply is checked:
 //! - it is `{"return": ...}` or `{"error": {"class", "desc"}}` with QEMU's
 //!   classes, plus the request's `id` exactly when the request was a JSON
 //!   object with an `id` member;
 //! - it encodes to one line ending in `\r\n` that parses back to itself;
 //! - before negotiation nothing but `qmp_capabilities` runs and no event is
 //!   sent;
-//! - the VM is only called as [`VmOps`] promises (`stop` only while
+//! - the VM is only called as `VmOps` promises (`stop` only while
 //!   running, `cont` only while paused or before launch, sizes passed to
-//!   `set_requested_size` valid for the device).
+//!   `set_requested_size` valid for the device): the fake VM panics
+//!   otherwise.
 //!
 //! Processing stops after a "too large" frame, as the server closes the
 //! connection then.
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use vmm::qmp::fuzz_api::{self, Frame, JsonSplitter};
-use vmm::qmp::{CpuInfo, MAX_MESSAGE_SIZE, MemoryDeviceInfo, QmpError, RunState, VmOps};
+use vmm::qmp::{MAX_MESSAGE_SIZE, QmpError};
+use vmm::test_utils::FakeVm;
 
 /// The small message limit selected by flag bit 1.
 pub const SMALL_LIMIT: usize = 256;
-
-/// A VM that checks the [`VmOps`] calling rules and records what it did.
-#[derive(Debug)]
-pub struct FakeVm {
-    state: RunState,
-    fail: bool,
-    devices: Vec<MemoryDeviceInfo>,
-    /// Names of the operations called, in order.
-    pub calls: Vec<String>,
-}
-
-impl FakeVm {
-    /// A running VM with one virtio-mem device (`vmem0`, 4 GiB in 2 MiB
-    /// blocks); with `fail`, every operation returns an error.
-    pub fn new(fail: bool) -> Self {
-        Self {
-            state: RunState::Running,
-            fail,
-            devices: vec![MemoryDeviceInfo {
-                id: "vmem0".into(),
-                memaddr: 1 << 32,
-                requested_size: 0,
-                size: 0,
-                max_size: 4 << 30,
-                block_size: 2 << 20,
-                node: 0,
-                memdev: "/objects/mem0".into(),
-            }],
-            calls: Vec::new(),
-        }
-    }
-
-    fn act(&mut self, what: &str) -> Result<(), QmpError> {
-        self.calls.push(what.to_string());
-        if self.fail {
-            Err(QmpError::generic("injected failure"))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl VmOps for FakeVm {
-    fn run_state(&self) -> RunState {
-        self.state
-    }
-
-    fn stop(&mut self) -> Result<(), QmpError> {
-        assert_eq!(
-            self.state,
-            RunState::Running,
-            "stop called while not running"
-        );
-        self.act("stop")?;
-        self.state = RunState::Paused;
-        Ok(())
-    }
-
-    fn cont(&mut self) -> Result<(), QmpError> {
-        assert!(
-            matches!(self.state, RunState::Paused | RunState::Prelaunch),
-            "cont called in state {:?}",
-            self.state
-        );
-        self.act("cont")?;
-        self.state = RunState::Running;
-        Ok(())
-    }
-
-    fn system_powerdown(&mut self) -> Result<(), QmpError> {
-        self.act("system_powerdown")
-    }
-
-    fn system_reset(&mut self) -> Result<(), QmpError> {
-        self.act("system_reset")?;
-        self.state = RunState::Shutdown;
-        Ok(())
-    }
-
-    fn quit(&mut self) {
-        self.calls.push("quit".into());
-        self.state = RunState::Shutdown;
-    }
-
-    fn cpus(&self) -> Vec<CpuInfo> {
-        vec![CpuInfo {
-            index: 0,
-            thread_id: 1,
-        }]
-    }
-
-    fn base_memory(&self) -> u64 {
-        512 << 20
-    }
-
-    fn memory_devices(&self) -> Vec<MemoryDeviceInfo> {
-        self.devices.clone()
-    }
-
-    fn set_requested_size(&mut self, id: &str, size: u64) -> Result<(), QmpError> {
-        let device = self
-            .devices
-            .iter()
-            .find(|d| d.id == id)
-            .unwrap_or_else(|| panic!("set_requested_size for unknown device {id:?}"));
-        assert_eq!(size % device.block_size, 0, "unaligned size {size:#x}");
-        assert!(size <= device.max_size, "size {size:#x} beyond the region");
-        self.act("set_requested_size")?;
-        if let Some(d) = self.devices.iter_mut().find(|d| d.id == id) {
-            d.requested_size = size;
-        }
-        Ok(())
-    }
-
-    fn rcu_stats(&self) -> Value {
-        json!({"call_rcu": 1})
-    }
-}
 
 /// Splits `input` fed in pieces of the given sizes (cycled; 0 is read as
 /// 1), up to and including a "too large" frame.
@@ -234,7 +118,10 @@ pub fn run(data: &[u8]) {
     } else {
         MAX_MESSAGE_SIZE
     };
-    let mut vm = FakeVm::new(flags & 4 != 0);
+    let mut vm = FakeVm::new();
+    if flags & 4 != 0 {
+        vm.fail = Some(QmpError::generic("injected failure"));
+    }
 
     let whole = split(limit, stream, &[usize::MAX]);
     let mut seed = u32::from(flags >> 3) | 0x100;

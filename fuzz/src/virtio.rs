@@ -1,17 +1,19 @@
 //! The virtio-mem fixture both virtio-mem targets use: a small guest memory
-//! with a hole, a [`VirtioMem`] behind a [`VirtioMmio`] transport, a backend
-//! that checks the [`MemoryBackend`] contract, and a driver that talks to the
-//! transport through its registers as Linux does.
+//! with a hole, a [`VirtioMem`] behind a [`VirtioMmio`] transport, a
+//! [`CheckedBackend`] that panics when the `MemoryBackend` contract is broken,
+//! and a driver that talks to the transport through its registers as Linux
+//! does, with its queue a [`TestQueue`] (both from `devices::test_utils`).
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
+pub use devices::test_utils::{CheckedBackend, OnViolation, TestQueue};
 use devices::virtio::mmio::QueueOutcome;
-use devices::virtio::{MemoryBackend, MemoryBackendError, VirtioMem, VirtioMemConfig, VirtioMmio};
+use devices::virtio::{VirtioMem, VirtioMemConfig, VirtioMmio};
 use devices::{BusDevice, Interrupt, InterruptError};
 use virtio_bindings::virtio_mmio::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// The guest RAM: two 64 KiB regions with a 64 KiB hole between them, so
 /// buffers can run off the end of memory and across a hole.
@@ -40,71 +42,6 @@ pub const S_FEATURES_OK: u32 = 8;
 /// Status bits.
 pub const S_NEEDS_RESET: u32 = 0x40;
 
-/// A backend that tracks plugged blocks, can be told to fail, and panics on
-/// any call that breaks the [`MemoryBackend`] contract.
-#[derive(Debug, Default)]
-pub struct CheckedBackend {
-    plugged: Mutex<BTreeSet<u64>>,
-    fail: std::sync::atomic::AtomicBool,
-    calls: AtomicU64,
-}
-
-impl CheckedBackend {
-    /// Makes every later call fail (or succeed again).
-    pub fn set_fail(&self, fail: bool) {
-        self.fail.store(fail, Ordering::SeqCst);
-    }
-
-    /// The plugged block addresses.
-    pub fn plugged(&self) -> BTreeSet<u64> {
-        self.plugged.lock().unwrap().clone()
-    }
-
-    /// Calls so far.
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    fn apply(&self, gpa: u64, len: u64, plug: bool) -> Result<(), MemoryBackendError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        assert!(
-            len > 0 && len.is_multiple_of(BLOCK) && gpa.is_multiple_of(BLOCK),
-            "{gpa:#x}+{len:#x}"
-        );
-        assert!(gpa >= REGION_ADDR && gpa + len <= REGION_ADDR + REGION_SIZE);
-        let mut plugged = self.plugged.lock().unwrap();
-        let blocks: Vec<u64> = (0..len / BLOCK).map(|i| gpa + i * BLOCK).collect();
-        for b in &blocks {
-            assert_eq!(
-                plugged.contains(b),
-                !plug,
-                "block {b:#x} already in that state"
-            );
-        }
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(MemoryBackendError::new("injected failure"));
-        }
-        for b in blocks {
-            if plug {
-                plugged.insert(b);
-            } else {
-                plugged.remove(&b);
-            }
-        }
-        Ok(())
-    }
-}
-
-impl MemoryBackend for CheckedBackend {
-    fn plug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
-        self.apply(gpa, len, true)
-    }
-
-    fn unplug(&self, gpa: u64, len: u64) -> Result<(), MemoryBackendError> {
-        self.apply(gpa, len, false)
-    }
-}
-
 /// An interrupt line that counts.
 #[derive(Debug, Default)]
 pub struct CountingIrq(AtomicU64);
@@ -132,7 +69,11 @@ pub struct Fixture {
 impl Fixture {
     /// A fresh device with `requested` bytes requested.
     pub fn new(requested: u64) -> Fixture {
-        let backend = Arc::new(CheckedBackend::default());
+        let backend = Arc::new(
+            CheckedBackend::new(BLOCK)
+                .with_region(REGION_ADDR, REGION_SIZE)
+                .on_violation(OnViolation::Panic),
+        );
         let config = VirtioMemConfig {
             requested_size: requested,
             ..VirtioMemConfig::new(REGION_ADDR, REGION_SIZE)
@@ -179,10 +120,7 @@ impl Fixture {
         self.write32(VIRTIO_MMIO_DRIVER_FEATURES, 1 << 1);
         self.write32(VIRTIO_MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
         assert_eq!(self.status(), S_ACK | S_DRIVER | S_FEATURES_OK);
-        let zeros = vec![0u8; (used_addr() + 6 + 8 * u64::from(QUEUE_SIZE) - QUEUE_BASE) as usize];
-        self.mem
-            .write_slice(&zeros, GuestAddress(QUEUE_BASE))
-            .unwrap();
+        self.queue().reset();
         self.write32(VIRTIO_MMIO_QUEUE_SEL, 0);
         self.write32(VIRTIO_MMIO_QUEUE_NUM, QUEUE_SIZE.into());
         for (low, addr) in [
@@ -204,44 +142,37 @@ impl Fixture {
         );
     }
 
-    /// Writes descriptor `index`.
+    /// The driver's queue: [`QUEUE_SIZE`] entries at [`QUEUE_BASE`]; the
+    /// available index is read from memory on each use, so a fresh value
+    /// sees what the input wrote there.
+    pub fn queue(&self) -> TestQueue<&GuestMemoryMmap> {
+        TestQueue::new(&self.mem, QUEUE_BASE, QUEUE_SIZE)
+    }
+
+    /// Writes descriptor `index % QUEUE_SIZE`.
     pub fn store_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut d = [0u8; 16];
-        d[0..8].copy_from_slice(&addr.to_le_bytes());
-        d[8..12].copy_from_slice(&len.to_le_bytes());
-        d[12..14].copy_from_slice(&flags.to_le_bytes());
-        d[14..16].copy_from_slice(&next.to_le_bytes());
-        let at = QUEUE_BASE + 16 * u64::from(index % QUEUE_SIZE);
-        self.mem.write_slice(&d, GuestAddress(at)).unwrap();
+        self.queue()
+            .store(index % QUEUE_SIZE, addr, len, flags, next);
     }
 
     /// The available ring's index.
     pub fn avail_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(avail_addr() + 2)).unwrap()
+        self.queue().avail_idx()
     }
 
     /// Puts `head` in the available ring and bumps its index by `bump`.
     pub fn publish(&self, head: u16, bump: u16) {
-        let idx = self.avail_idx();
-        let slot = avail_addr() + 4 + 2 * u64::from(idx % QUEUE_SIZE);
-        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
-        self.mem
-            .write_obj(idx.wrapping_add(bump), GuestAddress(avail_addr() + 2))
-            .unwrap();
+        self.queue().publish_bumped(head, bump);
     }
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(used_addr() + 2)).unwrap()
+        self.queue().used_idx()
     }
 
     /// Used element `i` as `(id, len)`.
     pub fn used(&self, i: u16) -> (u32, u32) {
-        let at = used_addr() + 4 + 8 * u64::from(i % QUEUE_SIZE);
-        (
-            self.mem.read_obj(GuestAddress(at)).unwrap(),
-            self.mem.read_obj(GuestAddress(at + 4)).unwrap(),
-        )
+        self.queue().used(i)
     }
 
     /// Notifies queue 0 through the register and processes it as the VMM's
@@ -286,10 +217,10 @@ impl Fixture {
 
 /// Where the available ring starts.
 pub fn avail_addr() -> u64 {
-    QUEUE_BASE + 16 * u64::from(QUEUE_SIZE)
+    TestQueue::new((), QUEUE_BASE, QUEUE_SIZE).avail_addr()
 }
 
 /// Where the used ring starts.
 pub fn used_addr() -> u64 {
-    (avail_addr() + 6 + 2 * u64::from(QUEUE_SIZE)).next_multiple_of(4)
+    TestQueue::new((), QUEUE_BASE, QUEUE_SIZE).used_addr()
 }

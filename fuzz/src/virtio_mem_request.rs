@@ -300,7 +300,7 @@ fn one_request(f: &Fixture, model: &mut Model, u: &mut Unstructured<'_>) -> Resu
         .write_slice(&[0xa5; 16], GuestAddress(RESP_ADDR))
         .unwrap();
     f.backend.set_fail(fail);
-    let calls = f.backend.calls();
+    let calls = f.backend.call_count();
     let used = f.used_idx();
     let head = push(f, shape, u)?;
     let outcome = f.kick();
@@ -314,7 +314,7 @@ fn one_request(f: &Fixture, model: &mut Model, u: &mut Unstructured<'_>) -> Resu
         assert_eq!(outcome.completed, 0);
         assert_eq!(f.used_idx(), used, "a malformed chain was completed");
         assert_eq!(
-            f.backend.calls(),
+            f.backend.call_count(),
             calls,
             "a malformed chain reached the backend"
         );

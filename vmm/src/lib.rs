@@ -65,6 +65,8 @@
 //!   * [`cli::log_limit`]: the per-call-site log budget.
 //! * [`seccomp`]: the system calls each kind of thread may make once the
 //!   VM is set up (one filter per thread kind in `seccomp/`).
+//! * `test_utils` (feature `test-utils`): test doubles for the VMM's
+//!   interfaces (a `VmOps` that checks how it is called).
 //!
 //! # Rule: no blocking I/O inside an RCU read section
 //!
@@ -92,6 +94,8 @@ pub mod power_on;
 pub mod qmp;
 pub mod report;
 pub mod seccomp;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 
 pub use cli::config::{Args, ConfigError, OnReset, VmConfig};
 pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};

@@ -15,62 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vmm::qmp::{CpuInfo, MemoryDeviceInfo, QmpError, QmpServer, RunState, VmOps};
-
-/// A VM that keeps its state in memory; `quit` ends the server's loop.
-#[derive(Debug)]
-pub struct FakeVm {
-    state: RunState,
-    device: MemoryDeviceInfo,
-    quit: Arc<AtomicBool>,
-}
-
-impl VmOps for FakeVm {
-    fn run_state(&self) -> RunState {
-        self.state
-    }
-    fn stop(&mut self) -> Result<(), QmpError> {
-        self.state = RunState::Paused;
-        Ok(())
-    }
-    fn cont(&mut self) -> Result<(), QmpError> {
-        self.state = RunState::Running;
-        Ok(())
-    }
-    fn system_powerdown(&mut self) -> Result<(), QmpError> {
-        Ok(())
-    }
-    fn system_reset(&mut self) -> Result<(), QmpError> {
-        self.quit.store(true, Ordering::SeqCst);
-        Ok(())
-    }
-    fn quit(&mut self) {
-        self.quit.store(true, Ordering::SeqCst);
-    }
-    fn cpus(&self) -> Vec<CpuInfo> {
-        (0..2)
-            .map(|index| CpuInfo {
-                index,
-                thread_id: 4000 + i64::from(index),
-            })
-            .collect()
-    }
-    fn base_memory(&self) -> u64 {
-        256 << 20
-    }
-    fn memory_devices(&self) -> Vec<MemoryDeviceInfo> {
-        vec![self.device.clone()]
-    }
-    fn set_requested_size(&mut self, _id: &str, size: u64) -> Result<(), QmpError> {
-        self.device.requested_size = size;
-        // The "guest" plugs at once.
-        self.device.size = size;
-        Ok(())
-    }
-    fn rcu_stats(&self) -> Value {
-        json!({"call_rcu_calls": 7, "grace_periods": 3})
-    }
-}
+use vmm::qmp::{CpuInfo, MemoryDeviceInfo, QmpServer};
+use vmm::test_utils::FakeVm;
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
@@ -93,10 +39,10 @@ pub struct Harness {
 impl Harness {
     /// Starts a server at `path`.
     pub fn start_at(path: &Path) -> Harness {
-        let quit = Arc::new(AtomicBool::new(false));
+        // `quit` and `system_reset` end the server's loop; the "guest" plugs
+        // what is requested at once.
         let vm = FakeVm {
-            state: RunState::Running,
-            device: MemoryDeviceInfo {
+            devices: vec![MemoryDeviceInfo {
                 id: "vmem0".into(),
                 memaddr: 0x1_0000_0000,
                 requested_size: 0,
@@ -105,9 +51,19 @@ impl Harness {
                 block_size: 2 << 20,
                 node: 0,
                 memdev: "/objects/mem0".into(),
-            },
-            quit: quit.clone(),
+            }],
+            cpus: (0..2)
+                .map(|index| CpuInfo {
+                    index,
+                    thread_id: 4000 + i64::from(index),
+                })
+                .collect(),
+            base_memory: 256 << 20,
+            rcu_stats: json!({"call_rcu_calls": 7, "grace_periods": 3}),
+            guest_plugs_at_once: true,
+            ..FakeVm::new()
         };
+        let quit = Arc::clone(&vm.ended);
         let server = Arc::new(Mutex::new(QmpServer::new(path, Box::new(vm)).unwrap()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -430,7 +386,7 @@ fn test_qmp_stale_socket_is_replaced() {
 fn test_qmp_live_socket_is_an_error_and_keeps_working() {
     let _serial = serial();
     let h = Harness::start("live");
-    let e = QmpServer::new(&h.path, Box::new(h_vm())).unwrap_err();
+    let e = QmpServer::new(&h.path, Box::new(FakeVm::new())).unwrap_err();
     assert!(e.to_string().contains("in use"), "{e}");
     let mut c = Client::negotiated(&h.path);
     assert!(c.execute(json!({"execute": "query-version"}))["return"].is_object());
@@ -441,7 +397,7 @@ fn test_qmp_regular_file_is_an_error_and_is_kept() {
     let _serial = serial();
     let path = scratch("regular").join("qmp.sock");
     std::fs::write(&path, b"not a socket").unwrap();
-    let e = QmpServer::new(&path, Box::new(h_vm())).unwrap_err();
+    let e = QmpServer::new(&path, Box::new(FakeVm::new())).unwrap_err();
     assert!(e.to_string().contains("not a socket"), "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
 }
@@ -477,24 +433,6 @@ fn test_qmp_quit_replies_sends_shutdown_and_closes() {
     assert_eq!(watcher.recv().unwrap()["event"], "SHUTDOWN");
     assert_eq!(watcher.recv(), None);
     assert!(h.quit.load(Ordering::SeqCst));
-}
-
-/// A fake VM for servers the harness does not run.
-fn h_vm() -> FakeVm {
-    FakeVm {
-        state: RunState::Running,
-        device: MemoryDeviceInfo {
-            id: "vmem0".into(),
-            memaddr: 0,
-            requested_size: 0,
-            size: 0,
-            max_size: 0,
-            block_size: 1,
-            node: 0,
-            memdev: String::new(),
-        },
-        quit: Arc::new(AtomicBool::new(false)),
-    }
 }
 
 /// Drives the server with QEMU's Python client. Run with

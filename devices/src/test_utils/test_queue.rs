@@ -61,9 +61,10 @@ pub struct TestQueue<M> {
     next_desc: u16,
 }
 
-impl<M: QueueMemory> TestQueue<M> {
+impl<M> TestQueue<M> {
     /// A queue of `size` entries at `base` in `mem`. Writes nothing: call
-    /// [`reset`](Self::reset) for zeroed rings.
+    /// [`reset`](Self::reset) for zeroed rings. The layout methods need no
+    /// memory (`TestQueue::new((), base, size).used_addr()` works).
     pub fn new(mem: M, base: u64, size: u16) -> Self {
         TestQueue {
             mem,
@@ -102,7 +103,9 @@ impl<M: QueueMemory> TestQueue<M> {
     pub fn end_addr(&self) -> u64 {
         self.used_addr() + 6 + 8 * u64::from(self.size)
     }
+}
 
+impl<M: QueueMemory> TestQueue<M> {
     /// Zeroes the table and the rings and starts allocating descriptors
     /// from 0 again (a driver after a device reset).
     pub fn reset(&mut self) {

@@ -70,7 +70,7 @@ pub fn encode(message: &Value) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::commands::tests::FakeVm;
+    use crate::test_utils::FakeVm;
     use serde_json::json;
 
     #[test]

@@ -473,7 +473,7 @@ impl MutEventSubscriber for QmpServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qmp::commands::tests::FakeVm;
+    use crate::test_utils::FakeVm;
     use event_manager::{EventManager, SubscriberOps};
     use serde_json::{Value, json};
     use std::io::{Read, Write};
