@@ -29,18 +29,18 @@ const QUEUE_AVAIL: u64 = 0x90;
 const QUEUE_USED: u64 = 0xa0;
 
 /// A 32-bit write to register `offset` of the window.
-pub fn w32(offset: u64, value: u32) -> Op {
+pub fn w32(offset: impl Into<u64>, value: u32) -> Op {
     Op::Write {
-        addr: VIRTIO + offset,
+        addr: VIRTIO + offset.into(),
         width: 4,
         value: value.into(),
     }
 }
 
 /// A 32-bit read of register `offset` of the window.
-pub fn r32(offset: u64) -> Op {
+pub fn r32(offset: impl Into<u64>) -> Op {
     Op::Read {
-        addr: VIRTIO + offset,
+        addr: VIRTIO + offset.into(),
         width: 4,
     }
 }
