@@ -5,28 +5,24 @@
 
 use crate::guest_driver::{GuestDriver, Op, OpResult};
 use std::time::{Duration, Instant};
+use virtio_bindings::virtio_mmio::{
+    VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+    VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM,
+    VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS,
+};
 
 /// Where the virtio-mmio window of the hot-plug device is in a bare VM.
 pub const VIRTIO: u64 = 0xd000_1000;
 /// `QueueNotify`.
-pub const QUEUE_NOTIFY: u64 = 0x50;
+pub const QUEUE_NOTIFY: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 /// `Status`.
-pub const STATUS: u64 = 0x70;
+pub const STATUS: u64 = VIRTIO_MMIO_STATUS as u64;
 /// The `DEVICE_NEEDS_RESET` status bit.
 pub const NEEDS_RESET: u32 = 0x40;
 /// ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK.
 pub const DRIVER_OK_STATUS: u32 = 0xf;
 /// Rings here are outside a bare VM's RAM and outside every device window.
 pub const OUTSIDE_RAM: u64 = 0xe000_0000;
-
-const DRIVER_FEATURES: u64 = 0x20;
-const DRIVER_FEATURES_SEL: u64 = 0x24;
-const QUEUE_SEL: u64 = 0x30;
-const QUEUE_NUM: u64 = 0x38;
-const QUEUE_READY: u64 = 0x44;
-const QUEUE_DESC: u64 = 0x80;
-const QUEUE_AVAIL: u64 = 0x90;
-const QUEUE_USED: u64 = 0xa0;
 
 /// A 32-bit write to register `offset` of the window.
 pub fn w32(offset: impl Into<u64>, value: u32) -> Op {
@@ -53,20 +49,24 @@ pub fn handshake_ops(num: u32, desc: u64, avail: u64, used: u64) -> Vec<Op> {
         w32(STATUS, 0),
         w32(STATUS, 1),
         w32(STATUS, 3),
-        w32(DRIVER_FEATURES_SEL, 1),
-        w32(DRIVER_FEATURES, 1),
-        w32(DRIVER_FEATURES_SEL, 0),
-        w32(DRIVER_FEATURES, 1 << 1),
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1),
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1),
+        w32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0),
+        w32(VIRTIO_MMIO_DRIVER_FEATURES, 1 << 1),
         w32(STATUS, 0xb),
-        w32(QUEUE_SEL, 0),
-        w32(QUEUE_NUM, num),
+        w32(VIRTIO_MMIO_QUEUE_SEL, 0),
+        w32(VIRTIO_MMIO_QUEUE_NUM, num),
     ];
-    for (reg, addr) in [(QUEUE_DESC, desc), (QUEUE_AVAIL, avail), (QUEUE_USED, used)] {
+    for (reg, addr) in [
+        (VIRTIO_MMIO_QUEUE_DESC_LOW, desc),
+        (VIRTIO_MMIO_QUEUE_AVAIL_LOW, avail),
+        (VIRTIO_MMIO_QUEUE_USED_LOW, used),
+    ] {
         ops.push(w32(reg, addr as u32));
         ops.push(w32(reg + 4, (addr >> 32) as u32));
     }
     ops.extend([
-        w32(QUEUE_READY, 1),
+        w32(VIRTIO_MMIO_QUEUE_READY, 1),
         w32(STATUS, DRIVER_OK_STATUS),
         r32(STATUS),
     ]);
