@@ -13,9 +13,9 @@ use linux_loader::configurator::{BootConfigurator, BootParams, Error as Configur
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::address_plan::ZERO_PAGE_START;
 use crate::initrd::InitrdInfo;
-use crate::layout::ZERO_PAGE_START;
-use crate::memory_map::E820Entry;
+use crate::ram_layout::E820Entry;
 
 /// `type_of_loader` value for a boot loader without an assigned ID.
 pub const LOADER_TYPE_UNDEFINED: u8 = 0xff;
@@ -116,7 +116,7 @@ mod tests {
     use super::*;
     use vm_memory::{ByteValued, Bytes, GuestMemoryMmap};
 
-    use crate::memory_map::{E820Type, MemoryMap};
+    use crate::ram_layout::{E820Type, RamLayout};
 
     const MIB: u64 = 1 << 20;
 
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn zero_page_carries_kernel_header_and_loader_fields() {
-        let map = MemoryMap::new(256 * MIB, 0).unwrap();
+        let map = RamLayout::new(256 * MIB, 0).unwrap();
         let e820 = map.e820();
         let inputs = ZeroPageInputs {
             cmdline: (GuestAddress(0x2_0000), 23),

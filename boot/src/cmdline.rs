@@ -8,7 +8,7 @@ use linux_loader::loader::{Error as LoadError, load_cmdline};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
+use crate::address_plan::{CMDLINE_MAX_SIZE, CMDLINE_START};
 
 /// Errors building or placing the command line.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
-use crate::layout::{PAGE_SIZE, align_down, align_up};
+use crate::address_plan::{PAGE_SIZE, align_down, align_up};
 use crate::loader::LoadedKernel;
 
 /// Where the initrd was loaded.
@@ -135,7 +135,7 @@ mod tests {
     use super::*;
     use linux_loader::bootparam::setup_header;
 
-    use crate::layout::MIB;
+    use crate::address_plan::MIB;
     use crate::loader::tests::{mem, temp_file};
     use crate::loader::{BootProtocol, KernelFormat};
 

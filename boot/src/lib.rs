@@ -1,7 +1,7 @@
 //! Booting an x86-64 Linux guest on KVM: everything between "here is a kernel file" and
 //! "the boot vCPU may run".
 //!
-//! The crate lays out guest physical memory ([`layout`], [`memory_map`]), loads a
+//! The crate lays out guest physical memory ([`address_plan`], the plan of guest physical addresses; [`ram_layout`], where RAM goes and the E820 map), loads a
 //! kernel ([`loader`]: bzImage through the 64-bit Linux boot protocol, or an ELF
 //! `vmlinux` through PVH), its initrd ([`initrd`]) and command line ([`cmdline`]), writes
 //! the protocol's boot parameters ([`bootparams`], [`pvh`]) and the ACPI tables that
@@ -13,7 +13,7 @@
 //!
 //! A VMM uses it in this order:
 //!
-//! 1. [`MemoryMap::new`] → create guest memory from [`MemoryMap::mmap_ranges`];
+//! 1. [`RamLayout::new`] → create guest memory from [`RamLayout::mmap_ranges`];
 //! 2. [`acpi::create_acpi_tables`] → the RSDP address;
 //! 3. [`cmdline::build_cmdline`], then [`load_kernel`] → a [`BootInfo`];
 //! 4. [`cpu::cpuid::supported_cpuid`] once (on a host whose KVM emulates guest kernel
@@ -30,19 +30,19 @@
 const _: () = assert!(usize::BITS == 64);
 
 pub mod acpi;
+pub mod address_plan;
 pub mod bootparams;
 pub mod cmdline;
 pub mod cpu;
 pub mod initrd;
-pub mod layout;
 pub mod loader;
-pub mod memory_map;
 pub mod mptable;
 pub mod pvh;
+pub mod ram_layout;
 mod setup;
 
 pub use cpu::{VcpuSetupError, configure_vcpu};
 pub use linux_loader::cmdline::Cmdline;
 pub use loader::{BootProtocol, KernelFormat, LoadedKernel};
-pub use memory_map::MemoryMap;
+pub use ram_layout::RamLayout;
 pub use setup::{BootConfig, BootError, BootInfo, load_kernel};

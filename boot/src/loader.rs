@@ -27,7 +27,7 @@ use linux_loader::loader::{
 use thiserror::Error;
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::layout::HIGH_RAM_START;
+use crate::address_plan::HIGH_RAM_START;
 
 /// Offset of the setup header in a bzImage.
 const SETUP_HEADER_OFFSET: u64 = 0x1f1;
@@ -451,7 +451,7 @@ pub(crate) mod tests {
     use std::io::Write;
     use vm_memory::{Bytes, GuestMemoryMmap};
 
-    use crate::layout::MIB;
+    use crate::address_plan::MIB;
 
     /// A real kernel to test with, if one is around: `$BOOT_TEST_BZIMAGE`/`$BOOT_TEST_VMLINUX`,
     /// the guest kit's `$VMM_KIT_BZIMAGE`/`$VMM_KIT_VMLINUX` or its files under

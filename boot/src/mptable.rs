@@ -11,12 +11,12 @@
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{EBDA_START, IOAPIC_PINS, IOAPIC_START, LAPIC_START};
+use crate::address_plan::{EBDA_START, IOAPIC_PINS, IOAPIC_START, LAPIC_START};
 
 /// Where the floating pointer goes: the start of the EBDA.
 pub const MPTABLE_START: u64 = EBDA_START;
 /// The highest address the table may reach (the ACPI area starts there).
-const MPTABLE_LIMIT: u64 = crate::layout::ACPI_START;
+const MPTABLE_LIMIT: u64 = crate::address_plan::ACPI_START;
 
 const MPF_SIZE: usize = 16;
 const MPC_HEADER_SIZE: usize = 44;

@@ -12,9 +12,11 @@ use linux_loader::loader::elf::start_info::{
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::address_plan::{
+    PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, PVH_START_INFO,
+};
 use crate::initrd::InitrdInfo;
-use crate::layout::{PVH_MEMMAP_MAX_ENTRIES, PVH_MEMMAP_START, PVH_MODLIST_START, PVH_START_INFO};
-use crate::memory_map::E820Entry;
+use crate::ram_layout::E820Entry;
 
 /// The `hvm_start_info` version we write (version 1 has the memory map fields).
 pub const START_INFO_VERSION: u32 = 1;
@@ -138,11 +140,11 @@ mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryMmap};
 
-    use crate::memory_map::MemoryMap;
+    use crate::ram_layout::RamLayout;
 
     #[test]
     fn start_info_describes_cmdline_initrd_memmap_and_rsdp() {
-        let map = MemoryMap::new(512 << 20, 0).unwrap();
+        let map = RamLayout::new(512 << 20, 0).unwrap();
         let e820 = map.e820();
         let inputs = StartInfoInputs {
             cmdline: GuestAddress(0x2_0000),
@@ -170,7 +172,7 @@ mod tests {
 
     #[test]
     fn without_initrd_there_is_no_module_list() {
-        let e820 = MemoryMap::new(64 << 20, 0).unwrap().e820();
+        let e820 = RamLayout::new(64 << 20, 0).unwrap().e820();
         let inputs = StartInfoInputs {
             cmdline: GuestAddress(0x2_0000),
             initrd: None,
@@ -193,7 +195,7 @@ mod tests {
             rsdp: None,
         };
         assert_eq!(build_start_info(&inputs), Err(PvhError::EmptyMemmap));
-        let e = MemoryMap::new(64 << 20, 0).unwrap().e820()[0];
+        let e = RamLayout::new(64 << 20, 0).unwrap().e820()[0];
         let big = vec![e; PVH_MEMMAP_MAX_ENTRIES + 1];
         let inputs = StartInfoInputs {
             e820: &big,
@@ -208,7 +210,7 @@ mod tests {
     #[test]
     fn written_start_info_reads_back() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let e820 = MemoryMap::new(64 << 20, 0).unwrap().e820();
+        let e820 = RamLayout::new(64 << 20, 0).unwrap().e820();
         let inputs = StartInfoInputs {
             cmdline: GuestAddress(0x2_0000),
             initrd: Some(InitrdInfo {

@@ -6,13 +6,13 @@ use linux_loader::cmdline::Cmdline;
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
+use crate::address_plan::CMDLINE_MAX_SIZE;
 use crate::bootparams::{self, BootParamsError, ZeroPageInputs};
 use crate::cmdline::{self, CmdlineError};
 use crate::initrd::{self, InitrdError, InitrdInfo};
-use crate::layout::CMDLINE_MAX_SIZE;
 use crate::loader::{self, BootProtocol, LoadedKernel, LoaderError};
-use crate::memory_map::MemoryMap;
 use crate::pvh::{self, PvhError, StartInfoInputs};
+use crate::ram_layout::RamLayout;
 
 /// What to boot.
 #[derive(Debug, Clone, Copy)]
@@ -24,7 +24,7 @@ pub struct BootConfig<'a> {
     /// The complete command line (see [`cmdline::build_cmdline`]).
     pub cmdline: &'a Cmdline,
     /// The VM's memory configuration (for the E820 map and where low RAM ends).
-    pub memory: &'a MemoryMap,
+    pub memory: &'a RamLayout,
     /// The RSDP returned by [`crate::acpi::create_acpi_tables`], if ACPI tables exist.
     pub rsdp: Option<GuestAddress>,
 }
@@ -127,18 +127,18 @@ mod tests {
     use linux_loader::loader::elf::start_info::{hvm_modlist_entry, hvm_start_info};
     use vm_memory::{Bytes, GuestMemoryMmap};
 
+    use crate::address_plan::{CMDLINE_START, MIB, PVH_START_INFO, RSDP_START, ZERO_PAGE_START};
     use crate::cmdline::build_cmdline;
-    use crate::layout::{CMDLINE_START, MIB, PVH_START_INFO, RSDP_START, ZERO_PAGE_START};
     use crate::loader::KernelFormat;
     use crate::loader::tests::{fake_elf, real_kernel, temp_file};
 
-    fn guest(map: &MemoryMap) -> GuestMemoryMmap {
+    fn guest(map: &RamLayout) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&map.mmap_ranges()).unwrap()
     }
 
     #[test]
     fn pvh_kernel_with_initrd_gets_a_complete_start_info() {
-        let map = MemoryMap::new(64 * MIB, 0).unwrap();
+        let map = RamLayout::new(64 * MIB, 0).unwrap();
         let mem = guest(&map);
         let kernel = temp_file(
             "setup-elf",
@@ -171,7 +171,7 @@ mod tests {
 
     #[test]
     fn initrd_too_big_for_ram_is_reported() {
-        let map = MemoryMap::new(32 * MIB, 0).unwrap();
+        let map = RamLayout::new(32 * MIB, 0).unwrap();
         let mem = guest(&map);
         let kernel = temp_file(
             "setup-elf2",
@@ -199,7 +199,7 @@ mod tests {
             eprintln!("skipped: no bzImage (set BOOT_TEST_BZIMAGE, or build the guest kit)");
             return;
         };
-        let map = MemoryMap::new(256 * MIB, 0).unwrap();
+        let map = RamLayout::new(256 * MIB, 0).unwrap();
         let mem = guest(&map);
         let initrd = temp_file("setup-real-initrd", &[0x30u8; 4096]);
         let cmdline = build_cmdline("console=ttyS0", &[]).unwrap();

@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::memory::guest_memory::SharedMemory;
+use vmm::memory::guest_memory::SharedGuestMap;
 
 use crate::bare_vm::{BareVm, CODE_ADDR};
 
@@ -316,7 +316,7 @@ pub enum DriverError {
 /// The host side of the mailbox. Use it from a thread other than the one
 /// running the VM.
 pub struct GuestDriver {
-    memory: SharedMemory,
+    memory: SharedGuestMap,
     ended: Box<dyn Fn() -> bool + Send>,
     seq: u64,
     /// How long one batch may take.

@@ -25,7 +25,7 @@ use tests::guest_code;
 use tests::proc_maps::{address_range, overlaps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm::control::event_loop::StopReason;
-use vmm::memory::guest_memory::SharedMemory;
+use vmm::memory::guest_memory::SharedGuestMap;
 use vmm::memory::memory_manager::{MAX_RETIRED_SLOTS, SLOT_SIZE};
 
 const HOTPLUG_BASE: u64 = 1 << 32;
@@ -65,7 +65,7 @@ guest_code! {
 /// Reads guest memory through the published map when the guest asks, on
 /// the vCPU thread, and checks the map is alive while it holds it.
 struct DmaChecker {
-    memory: SharedMemory,
+    memory: SharedGuestMap,
     expected: [AtomicU64; 2],
     reads: AtomicU64,
     mismatches: AtomicU64,

@@ -3,7 +3,7 @@
 
 use crate::control::console_output::ConsoleOutput;
 use crate::kvm::vm::{Vm, VmError};
-use boot::layout;
+use boot::address_plan;
 use devices::{
     AcpiPm, AcpiPmConfig, Bus, BusDevice, BusError, BusRange, ExitSink, Ged, I8042, Interrupt,
     Serial,
@@ -17,9 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub const BUS_LABEL: &str = "bus replace";
 
 /// GSI of the GED (power button) interrupt.
-pub const GED_GSI: u32 = layout::FIRST_DEVICE_GSI;
+pub const GED_GSI: u32 = address_plan::FIRST_DEVICE_GSI;
 /// First GSI for virtio-mmio devices.
-pub const FIRST_VIRTIO_GSI: u32 = layout::FIRST_DEVICE_GSI + 1;
+pub const FIRST_VIRTIO_GSI: u32 = address_plan::FIRST_DEVICE_GSI + 1;
 
 /// Errors creating devices.
 #[derive(Debug, Error)]
@@ -71,7 +71,7 @@ impl DeviceManager {
         })?);
 
         let serial_irq: Arc<dyn Interrupt> = Arc::new(
-            vm.irq_eventfd(layout::COM1_IRQ)
+            vm.irq_eventfd(address_plan::COM1_IRQ)
                 .map_err(DeviceError::Interrupt)?,
         );
         let serial_drained = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
@@ -99,7 +99,7 @@ impl DeviceManager {
             Arc::new(vm.irq_eventfd(GED_GSI).map_err(DeviceError::Interrupt)?);
         let ged = Arc::new(Ged::new(ged_irq));
         let mut mmio = Bus::builder();
-        let ged_range = BusRange::new(layout::GED_MMIO_BASE, layout::GED_MMIO_SIZE)
+        let ged_range = BusRange::new(address_plan::GED_MMIO_BASE, address_plan::GED_MMIO_SIZE)
             .map_err(DeviceError::Bus)?;
         mmio.add(ged_range, ged.clone()).map_err(DeviceError::Bus)?;
 

@@ -17,7 +17,7 @@ use crate::kvm::kick::{self, KickError};
 use crate::kvm::vcpu::{ANSWER_DEADLINE, FatalErrors, Marks, VcpuContext, VcpuError, VcpuHandle};
 use crate::kvm::vcpu_state::{VcpuState, VcpuStateError};
 use crate::kvm::vm::{Vm, VmError};
-use crate::memory::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedMemory};
+use crate::memory::guest_memory::{self, GuestMemoryError, MEMORY_MAP_LABEL, SharedGuestMap};
 use crate::memory::hotplug_device::{Hotplug, HotplugPlacement, HotplugWorker};
 use crate::power_on::{PowerOnError, PowerOnImage};
 use crate::qmp::{QmpEvent, QmpServer, ShutdownCause};
@@ -43,7 +43,7 @@ pub enum MachineError {
     Vm(#[from] VmError),
     /// The memory configuration is invalid.
     #[error("invalid memory configuration")]
-    MemoryMap(#[source] boot::memory_map::MemoryMapError),
+    RamLayout(#[source] boot::ram_layout::RamLayoutError),
     /// Guest RAM could not be created.
     #[error(transparent)]
     GuestMemory(#[from] GuestMemoryError),
@@ -125,11 +125,11 @@ pub enum MachineError {
 pub struct Machine {
     spec: HardwareSpec,
     host: HostKind,
-    map: boot::MemoryMap,
+    map: boot::RamLayout,
     /// The VM (kept alive for the memory slots and vCPUs).
     pub vm: Arc<Vm>,
     /// The RCU-published guest memory map.
-    pub memory: SharedMemory,
+    pub memory: SharedGuestMap,
     /// Devices and buses.
     pub devices: DeviceManager,
     /// The virtio-mem devices, one per `--hotplug-memory`, in order.
@@ -266,7 +266,7 @@ impl Machine {
         let vm = Arc::new(Vm::new(kvm)?);
         let sizes: Vec<u64> = spec.hotplug.iter().map(|d| d.size).collect();
         let map =
-            boot::MemoryMap::with_hotplug(spec.memory, &sizes).map_err(MachineError::MemoryMap)?;
+            boot::RamLayout::with_hotplug(spec.memory, &sizes).map_err(MachineError::RamLayout)?;
         let phys_bits = boot::cpu::cpuid::supported_cpuid(vm.kvm())
             .map(|c| boot::cpu::cpuid::phys_addr_bits(c.as_slice()))
             .map_err(MachineError::Cpuid)?;
@@ -309,7 +309,7 @@ impl Machine {
         spec: HardwareSpec,
         start: Instant,
         host: HostKind,
-        map: boot::MemoryMap,
+        map: boot::RamLayout,
         vm: &Arc<Vm>,
         mem: vm_memory::GuestMemoryMmap,
     ) -> Result<Self, MachineError> {
@@ -325,7 +325,7 @@ impl Machine {
                 boot::cpu::cpuid::KVM_FEATURE_PV_SEND_IPI,
             );
         }
-        let memory: SharedMemory = Arc::new(RcuCell::with_label(
+        let memory: SharedGuestMap = Arc::new(RcuCell::with_label(
             guest_memory::GuestMap::first(mem),
             MEMORY_MAP_LABEL,
         ));
@@ -407,7 +407,7 @@ impl Machine {
                     .iter()
                     .map(|h| {
                         let i = h.vmem.info();
-                        let r = boot::layout::GuestRange {
+                        let r = boot::address_plan::GuestRange {
                             start: i.addr,
                             size: i.region_size,
                         };
@@ -457,8 +457,9 @@ impl Machine {
         &self.vcpu_fds
     }
 
-    /// The memory layout.
-    pub fn memory_map(&self) -> &boot::MemoryMap {
+    /// Where the guest's RAM and hot-plug regions are (the boot-time
+    /// layout, not the published guest memory map).
+    pub fn ram_layout(&self) -> &boot::RamLayout {
         &self.map
     }
 

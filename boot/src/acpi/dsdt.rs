@@ -23,7 +23,7 @@ use acpi_tables::{Aml, AmlSink};
 use super::{
     AcpiConfig, AcpiError, GedAcpi, OEM_ID, OEM_REVISION, VirtioMmioAcpi, below_4g, ioapic_pin,
 };
-use crate::layout::{
+use crate::address_plan::{
     COM1_IRQ, COM1_PORT, GED_EVENT_POWER_BUTTON, I8042_COMMAND_PORT, I8042_DATA_PORT,
     I8042_KBD_IRQ, S5_SLEEP_TYPE, VIRTIO_MMIO_MAX_DEVICES,
 };

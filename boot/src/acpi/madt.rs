@@ -11,7 +11,7 @@ use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::sdt::Sdt;
 
 use super::{AcpiConfig, AcpiError, MAX_CPUS, OEM_ID, OEM_REVISION, isa_irqs};
-use crate::layout::{IOAPIC_START, LAPIC_START};
+use crate::address_plan::{IOAPIC_START, LAPIC_START};
 
 /// MADT revision of ACPI 6.x.
 const MADT_REVISION: u8 = 5;

@@ -24,7 +24,7 @@ use acpi_tables::xsdt::XSDT;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
-use crate::layout::{
+use crate::address_plan::{
     self, ACPI_END, COM1_IRQ, GED_MMIO_BASE, I8042_KBD_IRQ, RESET_PORT, RESET_VALUE, RSDP_START,
     SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
 };
@@ -50,7 +50,7 @@ pub struct VirtioMmioAcpi {
 /// The Generic Event Device: an interrupt plus a one-byte event register.
 ///
 /// On its interrupt the guest reads the byte at `base` once; if
-/// [`layout::GED_EVENT_POWER_BUTTON`] is set it notifies the power button (0x80, "button
+/// [`address_plan::GED_EVENT_POWER_BUTTON`] is set it notifies the power button (0x80, "button
 /// pressed"), which Linux turns into an orderly power-off. The device decides whether a
 /// read clears the register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -186,7 +186,7 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<AcpiTables, AcpiError> {
     let dsdt = dsdt::build(cfg)?;
 
     let next = |addr: u64, len: usize| {
-        layout::align_up(addr + len as u64, TABLE_ALIGN).unwrap_or(u64::MAX)
+        address_plan::align_up(addr + len as u64, TABLE_ALIGN).unwrap_or(u64::MAX)
     };
     let rsdp_addr = RSDP_START;
     let xsdt_addr = next(rsdp_addr, Rsdp::len());
@@ -288,7 +288,7 @@ fn below_4g(base: u64, size: u64) -> Result<(u32, u32), AcpiError> {
 
 /// Checks that `irq` is a pin of KVM's IOAPIC.
 fn ioapic_pin(irq: u32) -> Result<u32, AcpiError> {
-    if irq < layout::IOAPIC_PINS {
+    if irq < address_plan::IOAPIC_PINS {
         Ok(irq)
     } else {
         Err(AcpiError::Irq(irq))
@@ -337,7 +337,7 @@ pub(crate) mod tests {
         let mut cfg = AcpiConfig::new(4);
         cfg.virtio_mmio = (0..3)
             .map(|i| VirtioMmioAcpi {
-                base: layout::virtio_mmio_base(i).unwrap(),
+                base: address_plan::virtio_mmio_base(i).unwrap(),
                 size: 0x1000,
                 irq: 6 + i,
             })
@@ -413,12 +413,12 @@ pub(crate) mod tests {
         assert_eq!(t.srat, None);
         let mut cfg = full_config();
         cfg.numa = Some(NumaAcpi {
-            ram: vec![layout::GuestRange {
+            ram: vec![address_plan::GuestRange {
                 start: 0,
                 size: 512 << 20,
             }],
             hotplug: vec![(
-                layout::GuestRange {
+                address_plan::GuestRange {
                     start: 4 << 30,
                     size: 1 << 30,
                 },
@@ -448,9 +448,9 @@ pub(crate) mod tests {
     #[test]
     fn largest_configuration_fits() {
         let mut cfg = AcpiConfig::new(MAX_CPUS);
-        cfg.virtio_mmio = (0..layout::VIRTIO_MMIO_MAX_DEVICES)
+        cfg.virtio_mmio = (0..address_plan::VIRTIO_MMIO_MAX_DEVICES)
             .map(|i| VirtioMmioAcpi {
-                base: layout::virtio_mmio_base(i).unwrap(),
+                base: address_plan::virtio_mmio_base(i).unwrap(),
                 size: 0x1000,
                 irq: 5 + i % 19,
             })
@@ -493,7 +493,7 @@ pub(crate) mod tests {
                 size: 0x1000,
                 irq: 5
             };
-            layout::VIRTIO_MMIO_MAX_DEVICES as usize + 1
+            address_plan::VIRTIO_MMIO_MAX_DEVICES as usize + 1
         ];
         assert!(matches!(
             build_acpi_tables(&cfg),

@@ -13,7 +13,7 @@
 use acpi_tables::sdt::Sdt;
 
 use super::{OEM_ID, OEM_REVISION};
-use crate::layout::GuestRange;
+use crate::address_plan::GuestRange;
 
 /// SRAT revision of ACPI 6.x.
 const SRAT_REVISION: u8 = 3;

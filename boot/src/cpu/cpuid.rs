@@ -98,7 +98,7 @@ pub fn vendor(entries: &[kvm_cpuid_entry2]) -> Vendor {
 }
 
 /// The guest-physical address width in bits that `entries` report: CPUID
-/// 0x8000_0008 EAX[7:0] (Intel SDM vol. 2A, CPUID: "Physical Address Bits";
+/// 0x8000_0008 EAX\[7:0\] (Intel SDM vol. 2A, CPUID: "Physical Address Bits";
 /// AMD APM vol. 3, "PhysAddrSize"), or `None` if the leaf is missing or says 0.
 pub fn phys_addr_bits(entries: &[kvm_cpuid_entry2]) -> Option<u32> {
     entries

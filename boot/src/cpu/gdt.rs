@@ -19,7 +19,7 @@ use kvm_bindings::kvm_segment;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
-use crate::layout::{BOOT_GDT_MAX_ENTRIES, BOOT_GDT_START, BOOT_TSS_SIZE, BOOT_TSS_START};
+use crate::address_plan::{BOOT_GDT_MAX_ENTRIES, BOOT_GDT_START, BOOT_TSS_SIZE, BOOT_TSS_START};
 
 /// 32-bit flat code segment (PVH).
 pub const CODE32_SELECTOR: u16 = 0x08;

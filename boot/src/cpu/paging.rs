@@ -1,11 +1,11 @@
 //! Identity page tables for entering long mode: the first
-//! [`IDENTITY_MAP_SIZE`](crate::layout::IDENTITY_MAP_SIZE) bytes
+//! [`IDENTITY_MAP_SIZE`](crate::address_plan::IDENTITY_MAP_SIZE) bytes
 //! mapped virtual = physical with 2 MiB pages.
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
-use crate::layout::{IDENTITY_MAP_PDS, PD_START, PDPT_START, PML4_START};
+use crate::address_plan::{IDENTITY_MAP_PDS, PD_START, PDPT_START, PML4_START};
 
 /// Page-table entry bits.
 const PRESENT: u64 = 1 << 0;
@@ -74,7 +74,7 @@ pub fn write_identity_page_tables<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::IDENTITY_MAP_SIZE;
+    use crate::address_plan::IDENTITY_MAP_SIZE;
     use vm_memory::GuestMemoryMmap;
 
     /// Walks the tables in `mem` like the MMU does for a 2 MiB-page mapping.

@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use super::gdt::{self, CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR, GdtError, TSS_SELECTOR};
 use super::paging::{self, PageAccess, PagingError};
-use crate::layout::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER};
+use crate::address_plan::{BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER};
 
 /// CR0 bits.
 pub const CR0_PE: u64 = 1 << 0;

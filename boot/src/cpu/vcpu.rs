@@ -98,6 +98,9 @@ mod tests {
     use kvm_ioctls::{Kvm, VcpuExit, VmFd};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestMemoryRegion};
 
+    use crate::address_plan::{
+        BOOT_GDT_START, KVM_TSS_ADDRESS, PML4_START, PVH_START_INFO, ZERO_PAGE_START,
+    };
     use crate::cpu::gdt::{
         CODE32_SELECTOR, CODE64_SELECTOR, DATA_SELECTOR, USER_CODE64_SELECTOR, USER_DATA_SELECTOR,
     };
@@ -105,9 +108,6 @@ mod tests {
     use crate::cpu::msr::{MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE, boot_msr_entries};
     use crate::cpu::regs::{
         CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, LongModeEntry, enter_long_mode,
-    };
-    use crate::layout::{
-        BOOT_GDT_START, KVM_TSS_ADDRESS, PML4_START, PVH_START_INFO, ZERO_PAGE_START,
     };
     use crate::loader::{KernelFormat, LoadedKernel};
 

@@ -204,7 +204,7 @@ pub(crate) fn assert_final_write(vm: &BareVm) {
 /// Everything a test needs to look at the hot-plug state from outside.
 pub(crate) struct HotplugView {
     pub(crate) hp: Arc<Hotplug>,
-    pub(crate) memory: vmm::memory::guest_memory::SharedMemory,
+    pub(crate) memory: vmm::memory::guest_memory::SharedGuestMap,
 }
 
 impl HotplugView {

@@ -15,7 +15,7 @@ use tests::virtio_ops::{
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::GuestMemoryMmap;
-use vmm::memory::guest_memory::SharedMemory;
+use vmm::memory::guest_memory::SharedGuestMap;
 
 use crate::harness::{BLOCK, HOTPLUG_BASE, HotplugView, r, w};
 
@@ -26,7 +26,7 @@ pub(crate) const QSIZE: u16 = 16;
 
 /// The VMM's published guest memory, as a [`TestQueue`] reaches it: each
 /// access in its own RCU read section, as a device would.
-pub(crate) struct Published(SharedMemory);
+pub(crate) struct Published(SharedGuestMap);
 
 impl QueueMemory for Published {
     type Memory = GuestMemoryMmap;

@@ -9,7 +9,7 @@
 use crate::kvm::emulation::{self, Outcome};
 use crate::kvm::kick;
 use crate::kvm::vcpu_state::VcpuState;
-use crate::memory::guest_memory::SharedMemory;
+use crate::memory::guest_memory::SharedGuestMap;
 use devices::{Bus, ExitRequest, ExitSink};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use rcu::RcuCell;
@@ -41,7 +41,7 @@ pub struct VcpuContext {
     /// The MMIO bus.
     pub mmio: Arc<RcuCell<Bus>>,
     /// The guest memory map.
-    pub memory: SharedMemory,
+    pub memory: SharedGuestMap,
     /// Where power-off and reset requests go (triple faults, system events).
     pub exit: Arc<ExitSink>,
     /// Where fatal vCPU errors go.

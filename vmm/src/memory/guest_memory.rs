@@ -15,7 +15,7 @@ use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// The published guest memory map.
-pub type SharedMemory = Arc<RcuCell<GuestMap>>;
+pub type SharedGuestMap = Arc<RcuCell<GuestMap>>;
 
 /// One published version of the guest memory map.
 ///

@@ -12,7 +12,7 @@
 
 use crate::device_manager::{DeviceError, DeviceManager, FIRST_VIRTIO_GSI};
 use crate::kvm::vm::{Vm, VmError};
-use crate::memory::guest_memory::SharedMemory;
+use crate::memory::guest_memory::SharedGuestMap;
 use crate::memory::memory_backing::MemoryBacking;
 use crate::memory::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MemoryManager, SLOT_SIZE};
 use crate::qmp::Timestamp;
@@ -58,10 +58,10 @@ pub struct HotplugPlacement {
 /// Checks that hot-plug `regions` (ascending) fit KVM: their slots, counted
 /// from [`FIRST_HOTPLUG_KVM_SLOT`], within `memslot_limit`
 /// (`KVM_CAP_NR_MEMSLOTS`), and their end within `phys_bits` of
-/// guest-physical address (CPUID 0x8000_0008 EAX[7:0] as KVM reports it;
+/// guest-physical address (CPUID 0x8000_0008 EAX\[7:0\] as KVM reports it;
 /// `None`: not reported, not checked).
 pub fn check_regions(
-    regions: &[boot::layout::GuestRange],
+    regions: &[boot::address_plan::GuestRange],
     memslot_limit: u64,
     phys_bits: Option<u32>,
 ) -> Result<(), HotplugSetupError> {
@@ -187,7 +187,7 @@ impl Hotplug {
     /// ([`check_regions`]).
     pub fn new(
         vm: &Arc<Vm>,
-        memory: &SharedMemory,
+        memory: &SharedGuestMap,
         devices: &DeviceManager,
         p: HotplugPlacement,
     ) -> Result<Self, HotplugSetupError> {
@@ -229,7 +229,7 @@ impl Hotplug {
         let transport =
             Arc::new(VirtioMmio::new(vmem.clone(), irq).map_err(HotplugSetupError::Transport)?);
         let mmio_base =
-            boot::layout::virtio_mmio_base(p.index).ok_or(HotplugSetupError::NoWindow)?;
+            boot::address_plan::virtio_mmio_base(p.index).ok_or(HotplugSetupError::NoWindow)?;
         if let Some(evt) = transport.queue_notify_event(0) {
             vm.register_mmio_ioeventfd(evt, mmio_base + QUEUE_NOTIFY_OFFSET)?;
         }
@@ -349,7 +349,7 @@ pub type ResizeHandler = Box<dyn FnMut(&ResizeReport) + Send>;
 /// outcomes (see the module documentation).
 pub struct HotplugWorker {
     hotplug: Arc<Hotplug>,
-    memory: SharedMemory,
+    memory: SharedGuestMap,
     on_size_change: Box<dyn FnMut(u64) + Send>,
     on_resize: Option<ResizeHandler>,
     /// Fires at the stall deadline; `None` if it could not be created
@@ -368,7 +368,7 @@ impl HotplugWorker {
     /// changed the plugged size.
     pub fn new(
         hotplug: Arc<Hotplug>,
-        memory: SharedMemory,
+        memory: SharedGuestMap,
         on_size_change: Box<dyn FnMut(u64) + Send>,
     ) -> Self {
         let stall_timer = TimerFd::new()
@@ -498,7 +498,7 @@ impl MutEventSubscriber for HotplugWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use boot::layout::GuestRange;
+    use boot::address_plan::GuestRange;
 
     const GIB: u64 = 1 << 30;
 

@@ -49,7 +49,7 @@
 //! period (vCPUs may be waiting for that lock inside their read sections).
 
 use crate::kvm::vm::Vm;
-use crate::memory::guest_memory::SharedMemory;
+use crate::memory::guest_memory::SharedGuestMap;
 use crate::memory::memory_backing::{BackingError, MemoryBacking, Returned};
 use devices::virtio::{MemoryBackend, MemoryBackendError};
 use serde::Serialize;
@@ -166,7 +166,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct MemoryManager {
     vm: Arc<Vm>,
-    memory: SharedMemory,
+    memory: SharedGuestMap,
     base: u64,
     size: u64,
     block_size: u64,
@@ -213,7 +213,7 @@ impl MemoryManager {
     /// [`MemoryBacking::check_host`]).
     pub fn new(
         vm: Arc<Vm>,
-        memory: SharedMemory,
+        memory: SharedGuestMap,
         base: u64,
         size: u64,
         block_size: u64,
@@ -751,7 +751,7 @@ mod tests {
         let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
         let vm = Arc::new(Vm::new(kvm).unwrap());
         let ram = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let memory: SharedMemory = Arc::new(rcu::RcuCell::new(GuestMap::first(ram)));
+        let memory: SharedGuestMap = Arc::new(rcu::RcuCell::new(GuestMap::first(ram)));
         let mm = MemoryManager::new(
             Arc::clone(&vm),
             memory,

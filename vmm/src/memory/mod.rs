@@ -5,7 +5,7 @@
 //! memory is backed, and the device and control-thread worker that carry
 //! the guest's plug and unplug requests to the slots.
 //!
-//! * [`guest_memory`]: guest RAM and the RCU-published map (`SharedMemory`,
+//! * [`guest_memory`]: guest RAM and the RCU-published map (`SharedGuestMap`,
 //!   read inside read sections; retired maps dropped after a grace period).
 //! * [`memory_manager`]: the hot-plug slots of one region; the map is
 //!   swapped here (`MemoryManager::publish`), and retired slots unmapped

@@ -93,7 +93,7 @@ enum Step {
     EmitBefore(Frame),
 }
 
-/// An incremental splitter; see the [module docs](self).
+/// An incremental splitter; see the module docs.
 #[derive(Debug)]
 pub struct JsonSplitter {
     lex: Lex,

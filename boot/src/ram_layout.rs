@@ -9,8 +9,8 @@
 use thiserror::Error;
 use vm_memory::GuestAddress;
 
-use crate::layout::{
-    self, ACPI_END, ACPI_START, EBDA_START, GIB, GuestRange, HIGH_RAM_START, LayoutError, MIB,
+use crate::address_plan::{
+    self, ACPI_END, ACPI_START, AddressPlanError, EBDA_START, GIB, GuestRange, HIGH_RAM_START, MIB,
     MMIO_HOLE_START, PAGE_SIZE, RAM_64BIT_START,
 };
 
@@ -21,7 +21,7 @@ pub const MAX_RAM_SIZE: u64 = 1024 * GIB;
 
 /// Errors in a requested memory configuration.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum MemoryMapError {
+pub enum RamLayoutError {
     /// RAM size below [`MIN_RAM_SIZE`].
     #[error("memory size {size:#x} is below the minimum of {min:#x} bytes")]
     TooSmall {
@@ -46,7 +46,7 @@ pub enum MemoryMapError {
     },
     /// The hot-plug region could not be placed.
     #[error("cannot place the hot-plug region")]
-    Hotplug(#[source] LayoutError),
+    Hotplug(#[source] AddressPlanError),
 }
 
 /// The kind of an E820 entry; the discriminant is the value the guest sees.
@@ -81,42 +81,42 @@ pub struct E820Entry {
 
 /// A VM's memory configuration: its RAM ranges, E820 map and hot-plug region.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryMap {
+pub struct RamLayout {
     ram_size: u64,
     ram: Vec<GuestRange>,
     hotplug: Vec<GuestRange>,
 }
 
-impl MemoryMap {
+impl RamLayout {
     /// Lays out `ram_size` bytes of boot RAM and a hot-plug region of `hotplug_size` bytes
     /// (rounded up to 128 MiB; zero for none).
     ///
     /// Fails if `ram_size` is below [`MIN_RAM_SIZE`], above [`MAX_RAM_SIZE`] or not a
     /// multiple of 4 KiB, or if the hot-plug region does not fit the address space.
-    pub fn new(ram_size: u64, hotplug_size: u64) -> Result<Self, MemoryMapError> {
+    pub fn new(ram_size: u64, hotplug_size: u64) -> Result<Self, RamLayoutError> {
         Self::with_hotplug(ram_size, &[hotplug_size])
     }
 
     /// Lays out `ram_size` bytes of boot RAM and one hot-plug region per entry of
     /// `hotplug_sizes`, in order, one after the other above RAM, each placed and rounded
-    /// as [`layout::hotplug_region`] does (a size of zero gives no region).
+    /// as [`address_plan::hotplug_region`] does (a size of zero gives no region).
     ///
     /// Fails as [`new`](Self::new) does, or if the regions do not fit the address space.
-    pub fn with_hotplug(ram_size: u64, hotplug_sizes: &[u64]) -> Result<Self, MemoryMapError> {
+    pub fn with_hotplug(ram_size: u64, hotplug_sizes: &[u64]) -> Result<Self, RamLayoutError> {
         if ram_size < MIN_RAM_SIZE {
-            return Err(MemoryMapError::TooSmall {
+            return Err(RamLayoutError::TooSmall {
                 size: ram_size,
                 min: MIN_RAM_SIZE,
             });
         }
         if ram_size > MAX_RAM_SIZE {
-            return Err(MemoryMapError::TooLarge {
+            return Err(RamLayoutError::TooLarge {
                 size: ram_size,
                 max: MAX_RAM_SIZE,
             });
         }
         if !ram_size.is_multiple_of(PAGE_SIZE) {
-            return Err(MemoryMapError::Unaligned { size: ram_size });
+            return Err(RamLayoutError::Unaligned { size: ram_size });
         }
         let low = ram_size.min(MMIO_HOLE_START);
         let mut ram = vec![GuestRange {
@@ -132,12 +132,14 @@ impl MemoryMap {
         let mut floor = ram.last().map_or(0, GuestRange::end);
         let mut hotplug = Vec::new();
         for &size in hotplug_sizes {
-            if let Some(r) = layout::hotplug_region(floor, size).map_err(MemoryMapError::Hotplug)? {
+            if let Some(r) =
+                address_plan::hotplug_region(floor, size).map_err(RamLayoutError::Hotplug)?
+            {
                 floor = r.end();
                 hotplug.push(r);
             }
         }
-        Ok(MemoryMap {
+        Ok(RamLayout {
             ram_size,
             ram,
             hotplug,
@@ -238,7 +240,7 @@ mod tests {
 
     #[test]
     fn small_ram_is_one_range_from_zero() {
-        let m = MemoryMap::new(128 * MIB, 0).unwrap();
+        let m = RamLayout::new(128 * MIB, 0).unwrap();
         assert_eq!(
             m.ram_ranges(),
             &[GuestRange {
@@ -256,7 +258,7 @@ mod tests {
 
     #[test]
     fn e820_of_small_ram_reserves_legacy_hole_and_acpi() {
-        let m = MemoryMap::new(128 * MIB, 0).unwrap();
+        let m = RamLayout::new(128 * MIB, 0).unwrap();
         let e820 = m.e820();
         assert_eq!(
             e820,
@@ -289,7 +291,7 @@ mod tests {
 
     #[test]
     fn sixteen_gib_is_split_around_the_hole() {
-        let m = MemoryMap::new(16 * GIB, 4 * GIB).unwrap();
+        let m = RamLayout::new(16 * GIB, 4 * GIB).unwrap();
         assert_eq!(
             m.ram_ranges(),
             &[
@@ -339,14 +341,14 @@ mod tests {
 
     #[test]
     fn exactly_three_gib_needs_no_high_range() {
-        let m = MemoryMap::new(3 * GIB, 0).unwrap();
+        let m = RamLayout::new(3 * GIB, 0).unwrap();
         assert_eq!(m.ram_ranges().len(), 1);
         assert_eq!(m.e820().len(), 4);
     }
 
     #[test]
     fn several_hotplug_regions_follow_each_other_block_aligned() {
-        let m = MemoryMap::with_hotplug(512 * MIB, &[GIB, 200 * MIB, 0, 128 * MIB]).unwrap();
+        let m = RamLayout::with_hotplug(512 * MIB, &[GIB, 200 * MIB, 0, 128 * MIB]).unwrap();
         let r = m.hotplug_regions();
         assert_eq!(r.len(), 3, "a size of 0 gives no region");
         // From 4 GiB (RAM ends below the hole), each rounded up to 128 MiB.
@@ -363,7 +365,7 @@ mod tests {
 
     #[test]
     fn hotplug_region_is_not_in_e820() {
-        let m = MemoryMap::new(512 * MIB, 2 * GIB).unwrap();
+        let m = RamLayout::new(512 * MIB, 2 * GIB).unwrap();
         let hp = m.hotplug_region().unwrap();
         assert_eq!(
             hp,
@@ -382,7 +384,7 @@ mod tests {
     #[test]
     fn e820_is_sorted_and_disjoint() {
         for size in [MIN_RAM_SIZE, GIB, 3 * GIB + PAGE_SIZE, 16 * GIB] {
-            let e820 = MemoryMap::new(size, 0).unwrap().e820();
+            let e820 = RamLayout::new(size, 0).unwrap().e820();
             for w in e820.windows(2) {
                 assert!(w[0].addr + w[0].size <= w[1].addr);
             }
@@ -393,25 +395,25 @@ mod tests {
     #[test]
     fn bad_sizes_are_rejected() {
         assert_eq!(
-            MemoryMap::new(MIB, 0),
-            Err(MemoryMapError::TooSmall {
+            RamLayout::new(MIB, 0),
+            Err(RamLayoutError::TooSmall {
                 size: MIB,
                 min: MIN_RAM_SIZE
             })
         );
         assert_eq!(
-            MemoryMap::new(128 * MIB + 1, 0),
-            Err(MemoryMapError::Unaligned {
+            RamLayout::new(128 * MIB + 1, 0),
+            Err(RamLayoutError::Unaligned {
                 size: 128 * MIB + 1
             })
         );
         assert!(matches!(
-            MemoryMap::new(MAX_RAM_SIZE + PAGE_SIZE, 0),
-            Err(MemoryMapError::TooLarge { .. })
+            RamLayout::new(MAX_RAM_SIZE + PAGE_SIZE, 0),
+            Err(RamLayoutError::TooLarge { .. })
         ));
         assert!(matches!(
-            MemoryMap::new(GIB, u64::MAX - GIB),
-            Err(MemoryMapError::Hotplug(_))
+            RamLayout::new(GIB, u64::MAX - GIB),
+            Err(RamLayoutError::Hotplug(_))
         ));
     }
 }

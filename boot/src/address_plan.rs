@@ -171,7 +171,7 @@ const _: () = {
 
 /// Errors of the layout arithmetic.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum LayoutError {
+pub enum AddressPlanError {
     /// The requested hot-plug region does not fit in the 64-bit address space.
     #[error("hot-plug region of {size:#x} bytes above {start:#x} overflows the address space")]
     HotplugOverflow {
@@ -225,12 +225,12 @@ pub fn virtio_mmio_base(index: u32) -> Option<u64> {
 /// The region starts at or above 4 GiB and above RAM, aligned to [`MEMORY_BLOCK_SIZE`],
 /// and its size is rounded up to a multiple of [`MEMORY_BLOCK_SIZE`], as Linux onlines
 /// hot-plugged memory by whole memory blocks. A `size` of zero means no region.
-pub fn hotplug_region(ram_end: u64, size: u64) -> Result<Option<GuestRange>, LayoutError> {
+pub fn hotplug_region(ram_end: u64, size: u64) -> Result<Option<GuestRange>, AddressPlanError> {
     if size == 0 {
         return Ok(None);
     }
     let floor = ram_end.max(RAM_64BIT_START);
-    let overflow = || LayoutError::HotplugOverflow { start: floor, size };
+    let overflow = || AddressPlanError::HotplugOverflow { start: floor, size };
     let start = align_up(floor, MEMORY_BLOCK_SIZE).ok_or_else(overflow)?;
     let size = align_up(size, MEMORY_BLOCK_SIZE).ok_or_else(overflow)?;
     start.checked_add(size).ok_or_else(overflow)?;
@@ -314,11 +314,11 @@ mod tests {
     fn hotplug_region_overflow_is_an_error() {
         assert!(matches!(
             hotplug_region(u64::MAX - GIB, GIB),
-            Err(LayoutError::HotplugOverflow { .. })
+            Err(AddressPlanError::HotplugOverflow { .. })
         ));
         assert!(matches!(
             hotplug_region(8 * GIB, u64::MAX - 10),
-            Err(LayoutError::HotplugOverflow { .. })
+            Err(AddressPlanError::HotplugOverflow { .. })
         ));
     }
 
