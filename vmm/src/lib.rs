@@ -84,22 +84,34 @@
 
 #![deny(missing_docs)]
 
-pub mod cli;
-pub mod control;
-pub mod device_manager;
-pub mod kvm;
-pub mod machine;
-pub mod memory;
-pub mod power_on;
-pub mod qmp;
-pub mod report;
-pub mod seccomp;
+mod cli;
+mod control;
+mod device_manager;
+mod kvm;
+mod machine;
+mod memory;
+mod power_on;
+mod qmp;
+mod report;
+mod seccomp;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
-pub use cli::config::{Args, ConfigError, OnReset, VmConfig};
-pub use machine::{HardwareSpec, Machine, MachineError, RunOptions};
+// The program's API: what the `vmm` binary (`main.rs`) uses.
+pub use cli::config::{Args, ConfigError, VmConfig};
+pub use kvm::host::HostKind;
+pub use machine::MachineError;
 
+/// The stderr logger: the binary installs it first ([`init`]) and writes its
+/// own messages through [`stderr_line`], which never blocks for long and
+/// never fails.
+pub mod logger {
+    pub use crate::cli::logger::{init, stderr_line};
+}
+
+pub use control::signals::block_termination;
+
+use machine::Machine;
 use std::time::Instant;
 
 /// Formats an error and its chain of causes on one line: `a: b: c`.

@@ -25,17 +25,17 @@ fn main() {
     let start = Instant::now();
     // Before any other thread exists, so all of them inherit the mask and
     // termination signals reach the control loop's signalfd.
-    if let Err(e) = vmm::control::signals::block_termination() {
-        vmm::cli::logger::stderr_line(format_args!("vmm: cannot block termination signals: {e}"));
+    if let Err(e) = vmm::block_termination() {
+        vmm::logger::stderr_line(format_args!("vmm: cannot block termination signals: {e}"));
         std::process::exit(1);
     }
-    vmm::cli::logger::init();
+    vmm::logger::init();
     // `vmm --host-kind` alone: what kind of KVM this host has (docs/hosts.md).
     if std::env::args_os().skip(1).eq(["--host-kind"]) {
         let _ = writeln!(
             std::io::stdout(),
             "{}",
-            vmm::kvm::host::HostKind::detect().name()
+            vmm::HostKind::detect().name()
         );
         std::process::exit(0);
     }
@@ -48,7 +48,7 @@ fn main() {
                 std::process::exit(0);
             }
             _ => {
-                vmm::cli::logger::stderr_line(format_args!(
+                vmm::logger::stderr_line(format_args!(
                     "vmm: {} (see vmm --help)",
                     one_line(&e.to_string())
                 ));
@@ -59,14 +59,14 @@ fn main() {
     let config = match VmConfig::try_from(args) {
         Ok(c) => c,
         Err(e) => {
-            vmm::cli::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
+            vmm::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             std::process::exit(2);
         }
     };
     match vmm::run(config, start) {
         Ok(status) => std::process::exit(status),
         Err(e) => {
-            vmm::cli::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
+            vmm::logger::stderr_line(format_args!("vmm: {}", error_chain(&e)));
             std::process::exit(1);
         }
     }
