@@ -27,8 +27,8 @@
 //! connection then.
 
 use serde_json::Value;
-use vmm::qmp::fuzz_api::{self, Frame, JsonSplitter};
-use vmm::qmp::{MAX_MESSAGE_SIZE, QmpError};
+use vmm::test_utils::qmp::fuzz_api::{self, Frame, JsonSplitter};
+use vmm::test_utils::qmp::{MAX_MESSAGE_SIZE, QmpError};
 use vmm::test_utils::FakeVm;
 
 /// The small message limit selected by flag bit 1.

@@ -6,8 +6,8 @@ use devices::BusRange;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::control::event_loop::StopReason;
-use vmm::{HardwareSpec, Machine, RunOptions};
+use vmm::test_utils::StopReason;
+use vmm::test_utils::{HardwareSpec, Machine, RunOptions};
 
 /// Where test guests' code goes.
 pub const CODE_ADDR: u64 = 0x10_0000;
@@ -54,8 +54,8 @@ impl BareVm {
                 hotplug: if hotplug == 0 {
                     Vec::new()
                 } else {
-                    vec![vmm::cli::config::HotplugDeviceConfig {
-                        id: vmm::memory::hotplug_device::VMEM_ID.into(),
+                    vec![vmm::test_utils::HotplugDeviceConfig {
+                        id: vmm::test_utils::VMEM_ID.into(),
                         size: hotplug,
                         backing: Default::default(),
                         node: None,
@@ -178,13 +178,13 @@ impl BareVm {
 
     /// As [`run`](Self::run), with the vCPUs' exit counters. The vCPU
     /// threads run under the `vmm` command's vCPU seccomp filter.
-    pub fn run_outcome(&mut self, limit: Duration) -> vmm::machine::RunOutcome {
+    pub fn run_outcome(&mut self, limit: Duration) -> vmm::test_utils::RunOutcome {
         self.machine
             .run(RunOptions {
                 console: false,
                 timeout: Some(limit),
                 qmp: None,
-                seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
+                seccomp: vmm::test_utils::SeccompMode::VcpuThreads,
                 console_out: None,
                 on_reset: Default::default(),
             })

@@ -20,7 +20,7 @@
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm::memory::guest_memory::SharedGuestMap;
+use vmm::test_utils::SharedGuestMap;
 
 use crate::bare_vm::{BareVm, CODE_ADDR};
 
@@ -469,7 +469,7 @@ pub fn run_driven<T: Send + 'static>(
     vm: &mut BareVm,
     limit: Duration,
     drive: impl FnOnce(GuestDriver) -> T + Send + 'static,
-) -> (vmm::machine::RunOutcome, std::thread::Result<T>) {
+) -> (vmm::test_utils::RunOutcome, std::thread::Result<T>) {
     let driver = GuestDriver::new(vm);
     let exit = std::sync::Arc::clone(&vm.machine.devices.exit);
     let thread = std::thread::Builder::new()

@@ -3,7 +3,7 @@
 //!
 //! Descriptor 2 is process-wide: a test binary that redirects it should hold
 //! one test only (or run its tests one at a time), and install the VMM's
-//! logger (`vmm::cli::logger::init`) only after redirecting, as `main` does.
+//! logger (`vmm::logger::init`) only after redirecting, as `main` does.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 

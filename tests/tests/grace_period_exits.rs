@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
-use vmm::control::event_loop::StopReason;
-use vmm::kvm::kvm_stats::KvmStats;
+use vmm::test_utils::KvmStats;
+use vmm::test_utils::StopReason;
 
 guest_code! {
     /// Drops to CPL3 (user stack in r13) and spins there without exits.

@@ -24,9 +24,9 @@ use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_code;
 use tests::proc_maps::{address_range, overlaps};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::control::event_loop::StopReason;
-use vmm::memory::guest_memory::SharedGuestMap;
-use vmm::memory::memory_manager::{MAX_RETIRED_SLOTS, SLOT_SIZE};
+use vmm::test_utils::SharedGuestMap;
+use vmm::test_utils::StopReason;
+use vmm::test_utils::{MAX_RETIRED_SLOTS, SLOT_SIZE};
 
 const HOTPLUG_BASE: u64 = 1 << 32;
 const DMA: u64 = TEST_MMIO + 0x1000;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tests::bare_vm::{BareVm, CODE_ADDR, TEST_MMIO, TEST_PORT};
 use tests::guest_code;
 use tests::recorder::Recorder;
-use vmm::control::event_loop::StopReason;
+use vmm::test_utils::StopReason;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -198,7 +198,7 @@ fn int3_raises_breakpoint_with_rip_after_it() {
     let completed = outcome.vcpu_stats[0]
         .int3_completed
         .load(std::sync::atomic::Ordering::Relaxed);
-    if vm.machine.host() == vmm::kvm::host::HostKind::EmulationOnly {
+    if vm.machine.host() == vmm::HostKind::EmulationOnly {
         // KVM's emulator cannot run int3; the VMM completed it.
         assert_eq!(completed, 1);
     } else {
@@ -306,7 +306,7 @@ fn bus_swapped_under_a_running_vcpu_takes_effect() {
     let swaps = |s: &rcu::Stats| {
         s.by_site
             .iter()
-            .filter(|e| e.label == vmm::device_manager::BUS_LABEL)
+            .filter(|e| e.label == vmm::test_utils::BUS_LABEL)
             .map(|e| e.run)
             .sum::<u64>()
     };
@@ -322,7 +322,7 @@ fn bus_swapped_under_a_running_vcpu_takes_effect() {
 fn kvm_vcpu_statistics_are_readable() {
     let mut vm = BareVm::new(1, 64 << 20, io_and_mmio(), 0);
     vm.start_long_mode(0, false);
-    let stats = vmm::kvm::kvm_stats::KvmStats::open(&vm.machine.vcpu_fds()[0]).expect("stats fd");
+    let stats = vmm::test_utils::KvmStats::open(&vm.machine.vcpu_fds()[0]).expect("stats fd");
     let before = stats.get("exits").expect("an 'exits' counter");
     assert_eq!(vm.run(LIMIT), StopReason::Guest(ExitRequest::PowerOff));
     let after = stats.get("exits").unwrap();

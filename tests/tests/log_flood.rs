@@ -1,6 +1,6 @@
 //! A guest that loops on what the VMM logs cannot flood its stderr.
 //!
-//! The VM runs in this process with the VMM's own logger (`vmm::cli::logger`, as
+//! The VM runs in this process with the VMM's own logger (`vmm::logger`, as
 //! the `vmm` command installs it) at the default level, its stderr
 //! (descriptor 2) redirected to a file. A tiny guest (the
 //! `tests::guest_driver` runner at CPL3 on vCPU 0) then:
@@ -31,9 +31,9 @@ use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
 use tests::virtio_ops::{QUEUE_NOTIFY, STATUS, VIRTIO, break_device, r32, run, w32};
-use vmm::control::event_loop::StopReason;
-use vmm::memory::hotplug_device::Hotplug;
-use vmm::memory::memory_manager::SLOT_SIZE;
+use vmm::test_utils::Hotplug;
+use vmm::test_utils::SLOT_SIZE;
+use vmm::test_utils::StopReason;
 
 const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(600);
@@ -142,7 +142,7 @@ fn a_guest_looping_on_logged_paths_prints_little_on_stderr() {
     start_runner(&vm, Privilege::User, true);
 
     let redirect = StderrRedirect::to(&file);
-    vmm::cli::logger::init();
+    vmm::logger::init();
     let hp2 = Arc::clone(&hp);
     let (outcome, driven) = run_driven(&mut vm, LIMIT, move |driver| drive(driver, &hp2));
     drop(redirect);

@@ -17,9 +17,9 @@ use tests::guest_code;
 
 use devices::ExitRequest;
 use tests::raw_qmp::{self, RawQmp};
-use vmm::OnReset;
-use vmm::control::event_loop::{QmpStop, StopReason};
-use vmm::machine::{RunOptions, RunOutcome};
+use vmm::test_utils::OnReset;
+use vmm::test_utils::{QmpStop, StopReason};
+use vmm::test_utils::{RunOptions, RunOutcome};
 
 const LINE: &str = "guest says hello";
 
@@ -131,7 +131,7 @@ fn run_restart<T: Send>(
                 console: false,
                 timeout: Some(Duration::from_secs(120)),
                 qmp: Some(sock.to_path_buf()),
-                seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
+                seccomp: vmm::test_utils::SeccompMode::VcpuThreads,
                 console_out: Some(writer.as_raw_fd()),
                 on_reset,
             })

@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tests::bare_vm::BareVm;
 use tests::guest_code;
-use vmm::RunOptions;
-use vmm::control::event_loop::StopReason;
-use vmm::seccomp::SeccompMode;
+use vmm::test_utils::RunOptions;
+use vmm::test_utils::SeccompMode;
+use vmm::test_utils::StopReason;
 
 /// Names the case a child process runs.
 const CASE_ENV: &str = "VMM_SECCOMP_TEST_CASE";

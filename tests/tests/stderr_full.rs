@@ -1,6 +1,6 @@
 //! A stderr pipe that is full and never read does not block the VMM.
 //!
-//! The VM runs in this process with the VMM's own logger (`vmm::cli::logger`, as
+//! The VM runs in this process with the VMM's own logger (`vmm::logger`, as
 //! the `vmm` command installs it) at the default level; its stderr
 //! (descriptor 2) is a pipe filled to the brim before the logger starts,
 //! which nobody reads. A tiny guest (the `tests::guest_driver` runner at
@@ -31,9 +31,9 @@ use tests::bare_vm::{BareVm, TEST_MMIO};
 use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
 use tests::virtio_ops::{QUEUE_NOTIFY, VIRTIO, break_device, run, w32};
-use vmm::control::event_loop::StopReason;
-use vmm::memory::hotplug_device::Hotplug;
-use vmm::memory::memory_manager::SLOT_SIZE;
+use vmm::test_utils::Hotplug;
+use vmm::test_utils::SLOT_SIZE;
+use vmm::test_utils::StopReason;
 
 const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(600);
@@ -45,7 +45,7 @@ const WATCHDOG: Duration = Duration::from_secs(150);
 const ROUNDS: u64 = 20;
 /// Warnings the test itself logs through the VMM's logger while stderr is
 /// full (from one call site: more would be held back by the rate limit).
-const OWN_WARNINGS: u64 = vmm::cli::log_limit::BURST as u64;
+const OWN_WARNINGS: u64 = vmm::test_utils::log_limit::BURST as u64;
 
 /// The pipe's capacity, after asking for the smallest (one page).
 fn shrink_pipe(fd: &impl AsRawFd) -> usize {
@@ -157,7 +157,7 @@ fn a_full_stderr_pipe_nobody_reads_does_not_block_the_vmm() {
     start_runner(&vm, Privilege::User, true);
 
     let redirect = StderrRedirect::to(&writer);
-    vmm::cli::logger::init();
+    vmm::logger::init();
 
     // The watchdog: drains the pipe if the test has not finished by then.
     let drained = Arc::new(AtomicBool::new(false));
@@ -180,7 +180,7 @@ fn a_full_stderr_pipe_nobody_reads_does_not_block_the_vmm() {
     let (outcome, driven) = run_driven(&mut vm, LIMIT, move |driver| drive(driver, &hp2));
     let _ = done_tx.send(());
     watchdog.join().unwrap();
-    let dropped = vmm::cli::logger::dropped_lines();
+    let dropped = vmm::test_utils::logger::dropped_lines();
 
     // Read the pipe, then log once more: the record says what was dropped.
     set_nonblocking(&reader);

@@ -23,9 +23,9 @@ use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
 use tests::raw_qmp::{self, RawQmp};
-use vmm::RunOptions;
-use vmm::control::event_loop::{QmpStop, StopReason};
-use vmm::machine::RunOutcome;
+use vmm::test_utils::RunOptions;
+use vmm::test_utils::RunOutcome;
+use vmm::test_utils::{QmpStop, StopReason};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -154,7 +154,7 @@ fn run_with(
                 console: false,
                 timeout: Some(Duration::from_secs(300)),
                 qmp: Some(sock.to_path_buf()),
-                seccomp: vmm::seccomp::SeccompMode::VcpuThreads,
+                seccomp: vmm::test_utils::SeccompMode::VcpuThreads,
                 console_out,
                 on_reset: Default::default(),
             })
@@ -234,7 +234,7 @@ fn grace_periods_and_qmp_go_on_while_stdout_is_stuck() {
     assert!(outcome.console_bytes_dropped > 0);
     // What was not dropped is what the pipe and the buffer held.
     assert!(
-        outcome.console_bytes >= vmm::control::console_output::CAPACITY as u64,
+        outcome.console_bytes >= vmm::test_utils::console_output::CAPACITY as u64,
         "{} bytes accepted",
         outcome.console_bytes
     );

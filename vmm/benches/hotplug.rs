@@ -30,7 +30,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
-use vmm::memory::memory_manager::SLOT_SIZE;
+use vmm::test_utils::SLOT_SIZE;
 
 const HOTPLUG_BASE: u64 = 1 << 32;
 

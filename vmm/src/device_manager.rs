@@ -17,9 +17,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub const BUS_LABEL: &str = "bus replace";
 
 /// GSI of the GED (power button) interrupt.
-pub const GED_GSI: u32 = address_plan::FIRST_DEVICE_GSI;
+pub(crate) const GED_GSI: u32 = address_plan::FIRST_DEVICE_GSI;
 /// First GSI for virtio-mmio devices.
-pub const FIRST_VIRTIO_GSI: u32 = address_plan::FIRST_DEVICE_GSI + 1;
+pub(crate) const FIRST_VIRTIO_GSI: u32 = address_plan::FIRST_DEVICE_GSI + 1;
 
 /// Errors creating devices.
 #[derive(Debug, Error)]

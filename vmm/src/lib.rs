@@ -83,6 +83,10 @@
 //! [`kvm::vcpu::ANSWER_DEADLINE`] and name the vCPUs that did not answer.
 
 #![deny(missing_docs)]
+// `pub` marks what leaves the crate (the program's API here, the tests' in
+// `test_utils`); everything else is `pub(crate)`. Checked with the feature on,
+// when `test_utils` makes its items reachable.
+#![cfg_attr(feature = "test-utils", warn(unreachable_pub))]
 
 mod cli;
 mod control;

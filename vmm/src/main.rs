@@ -32,11 +32,7 @@ fn main() {
     vmm::logger::init();
     // `vmm --host-kind` alone: what kind of KVM this host has (docs/hosts.md).
     if std::env::args_os().skip(1).eq(["--host-kind"]) {
-        let _ = writeln!(
-            std::io::stdout(),
-            "{}",
-            vmm::HostKind::detect().name()
-        );
+        let _ = writeln!(std::io::stdout(), "{}", vmm::HostKind::detect().name());
         std::process::exit(0);
     }
     let args = match Args::try_parse() {

@@ -63,7 +63,7 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PowerOnError {
 }
 
 /// What RAM, the PICs, the IOAPIC and the PIT held before the first run.
-pub struct PowerOnImage {
+pub(crate) struct PowerOnImage {
     /// `(start, length)` of each RAM region.
     ram: Vec<(u64, u64)>,
     /// Runs of loaded pages: guest address and contents.
@@ -134,7 +134,7 @@ impl PowerOnImage {
     /// Captures the image of `vm` whose RAM is `ram` (the boot map, without
     /// hot-plugged memory). Call it once everything is loaded, before any
     /// vCPU runs.
-    pub fn capture(vm: &Vm, ram: &GuestMemoryMmap) -> Result<Self, PowerOnError> {
+    pub(crate) fn capture(vm: &Vm, ram: &GuestMemoryMmap) -> Result<Self, PowerOnError> {
         let page = page_size() as usize;
         let mut loaded = Vec::new();
         let mut regions = Vec::new();
@@ -178,12 +178,12 @@ impl PowerOnImage {
     }
 
     /// Bytes of loaded RAM kept (host memory this image costs).
-    pub fn loaded_bytes(&self) -> u64 {
+    pub(crate) fn loaded_bytes(&self) -> u64 {
         self.loaded.iter().map(|(_, b)| b.len() as u64).sum()
     }
 
     /// Puts the PICs, IOAPIC and PIT back. Control thread, no vCPU running.
-    pub fn restore_interrupt_controllers(&self, vm: &Vm) -> Result<(), PowerOnError> {
+    pub(crate) fn restore_interrupt_controllers(&self, vm: &Vm) -> Result<(), PowerOnError> {
         for chip in &self.irqchips {
             vm.fd().set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;
         }
@@ -193,7 +193,7 @@ impl PowerOnImage {
     /// Discards all of guest RAM in `mem` (the regions captured) and
     /// writes the loaded pages back. Control thread, no vCPU running and
     /// no device using guest memory.
-    pub fn restore_ram(&self, mem: &GuestMemoryMmap) -> Result<(), PowerOnError> {
+    pub(crate) fn restore_ram(&self, mem: &GuestMemoryMmap) -> Result<(), PowerOnError> {
         for &(gpa, len) in &self.ram {
             let region = mem
                 .find_region(GuestAddress(gpa))

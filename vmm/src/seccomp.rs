@@ -44,7 +44,7 @@ mod syscall_names;
 mod vcpu;
 
 use allow_list::AllowList;
-pub use seccompiler::BpfProgram;
+pub(crate) use seccompiler::BpfProgram;
 use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
 
@@ -108,7 +108,7 @@ pub enum SeccompError {
 /// What a VM's configuration adds to the filters; the default is a VM
 /// that needs none of it, and gets the narrowest filters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FilterNeeds {
+pub(crate) struct FilterNeeds {
     /// A hot-plug device is backed by memfds (`backend=memfd`): the control
     /// thread creates, sizes, seals, maps and punches them.
     pub memfd_backing: bool,
@@ -116,14 +116,17 @@ pub struct FilterNeeds {
 
 /// The compiled filter of thread kind `kind` for a VM that needs nothing
 /// beyond the defaults ([`program_for`]).
-pub fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+pub(crate) fn program(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     program_for(kind, FilterNeeds::default())
 }
 
 /// The compiled filter of thread kind `kind` for a VM with `needs`. The
 /// control filter allows signals to this process only, so compile it in
 /// the process that uses it.
-pub fn program_for(kind: ThreadKind, needs: FilterNeeds) -> Result<BpfProgram, SeccompError> {
+pub(crate) fn program_for(
+    kind: ThreadKind,
+    needs: FilterNeeds,
+) -> Result<BpfProgram, SeccompError> {
     let build = |e| SeccompError::Build(kind, e);
     let mut list = AllowList::default();
     common::allow(&mut list).map_err(build)?;
@@ -140,7 +143,7 @@ pub fn program_for(kind: ThreadKind, needs: FilterNeeds) -> Result<BpfProgram, S
 /// rest of its life; threads it creates afterwards inherit it. Sets
 /// `no_new_privs` first, as the kernel requires. Makes no allocation on
 /// success.
-pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
+pub(crate) fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(kind, e))
 }
 
@@ -149,7 +152,7 @@ pub fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError>
 /// calls return at once. Call it before any filter is on the calling
 /// thread (it may create the call_rcu thread), outside RCU read sections
 /// and not from an RCU callback (it waits for one).
-pub fn install_on_call_rcu_thread() -> Result<(), SeccompError> {
+pub(crate) fn install_on_call_rcu_thread() -> Result<(), SeccompError> {
     static INSTALLED: Mutex<bool> = Mutex::new(false);
     let mut installed = INSTALLED.lock().unwrap_or_else(PoisonError::into_inner);
     if *installed {
@@ -198,7 +201,7 @@ fn prepare_process() -> Result<(), SeccompError> {
 /// The filters of one [`Machine::run`](crate::Machine::run), compiled
 /// before any of its threads start.
 #[derive(Debug, Default)]
-pub struct RunFilters {
+pub(crate) struct RunFilters {
     /// What each vCPU thread applies to itself before its run loop.
     pub vcpu: Option<Arc<BpfProgram>>,
     control: Option<BpfProgram>,
@@ -211,7 +214,7 @@ impl RunFilters {
     /// [`SeccompMode::AllThreads`] the call_rcu thread also gets its filter
     /// now ([`install_on_call_rcu_thread`]). Call it on the thread that will
     /// run the control loop, before the vCPU threads start.
-    pub fn prepare(mode: SeccompMode, needs: FilterNeeds) -> Result<Self, SeccompError> {
+    pub(crate) fn prepare(mode: SeccompMode, needs: FilterNeeds) -> Result<Self, SeccompError> {
         if mode != SeccompMode::Off {
             prepare_process()?;
         }
@@ -238,7 +241,7 @@ impl RunFilters {
     /// already has it (a later run on the same thread). Call it after the
     /// last thread the run creates has started, just before the control
     /// loop.
-    pub fn enter_control(&self) -> Result<(), SeccompError> {
+    pub(crate) fn enter_control(&self) -> Result<(), SeccompError> {
         thread_local! {
             static FILTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
         }

@@ -250,8 +250,8 @@ fn unknown_flag_and_missing_kernel_flag() {
 fn hotplug_region_beyond_the_kvm_memory_slot_limit() {
     let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
     let limit = kvm.get_nr_memslots() as u64;
-    let slot = vmm::memory::memory_manager::SLOT_SIZE;
-    let first = u64::from(vmm::memory::memory_manager::FIRST_HOTPLUG_KVM_SLOT);
+    let slot = vmm::test_utils::SLOT_SIZE;
+    let first = u64::from(vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT);
     // One slot more than KVM can register.
     let size = (limit - first + 1) * slot;
     let size_arg = format!("{}M", size >> 20);
@@ -303,8 +303,8 @@ fn several_hotplug_devices_with_bad_ids_or_nodes_are_refused_in_one_line() {
 fn the_kvm_memory_slot_budget_counts_every_hotplug_device() {
     let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
     let limit = kvm.get_nr_memslots() as u64;
-    let slot = vmm::memory::memory_manager::SLOT_SIZE;
-    let first = u64::from(vmm::memory::memory_manager::FIRST_HOTPLUG_KVM_SLOT);
+    let slot = vmm::test_utils::SLOT_SIZE;
+    let first = u64::from(vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT);
     // Two devices, each within the budget alone, one slot too many together.
     let free = limit - first;
     let (a, b) = (free / 2, free - free / 2 + 1);

@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 use tests::vmm_process::{Session, run};
-use vmm::kvm::host::HostKind;
+use vmm::HostKind;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 /// Generous: a boot takes about a minute here, two at once take longer.

@@ -1,5 +1,5 @@
 //! The scripts and the VMM tell host kinds apart by one rule: the shell
-//! version (`scripts/lib/host-kind.sh`) agrees with `vmm::kvm::host::HostKind`
+//! version (`scripts/lib/host-kind.sh`) agrees with `vmm::HostKind`
 //! on every kind of host, and `vmm --host-kind` prints what the script
 //! prints on this one. Needs neither root nor `/dev/kvm`.
 
@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use vmm::kvm::host::HostKind;
+use vmm::HostKind;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/lib/host-kind.sh")

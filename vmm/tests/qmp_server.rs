@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vmm::qmp::{CpuInfo, MemoryDeviceInfo, QmpServer};
 use vmm::test_utils::FakeVm;
+use vmm::test_utils::qmp::{CpuInfo, MemoryDeviceInfo, QmpServer};
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
@@ -314,7 +314,7 @@ fn test_qmp_pipelined_client_that_reads_late_gets_every_reply() {
         assert_eq!(r["id"], i);
         assert_eq!(
             r["return"].as_array().unwrap().len(),
-            vmm::qmp::command_names().count()
+            vmm::test_utils::qmp::command_names().count()
         );
     }
     sender.join().unwrap();
@@ -532,10 +532,10 @@ fn test_qmp_clients_that_never_negotiate_are_disconnected_at_the_deadline() {
         .lock()
         .unwrap()
         .set_negotiation_deadline(Duration::from_secs(1));
-    let mut idle: Vec<Client> = (0..vmm::qmp::MAX_CLIENTS)
+    let mut idle: Vec<Client> = (0..vmm::test_utils::qmp::MAX_CLIENTS)
         .map(|_| Client::connect(&h.path))
         .collect();
-    h.wait_clients(vmm::qmp::MAX_CLIENTS);
+    h.wait_clients(vmm::test_utils::qmp::MAX_CLIENTS);
     // Every idle client sees its connection end (no reply, end of stream).
     for c in &mut idle {
         c.stream

@@ -28,7 +28,7 @@ const GIB: u64 = 1 << 30;
 /// Hot-plug slots are Linux's x86 memory blocks, 128 MiB.
 const SLOT: u64 = 128 * MIB;
 /// KVM slot number of the first hot-plug slot (the VMM's RAM uses fewer).
-const FIRST_KVM_SLOT: u64 = vmm::memory::memory_manager::FIRST_HOTPLUG_KVM_SLOT as u64;
+const FIRST_KVM_SLOT: u64 = vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT as u64;
 /// Generous: the guest kernel runs under KVM's instruction emulator here.
 const GUEST_LIMIT: Duration = Duration::from_secs(600);
 

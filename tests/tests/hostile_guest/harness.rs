@@ -15,9 +15,9 @@ use tests::virtio_ops::{VIRTIO, r32};
 use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_DEVICE_ID, VIRTIO_MMIO_MAGIC_VALUE, VIRTIO_MMIO_VERSION,
 };
-use vmm::control::event_loop::StopReason;
-use vmm::memory::hotplug_device::Hotplug;
-use vmm::memory::memory_manager::SLOT_SIZE;
+use vmm::test_utils::Hotplug;
+use vmm::test_utils::SLOT_SIZE;
+use vmm::test_utils::StopReason;
 
 pub(crate) const MIB: u64 = 1 << 20;
 pub(crate) const RAM_SIZE: u64 = 64 * MIB;
@@ -204,7 +204,7 @@ pub(crate) fn assert_final_write(vm: &BareVm) {
 /// Everything a test needs to look at the hot-plug state from outside.
 pub(crate) struct HotplugView {
     pub(crate) hp: Arc<Hotplug>,
-    pub(crate) memory: vmm::memory::guest_memory::SharedGuestMap,
+    pub(crate) memory: vmm::test_utils::SharedGuestMap,
 }
 
 impl HotplugView {

@@ -45,7 +45,7 @@ use devices::{BusRange, ExitRequest};
 use tests::bare_vm::BareVm;
 use tests::guest_driver::{DriverError, Privilege, SCRATCH, SCRATCH_SIZE, runner, start_runner};
 use vm_memory::{Bytes, GuestAddress};
-use vmm::control::event_loop::StopReason;
+use vmm::test_utils::StopReason;
 
 use harness::{
     BLOCK, HOTPLUG_BASE, RAM_SIZE, Rng, accesses, assert_final_write, assert_no_panics,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use devices::{BusRange, ExitRequest, Serial};
 use tests::bare_vm::{BareVm, TEST_PORT};
 use tests::guest_driver::{DriverError, Op, Privilege, runner, start_runner};
-use vmm::control::event_loop::StopReason;
+use vmm::test_utils::StopReason;
 
 use crate::harness::{
     RAM_SIZE, Rng, assert_final_write, assert_no_panics, assert_ram_unchanged, final_checks,

@@ -11,7 +11,7 @@ use tests::virtio_ops::{
     DRIVER_OK_STATUS, NEEDS_RESET, QUEUE_NOTIFY, STATUS, VIRTIO, handshake_ops, r32, w32,
 };
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS;
-use vmm::memory::memory_manager::SLOT_SIZE;
+use vmm::test_utils::SLOT_SIZE;
 
 use crate::harness::{BLOCK, HOTPLUG_BASE, HOTPLUG_SIZE, HotplugView, RAM_SIZE, r};
 use crate::virtq::{

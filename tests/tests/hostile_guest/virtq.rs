@@ -15,7 +15,7 @@ use tests::virtio_ops::{
 use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INTERRUPT_STATUS;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::GuestMemoryMmap;
-use vmm::memory::guest_memory::SharedGuestMap;
+use vmm::test_utils::SharedGuestMap;
 
 use crate::harness::{BLOCK, HOTPLUG_BASE, HotplugView, r, w};
 

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 /// Most vCPUs a VM may have: the ACPI MADT describes xAPIC IDs 0..=254.
-pub const MAX_CPUS: u32 = 254;
+pub(crate) const MAX_CPUS: u32 = 254;
 
 /// The command line, as clap parses it (strings for sizes, so that errors
 /// can be reported in our words).
@@ -137,11 +137,11 @@ pub struct VmConfig {
 
 /// Most virtio-mem devices a VM may have (`--hotplug-memory` given this
 /// many times at most); each takes a GSI of the IOAPIC.
-pub const MAX_HOTPLUG_DEVICES: usize = 8;
+pub(crate) const MAX_HOTPLUG_DEVICES: usize = 8;
 
 /// Most NUMA nodes (`node=0` to `node=7`): node 0 holds the vCPUs and boot
 /// RAM, each other node at least one device.
-pub const MAX_NUMA_NODES: u16 = 8;
+pub(crate) const MAX_NUMA_NODES: u16 = 8;
 
 /// One virtio-mem device, as `--hotplug-memory` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -159,7 +159,7 @@ pub struct HotplugDeviceConfig {
 
 /// One `--hotplug-memory` option, parsed alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HotplugMemoryOption {
+pub(crate) struct HotplugMemoryOption {
     /// Region size in bytes (0: none).
     pub size: u64,
     /// How the region is backed.
@@ -306,7 +306,7 @@ fn id_wellformed(id: &str) -> bool {
 /// `vmem<N>` for the N-th option. Refuses duplicate ids, more than
 /// [`MAX_HOTPLUG_DEVICES`] devices, and NUMA nodes that are not contiguous
 /// from 0 (node 0 always exists: it holds the vCPUs and boot RAM).
-pub fn hotplug_devices(options: &[String]) -> Result<Vec<HotplugDeviceConfig>, ConfigError> {
+pub(crate) fn hotplug_devices(options: &[String]) -> Result<Vec<HotplugDeviceConfig>, ConfigError> {
     let opt = ConfigError::HotplugOption;
     let mut devices: Vec<HotplugDeviceConfig> = Vec::new();
     for (n, text) in options.iter().enumerate() {
@@ -341,7 +341,7 @@ pub fn hotplug_devices(options: &[String]) -> Result<Vec<HotplugDeviceConfig>, C
 /// options (a first item without `=` is the size). Each key is handled by
 /// its own arm; unknown keys, repeated keys, bad values and backings that
 /// cannot work are refused with one line naming the problem.
-pub fn parse_hotplug_memory(text: &str) -> Result<HotplugMemoryOption, ConfigError> {
+pub(crate) fn parse_hotplug_memory(text: &str) -> Result<HotplugMemoryOption, ConfigError> {
     const FLAG: &str = "hotplug-memory";
     let opt = ConfigError::HotplugOption;
     if !text.contains('=') && !text.contains(',') {

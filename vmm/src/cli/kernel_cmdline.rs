@@ -36,7 +36,7 @@ fn user_sets(user: &str, k: &str) -> bool {
 }
 
 /// The arguments to append to `user` for this host and VM.
-pub fn appended_args(user: &str, host: HostKind, hotplug: bool) -> Vec<&'static str> {
+pub(crate) fn appended_args(user: &str, host: HostKind, hotplug: bool) -> Vec<&'static str> {
     let mut v: Vec<&'static str> = DEVICE_DEFAULTS
         .iter()
         .copied()

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 /// Messages one call site may print per window.
 pub const BURST: u32 = 10;
 /// The length of a window.
-pub const WINDOW: Duration = Duration::from_secs(1);
+pub(crate) const WINDOW: Duration = Duration::from_secs(1);
 
 /// What to do with one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// Print it.
     Print {
         /// Messages from the same site dropped since the last one printed.
@@ -37,18 +37,18 @@ struct Site {
 /// Budgets for every call site seen so far. Any thread may use it; it takes
 /// one short lock per message (logging is off the hot path).
 #[derive(Debug, Default)]
-pub struct LogLimiter {
+pub(crate) struct LogLimiter {
     sites: Mutex<HashMap<(&'static str, u32), Site>>,
 }
 
 impl LogLimiter {
     /// An empty limiter.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Decides for a message from `site` (file and line) at time `now`.
-    pub fn admit(&self, site: (&'static str, u32), now: Instant) -> Admit {
+    pub(crate) fn admit(&self, site: (&'static str, u32), now: Instant) -> Admit {
         let mut sites = self.sites.lock().unwrap_or_else(PoisonError::into_inner);
         let s = sites.entry(site).or_insert(Site {
             window_start: now,

@@ -43,7 +43,7 @@ pub fn stderr_line(args: std::fmt::Arguments<'_>) {
 }
 
 /// Writes TEXT to stderr as it is, ignoring every error (see [`stderr_line`]).
-pub fn stderr_text(text: &str) {
+pub(crate) fn stderr_text(text: &str) {
     let _ = std::io::stderr().lock().write_all(text.as_bytes());
 }
 

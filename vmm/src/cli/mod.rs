@@ -13,8 +13,8 @@
 //!   which never blocks or fails.
 //! * [`log_limit`]: the per-call-site budget for log messages.
 
-pub mod config;
-pub mod kernel_cmdline;
-pub mod log_limit;
-pub mod logger;
-pub mod size;
+pub(crate) mod config;
+pub(crate) mod kernel_cmdline;
+pub(crate) mod log_limit;
+pub(crate) mod logger;
+pub(crate) mod size;

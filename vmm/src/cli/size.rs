@@ -18,7 +18,7 @@ pub enum SizeError {
 
 /// Parses `N`, `N[KMGT]` or `N[KMGT]iB`/`N[KMGT]B` (binary multiples, as QEMU
 /// reads `-m`): `512M` is 512 MiB. Plain numbers are bytes.
-pub fn parse_size(text: &str) -> Result<u64, SizeError> {
+pub(crate) fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     if t.is_empty() {
         return Err(SizeError::Empty);
@@ -44,7 +44,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
 }
 
 /// Formats a byte count the way [`parse_size`] reads it, exactly when possible.
-pub fn format_size(bytes: u64) -> String {
+pub(crate) fn format_size(bytes: u64) -> String {
     const UNITS: [(u32, &str); 4] = [(40, "T"), (30, "G"), (20, "M"), (10, "K")];
     for (shift, unit) in UNITS {
         if bytes != 0 && bytes.trailing_zeros() >= shift {

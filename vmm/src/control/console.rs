@@ -11,7 +11,7 @@ const CTRL_A: u8 = 0x01;
 
 /// What a chunk of terminal input means.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Decoded {
+pub(crate) struct Decoded {
     /// Bytes for the guest.
     pub guest: Vec<u8>,
     /// The user asked to quit (Ctrl-A x).
@@ -20,13 +20,13 @@ pub struct Decoded {
 
 /// Decodes QEMU-style escapes from terminal input.
 #[derive(Debug, Default)]
-pub struct EscapeDecoder {
+pub(crate) struct EscapeDecoder {
     after_ctrl_a: bool,
 }
 
 impl EscapeDecoder {
     /// Splits `input` into guest bytes and escape commands.
-    pub fn decode(&mut self, input: &[u8]) -> Decoded {
+    pub(crate) fn decode(&mut self, input: &[u8]) -> Decoded {
         let mut d = Decoded::default();
         for &b in input {
             if self.after_ctrl_a {
@@ -52,7 +52,7 @@ impl EscapeDecoder {
 
 /// Puts the terminal on a file descriptor into raw mode and restores it when
 /// dropped.
-pub struct RawTerminal {
+pub(crate) struct RawTerminal {
     fd: RawFd,
     saved: libc::termios,
 }
@@ -65,7 +65,7 @@ impl std::fmt::Debug for RawTerminal {
 
 impl RawTerminal {
     /// Raw mode on stdin if it is a terminal; `None` otherwise.
-    pub fn stdin() -> Option<Self> {
+    pub(crate) fn stdin() -> Option<Self> {
         let fd = std::io::stdin().as_raw_fd();
         // SAFETY: isatty only inspects the descriptor.
         if unsafe { libc::isatty(fd) } != 1 {
@@ -93,7 +93,7 @@ impl RawTerminal {
 
 /// How [`read_available`] stopped.
 #[derive(Debug)]
-pub enum ReadEnd {
+pub(crate) enum ReadEnd {
     /// Nothing more to read now (`EAGAIN`, or `poll` says not readable).
     Drained,
     /// The descriptor reached end of file.
@@ -119,7 +119,11 @@ pub enum ReadEnd {
 /// `fd`'s flags are not changed (stdin is shared with the shell): a blocking
 /// `fd` is read only while `poll` says it is readable, so this blocks only
 /// if another process takes the input between the `poll` and the `read`.
-pub fn read_available(fd: RawFd, limit: usize, mut consume: impl FnMut(&[u8]) -> bool) -> ReadEnd {
+pub(crate) fn read_available(
+    fd: RawFd,
+    limit: usize,
+    mut consume: impl FnMut(&[u8]) -> bool,
+) -> ReadEnd {
     let mut buf = [0u8; 4096];
     let mut total = 0usize;
     loop {
@@ -173,7 +177,7 @@ impl Drop for RawTerminal {
 
 /// Input waiting for room in the guest's serial FIFO.
 #[derive(Debug)]
-pub struct ConsoleInput {
+pub(crate) struct ConsoleInput {
     serial: Arc<Serial>,
     pending: VecDeque<u8>,
     decoder: EscapeDecoder,
@@ -183,7 +187,7 @@ pub struct ConsoleInput {
 
 impl ConsoleInput {
     /// Input for `serial`; `escapes` enables Ctrl-A commands.
-    pub fn new(serial: Arc<Serial>, escapes: bool) -> Self {
+    pub(crate) fn new(serial: Arc<Serial>, escapes: bool) -> Self {
         Self {
             serial,
             pending: VecDeque::new(),
@@ -193,7 +197,7 @@ impl ConsoleInput {
     }
 
     /// Takes bytes read from stdin; returns `true` if the user asked to quit.
-    pub fn input(&mut self, bytes: &[u8]) -> bool {
+    pub(crate) fn input(&mut self, bytes: &[u8]) -> bool {
         let d = if self.escapes {
             self.decoder.decode(bytes)
         } else {
@@ -208,7 +212,7 @@ impl ConsoleInput {
     }
 
     /// Moves as much pending input as fits into the serial FIFO.
-    pub fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         while !self.pending.is_empty() {
             let (a, _) = self.pending.as_slices();
             match self.serial.queue_input(a) {
@@ -221,7 +225,7 @@ impl ConsoleInput {
     }
 
     /// Bytes waiting for the guest.
-    pub fn pending_len(&self) -> usize {
+    pub(crate) fn pending_len(&self) -> usize {
         self.pending.len()
     }
 }

@@ -82,14 +82,14 @@ pub enum ControlError {
 }
 
 /// The shared "VM should stop" slot the subscribers fill.
-pub type StopSlot = Arc<Mutex<Option<StopReason>>>;
+pub(crate) type StopSlot = Arc<Mutex<Option<StopReason>>>;
 
 /// Records `reason` unless a reason to stop was recorded already; a
 /// recorded reset ([`StopReason::is_reset`]) gives way to any other reason.
 /// With `--on-reset restart` a reset does not end the VM: a `quit`, signal
 /// or fatal error handled in the same loop round after it must not be
 /// lost when the machine reboots.
-pub fn set_stop(slot: &StopSlot, reason: StopReason) {
+pub(crate) fn set_stop(slot: &StopSlot, reason: StopReason) {
     let mut s = slot
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -104,7 +104,7 @@ pub fn set_stop(slot: &StopSlot, reason: StopReason) {
 
 /// Watches device exit requests, fatal errors and signals.
 #[derive(Debug)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     exit: Arc<ExitSink>,
     fatal: Arc<FatalErrors>,
     signals: SignalFd,
@@ -113,7 +113,7 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// A watcher that records the first reason to stop in `stop`.
-    pub fn new(
+    pub(crate) fn new(
         exit: Arc<ExitSink>,
         fatal: Arc<FatalErrors>,
         signals: SignalFd,
@@ -163,7 +163,7 @@ impl MutEventSubscriber for Lifecycle {
 
 /// Feeds stdin to the guest's serial port.
 #[derive(Debug)]
-pub struct Console {
+pub(crate) struct Console {
     input: ConsoleInput,
     drained: EventFd,
     stdin_open: bool,
@@ -179,13 +179,13 @@ const MAX_PENDING: usize = 64 * 1024;
 impl Console {
     /// A console for `input` reading stdin; `drained` fires when the guest
     /// emptied the FIFO.
-    pub fn new(input: ConsoleInput, drained: EventFd, stop: StopSlot) -> Self {
+    pub(crate) fn new(input: ConsoleInput, drained: EventFd, stop: StopSlot) -> Self {
         Self::with_input_fd(input, drained, stop, libc::STDIN_FILENO)
     }
 
     /// As [`new`](Self::new), reading `fd` instead of stdin (which must stay
     /// open as long as this console is in an event loop).
-    pub fn with_input_fd(
+    pub(crate) fn with_input_fd(
         input: ConsoleInput,
         drained: EventFd,
         stop: StopSlot,
@@ -261,7 +261,7 @@ impl MutEventSubscriber for Console {
 }
 
 /// The control thread's event loop.
-pub struct ControlLoop {
+pub(crate) struct ControlLoop {
     em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     stop: StopSlot,
     deadline: Option<std::time::Instant>,
@@ -270,7 +270,7 @@ pub struct ControlLoop {
 
 /// Periodic work of the control thread: called on every loop round with
 /// the time; returns how long the loop may wait before calling it again.
-pub type Tick = Box<dyn FnMut(std::time::Instant) -> std::time::Duration + Send>;
+pub(crate) type Tick = Box<dyn FnMut(std::time::Instant) -> std::time::Duration + Send>;
 
 impl std::fmt::Debug for ControlLoop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -280,7 +280,7 @@ impl std::fmt::Debug for ControlLoop {
 
 impl ControlLoop {
     /// An empty loop with its stop slot.
-    pub fn new(stop: StopSlot) -> Result<Self, ControlError> {
+    pub(crate) fn new(stop: StopSlot) -> Result<Self, ControlError> {
         Ok(Self {
             em: EventManager::new().map_err(ControlError::EventLoop)?,
             stop,
@@ -290,22 +290,22 @@ impl ControlLoop {
     }
 
     /// Adds an event source.
-    pub fn add(&mut self, s: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
+    pub(crate) fn add(&mut self, s: Arc<Mutex<dyn MutEventSubscriber + Send>>) {
         self.em.add_subscriber(s);
     }
 
     /// Calls `tick` on every round of the loop (see [`Tick`]).
-    pub fn set_tick(&mut self, tick: Tick) {
+    pub(crate) fn set_tick(&mut self, tick: Tick) {
         self.tick = Some(tick);
     }
 
     /// Makes [`run`](Self::run) return [`StopReason::Timeout`] at `when`.
-    pub fn set_deadline(&mut self, when: std::time::Instant) {
+    pub(crate) fn set_deadline(&mut self, when: std::time::Instant) {
         self.deadline = Some(when);
     }
 
     /// Runs until a subscriber records a reason to stop, and returns it.
-    pub fn run(&mut self) -> Result<StopReason, ControlError> {
+    pub(crate) fn run(&mut self) -> Result<StopReason, ControlError> {
         loop {
             if self
                 .deadline

@@ -18,9 +18,9 @@
 //! * [`signals`]: termination signals, delivered to the loop through a
 //!   signalfd.
 
-pub mod console;
-pub mod console_output;
-pub mod event_loop;
-pub mod signals;
-pub mod stdout_writer;
-pub mod vm_controller;
+pub(crate) mod console;
+pub(crate) mod console_output;
+pub(crate) mod event_loop;
+pub(crate) mod signals;
+pub(crate) mod stdout_writer;
+pub(crate) mod vm_controller;

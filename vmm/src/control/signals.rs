@@ -4,7 +4,8 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Signals that end the VM.
-pub const TERMINATION: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+pub(crate) const TERMINATION: &[libc::c_int] =
+    &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
 
 fn sigset(signals: &[libc::c_int]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
@@ -32,11 +33,11 @@ pub fn block_termination() -> std::io::Result<()> {
 
 /// A non-blocking signalfd for the termination signals.
 #[derive(Debug)]
-pub struct SignalFd(OwnedFd);
+pub(crate) struct SignalFd(OwnedFd);
 
 impl SignalFd {
     /// Creates it (the signals must be blocked, see [`block_termination`]).
-    pub fn new() -> std::io::Result<Self> {
+    pub(crate) fn new() -> std::io::Result<Self> {
         let set = sigset(TERMINATION);
         // SAFETY: -1 asks for a new fd; `set` is valid.
         let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
@@ -48,7 +49,7 @@ impl SignalFd {
     }
 
     /// The next pending signal, if any.
-    pub fn read(&self) -> Option<libc::c_int> {
+    pub(crate) fn read(&self) -> Option<libc::c_int> {
         // SAFETY: signalfd_siginfo is plain data.
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let size = std::mem::size_of::<libc::signalfd_siginfo>();

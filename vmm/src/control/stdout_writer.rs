@@ -34,7 +34,7 @@ use vmm_sys_util::epoll::EventSet;
 
 /// How long the end of a run waits for stdout to take the buffered output
 /// before dropping it.
-pub const FINAL_FLUSH: Duration = Duration::from_secs(2);
+pub(crate) const FINAL_FLUSH: Duration = Duration::from_secs(2);
 
 /// The largest write per round of the event loop, so a fast reader and a
 /// fast guest cannot keep the control thread away from its other events.
@@ -42,7 +42,7 @@ const CHUNK: usize = 64 * 1024;
 
 /// Outcome of one write attempt.
 #[derive(Debug)]
-pub enum WriteOutcome {
+pub(crate) enum WriteOutcome {
     /// This many leading bytes were written (at least one).
     Wrote(usize),
     /// stdout cannot take bytes now; wait for it to be writable.
@@ -53,7 +53,7 @@ pub enum WriteOutcome {
 
 /// How the VMM writes to its stdout (see the module doc).
 #[derive(Debug)]
-pub struct StdoutWriter {
+pub(crate) struct StdoutWriter {
     fd: OwnedFd,
     /// Writes go only where `poll` said there is room, `PIPE_BUF` at a time.
     gated: bool,
@@ -63,7 +63,7 @@ impl StdoutWriter {
     /// A writer for `fd` (normally 1). Call during set-up: it may open
     /// `/proc/self/fd/<fd>`. `fd` must stay open while this is called; the
     /// writer keeps its own descriptor (a duplicate or a reopen).
-    pub fn new(fd: RawFd) -> std::io::Result<Self> {
+    pub(crate) fn new(fd: RawFd) -> std::io::Result<Self> {
         // SAFETY: `st` is plain data that fstat fills; fstat has no other
         // effect.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -96,7 +96,7 @@ impl StdoutWriter {
     }
 
     /// Writes a prefix of `data` if stdout can take it without blocking.
-    pub fn write_some(&self, data: &[u8]) -> WriteOutcome {
+    pub(crate) fn write_some(&self, data: &[u8]) -> WriteOutcome {
         let data = if self.gated {
             if !self.writable_within(Duration::ZERO) {
                 return WriteOutcome::WouldBlock;
@@ -128,7 +128,7 @@ impl StdoutWriter {
     }
 
     /// Waits up to `timeout` for stdout to be writable; `true` if it is.
-    pub fn writable_within(&self, timeout: Duration) -> bool {
+    pub(crate) fn writable_within(&self, timeout: Duration) -> bool {
         let mut p = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLOUT,
@@ -142,7 +142,7 @@ impl StdoutWriter {
     }
 
     /// The descriptor the event loop waits on for `EPOLLOUT`.
-    pub fn as_raw_fd(&self) -> RawFd {
+    pub(crate) fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }
@@ -174,7 +174,7 @@ fn reopen_nonblocking(fd: RawFd) -> std::io::Result<OwnedFd> {
 /// writes buffered guest output to a [`StdoutWriter`] whenever there is some
 /// and stdout can take it, and never blocks.
 #[derive(Debug)]
-pub struct ConsoleDrain {
+pub(crate) struct ConsoleDrain {
     output: Arc<ConsoleOutput>,
     /// `None`: there is no usable stdout; output is dropped and counted.
     writer: Option<StdoutWriter>,
@@ -193,7 +193,7 @@ pub struct ConsoleDrain {
 impl ConsoleDrain {
     /// A drain from `output` to `writer`; with `None` (no usable stdout,
     /// for example fd 1 closed) every byte is dropped and counted.
-    pub fn new(output: Arc<ConsoleOutput>, writer: Option<StdoutWriter>) -> Self {
+    pub(crate) fn new(output: Arc<ConsoleOutput>, writer: Option<StdoutWriter>) -> Self {
         Self {
             output,
             failed: writer.is_none(),
@@ -265,7 +265,7 @@ impl ConsoleDrain {
     /// stdout to take it; whatever is left then is dropped and counted.
     /// Call at the end of the run, once no vCPU writes any more. Returns how
     /// many bytes were dropped here.
-    pub fn flush_until(&mut self, deadline: Instant) -> usize {
+    pub(crate) fn flush_until(&mut self, deadline: Instant) -> usize {
         while let (false, Some(writer)) = (self.failed, &self.writer) {
             let n = self.output.peek(&mut self.scratch);
             if n == 0 {

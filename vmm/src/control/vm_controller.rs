@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// The VM as QMP sees it.
-pub struct VmController {
+pub(crate) struct VmController {
     /// The vCPUs, set once they run (QMP starts listening before).
     pub vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
     state: RunState,
@@ -35,7 +35,7 @@ impl std::fmt::Debug for VmController {
 
 impl VmController {
     /// A controller; `rcu_report` produces `x-query-rcu`'s answer.
-    pub fn new(
+    pub(crate) fn new(
         vcpus: Arc<OnceLock<Arc<[VcpuHandle]>>>,
         ged: Arc<Ged>,
         stop: StopSlot,
@@ -59,7 +59,7 @@ impl VmController {
     /// What `system_reset` does (`--on-reset`; [`OnReset::Exit`] unless
     /// set), and the flag this controller keeps set while a client has the
     /// VM paused (a reset leaves a paused VM paused).
-    pub fn with_reset(mut self, on_reset: OnReset, paused: Arc<AtomicBool>) -> Self {
+    pub(crate) fn with_reset(mut self, on_reset: OnReset, paused: Arc<AtomicBool>) -> Self {
         self.on_reset = on_reset;
         self.paused = paused;
         self

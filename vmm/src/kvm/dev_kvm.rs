@@ -56,7 +56,7 @@ pub enum KvmError {
 
 /// Opens `/dev/kvm` and checks the API version and the capabilities the VMM
 /// relies on. Fails with a message that says what to do.
-pub fn open(vcpus: u32) -> Result<Kvm, KvmError> {
+pub(crate) fn open(vcpus: u32) -> Result<Kvm, KvmError> {
     let kvm = Kvm::new().map_err(|e| match e.errno() {
         libc::ENOENT | libc::ENODEV | libc::ENXIO => KvmError::Missing,
         libc::EACCES | libc::EPERM => KvmError::Permission,

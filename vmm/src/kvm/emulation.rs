@@ -19,7 +19,7 @@ const MAX_INSN: usize = 15;
 
 /// What to do about an internal error.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// The instruction was completed (`int3` → `#BP` injected); run on.
     Completed,
     /// Stop the VM with this message.
@@ -39,7 +39,11 @@ fn suberror_name(s: u32) -> &'static str {
 
 /// Handles an internal-error exit on `vcpu` (vCPU `index`): completes `int3`
 /// or describes the failure. `mem` is the current guest memory map.
-pub fn handle_internal_error(vcpu: &mut VcpuFd, index: u32, mem: &GuestMemoryMmap) -> Outcome {
+pub(crate) fn handle_internal_error(
+    vcpu: &mut VcpuFd,
+    index: u32,
+    mem: &GuestMemoryMmap,
+) -> Outcome {
     let (suberror, ndata, data) = {
         let run = vcpu.get_kvm_run();
         // SAFETY: KVM filled the `internal` member of the exit union for

@@ -19,7 +19,7 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// Why a linear address could not be translated.
 #[derive(Debug, Error, PartialEq, Eq)]
-pub enum WalkError {
+pub(crate) enum WalkError {
     /// A page-table entry on the way is not present.
     #[error(
         "linear address {linear:#x} is not mapped (level {level} entry {entry:#x} not present)"
@@ -52,7 +52,11 @@ fn read_u32(mem: &GuestMemoryMmap, gpa: u64) -> Result<u64, WalkError> {
 }
 
 /// Translates `linear` with the paging state in `sregs`.
-pub fn translate(mem: &GuestMemoryMmap, sregs: &kvm_sregs, linear: u64) -> Result<u64, WalkError> {
+pub(crate) fn translate(
+    mem: &GuestMemoryMmap,
+    sregs: &kvm_sregs,
+    linear: u64,
+) -> Result<u64, WalkError> {
     if sregs.cr0 & CR0_PG == 0 {
         return Ok(if sregs.efer & EFER_LMA != 0 {
             linear
@@ -136,7 +140,12 @@ fn walk64(
 /// Reads up to `buf.len()` bytes at linear address `linear`, translating
 /// page by page; returns how many could be read (stops at the first
 /// unmapped page).
-pub fn read_linear(mem: &GuestMemoryMmap, sregs: &kvm_sregs, linear: u64, buf: &mut [u8]) -> usize {
+pub(crate) fn read_linear(
+    mem: &GuestMemoryMmap,
+    sregs: &kvm_sregs,
+    linear: u64,
+    buf: &mut [u8],
+) -> usize {
     let mut done = 0;
     while done < buf.len() {
         let addr = linear.wrapping_add(done as u64);

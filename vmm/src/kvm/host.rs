@@ -28,7 +28,7 @@ pub enum HostKind {
 /// The last two only save time there: making kernel data read-only and
 /// the embedded per-CPU allocator's page-table work cost seconds of
 /// emulated code per boot.
-pub const EMULATION_ONLY_KERNEL_ARGS: &[&str] = &[
+pub(crate) const EMULATION_ONLY_KERNEL_ARGS: &[&str] = &[
     "noxsave",
     "nofsgsbase",
     "nopcid",

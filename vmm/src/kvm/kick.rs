@@ -27,7 +27,7 @@ thread_local! {
 }
 
 /// The signal used for kicks.
-pub fn kick_signal() -> libc::c_int {
+pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
 }
 
@@ -42,7 +42,7 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
 }
 
 /// Installs the process-wide kick handler (idempotent).
-pub fn install_handler() -> Result<(), KickError> {
+pub(crate) fn install_handler() -> Result<(), KickError> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
@@ -57,17 +57,17 @@ pub fn install_handler() -> Result<(), KickError> {
 /// `immediate_exit` must point into the calling thread's vCPU `kvm_run`
 /// mapping and stay valid until [`clear_thread_vcpu`] is called on this
 /// thread.
-pub unsafe fn set_thread_vcpu(immediate_exit: *mut u8) {
+pub(crate) unsafe fn set_thread_vcpu(immediate_exit: *mut u8) {
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
 }
 
 /// Forgets the calling thread's vCPU (before the vCPU is dropped).
-pub fn clear_thread_vcpu() {
+pub(crate) fn clear_thread_vcpu() {
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
 }
 
 /// Sends a kick to `thread`. Harmless if the thread is not in `KVM_RUN`.
-pub fn kick<T>(thread: &std::thread::JoinHandle<T>) {
+pub(crate) fn kick<T>(thread: &std::thread::JoinHandle<T>) {
     // The thread may already have exited: then there is nothing to kick.
     let _ = thread.kill(kick_signal());
 }

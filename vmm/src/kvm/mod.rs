@@ -23,12 +23,12 @@
 //! * [`host`]: what kind of KVM this host has (hardware or emulation only)
 //!   and the kernel arguments that follow from it.
 
-pub mod dev_kvm;
-pub mod emulation;
-pub mod guest_pagewalk;
-pub mod host;
-pub mod kick;
-pub mod kvm_stats;
-pub mod vcpu;
-pub mod vcpu_state;
-pub mod vm;
+pub(crate) mod dev_kvm;
+pub(crate) mod emulation;
+pub(crate) mod guest_pagewalk;
+pub(crate) mod host;
+pub(crate) mod kick;
+pub(crate) mod kvm_stats;
+pub(crate) mod vcpu;
+pub(crate) mod vcpu_state;
+pub(crate) mod vm;

@@ -35,7 +35,7 @@ pub enum VcpuError {
 
 /// What the VM's devices and buses look like to a vCPU.
 #[derive(Clone, Debug)]
-pub struct VcpuContext {
+pub(crate) struct VcpuContext {
     /// The port-I/O bus.
     pub pio: Arc<RcuCell<Bus>>,
     /// The MMIO bus.
@@ -248,7 +248,7 @@ impl Drop for ExitedOnDrop {
 /// The control thread's handle on a running vCPU. Shareable: every method
 /// takes `&self`.
 #[derive(Debug)]
-pub struct VcpuHandle {
+pub(crate) struct VcpuHandle {
     index: u32,
     control: Arc<Control>,
     stats: Arc<VcpuStats>,
@@ -262,13 +262,13 @@ impl VcpuHandle {
     /// Starts vCPU `index` on its own thread. A guest reset (triple fault,
     /// reset system event) parks it, as [`pause`](Self::pause) would; it
     /// cannot be [`reset`](Self::reset).
-    pub fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
+    pub(crate) fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
         Self::spawn_resettable(index, vcpu, ctx, None)
     }
 
     /// As [`spawn`](Self::spawn), keeping `power_on` (the state captured
     /// before the vCPU's first run) for [`reset`](Self::reset).
-    pub fn spawn_resettable(
+    pub(crate) fn spawn_resettable(
         index: u32,
         vcpu: VcpuFd,
         ctx: VcpuContext,
@@ -305,22 +305,22 @@ impl VcpuHandle {
     }
 
     /// This vCPU's index.
-    pub fn index(&self) -> u32 {
+    pub(crate) fn index(&self) -> u32 {
         self.index
     }
 
     /// Exit counters.
-    pub fn stats(&self) -> &VcpuStats {
+    pub(crate) fn stats(&self) -> &VcpuStats {
         &self.stats
     }
 
     /// Exit counters, shared.
-    pub fn stats_arc(&self) -> Arc<VcpuStats> {
+    pub(crate) fn stats_arc(&self) -> Arc<VcpuStats> {
         Arc::clone(&self.stats)
     }
 
     /// The host thread id of the vCPU thread (0 until it started).
-    pub fn thread_id(&self) -> i64 {
+    pub(crate) fn thread_id(&self) -> i64 {
         self.tid.load(Ordering::Acquire)
     }
 
@@ -336,7 +336,7 @@ impl VcpuHandle {
     /// Asks the vCPU to pause and kicks it out of `KVM_RUN`; does not wait
     /// (see [`wait_parked`](Self::wait_parked)). No effect on a vCPU that is
     /// stopping or has ended.
-    pub fn request_pause(&self) {
+    pub(crate) fn request_pause(&self) {
         {
             let mut g = lock(&self.control.inner);
             if g.state == VcpuRunState::Running {
@@ -352,7 +352,7 @@ impl VcpuHandle {
     /// access blocks, stuck in it. The pause request stays (it parks when it
     /// gets back) until the caller [`resume`](Self::resume)s it, as
     /// [`pause_all`] does.
-    pub fn wait_parked(&self, deadline: Instant) -> bool {
+    pub(crate) fn wait_parked(&self, deadline: Instant) -> bool {
         let g = lock(&self.control.inner);
         let (_g, parked) = self.control.wait_until(g, deadline, |i| {
             matches!(i.state, VcpuRunState::Parked | VcpuRunState::Exited)
@@ -363,7 +363,7 @@ impl VcpuHandle {
     /// Asks the vCPU to pause and waits until it is out of `KVM_RUN`, at
     /// most until `deadline`; returns whether it parked (see
     /// [`wait_parked`](Self::wait_parked)).
-    pub fn pause(&self, deadline: Instant) -> bool {
+    pub(crate) fn pause(&self, deadline: Instant) -> bool {
         self.request_pause();
         self.wait_parked(deadline)
     }
@@ -371,7 +371,7 @@ impl VcpuHandle {
     /// Whether the vCPU is asked to stay paused (by [`pause`](Self::pause)
     /// or because the guest reset); it may still be on its way out of
     /// `KVM_RUN`.
-    pub fn is_paused(&self) -> bool {
+    pub(crate) fn is_paused(&self) -> bool {
         matches!(
             lock(&self.control.inner).state,
             VcpuRunState::Pausing | VcpuRunState::Parked
@@ -382,7 +382,7 @@ impl VcpuHandle {
     /// [`spawn_resettable`](Self::spawn_resettable)); it stays paused.
     /// Call it only while the vCPU is parked (after [`pause_all`]); waits
     /// for the vCPU thread to do it, at most until `deadline`.
-    pub fn reset(&self, deadline: Instant) -> Result<(), String> {
+    pub(crate) fn reset(&self, deadline: Instant) -> Result<(), String> {
         let index = self.index;
         let mut g = lock(&self.control.inner);
         if g.state != VcpuRunState::Parked {
@@ -410,7 +410,7 @@ impl VcpuHandle {
 
     /// Lets a paused vCPU run again (no effect on one that is stopping or
     /// has ended).
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         let mut g = lock(&self.control.inner);
         if matches!(g.state, VcpuRunState::Pausing | VcpuRunState::Parked) {
             self.control.set(&mut g, VcpuRunState::Running);
@@ -418,13 +418,13 @@ impl VcpuHandle {
     }
 
     /// Whether the thread has ended.
-    pub fn finished(&self) -> bool {
+    pub(crate) fn finished(&self) -> bool {
         lock(&self.control.inner).state == VcpuRunState::Exited
     }
 
     /// Asks the vCPU thread to end and kicks it (a parked one is woken);
     /// does not wait (see [`wait_stopped`](Self::wait_stopped)).
-    pub fn request_stop(&self) {
+    pub(crate) fn request_stop(&self) {
         {
             let mut g = lock(&self.control.inner);
             if g.state != VcpuRunState::Exited {
@@ -438,7 +438,7 @@ impl VcpuHandle {
     /// returns `false` (the thread is then left running, stuck where it is,
     /// and never waited for again: the caller must not free what it may
     /// still use, such as guest memory).
-    pub fn wait_stopped(&self, deadline: Instant) -> bool {
+    pub(crate) fn wait_stopped(&self, deadline: Instant) -> bool {
         if self.abandoned.load(Ordering::Relaxed) {
             return false;
         }
@@ -462,7 +462,7 @@ impl VcpuHandle {
     /// Stops the vCPU thread and waits for it to end, at most until
     /// `deadline`; returns whether it ended (see
     /// [`wait_stopped`](Self::wait_stopped)).
-    pub fn stop(&self, deadline: Instant) -> bool {
+    pub(crate) fn stop(&self, deadline: Instant) -> bool {
         self.request_stop();
         self.wait_stopped(deadline)
     }
@@ -484,12 +484,12 @@ impl Drop for VcpuHandle {
 }
 
 /// How long `pause`, `stop` and the end of a run wait for vCPUs to answer.
-pub const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+pub(crate) const ANSWER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Some vCPUs did not answer a request in time.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("vCPU {} did not {what} within {} s", list(.indexes), .within.as_secs())]
-pub struct NotAnswering {
+pub(crate) struct NotAnswering {
     /// The vCPUs that did not answer, by index.
     pub indexes: Vec<u32>,
     /// What they were asked ("pause", "exit").
@@ -509,7 +509,10 @@ fn list(indexes: &[u32]) -> String {
 /// Pauses every vCPU, all asked at once, waiting at most `within` in all.
 /// If some did not park, every vCPU is resumed (the VM is left running, as
 /// before) and the laggards are named in the error.
-pub fn pause_all(vcpus: &[VcpuHandle], within: std::time::Duration) -> Result<(), NotAnswering> {
+pub(crate) fn pause_all(
+    vcpus: &[VcpuHandle],
+    within: std::time::Duration,
+) -> Result<(), NotAnswering> {
     let deadline = Instant::now() + within;
     vcpus.iter().for_each(VcpuHandle::request_pause);
     let indexes: Vec<u32> = vcpus
@@ -531,7 +534,10 @@ pub fn pause_all(vcpus: &[VcpuHandle], within: std::time::Duration) -> Result<()
 /// Stops every vCPU, all asked at once, waiting at most `within` in all.
 /// The error names the vCPUs whose threads did not end (left behind, see
 /// [`VcpuHandle::wait_stopped`]).
-pub fn stop_all(vcpus: &[VcpuHandle], within: std::time::Duration) -> Result<(), NotAnswering> {
+pub(crate) fn stop_all(
+    vcpus: &[VcpuHandle],
+    within: std::time::Duration,
+) -> Result<(), NotAnswering> {
     let deadline = Instant::now() + within;
     vcpus.iter().for_each(VcpuHandle::request_stop);
     let indexes: Vec<u32> = vcpus

@@ -56,7 +56,7 @@ fn ioctl<T>(what: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Vc
 
 /// One vCPU's state as KVM reports it. Captured and restored on the
 /// thread that owns the vCPU (or before it has one).
-pub struct VcpuState {
+pub(crate) struct VcpuState {
     mp_state: kvm_mp_state,
     regs: kvm_regs,
     sregs: kvm_sregs,
@@ -85,7 +85,7 @@ impl VcpuState {
     /// (`Kvm::get_msr_index_list`); the MSRs this vCPU cannot read (KVM
     /// lists every MSR it knows, not only those of this CPU model) are
     /// left out, one probe each.
-    pub fn capture(vcpu: &VcpuFd, msr_indexes: &[u32]) -> Result<Self, VcpuStateError> {
+    pub(crate) fn capture(vcpu: &VcpuFd, msr_indexes: &[u32]) -> Result<Self, VcpuStateError> {
         let mut msrs = Vec::with_capacity(msr_indexes.len());
         for &index in msr_indexes {
             let mut one = Msrs::from_entries(&[kvm_msr_entry {
@@ -117,14 +117,14 @@ impl VcpuState {
     }
 
     /// Number of MSRs captured.
-    pub fn msr_count(&self) -> usize {
+    pub(crate) fn msr_count(&self) -> usize {
         self.msrs.len()
     }
 
     /// Writes this state back into `vcpu` (which must not be running).
     /// Stops at the first step that fails; the vCPU is then in a mixed
     /// state and must not run again.
-    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), VcpuStateError> {
+    pub(crate) fn restore(&self, vcpu: &VcpuFd) -> Result<(), VcpuStateError> {
         ioctl("KVM_SET_MP_STATE", vcpu.set_mp_state(self.mp_state))?;
         ioctl("KVM_SET_REGS", vcpu.set_regs(&self.regs))?;
         ioctl("KVM_SET_SREGS", vcpu.set_sregs(&self.sregs))?;

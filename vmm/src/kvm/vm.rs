@@ -7,9 +7,9 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 
 /// Guest-physical page KVM uses for the real-mode TSS on Intel (3 pages).
-pub const KVM_TSS_ADDRESS: u64 = boot::address_plan::KVM_TSS_ADDRESS;
+pub(crate) const KVM_TSS_ADDRESS: u64 = boot::address_plan::KVM_TSS_ADDRESS;
 /// Guest-physical page for the EPT identity map on Intel, just below the TSS.
-pub const KVM_IDENTITY_MAP_ADDRESS: u64 = KVM_TSS_ADDRESS - 0x1000;
+pub(crate) const KVM_IDENTITY_MAP_ADDRESS: u64 = KVM_TSS_ADDRESS - 0x1000;
 
 /// Errors creating or configuring the VM.
 #[derive(Debug, Error)]

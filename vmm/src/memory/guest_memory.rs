@@ -112,7 +112,7 @@ impl Drop for GuestMap {
 }
 
 /// Label under which replacements of the map are counted in RCU statistics.
-pub const MEMORY_MAP_LABEL: &str = "memory map replace";
+pub(crate) const MEMORY_MAP_LABEL: &str = "memory map replace";
 
 /// Errors creating guest RAM.
 #[derive(Debug, Error)]
@@ -139,7 +139,9 @@ pub enum GuestMemoryError {
 /// Maps guest RAM for `ranges` (anonymous, private, lazily allocated,
 /// named, with transparent huge pages advised) without telling KVM; see
 /// [`register_ram`].
-pub fn map_ram(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, GuestMemoryError> {
+pub(crate) fn map_ram(
+    ranges: &[(GuestAddress, usize)],
+) -> Result<GuestMemoryMmap, GuestMemoryError> {
     let mut regions = Vec::with_capacity(ranges.len());
     for &(gpa, size) in ranges {
         let r = vm_memory::GuestRegionMmap::from_range(gpa, size, None).map_err(|source| {
@@ -162,7 +164,7 @@ pub fn map_ram(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, Gues
 /// long as the VM lives (the slots point into it). Safe to run on another
 /// thread while `mem` is being written and vCPUs are being created; no
 /// vCPU may run before it returns.
-pub fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<u32, GuestMemoryError> {
+pub(crate) fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<u32, GuestMemoryError> {
     let mut slot = 0u32;
     for region in mem.iter() {
         let host = region.as_ptr() as u64;
@@ -178,7 +180,7 @@ pub fn register_ram(vm: &Vm, mem: &GuestMemoryMmap) -> Result<u32, GuestMemoryEr
 }
 
 /// Bytes of `mem` that are resident in host RAM (pages the guest touched).
-pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+pub(crate) fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
     // SAFETY: sysconf has no memory effects.
     let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let mut total = 0;
@@ -200,14 +202,14 @@ pub fn resident_bytes(mem: &GuestMemoryMmap) -> u64 {
 /// RAM and hot-plug slots can be told apart from the VMM's own memory, and
 /// so the kernel does not merge them with neighbouring mappings. Best
 /// effort: kernels without `CONFIG_ANON_VMA_NAME` ignore it.
-pub fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
+pub(crate) fn name_mapping(region: &vm_memory::GuestRegionMmap, name: &str) {
     name_range(region.as_ptr(), region.len() as usize, name);
 }
 
 /// As [`name_mapping`], for the `len` bytes at `host`, which must lie
 /// inside a live mapping of this process (a part of a hot-plug slot that
 /// was mapped anew). Best effort, as [`name_mapping`].
-pub fn name_range(host: *const u8, len: usize, name: &str) {
+pub(crate) fn name_range(host: *const u8, len: usize, name: &str) {
     const PR_SET_VMA: libc::c_int = 0x53564d41;
     const PR_SET_VMA_ANON_NAME: libc::c_ulong = 0;
     let Ok(cname) = std::ffi::CString::new(name) else {
@@ -284,7 +286,7 @@ pub(crate) fn discard_range(host: *const u8, len: usize) -> std::io::Result<()> 
 /// QEMU's `dump-guest-core=off` does): a crash must not write the guest's
 /// secrets, or GiBs of RAM, into a core file. Best effort: a failure is
 /// logged and changes nothing else.
-pub fn exclude_from_core_dumps(region: &vm_memory::GuestRegionMmap) {
+pub(crate) fn exclude_from_core_dumps(region: &vm_memory::GuestRegionMmap) {
     if let Err(e) = advise(region, libc::MADV_DONTDUMP) {
         log::warn!("cannot leave guest memory out of core dumps (MADV_DONTDUMP): {e}");
     }
@@ -293,7 +295,7 @@ pub fn exclude_from_core_dumps(region: &vm_memory::GuestRegionMmap) {
 /// Asks for transparent huge pages on guest memory (as QEMU does): fewer
 /// host page faults and TLB misses, and KVM can map the guest with 2 MiB
 /// pages. Best effort: hosts with THP off ignore it.
-pub fn advise_hugepages(region: &vm_memory::GuestRegionMmap) {
+pub(crate) fn advise_hugepages(region: &vm_memory::GuestRegionMmap) {
     if let Err(e) = advise(region, libc::MADV_HUGEPAGE) {
         log::debug!("MADV_HUGEPAGE on guest memory: {e}");
     }

@@ -60,7 +60,7 @@ pub struct HotplugPlacement {
 /// (`KVM_CAP_NR_MEMSLOTS`), and their end within `phys_bits` of
 /// guest-physical address (CPUID 0x8000_0008 EAX\[7:0\] as KVM reports it;
 /// `None`: not reported, not checked).
-pub fn check_regions(
+pub(crate) fn check_regions(
     regions: &[boot::address_plan::GuestRange],
     memslot_limit: u64,
     phys_bits: Option<u32>,
@@ -317,7 +317,7 @@ fn duration_ms(d: Duration) -> u64 {
 }
 
 /// The QMP event of a resize report from device `id`.
-pub fn resize_event(
+pub(crate) fn resize_event(
     id: &str,
     report: &ResizeReport,
     stall_timeout: Duration,
@@ -342,12 +342,12 @@ pub fn resize_event(
 }
 
 /// What the worker calls with each resize outcome.
-pub type ResizeHandler = Box<dyn FnMut(&ResizeReport) + Send>;
+pub(crate) type ResizeHandler = Box<dyn FnMut(&ResizeReport) + Send>;
 
 /// Processes virtio-mem requests on the control thread when the guest
 /// notifies the queue, reports plugged-size changes, and reports resize
 /// outcomes (see the module documentation).
-pub struct HotplugWorker {
+pub(crate) struct HotplugWorker {
     hotplug: Arc<Hotplug>,
     memory: SharedGuestMap,
     on_size_change: Box<dyn FnMut(u64) + Send>,
@@ -366,7 +366,7 @@ impl std::fmt::Debug for HotplugWorker {
 impl HotplugWorker {
     /// A worker calling `on_size_change(new_plugged_size)` after requests
     /// changed the plugged size.
-    pub fn new(
+    pub(crate) fn new(
         hotplug: Arc<Hotplug>,
         memory: SharedGuestMap,
         on_size_change: Box<dyn FnMut(u64) + Send>,
@@ -384,7 +384,7 @@ impl HotplugWorker {
     }
 
     /// Calls `handler` with each resize outcome (a done resize, a stall).
-    pub fn on_resize(mut self, handler: ResizeHandler) -> Self {
+    pub(crate) fn on_resize(mut self, handler: ResizeHandler) -> Self {
         self.on_resize = Some(handler);
         self
     }

@@ -63,7 +63,7 @@ use vm_memory::{GuestAddress, GuestRegionMmap};
 pub const SLOT_SIZE: u64 = 128 << 20;
 /// Hot-plug slot mappings appear in `/proc/PID/maps` as
 /// `[anon:vmm-hotplug-slot-<guest address in hex>]`.
-pub const SLOT_MAPPING_NAME: &str = "vmm-hotplug-slot";
+pub(crate) const SLOT_MAPPING_NAME: &str = "vmm-hotplug-slot";
 /// KVM memory slot number of the first hot-plug slot (RAM uses 0..).
 pub const FIRST_HOTPLUG_KVM_SLOT: u32 = 16;
 /// Slots retired but not yet unmapped beyond which plugs that need a new
@@ -72,7 +72,7 @@ pub const MAX_RETIRED_SLOTS: u64 = 64;
 
 /// Errors of the memory manager's plug and unplug operations on its slots.
 #[derive(Debug, Error)]
-pub enum MemoryManagerError {
+pub(crate) enum MemoryManagerError {
     /// The range is not inside the hot-plug region or not block-aligned.
     #[error("range {gpa:#x}+{len:#x} is not a block-aligned part of the hot-plug region")]
     Range {
@@ -185,7 +185,7 @@ impl std::fmt::Debug for FatalSlot {
 }
 
 /// What [`MemoryManager::on_fatal`] calls.
-pub type FatalHandler = Box<dyn Fn(String) + Send + Sync>;
+pub(crate) type FatalHandler = Box<dyn Fn(String) + Send + Sync>;
 
 /// Mappings waiting to be unmapped after a grace period.
 struct Retired {

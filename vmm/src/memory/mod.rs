@@ -17,7 +17,7 @@
 //!   transport, irqfd, ioeventfd) and its control-thread worker that
 //!   processes requests and reports resize outcomes.
 
-pub mod guest_memory;
-pub mod hotplug_device;
-pub mod memory_backing;
-pub mod memory_manager;
+pub(crate) mod guest_memory;
+pub(crate) mod hotplug_device;
+pub(crate) mod memory_backing;
+pub(crate) mod memory_manager;

@@ -19,17 +19,17 @@ use std::time::Instant;
 use vmm_sys_util::epoll::EventSet;
 
 /// The most bytes read from one client per wake-up.
-pub const READ_CHUNK: usize = 64 * 1024;
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
 
 /// A message that grows beyond this without completing is answered with an
 /// error and the connection is closed.
 pub const MAX_MESSAGE_SIZE: usize = 1 << 20;
 
 /// Above this much queued output, the client's input is not processed.
-pub const OUTPUT_SOFT_LIMIT: usize = 64 * 1024;
+pub(crate) const OUTPUT_SOFT_LIMIT: usize = 64 * 1024;
 
 /// A client whose queued output would exceed this is dropped.
-pub const OUTPUT_HARD_LIMIT: usize = 1 << 20;
+pub(crate) const OUTPUT_HARD_LIMIT: usize = 1 << 20;
 
 /// One connected client.
 #[derive(Debug)]

@@ -189,7 +189,7 @@ pub(crate) fn ranges_json(ranges: &[(u64, u64)]) -> Value {
 
 /// Events queued and not yet delivered beyond this are dropped (oldest
 /// first), so a stalled control loop cannot make senders grow memory.
-pub const MAX_QUEUED_EVENTS: usize = 1024;
+pub(crate) const MAX_QUEUED_EVENTS: usize = 1024;
 
 /// The queue between [`EventSender`]s and the server, with the eventfd that
 /// wakes the server's event loop.

@@ -41,7 +41,7 @@
 
 /// Nesting deeper than this is rejected. QMP commands need a handful of
 /// levels; `serde_json` itself stops at 128.
-pub const MAX_NESTING: usize = 100;
+pub(crate) const MAX_NESTING: usize = 100;
 
 /// What the splitter found.
 #[derive(Debug, Clone, PartialEq, Eq)]

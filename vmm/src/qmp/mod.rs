@@ -7,7 +7,7 @@
 //! The control side implements [`VmOps`], creates a [`QmpServer`] on the
 //! socket path and adds it to the control thread's event loop (it is an
 //! `event_manager` [`MutEventSubscriber`](event_manager::MutEventSubscriber)).
-//! Events flow the other way through an [`EventSender`]; when the loop ends,
+//! Events flow the other way through an [`EventSender`](event::EventSender); when the loop ends,
 //! [`QmpServer::shutdown`] delivers the last replies and events and removes
 //! the socket file.
 //!
@@ -46,7 +46,7 @@
 //! `connection`), malformed input gets an error reply
 //! and the connection goes on, and only a message beyond
 //! [`MAX_MESSAGE_SIZE`] closes (that client's) connection. A client that
-//! does not negotiate within [`NEGOTIATION_DEADLINE`] is disconnected, so
+//! does not negotiate within [`NEGOTIATION_DEADLINE`](server::NEGOTIATION_DEADLINE) is disconnected, so
 //! idle connections cannot hold the [`MAX_CLIENTS`] places; when `accept`
 //! fails (out of descriptors), the socket is left alone for a moment
 //! instead of waking the loop again at once.
@@ -67,12 +67,11 @@ mod throttle;
 mod vm_ops;
 
 pub use commands::command_names;
-pub use connection::{MAX_MESSAGE_SIZE, OUTPUT_HARD_LIMIT, OUTPUT_SOFT_LIMIT, READ_CHUNK};
-pub use error::{ErrorClass, QmpError};
+pub use connection::MAX_MESSAGE_SIZE;
+pub use error::QmpError;
 pub(crate) use event::ranges_json;
-pub use event::{EventSender, MAX_QUEUED_EVENTS, QmpEvent, ShutdownCause};
-pub use json_splitter::MAX_NESTING;
-pub use listener::ListenerError;
-pub use protocol::{QEMU_VERSION, Timestamp, package};
-pub use server::{MAX_CLIENTS, NEGOTIATION_DEADLINE, QmpServer, ServerError};
+pub(crate) use event::{QmpEvent, ShutdownCause};
+pub(crate) use protocol::Timestamp;
+pub(crate) use server::ServerError;
+pub use server::{MAX_CLIENTS, QmpServer};
 pub use vm_ops::{CpuInfo, MemoryDeviceInfo, RunState, VmOps};

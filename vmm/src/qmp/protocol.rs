@@ -8,10 +8,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The QEMU version whose QMP behaviour the server follows, reported in the
 /// greeting and by `query-version` as `(major, minor, micro)`.
-pub const QEMU_VERSION: (u64, u64, u64) = (9, 2, 0);
+pub(crate) const QEMU_VERSION: (u64, u64, u64) = (9, 2, 0);
 
 /// The `package` string of `query-version`: names this VMM.
-pub fn package() -> String {
+pub(crate) fn package() -> String {
     format!("vmm {}", env!("CARGO_PKG_VERSION"))
 }
 
@@ -124,7 +124,7 @@ pub(crate) fn encode(message: &Value) -> Vec<u8> {
 /// An event time stamp: wall-clock time since the Unix epoch, as QEMU
 /// stamps events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timestamp {
+pub(crate) struct Timestamp {
     /// Whole seconds.
     pub seconds: u64,
     /// Microseconds within the second (0..1_000_000).
@@ -133,7 +133,7 @@ pub struct Timestamp {
 
 impl Timestamp {
     /// The current time (the epoch if the clock is set before it).
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
@@ -144,7 +144,7 @@ impl Timestamp {
     }
 
     /// The moment `t` (the epoch if it is before it).
-    pub fn from_system_time(t: SystemTime) -> Self {
+    pub(crate) fn from_system_time(t: SystemTime) -> Self {
         let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
         Self {
             seconds: since.as_secs(),

@@ -40,7 +40,7 @@ const ACCEPT_BATCH: usize = 16;
 /// connected is disconnected, so idle connections cannot hold the
 /// [`MAX_CLIENTS`] places forever. (QEMU has no such deadline; ten seconds
 /// is far more than any client library takes to answer the greeting.)
-pub const NEGOTIATION_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const NEGOTIATION_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long the listening socket is left alone after `accept` failed for
 /// a reason other than "nothing to accept" (out of descriptors: EMFILE,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// QEMU's window for `MEMORY_DEVICE_SIZE_CHANGE` (`monitor_qapi_event_conf`).
-pub const THROTTLE_PERIOD: Duration = Duration::from_secs(1);
+pub(super) const THROTTLE_PERIOD: Duration = Duration::from_secs(1);
 
 /// Windows open at once are capped: a device id is a key, and ids come from
 /// the VMM, so this only bounds a bug.

@@ -90,7 +90,7 @@ pub struct MemoryDeviceInfo {
 /// method should return promptly. An implementation must not call back into
 /// the [`QmpServer`](super::QmpServer) (it is borrowed for the call); to
 /// report something later it sends a [`QmpEvent`](super::QmpEvent) through
-/// an [`EventSender`](super::EventSender), which is safe from any thread.
+/// an [`EventSender`](super::event::EventSender), which is safe from any thread.
 /// Events sent during a call reach clients before the command's reply.
 ///
 /// Error descriptions are shown to QMP clients as they are: write them as a

@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 /// The metrics report (`--metrics PATH`).
 #[derive(Debug, Serialize)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// Milliseconds from `main` to the first `KVM_RUN` of any vCPU.
     pub setup_ms: f64,
     /// `CLOCK_MONOTONIC` at the first `KVM_RUN`, in ns, so a harness that
@@ -94,7 +94,11 @@ fn monotonic_ns() -> u64 {
 impl Metrics {
     /// Collects the metrics. Call after the vCPU threads ended (each records
     /// its CPU time as it ends).
-    pub fn collect(marks: &Marks, vcpus: &[Arc<VcpuStats>], memory: &GuestMemoryMmap) -> Self {
+    pub(crate) fn collect(
+        marks: &Marks,
+        vcpus: &[Arc<VcpuStats>],
+        memory: &GuestMemoryMmap,
+    ) -> Self {
         let sum = |f: fn(&VcpuStats) -> u64| vcpus.iter().map(|v| f(v)).sum::<u64>();
         let first_ns = marks.first_run_ns.load(Ordering::Relaxed);
         let now_ns = monotonic_ns();
@@ -128,7 +132,7 @@ impl Metrics {
     }
 
     /// The same metrics with the console output counts of the run.
-    pub fn with_console(self, bytes: u64, dropped: u64) -> Self {
+    pub(crate) fn with_console(self, bytes: u64, dropped: u64) -> Self {
         Self {
             console_bytes: bytes,
             console_bytes_dropped: dropped,

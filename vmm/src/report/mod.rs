@@ -13,8 +13,8 @@
 //! * [`report_file`]: writing a report file in place without following a
 //!   link someone else planted.
 
-pub mod metrics;
-pub mod output;
-pub mod rcu_lifetime;
-pub mod rcu_plot;
-pub mod report_file;
+pub(crate) mod metrics;
+pub(crate) mod output;
+pub(crate) mod rcu_lifetime;
+pub(crate) mod rcu_plot;
+pub(crate) mod report_file;

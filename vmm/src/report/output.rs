@@ -9,7 +9,7 @@ use thiserror::Error;
 
 /// A report could not be written.
 #[derive(Debug, Error)]
-pub enum ReportError {
+pub(crate) enum ReportError {
     /// Writing the file failed (full disk, permissions, ...).
     #[error("cannot write {what} to '{path}'")]
     Write {
@@ -30,7 +30,7 @@ pub enum ReportError {
 /// (a failure leaves the old file or none, never a truncated one), or a
 /// special file such as `/dev/stdout` written in place; links planted by
 /// someone else are never followed ([`crate::report::report_file`]).
-pub fn write_json<T: serde::Serialize>(
+pub(crate) fn write_json<T: serde::Serialize>(
     what: &'static str,
     path: &Path,
     value: &T,
@@ -61,7 +61,7 @@ const TABLE_SITES: usize = 5;
 
 /// The RCU table printed at exit (at most 18 lines): counts, the call_rcu
 /// thread's work, latency, and the busiest call sites by human label.
-pub fn rcu_table(s: &Stats) -> String {
+pub(crate) fn rcu_table(s: &Stats) -> String {
     table(
         s,
         format!(
@@ -74,7 +74,7 @@ pub fn rcu_table(s: &Stats) -> String {
 
 /// [`rcu_table`] headed with the lifetime's length and its boot, plug and
 /// unplug markers.
-pub fn lifetime_table(r: &LifetimeReport) -> String {
+pub(crate) fn lifetime_table(r: &LifetimeReport) -> String {
     let count = |k: MarkerKind| r.markers.iter().filter(|m| m.kind == k).count();
     let mut events = vec![duration(r.uptime_ms.saturating_mul(1_000_000))];
     for (k, one, many) in [

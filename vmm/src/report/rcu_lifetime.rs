@@ -21,19 +21,19 @@ use std::time::{Duration, Instant};
 
 /// Least time between two readings of the counters by
 /// [`LifetimeRecorder::maybe_sample`].
-pub const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Longest stretch without a recorded sample while the counters do not
 /// change: a quiet VM still gets one sample per this period, so the
 /// timeline shows how long it stayed quiet.
-pub const QUIET_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const QUIET_SAMPLE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Most samples kept. Reaching it thins the timeline to about half.
-pub const MAX_SAMPLES: usize = 4096;
+pub(crate) const MAX_SAMPLES: usize = 4096;
 
 /// Most markers kept. Past it the oldest markers after the first are
 /// dropped (and counted in [`LifetimeReport::markers_dropped`]).
-pub const MAX_MARKERS: usize = 1024;
+pub(crate) const MAX_MARKERS: usize = 1024;
 
 /// Time buckets a thinned timeline is spread over: each keeps its first and
 /// last sample, so steps keep their shape.
@@ -385,7 +385,7 @@ fn duration_ms(d: Duration) -> u64 {
 /// one (the VMM's "memory map replace", "bus replace", "hot-plug slot
 /// unmapped", and the RCU core's "RcuCell::replace" and "drain_call_rcu"),
 /// otherwise its file name and line ("memory_manager.rs:243").
-pub fn site_label(site: &SiteStats) -> String {
+pub(crate) fn site_label(site: &SiteStats) -> String {
     if !site.label.is_empty() {
         return site.label.clone();
     }
@@ -394,7 +394,7 @@ pub fn site_label(site: &SiteStats) -> String {
 
 /// `path/to/file.rs:line[:column]` shortened to `file.rs:line`; other text
 /// (such as "(other sites)") is returned as it is.
-pub fn short_site(site: &str) -> String {
+pub(crate) fn short_site(site: &str) -> String {
     let mut parts = site.rsplitn(3, ':');
     let (Some(a), Some(b)) = (parts.next(), parts.next()) else {
         return site.to_string();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// Width and height of the picture, in pixels.
-pub const SIZE: (u32, u32) = (1100, 620);
+pub(crate) const SIZE: (u32, u32) = (1100, 620);
 
 /// Grace periods get the right-hand axis when calls outnumber them by at
 /// least this factor.
@@ -35,7 +35,7 @@ const MARKER_FONT: u32 = 17;
 
 /// The plot could not be made or written.
 #[derive(Debug, Error)]
-pub enum PlotError {
+pub(crate) enum PlotError {
     /// The chart library failed to draw (a range or text it cannot lay out).
     #[error("cannot draw the RCU lifetime plot")]
     Draw(#[source] DrawingAreaErrorKind<std::io::Error>),
@@ -76,7 +76,7 @@ fn time_unit(span_s: f64) -> (f64, &'static str) {
 
 /// Writes the plot of `report` to `path` as SVG, the way every report is
 /// written ([`crate::report::report_file`]): a failure leaves the old file or none.
-pub fn write_plot(path: &Path, report: &LifetimeReport) -> Result<(), PlotError> {
+pub(crate) fn write_plot(path: &Path, report: &LifetimeReport) -> Result<(), PlotError> {
     let svg = render_svg(report)?;
     crate::report::report_file::write_report(path, svg.as_bytes()).map_err(|source| {
         PlotError::Write {
@@ -87,7 +87,7 @@ pub fn write_plot(path: &Path, report: &LifetimeReport) -> Result<(), PlotError>
 }
 
 /// The plot of `report` as an SVG document.
-pub fn render_svg(report: &LifetimeReport) -> Result<String, PlotError> {
+pub(crate) fn render_svg(report: &LifetimeReport) -> Result<String, PlotError> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();

@@ -32,7 +32,7 @@ const TEMP_ATTEMPTS: usize = 16;
 /// Writes `bytes` to `path` as the [module docs](self) describe. Blocks on
 /// the file system (and on a FIFO until someone reads). Errors carry the
 /// system's reason; the caller adds which report and where.
-pub fn write_report(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_report(path: &Path, bytes: &[u8]) -> io::Result<()> {
     if writes_in_place(path)? {
         let mut f = OpenOptions::new()
             .append(true)
