@@ -699,7 +699,7 @@ impl Machine {
         let mut handles = Vec::with_capacity(self.vcpu_fds.len());
         for (index, fd) in (0u32..).zip(self.vcpu_fds.drain(..)) {
             let state = vcpu_states.get_mut(index as usize).and_then(Option::take);
-            handles.push(VcpuHandle::spawn_resettable(index, fd, ctx.clone(), state)?);
+            handles.push(VcpuHandle::spawn(index, fd, ctx.clone(), state)?);
         }
         let vcpus: Arc<[VcpuHandle]> = handles.into();
         if let Err(e) = filters.enter_control() {

@@ -259,16 +259,12 @@ pub(crate) struct VcpuHandle {
 }
 
 impl VcpuHandle {
-    /// Starts vCPU `index` on its own thread. A guest reset (triple fault,
-    /// reset system event) parks it, as [`pause`](Self::pause) would; it
-    /// cannot be [`reset`](Self::reset).
-    pub(crate) fn spawn(index: u32, vcpu: VcpuFd, ctx: VcpuContext) -> Result<Self, VcpuError> {
-        Self::spawn_resettable(index, vcpu, ctx, None)
-    }
-
-    /// As [`spawn`](Self::spawn), keeping `power_on` (the state captured
-    /// before the vCPU's first run) for [`reset`](Self::reset).
-    pub(crate) fn spawn_resettable(
+    /// Starts vCPU `index` on its own thread, keeping `power_on` (the state
+    /// captured before the vCPU's first run) for [`reset`](Self::reset). A
+    /// guest reset (triple fault, reset system event) parks it, as
+    /// [`request_pause`](Self::request_pause) would; without `power_on` it
+    /// cannot be reset.
+    pub(crate) fn spawn(
         index: u32,
         vcpu: VcpuFd,
         ctx: VcpuContext,
@@ -307,11 +303,6 @@ impl VcpuHandle {
     /// This vCPU's index.
     pub(crate) fn index(&self) -> u32 {
         self.index
-    }
-
-    /// Exit counters.
-    pub(crate) fn stats(&self) -> &VcpuStats {
-        &self.stats
     }
 
     /// Exit counters, shared.
@@ -360,26 +351,8 @@ impl VcpuHandle {
         parked
     }
 
-    /// Asks the vCPU to pause and waits until it is out of `KVM_RUN`, at
-    /// most until `deadline`; returns whether it parked (see
-    /// [`wait_parked`](Self::wait_parked)).
-    pub(crate) fn pause(&self, deadline: Instant) -> bool {
-        self.request_pause();
-        self.wait_parked(deadline)
-    }
-
-    /// Whether the vCPU is asked to stay paused (by [`pause`](Self::pause)
-    /// or because the guest reset); it may still be on its way out of
-    /// `KVM_RUN`.
-    pub(crate) fn is_paused(&self) -> bool {
-        matches!(
-            lock(&self.control.inner).state,
-            VcpuRunState::Pausing | VcpuRunState::Parked
-        )
-    }
-
     /// Puts the vCPU back in its power-on state (the state given to
-    /// [`spawn_resettable`](Self::spawn_resettable)); it stays paused.
+    /// [`spawn`](Self::spawn)); it stays paused.
     /// Call it only while the vCPU is parked (after [`pause_all`]); waits
     /// for the vCPU thread to do it, at most until `deadline`.
     pub(crate) fn reset(&self, deadline: Instant) -> Result<(), String> {
@@ -415,11 +388,6 @@ impl VcpuHandle {
         if matches!(g.state, VcpuRunState::Pausing | VcpuRunState::Parked) {
             self.control.set(&mut g, VcpuRunState::Running);
         }
-    }
-
-    /// Whether the thread has ended.
-    pub(crate) fn finished(&self) -> bool {
-        lock(&self.control.inner).state == VcpuRunState::Exited
     }
 
     /// Asks the vCPU thread to end and kicks it (a parked one is woken);

@@ -60,20 +60,8 @@ fn duration(ns: u64) -> String {
 const TABLE_SITES: usize = 5;
 
 /// The RCU table printed at exit (at most 18 lines): counts, the call_rcu
-/// thread's work, latency, and the busiest call sites by human label.
-pub(crate) fn rcu_table(s: &Stats) -> String {
-    table(
-        s,
-        format!(
-            "RCU over this VM's lifetime (wake-up: {}, membarrier: {})",
-            s.wakeup.name(),
-            if s.membarrier { "yes" } else { "no" }
-        ),
-    )
-}
-
-/// [`rcu_table`] headed with the lifetime's length and its boot, plug and
-/// unplug markers.
+/// thread's work, latency, and the busiest call sites by human label;
+/// headed with the lifetime's length and its boot, plug and unplug markers.
 pub(crate) fn lifetime_table(r: &LifetimeReport) -> String {
     let count = |k: MarkerKind| r.markers.iter().filter(|m| m.kind == k).count();
     let mut events = vec![duration(r.uptime_ms.saturating_mul(1_000_000))];
@@ -258,7 +246,7 @@ mod tests {
 
     #[test]
     fn table_is_short_and_names_sites_by_label() {
-        let t = rcu_table(&stats());
+        let t = table(&stats(), "RCU".to_string());
         assert!(t.lines().count() <= 20, "{t}");
         for want in [
             "call_rcu calls               1490",
