@@ -133,6 +133,7 @@ impl DeviceManager {
     /// does on the MMIO bus.
     ///
     /// [`add_mmio`]: Self::add_mmio
+    #[cfg(any(test, feature = "test-utils"))]
     #[track_caller]
     pub fn add_pio(&self, range: BusRange, device: Arc<dyn BusDevice>) -> Result<(), DeviceError> {
         let g = rcu::read_lock();

@@ -231,6 +231,7 @@ impl Machine {
     /// LAPIC set up; no entry state): the hardware, with nothing loaded.
     /// [`load_linux`](Self::load_linux) then boots a kernel; tests may
     /// instead write their own code and set the boot vCPU's registers.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn create(spec: HardwareSpec, start: Instant) -> Result<Self, MachineError> {
         Self::create_and_load(spec, start, None)
     }
@@ -453,24 +454,14 @@ impl Machine {
 
     /// The vCPU file descriptors, before [`run`](Self::run) hands them to
     /// their threads (tests set registers through them).
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn vcpu_fds(&self) -> &[kvm_ioctls::VcpuFd] {
         &self.vcpu_fds
-    }
-
-    /// Where the guest's RAM and hot-plug regions are (the boot-time
-    /// layout, not the published guest memory map).
-    pub fn ram_layout(&self) -> &boot::RamLayout {
-        &self.map
     }
 
     /// The host kind detected at build time.
     pub fn host(&self) -> HostKind {
         self.host
-    }
-
-    /// How the kernel was loaded, if one was.
-    pub fn boot_info(&self) -> Option<&BootInfo> {
-        self.boot.as_ref()
     }
 
     /// Time marks (start, first `KVM_RUN`).
@@ -874,12 +865,8 @@ impl Machine {
         Ok(())
     }
 
-    /// The hardware the VM was created with.
-    pub fn spec(&self) -> &HardwareSpec {
-        &self.spec
-    }
-
     /// Where fatal errors of vCPUs are collected.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn fatal_errors(&self) -> &Arc<FatalErrors> {
         &self.fatal
     }

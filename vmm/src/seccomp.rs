@@ -78,6 +78,7 @@ pub enum SeccompMode {
     Off,
     /// Only the vCPU threads the run starts: for tests, whose process
     /// also runs a test harness that must stay unfiltered.
+    #[cfg(any(test, feature = "test-utils"))]
     VcpuThreads,
     /// Every thread: the vCPU threads, the calling thread (for the rest of
     /// the process's life) and the call_rcu thread (once per process).
@@ -220,6 +221,7 @@ impl RunFilters {
         }
         Ok(match mode {
             SeccompMode::Off => Self::default(),
+            #[cfg(any(test, feature = "test-utils"))]
             SeccompMode::VcpuThreads => Self {
                 vcpu: Some(Arc::new(program(ThreadKind::Vcpu)?)),
                 control: None,

@@ -187,6 +187,7 @@ static LOGGER: StderrLogger = StderrLogger {
 
 /// Log records dropped because stderr would not take them at once, since
 /// [`init`]. Any thread may call it.
+#[cfg(any(test, feature = "test-utils"))]
 pub fn dropped_lines() -> u64 {
     LOGGER
         .sink

@@ -28,6 +28,7 @@ pub(crate) mod emulation;
 pub(crate) mod guest_pagewalk;
 pub(crate) mod host;
 pub(crate) mod kick;
+#[cfg(any(test, feature = "test-utils"))]
 pub(crate) mod kvm_stats;
 pub(crate) mod vcpu;
 pub(crate) mod vcpu_state;

@@ -35,19 +35,16 @@ pub struct GuestMap {
 
 /// Bookkeeping shared by all versions of one VM's map.
 #[derive(Debug, Default)]
-pub struct MapVersions {
+pub(crate) struct MapVersions {
     freed_up_to: AtomicU64,
     published: AtomicU64,
 }
 
 impl MapVersions {
     /// The newest version that has been freed (0: none).
-    pub fn freed_up_to(&self) -> u64 {
+    #[cfg(any(test, feature = "test-utils"))]
+    pub(crate) fn freed_up_to(&self) -> u64 {
         self.freed_up_to.load(Ordering::Acquire)
-    }
-    /// Versions published so far.
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
     }
 }
 
@@ -75,17 +72,14 @@ impl GuestMap {
     }
 
     /// This version's number.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn generation(&self) -> u64 {
         self.generation
     }
 
-    /// The VM's version bookkeeping.
-    pub fn versions(&self) -> &Arc<MapVersions> {
-        &self.versions
-    }
-
     /// Whether this version has been freed although the caller still holds
     /// it: an RCU violation. Always `false` when RCU works.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn freed_under_reader(&self) -> bool {
         self.versions.freed_up_to() >= self.generation
     }

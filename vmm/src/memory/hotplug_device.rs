@@ -32,6 +32,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
 /// The QMP id of the first virtio-mem device unless `id=` names it.
+#[cfg(any(test, feature = "test-utils"))]
 pub const VMEM_ID: &str = "vmem0";
 
 /// Where and how one virtio-mem device is created.

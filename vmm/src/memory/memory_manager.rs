@@ -276,11 +276,13 @@ impl MemoryManager {
     }
 
     /// Counters and timings.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn stats(&self) -> &Arc<MemoryManagerStats> {
         &self.stats
     }
 
     /// Slots currently mapped.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn mapped_slots(&self) -> usize {
         self.lock().iter().filter(|s| s.region.is_some()).count()
     }
@@ -320,6 +322,7 @@ impl MemoryManager {
     }
 
     /// `(guest address, host address, length)` of every mapped slot.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn mapped_host_ranges(&self) -> Vec<(u64, u64, u64)> {
         self.lock()
             .iter()

@@ -56,7 +56,7 @@ mod commands;
 mod connection;
 mod error;
 mod event;
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fuzz_api;
 mod json_splitter;
 mod listener;
@@ -66,12 +66,16 @@ mod server;
 mod throttle;
 mod vm_ops;
 
+#[cfg(any(test, feature = "test-utils"))]
 pub use commands::command_names;
+#[cfg(any(test, feature = "test-utils"))]
 pub use connection::MAX_MESSAGE_SIZE;
 pub use error::QmpError;
 pub(crate) use event::ranges_json;
 pub(crate) use event::{QmpEvent, ShutdownCause};
 pub(crate) use protocol::Timestamp;
+#[cfg(any(test, feature = "test-utils"))]
+pub use server::MAX_CLIENTS;
+pub use server::QmpServer;
 pub(crate) use server::ServerError;
-pub use server::{MAX_CLIENTS, QmpServer};
 pub use vm_ops::{CpuInfo, MemoryDeviceInfo, RunState, VmOps};

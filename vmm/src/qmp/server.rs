@@ -129,6 +129,7 @@ impl QmpServer {
     /// Replaces [`NEGOTIATION_DEADLINE`] for clients accepted from now on
     /// and those already waiting (tests use a short one). Call it before
     /// adding the server to a loop or between wake-ups.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn set_negotiation_deadline(&mut self, deadline: Duration) {
         self.negotiation_deadline = deadline;
     }
@@ -145,6 +146,7 @@ impl QmpServer {
     }
 
     /// How many clients are connected.
+    #[cfg(any(test, feature = "test-utils"))]
     pub fn client_count(&self) -> usize {
         self.clients.len()
     }

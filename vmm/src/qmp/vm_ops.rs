@@ -9,6 +9,13 @@ use super::error::QmpError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunState {
     /// Built, vCPUs not started yet (`prelaunch`).
+    #[cfg_attr(
+        not(any(test, feature = "test-utils")),
+        expect(
+            dead_code,
+            reason = "QEMU's vocabulary: this VMM starts its vCPUs before the QMP socket opens; FakeVm uses it"
+        )
+    )]
     Prelaunch,
     /// vCPUs run guest code (`running`).
     Running,
@@ -17,8 +24,22 @@ pub enum RunState {
     /// The guest powered off or reset and the VM is ending (`shutdown`).
     Shutdown,
     /// A vCPU hit an error the VM cannot recover from (`internal-error`).
+    #[cfg_attr(
+        not(any(test, feature = "test-utils")),
+        expect(
+            dead_code,
+            reason = "QEMU's vocabulary, kept whole: this VMM does not report it (yet)"
+        )
+    )]
     InternalError,
     /// The guest reported a panic (`guest-panicked`).
+    #[cfg_attr(
+        not(any(test, feature = "test-utils")),
+        expect(
+            dead_code,
+            reason = "QEMU's vocabulary, kept whole: this VMM does not report it (yet)"
+        )
+    )]
     GuestPanicked,
 }
 
