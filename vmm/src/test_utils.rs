@@ -72,7 +72,7 @@ pub mod logger {
 pub mod qmp {
     pub use crate::qmp::fuzz_api;
     pub use crate::qmp::{
-        CpuInfo, MAX_CLIENTS, MAX_MESSAGE_SIZE, MemoryDeviceInfo, QmpError, QmpServer, RunState,
-        VmOps, command_names,
+        CpuInfo, MAX_CLIENTS, MAX_MESSAGE_SIZE, MemoryDeviceInfo, QmpError, QmpServer,
+        command_names,
     };
 }

@@ -78,4 +78,5 @@ pub(crate) use protocol::Timestamp;
 pub use server::MAX_CLIENTS;
 pub use server::QmpServer;
 pub(crate) use server::ServerError;
-pub use vm_ops::{CpuInfo, MemoryDeviceInfo, RunState, VmOps};
+pub use vm_ops::{CpuInfo, MemoryDeviceInfo};
+pub(crate) use vm_ops::{RunState, VmOps};
