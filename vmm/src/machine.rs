@@ -251,7 +251,7 @@ impl Machine {
         )
     }
 
-    /// [`create`](Self::create), then [`load_linux`](Self::load_linux) if
+    /// `create`, then [`load_linux`](Self::load_linux) if
     /// `config` is given. KVM can take milliseconds to add a large memory
     /// slot, and nothing before the first `KVM_RUN` needs the slots: guest
     /// RAM is registered on a helper thread while this one creates the

@@ -16,7 +16,7 @@
 
 mod fake_vm;
 
-/// A [`VmOps`](qmp::VmOps) that checks the calling rules the trait
+/// A [`VmOps`](crate::qmp::VmOps) that checks the calling rules the trait
 /// documents and records what it was asked to do. Users: the QMP unit tests
 /// (`qmp/commands.rs`, `qmp/server.rs`, `qmp/fuzz_api.rs`), the QMP server
 /// integration test (`vmm/tests/qmp_server.rs`) and the `qmp` fuzz target.
@@ -67,7 +67,7 @@ pub mod logger {
 }
 
 /// The QMP server and what its tests need: the server and the types its
-/// [`VmOps`](qmp::VmOps) speaks (users: `vmm/tests/qmp_server.rs`), and the
+/// [`VmOps`](crate::qmp::VmOps) speaks (users: `vmm/tests/qmp_server.rs`), and the
 /// fuzz targets' entry points into its input path (users: `fuzz/src/qmp.rs`).
 pub mod qmp {
     pub use crate::qmp::fuzz_api;

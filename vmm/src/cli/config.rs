@@ -110,7 +110,7 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The user's part of the kernel command line.
     pub cmdline: String,
-    /// Number of vCPUs, 1..=[`MAX_CPUS`].
+    /// Number of vCPUs, 1 to 254 (`MAX_CPUS`).
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,

@@ -11,7 +11,7 @@
 //! or a terminal, [`init`] opens a description of it of its own, in
 //! non-blocking mode, and each record is one `write` to it. A record that
 //! stderr would not take at once (a full pipe nobody reads, a terminal
-//! stopped with Ctrl-S) is dropped and counted ([`dropped_lines`]); the
+//! stopped with Ctrl-S) is dropped and counted (`dropped_lines`, for tests); the
 //! next record written says how many were dropped. So a thread that logs
 //! inside an RCU read section or under a device lock cannot block there.
 //! A regular file is written directly (it never waits for a reader); a

@@ -15,7 +15,7 @@
 //!   losing a kick.
 //! * [`vcpu_state`]: a vCPU's power-on state, captured before its first
 //!   `KVM_RUN` and put back on a reset.
-//! * [`kvm_stats`]: KVM's binary statistics of a vCPU (`KVM_GET_STATS_FD`).
+//! * `kvm_stats` (tests only): KVM's binary statistics of a vCPU (`KVM_GET_STATS_FD`).
 //! * [`emulation`]: `KVM_EXIT_INTERNAL_ERROR`, explained (and `int3`
 //!   completed).
 //! * [`guest_pagewalk`]: a guest linear address to a guest-physical one, by

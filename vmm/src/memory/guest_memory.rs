@@ -24,7 +24,7 @@ pub type SharedGuestMap = Arc<RcuCell<GuestMap>>;
 /// through `call_rcu`, whose callbacks run in order, versions are freed in
 /// order too: [`MapVersions::freed_up_to`] is the newest freed version. A
 /// reader holding version `g` can therefore check, without touching freed
-/// memory, that its map is still alive ([`GuestMap::freed_under_reader`]):
+/// memory, that its map is still alive (`GuestMap::freed_under_reader`, in tests):
 /// it must be, for as long as the reader is inside its RCU read section.
 #[derive(Debug)]
 pub struct GuestMap {

@@ -45,9 +45,9 @@
 //! non-blocking, input and output are bounded per client (module
 //! `connection`), malformed input gets an error reply
 //! and the connection goes on, and only a message beyond
-//! [`MAX_MESSAGE_SIZE`] closes (that client's) connection. A client that
+//! [`connection::MAX_MESSAGE_SIZE`] closes (that client's) connection. A client that
 //! does not negotiate within [`NEGOTIATION_DEADLINE`](server::NEGOTIATION_DEADLINE) is disconnected, so
-//! idle connections cannot hold the [`MAX_CLIENTS`] places; when `accept`
+//! idle connections cannot hold the [`server::MAX_CLIENTS`] places; when `accept`
 //! fails (out of descriptors), the socket is left alone for a moment
 //! instead of waking the loop again at once.
 
