@@ -1,5 +1,6 @@
 //! Entry points for the fuzz targets of the repository's `fuzz/` crate (not a
-//! stable API; hidden from the documentation).
+//! stable API; exported as `vmm::test_utils::qmp::fuzz_api`, feature
+//! `test-utils`).
 //!
 //! A fuzz target cannot open sockets per input, so it drives the server's
 //! input path without one: the same [`JsonSplitter`] a connection feeds, and
