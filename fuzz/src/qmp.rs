@@ -27,9 +27,9 @@
 //! connection then.
 
 use serde_json::Value;
+use vmm::test_utils::FakeVm;
 use vmm::test_utils::qmp::fuzz_api::{self, Frame, JsonSplitter};
 use vmm::test_utils::qmp::{MAX_MESSAGE_SIZE, QmpError};
-use vmm::test_utils::FakeVm;
 
 /// The small message limit selected by flag bit 1.
 pub const SMALL_LIMIT: usize = 256;
