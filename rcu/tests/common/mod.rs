@@ -294,3 +294,63 @@ pub fn rcu_cell_update_is_atomic() {
     assert!(reader.join().unwrap() > 0);
     assert_eq!(cell.with(|v| v[0]), 2000);
 }
+
+/// Selects `strategy` for this process (once, before anything starts the
+/// call_rcu thread) and checks that it is the one in force.
+pub fn select_strategy(strategy: rcu::WakeupStrategy) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        rcu::set_wakeup_strategy(strategy).unwrap();
+    });
+    assert_eq!(rcu::wakeup_strategy(), strategy);
+}
+
+/// Once the call_rcu thread runs with `strategy`, asking for the other one
+/// fails, naming the strategy in force, and the stats report it.
+pub fn strategy_cannot_change_once_started(strategy: rcu::WakeupStrategy) {
+    use rcu::WakeupStrategy;
+    let _x = exclusive();
+    rcu::drain_call_rcu();
+    let other = match strategy {
+        WakeupStrategy::Event => WakeupStrategy::Semaphore,
+        WakeupStrategy::Semaphore => WakeupStrategy::Event,
+    };
+    let err = rcu::set_wakeup_strategy(other).unwrap_err();
+    assert_eq!(err.current, strategy);
+    assert_eq!(rcu::stats().wakeup, strategy);
+}
+
+/// Defines the per-strategy binary's tests: each check of this module, run
+/// after `select_strategy($strategy)`. The strategy is process-wide and fixed
+/// once the call_rcu thread starts, hence one test binary per strategy.
+macro_rules! wakeup_strategy_tests {
+    ($strategy:expr) => {
+        common::wakeup_strategy_tests!(@each $strategy;
+            callback_waits_for_preexisting_reader,
+            synchronize_waits_for_preexisting_reader,
+            drain_runs_everything_and_counts_agree,
+            per_site_counts_are_exact,
+            forced_callback_skips_batching,
+            unforced_callback_batches_lazily,
+            panicking_callback_is_contained,
+            callbacks_can_call_rcu,
+            rcu_cell_update_is_atomic,
+        );
+
+        #[test]
+        fn strategy_cannot_change_once_started() {
+            common::select_strategy($strategy);
+            common::strategy_cannot_change_once_started($strategy);
+        }
+    };
+    (@each $strategy:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                common::select_strategy($strategy);
+                common::$check();
+            }
+        )+
+    };
+}
+pub(crate) use wakeup_strategy_tests;
