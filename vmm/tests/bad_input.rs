@@ -44,6 +44,41 @@ fn vmm(args: &[&str]) -> VmmRun {
     run(Path::new(VMM), args, b"", LIMIT)
 }
 
+/// Runs the VMM with the kit's kernel and `args`.
+fn vmm_with_kit_kernel(args: &[&str]) -> VmmRun {
+    let k = kernel();
+    vmm(&[&["--kernel", k.to_str().unwrap()], args].concat())
+}
+
+/// Runs the VMM as user `nobody` (group `nogroup`, no supplementary groups).
+fn vmm_as_nobody(args: &[&str]) -> VmmRun {
+    let prefix = [
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+    ];
+    run_as(Path::new(VMM), args, b"", LIMIT, Some(&prefix))
+}
+
+/// A copy of the kit's kernel in `dir` that user `nobody` can read.
+fn kernel_readable_by_nobody(dir: &Path) -> PathBuf {
+    let k = dir.join("bzImage");
+    std::fs::copy(kernel(), &k).unwrap();
+    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    k
+}
+
+/// What this host's KVM allows for hot-plug memory: (the number of memory
+/// slots, the size of one hot-plug slot, the first slot hot-plug uses).
+fn kvm_slot_budget() -> (u64, u64, u64) {
+    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
+    let limit = kvm.get_nr_memslots() as u64;
+    let slot = vmm::test_utils::SLOT_SIZE;
+    let first = u64::from(vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT);
+    (limit, slot, first)
+}
+
 #[test]
 fn missing_kernel() {
     let r = vmm(&["--kernel", "/nonexistent/bzImage"]);
@@ -85,29 +120,16 @@ fn kernel_is_a_directory_or_empty() {
 #[test]
 fn unreadable_initrd() {
     let d = scratch("initrd");
-    let k = d.join("bzImage");
-    std::fs::copy(kernel(), &k).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let k = kernel_readable_by_nobody(&d);
     let initrd = d.join("initrd");
     std::fs::write(&initrd, b"not for nobody").unwrap();
     std::fs::set_permissions(&initrd, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let r = run_as(
-        Path::new(VMM),
-        &[
-            "--kernel",
-            k.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-        ],
-        b"",
-        LIMIT,
-        Some(&[
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-        ]),
-    );
+    let r = vmm_as_nobody(&[
+        "--kernel",
+        k.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+    ]);
     assert_clean_failure(&r, 2, "cannot open initrd");
     assert!(r.stderr.contains("Permission denied"), "{r}");
 
@@ -122,28 +144,14 @@ fn unreadable_initrd() {
 
 #[test]
 fn no_permission_for_dev_kvm() {
-    let d = scratch("perm");
-    let k = d.join("bzImage");
-    std::fs::copy(kernel(), &k).unwrap();
-    std::fs::set_permissions(&k, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let k = kernel_readable_by_nobody(&scratch("perm"));
     let meta = std::fs::metadata("/dev/kvm").expect("/dev/kvm");
     assert_eq!(
         meta.permissions().mode() & 0o006,
         0,
         "/dev/kvm is open to everyone here"
     );
-    let r = run_as(
-        Path::new(VMM),
-        &["--kernel", k.to_str().unwrap(), "--memory", "128M"],
-        b"",
-        LIMIT,
-        Some(&[
-            "setpriv",
-            "--reuid=nobody",
-            "--regid=nogroup",
-            "--clear-groups",
-        ]),
-    );
+    let r = vmm_as_nobody(&["--kernel", k.to_str().unwrap(), "--memory", "128M"]);
     assert_clean_failure(&r, 1, "no permission to open /dev/kvm");
 }
 
@@ -172,50 +180,28 @@ fn no_dev_kvm() {
 
 #[test]
 fn malformed_sizes() {
-    let k = kernel();
-    let k = k.to_str().unwrap();
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--memory", "12Q"]),
-        2,
-        "invalid --memory",
-    );
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--memory", ""]),
-        2,
-        "invalid --memory",
-    );
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--hotplug-memory", "lots"]),
-        2,
-        "invalid --hotplug-memory",
-    );
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--memory", "99999999999999999999"]),
-        2,
-        "too large",
-    );
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--memory", "16M"]),
-        1,
-        "below the minimum",
-    );
+    let cases: [(&[&str], i32, &str); 5] = [
+        (&["--memory", "12Q"], 2, "invalid --memory"),
+        (&["--memory", ""], 2, "invalid --memory"),
+        (&["--hotplug-memory", "lots"], 2, "invalid --hotplug-memory"),
+        (&["--memory", "99999999999999999999"], 2, "too large"),
+        (&["--memory", "16M"], 1, "below the minimum"),
+    ];
+    for (args, code, needle) in cases {
+        assert_clean_failure(&vmm_with_kit_kernel(args), code, needle);
+    }
 }
 
 #[test]
 fn zero_or_too_many_vcpus() {
-    let k = kernel();
-    let k = k.to_str().unwrap();
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--cpus", "0"]),
-        2,
-        "must be between 1 and 254",
-    );
-    assert_clean_failure(
-        &vmm(&["--kernel", k, "--cpus", "300"]),
-        2,
-        "must be between 1 and 254",
-    );
-    assert_clean_failure(&vmm(&["--kernel", k, "--cpus", "two"]), 2, "not a number");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--cpus", "0"], "must be between 1 and 254"),
+        (&["--cpus", "300"], "must be between 1 and 254"),
+        (&["--cpus", "two"], "not a number"),
+    ];
+    for (args, needle) in cases {
+        assert_clean_failure(&vmm_with_kit_kernel(args), 2, needle);
+    }
 }
 
 #[test]
@@ -224,15 +210,7 @@ fn initrd_that_does_not_fit() {
     let big = d.join("initrd");
     let f = std::fs::File::create(&big).unwrap();
     f.set_len(200 << 20).unwrap(); // Sparse: 200 MiB for a 128 MiB guest.
-    let k = kernel();
-    let r = vmm(&[
-        "--kernel",
-        k.to_str().unwrap(),
-        "--initrd",
-        big.to_str().unwrap(),
-        "--memory",
-        "128M",
-    ]);
+    let r = vmm_with_kit_kernel(&["--initrd", big.to_str().unwrap(), "--memory", "128M"]);
     assert_clean_failure(&r, 1, "initrd");
     assert!(
         r.stderr.contains("bytes of guest RAM are free for it"),
@@ -248,30 +226,17 @@ fn unknown_flag_and_missing_kernel_flag() {
 
 #[test]
 fn hotplug_region_beyond_the_kvm_memory_slot_limit() {
-    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
-    let limit = kvm.get_nr_memslots() as u64;
-    let slot = vmm::test_utils::SLOT_SIZE;
-    let first = u64::from(vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT);
+    let (limit, slot, first) = kvm_slot_budget();
     // One slot more than KVM can register.
     let size = (limit - first + 1) * slot;
     let size_arg = format!("{}M", size >> 20);
-    let k = kernel();
-    let r = vmm(&[
-        "--kernel",
-        k.to_str().unwrap(),
-        "--memory",
-        "128M",
-        "--hotplug-memory",
-        &size_arg,
-    ]);
+    let r = vmm_with_kit_kernel(&["--memory", "128M", "--hotplug-memory", &size_arg]);
     assert_clean_failure(&r, 1, &format!("but KVM allows {limit}"));
     assert!(r.stderr.contains(&format!("needs {}", limit + 1)), "{r}");
 }
 
 #[test]
 fn several_hotplug_devices_with_bad_ids_or_nodes_are_refused_in_one_line() {
-    let k = kernel();
-    let k = k.to_str().unwrap();
     let cases: [(&[&str], &str); 4] = [
         (
             &["512M", "size=512M,id=vmem0"],
@@ -291,20 +256,17 @@ fn several_hotplug_devices_with_bad_ids_or_nodes_are_refused_in_one_line() {
         ),
     ];
     for (options, needle) in cases {
-        let mut args = vec!["--kernel", k, "--memory", "128M"];
+        let mut args = vec!["--memory", "128M"];
         for o in options {
             args.extend(["--hotplug-memory", o]);
         }
-        assert_clean_failure(&vmm(&args), 2, needle);
+        assert_clean_failure(&vmm_with_kit_kernel(&args), 2, needle);
     }
 }
 
 #[test]
 fn the_kvm_memory_slot_budget_counts_every_hotplug_device() {
-    let kvm = kvm_ioctls::Kvm::new().expect("this test needs /dev/kvm");
-    let limit = kvm.get_nr_memslots() as u64;
-    let slot = vmm::test_utils::SLOT_SIZE;
-    let first = u64::from(vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT);
+    let (limit, slot, first) = kvm_slot_budget();
     // Two devices, each within the budget alone, one slot too many together.
     let free = limit - first;
     let (a, b) = (free / 2, free - free / 2 + 1);
@@ -312,10 +274,7 @@ fn the_kvm_memory_slot_budget_counts_every_hotplug_device() {
         format!("{}M", (a * slot) >> 20),
         format!("size={}M,id=second", (b * slot) >> 20),
     );
-    let k = kernel();
-    let r = vmm(&[
-        "--kernel",
-        k.to_str().unwrap(),
+    let r = vmm_with_kit_kernel(&[
         "--memory",
         "128M",
         "--hotplug-memory",
