@@ -100,12 +100,8 @@ impl Event {
             {
                 return true;
             }
-            let remaining = match deadline {
-                None => None,
-                Some(d) => match d.remaining() {
-                    Some(r) => Some(r),
-                    None => return self.is_set(),
-                },
+            let Ok(remaining) = super::time_left(deadline) else {
+                return self.is_set();
             };
             if !futex::wait(&self.state, BUSY, remaining) {
                 // Timed out: the deadline has passed.

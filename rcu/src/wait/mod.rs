@@ -38,3 +38,12 @@ pub(crate) trait Signal: Send + Sync {
     /// returns `true` only if a notification is already pending.
     fn wait_timeout(&self, timeout: Duration) -> bool;
 }
+
+/// A wait's deadline has passed.
+struct Expired;
+
+/// How long a wait may still sleep: without limit when it has no deadline,
+/// the time left before its deadline, or `Expired` once that has passed.
+fn time_left(deadline: Option<futex::Deadline>) -> Result<Option<Duration>, Expired> {
+    deadline.map(|d| d.remaining().ok_or(Expired)).transpose()
+}

@@ -78,12 +78,8 @@ impl Semaphore {
             if self.try_acquire() {
                 return true;
             }
-            let remaining = match deadline {
-                None => None,
-                Some(d) => match d.remaining() {
-                    Some(r) => Some(r),
-                    None => return self.try_acquire(),
-                },
+            let Ok(remaining) = super::time_left(deadline) else {
+                return self.try_acquire();
             };
             self.sleepers.fetch_add(1, Ordering::SeqCst);
             // Pairs with the fence in `post`.
