@@ -42,7 +42,7 @@
 //!   through explicit slots.
 
 use crate::call_rcu::{CallRcu, Variant};
-use crate::domain::Domain;
+use crate::domain::{Domain, Slot};
 use crate::primitive::{Arc, AtomicBool, AtomicUsize, Condvar, Mutex, lock, thread};
 use crate::wait::{Event, Semaphore};
 use loom::cell::UnsafeCell;
@@ -153,6 +153,39 @@ impl Published {
     }
 }
 
+/// A model's call_rcu thread: runs `c`'s loop over `d` until [`stop`].
+///
+/// [`stop`]: CallRcuThread::stop
+struct CallRcuThread {
+    c: Arc<CallRcu>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl CallRcuThread {
+    fn spawn(d: &Arc<Domain>, c: &Arc<CallRcu>) -> Self {
+        let (d, c2) = (Arc::clone(d), Arc::clone(c));
+        Self {
+            c: Arc::clone(c),
+            handle: thread::spawn(move || c2.run(&d, &|| None)),
+        }
+    }
+
+    /// Asks the loop to end and joins the thread.
+    fn stop(self) {
+        self.c.stop();
+        self.handle.join().expect("worker");
+    }
+}
+
+/// One whole read-side section on `slot`: enter, dereference the published
+/// object, leave. Returns what it read.
+fn read_section(d: &Domain, slot: &Slot, data: &Published) -> u64 {
+    assert!(d.reader_enter(slot));
+    let v = data.read();
+    d.reader_exit(slot);
+    v
+}
+
 /// (a) A reader that began before `synchronize` started never overlaps its
 /// return: the writer frees the old object right after `synchronize`, and
 /// loom checks that free is ordered after every read of a reader that could
@@ -205,10 +238,7 @@ fn callback_waits_for_reader(variant: Variant) {
         let slot = d.register_owned(true);
         let freed = Arc::new(Flag::default());
 
-        let worker = {
-            let (d, c) = (Arc::clone(&d), Arc::clone(&c));
-            thread::spawn(move || c.run(&d, &|| None))
-        };
+        let worker = CallRcuThread::spawn(&d, &c);
 
         assert!(d.reader_enter(&slot));
         let writer = {
@@ -232,8 +262,7 @@ fn callback_waits_for_reader(variant: Variant) {
 
         writer.join().expect("writer");
         freed.wait();
-        c.stop();
-        worker.join().expect("worker");
+        worker.stop();
     });
 }
 
@@ -264,10 +293,7 @@ fn no_lost_wakeup(variant: Variant) {
         let d = Arc::new(Domain::new());
         let c = Arc::new(CallRcu::new(variant));
         let ran = Arc::new([Flag::default(), Flag::default()]);
-        let worker = {
-            let (d, c) = (Arc::clone(&d), Arc::clone(&c));
-            thread::spawn(move || c.run(&d, &|| None))
-        };
+        let worker = CallRcuThread::spawn(&d, &c);
         let producers: Vec<_> = (0..2)
             .map(|i| {
                 let (c, ran) = (Arc::clone(&c), Arc::clone(&ran));
@@ -285,8 +311,7 @@ fn no_lost_wakeup(variant: Variant) {
         }
         ran[0].wait();
         ran[1].wait();
-        c.stop();
-        worker.join().expect("worker");
+        worker.stop();
     });
 }
 
@@ -325,10 +350,7 @@ fn forced_callback_never_batches(variant: Variant) {
         assert!(d.reader_enter(&slot));
 
         let b_done = Arc::new(Flag::default());
-        let worker = {
-            let (d, c) = (Arc::clone(&d), Arc::clone(&c));
-            thread::spawn(move || c.run(&d, &|| None))
-        };
+        let worker = CallRcuThread::spawn(&d, &c);
         let producer = {
             let (c, force_done, b_ran, b_done) = (
                 Arc::clone(&c),
@@ -357,8 +379,7 @@ fn forced_callback_never_batches(variant: Variant) {
         d.reader_exit(&slot);
         b_done.wait();
         assert!(b_done.is_set());
-        c.stop();
-        worker.join().expect("worker");
+        worker.stop();
     });
 }
 
@@ -465,9 +486,7 @@ fn loom_register_unregister_race_grace_period() {
                 let (d, data) = (Arc::clone(&d), Arc::clone(&data));
                 thread::spawn(move || {
                     let slot = d.register_owned(true);
-                    assert!(d.reader_enter(&slot));
-                    data.read();
-                    d.reader_exit(&slot);
+                    read_section(&d, &slot, &data);
                     if i == 0 {
                         d.unregister(&slot).expect("unregistered outside a section");
                     }
@@ -499,9 +518,7 @@ fn loom_two_readers_hurried_grace_period() {
             .map(|slot| {
                 let (d, data, slot) = (Arc::clone(&d), Arc::clone(&data), Arc::clone(slot));
                 thread::spawn(move || {
-                    assert!(d.reader_enter(&slot));
-                    data.read();
-                    d.reader_exit(&slot);
+                    read_section(&d, &slot, &data);
                 })
             })
             .collect();
@@ -537,9 +554,7 @@ fn loom_two_consecutive_grace_periods() {
             })
         };
         for _ in 0..2 {
-            assert!(d.reader_enter(&slot));
-            data.read();
-            d.reader_exit(&slot);
+            read_section(&d, &slot, &data);
         }
         writer.join().expect("writer");
     });
