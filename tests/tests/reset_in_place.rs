@@ -34,62 +34,61 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-guest_code! {
-    /// Prints LINE on COM1 (without touching any memory but its code),
-    /// then resets through the i8042.
+/// A guest that runs `before`, prints LINE on COM1 (touching no memory but
+/// its code), then runs `after`. The string is labelled `3`, the print loop
+/// uses `2` and ends at `4`; `before` and `after` must not reuse those.
+macro_rules! hello_guest {
+    ($(#[$doc:meta])* fn $name:ident($start:ident, $end:ident) {
+        before: [$($before:literal),* $(,)?],
+        after: [$($after:literal),* $(,)?] $(,)?
+    }) => {
+        guest_code! {
+            $(#[$doc])*
+            fn $name($start, $end) {
+                ".code64",
+                $($before,)*
+                "lea rsi, [rip + 3f]",
+                "mov dx, 0x3f8",
+                "2: lodsb",
+                "test al, al",
+                "jz 4f",
+                "out dx, al",
+                "jmp 2b",
+                "4:",
+                $($after,)*
+                "3: .asciz \"guest says hello\\n\"",
+            }
+        }
+    };
+}
+
+hello_guest! {
+    /// Prints LINE on COM1, then resets through the i8042.
     fn hello_then_i8042_reset(hello_i8042_start, hello_i8042_end) {
-        ".code64",
-        "lea rsi, [rip + 3f]",
-        "mov dx, 0x3f8",
-        "2: lodsb",
-        "test al, al",
-        "jz 4f",
-        "out dx, al",
-        "jmp 2b",
-        "4: mov al, 0xfe",
-        "out 0x64, al",
-        "5: hlt",
-        "jmp 5b",
-        "3: .asciz \"guest says hello\\n\"",
+        before: [],
+        after: ["mov al, 0xfe", "out 0x64, al", "5: hlt", "jmp 5b"],
     }
 }
 
-guest_code! {
+hello_guest! {
     /// Prints LINE on COM1, then faults with no usable IDT: a triple fault.
     fn hello_then_triple_fault(hello_triple_start, hello_triple_end) {
-        ".code64",
-        "lea rsi, [rip + 3f]",
-        "mov dx, 0x3f8",
-        "2: lodsb",
-        "test al, al",
-        "jz 4f",
-        "out dx, al",
-        "jmp 2b",
-        "4: ud2",
-        "3: .asciz \"guest says hello\\n\"",
+        before: [],
+        after: ["ud2"],
     }
 }
 
-guest_code! {
-    /// Prints LINE on COM1, writes a marker into RAM at 0x20_0000 (which
-    /// must read zero again after a reset: it reports what it found on
-    /// port 0x80 first), then halts for good.
+hello_guest! {
+    /// Writes a marker into RAM at 0x20_0000 (which must read zero again
+    /// after a reset: it reports what it found on port 0x80 first), prints
+    /// LINE on COM1, then halts for good.
     fn hello_then_halt(hello_halt_start, hello_halt_end) {
-        ".code64",
-        "mov rax, [0x200000]",
-        "out 0x80, eax",
-        "mov qword ptr [0x200000], 0x5a5a",
-        "lea rsi, [rip + 3f]",
-        "mov dx, 0x3f8",
-        "2: lodsb",
-        "test al, al",
-        "jz 4f",
-        "out dx, al",
-        "jmp 2b",
-        "4: cli",
-        "5: hlt",
-        "jmp 5b",
-        "3: .asciz \"guest says hello\\n\"",
+        before: [
+            "mov rax, [0x200000]",
+            "out 0x80, eax",
+            "mov qword ptr [0x200000], 0x5a5a",
+        ],
+        after: ["cli", "5: hlt", "jmp 5b"],
     }
 }
 
