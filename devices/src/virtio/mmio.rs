@@ -893,16 +893,35 @@ mod tests {
 
     const ALL_FEATURES: u64 = TRANSPORT_FEATURES | DEV_FEATURE_A | DEV_FEATURE_HIGH;
 
-    /// Negotiates all features, sets up queue 0 and sets S_DRIVER_OK.
-    fn activate<'m>(mmio: &VirtioMmio, mem: &'m GuestMemoryMmap) -> TestQueue<&'m GuestMemoryMmap> {
-        assert_ne!(negotiate(mmio, ALL_FEATURES) & S_FEATURES_OK, 0);
-        let q = new_queue(mem);
-        q.setup(mmio, 0);
+    /// Writes the status with S_DRIVER_OK, after ACKNOWLEDGE, DRIVER and
+    /// FEATURES_OK.
+    fn set_driver_ok(mmio: &VirtioMmio) {
         write32(
             mmio,
             VIRTIO_MMIO_STATUS,
             S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
         );
+    }
+
+    /// Programs queue 0 with 16 entries and rings at 0x1000, 0x2000 and
+    /// 0x3000, except that `high` (one ring's high address register) gets
+    /// 0x10, which puts that ring outside guest memory; marks it ready.
+    fn set_up_queue_0_with_a_ring_outside(mmio: &VirtioMmio, high: u32) {
+        write32(mmio, VIRTIO_MMIO_QUEUE_SEL, 0);
+        write32(mmio, VIRTIO_MMIO_QUEUE_NUM, 16);
+        write32(mmio, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
+        write32(mmio, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
+        write32(mmio, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
+        write32(mmio, high, 0x10);
+        write32(mmio, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+
+    /// Negotiates all features, sets up queue 0 and sets S_DRIVER_OK.
+    fn activate<'m>(mmio: &VirtioMmio, mem: &'m GuestMemoryMmap) -> TestQueue<&'m GuestMemoryMmap> {
+        assert_ne!(negotiate(mmio, ALL_FEATURES) & S_FEATURES_OK, 0);
+        let q = new_queue(mem);
+        q.setup(mmio, 0);
+        set_driver_ok(mmio);
         q
     }
 
@@ -1081,11 +1100,7 @@ mod tests {
         );
         write32(&mmio, VIRTIO_MMIO_QUEUE_READY, 0);
         assert_eq!(read32(&mmio, VIRTIO_MMIO_QUEUE_READY), 0);
-        write32(
-            &mmio,
-            VIRTIO_MMIO_STATUS,
-            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        set_driver_ok(&mmio);
         write32(&mmio, VIRTIO_MMIO_QUEUE_READY, 1);
         assert_eq!(
             read32(&mmio, VIRTIO_MMIO_QUEUE_READY),
@@ -1170,11 +1185,7 @@ mod tests {
             mmio.process_queue(0, &mem).unwrap(),
             QueueOutcome::default()
         );
-        write32(
-            &mmio,
-            VIRTIO_MMIO_STATUS,
-            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        set_driver_ok(&mmio);
         assert_eq!(
             mmio.process_queue(1, &mem).unwrap(),
             QueueOutcome::default()
@@ -1269,11 +1280,7 @@ mod tests {
         write32(&mmio, VIRTIO_MMIO_QUEUE_NUM, 3);
         write32(&mmio, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1001);
         write32(&mmio, VIRTIO_MMIO_QUEUE_READY, 1);
-        write32(
-            &mmio,
-            VIRTIO_MMIO_STATUS,
-            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        set_driver_ok(&mmio);
         assert!(mmio.process_queue(1, &mem).unwrap().needs_reset);
         assert!(
             dev.processed.lock().unwrap().is_empty(),
@@ -1286,18 +1293,8 @@ mod tests {
         let (dev, mmio, _) = transport();
         let mem = guest_memory();
         negotiate(&mmio, ALL_FEATURES);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_SEL, 0);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_NUM, 16);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_USED_HIGH, 0x10);
-        write32(&mmio, VIRTIO_MMIO_QUEUE_READY, 1);
-        write32(
-            &mmio,
-            VIRTIO_MMIO_STATUS,
-            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-        );
+        set_up_queue_0_with_a_ring_outside(&mmio, VIRTIO_MMIO_QUEUE_USED_HIGH);
+        set_driver_ok(&mmio);
         assert!(mmio.process_queue(0, &mem).unwrap().needs_reset);
         assert!(dev.processed.lock().unwrap().is_empty());
     }
@@ -1319,18 +1316,8 @@ mod tests {
             for round in 0..rounds {
                 write32(&mmio, VIRTIO_MMIO_STATUS, 0);
                 negotiate(&mmio, ALL_FEATURES);
-                write32(&mmio, VIRTIO_MMIO_QUEUE_SEL, 0);
-                write32(&mmio, VIRTIO_MMIO_QUEUE_NUM, 16);
-                write32(&mmio, VIRTIO_MMIO_QUEUE_DESC_LOW, 0x1000);
-                write32(&mmio, VIRTIO_MMIO_QUEUE_AVAIL_LOW, 0x2000);
-                write32(&mmio, VIRTIO_MMIO_QUEUE_USED_LOW, 0x3000);
-                write32(&mmio, outside[round % 3].0, 0x10);
-                write32(&mmio, VIRTIO_MMIO_QUEUE_READY, 1);
-                write32(
-                    &mmio,
-                    VIRTIO_MMIO_STATUS,
-                    S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
-                );
+                set_up_queue_0_with_a_ring_outside(&mmio, outside[round % 3].0);
+                set_driver_ok(&mmio);
                 for _ in 0..5 {
                     assert!(mmio.process_queue(0, &mem).unwrap().needs_reset);
                 }
