@@ -11,19 +11,14 @@
 #![cfg(not(loom))] // The public API is not built under loom; see src/loom_models.rs.
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+// Each test runs alone (`common::exclusive`): see the module docs.
+mod common;
+
 use rcu::{RcuCell, Stats};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
-
-static EXCLUSIVE: Mutex<()> = Mutex::new(());
-
-fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    EXCLUSIVE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Liveness bound for the retried scenarios (never reached when the
 /// behaviour is there; see the module docs).
@@ -40,7 +35,7 @@ fn wait_for_stats(what: &str, cond: impl Fn(&Stats) -> bool) {
 
 #[test]
 fn concurrent_synchronize_callers_share_grace_periods() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     const CALLERS: u64 = 4;
     let end = Instant::now() + DEADLINE;
     let mut attempts = 0;
@@ -100,7 +95,7 @@ fn concurrent_synchronize_callers_share_grace_periods() {
 
 #[test]
 fn grace_period_ends_in_its_spin_when_the_reader_leaves_early() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let end = Instant::now() + DEADLINE;
     let mut attempts = 0;
     loop {
@@ -145,7 +140,7 @@ fn grace_period_ends_in_its_spin_when_the_reader_leaves_early() {
 
 #[test]
 fn grace_period_never_stores_into_an_idle_readers_slot() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let s0 = rcu::stats();
     let before = rcu::registered_readers();
     // An idle reader: registered, then outside any section until the end.
@@ -205,7 +200,7 @@ impl Drop for Tracked {
 
 #[test]
 fn replace_sync_frees_on_the_caller_after_the_readers_leave() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let cell = Arc::new(RcuCell::new(Tracked(1)));
     let s0 = rcu::stats();
     let dropped0 = DROPPED.load(Ordering::SeqCst);
@@ -241,7 +236,7 @@ fn replace_sync_frees_on_the_caller_after_the_readers_leave() {
 
 #[test]
 fn replace_sync_inside_a_section_panics_before_publishing() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let cell = Arc::new(RcuCell::new(Tracked(10)));
     let c = Arc::clone(&cell);
     let r = thread::spawn(move || {

@@ -11,6 +11,10 @@
 #![cfg(not(loom))] // The public API is not built under loom; see src/loom_models.rs.
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+// Each test runs alone (`common::exclusive`): they share the pool and the
+// counters.
+mod common;
+
 use rcu::ReaderMode;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 use std::thread;
@@ -36,15 +40,6 @@ static STOP: AtomicBool = AtomicBool::new(false);
 static VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 static HANDLER_SECTIONS: AtomicU64 = AtomicU64::new(0);
 static READS: AtomicU64 = AtomicU64::new(0);
-/// Serialises the tests: they share the pool and the counters.
-static EXCLUSIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    EXCLUSIVE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn install(sig: libc::c_int, f: extern "C" fn(libc::c_int)) {
     // SAFETY: all-zero bytes are a valid `sigaction` (plain integers and
     // a signal set).
@@ -125,7 +120,7 @@ fn writer() {
 
 #[test]
 fn signal_handler_sections_leave_the_interrupted_section_intact() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let secs: u64 = std::env::var("RCU_SIGNAL_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -223,7 +218,7 @@ extern "C" fn trap_handler(_sig: libc::c_int) {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn section_survives_a_handler_section_after_every_instruction() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     install(libc::SIGTRAP, trap_handler);
     for mode in [ReaderMode::Fenced, ReaderMode::Membarrier] {
         publish(1, 100);

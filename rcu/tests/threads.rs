@@ -4,20 +4,15 @@
 #![cfg(not(loom))] // The public API is not built under loom; see src/loom_models.rs.
 #![allow(clippy::unwrap_used)] // Test code: a failed unwrap is a failed test.
 
+// Each test runs alone (`common::exclusive`): tests here compare the global
+// reader count (a test thread registers as a reader and unregisters when it
+// exits).
+mod common;
+
 use rcu::RcuCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
-
-/// Tests here compare the global reader count, so each runs alone (a test
-/// thread registers as a reader and unregisters when it exits).
-static EXCLUSIVE: Mutex<()> = Mutex::new(());
-
-fn exclusive() -> std::sync::MutexGuard<'static, ()> {
-    EXCLUSIVE
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The threads a test started have unregistered. The count may also drop
 /// below `before`: the previous test's harness thread can still be exiting
@@ -29,7 +24,7 @@ fn assert_registry_back_to(before: usize) {
 
 #[test]
 fn exiting_thread_unregisters() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let before = rcu::registered_readers();
     thread::spawn(|| {
         drop(rcu::read_lock());
@@ -129,7 +124,7 @@ fn thread_exiting_inside_a_leaked_section_aborts_naming_it() {
         println!("NOT FREED");
         return;
     }
-    let _x = exclusive();
+    let _x = common::exclusive();
     let out = run_child(NAME);
     assert_aborted_with(
         &out,
@@ -159,7 +154,7 @@ fn callback_leaking_a_section_aborts() {
         println!("NOT FREED");
         return;
     }
-    let _x = exclusive();
+    let _x = common::exclusive();
     let out = run_child(NAME);
     assert_aborted_with(
         &out,
@@ -171,7 +166,7 @@ fn callback_leaking_a_section_aborts() {
 /// only the guard's drop ends the section.
 #[test]
 fn grace_period_waits_until_the_guard_drops() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
     let (leave_tx, leave_rx) = std::sync::mpsc::channel::<()>();
     let reader = thread::spawn(move || {
@@ -205,7 +200,7 @@ fn panic_payload_with_panicking_drop_is_contained() {
             panic!("deliberate panic while dropping a panic payload (test)");
         }
     }
-    let _x = exclusive();
+    let _x = common::exclusive();
     let before = rcu::stats();
     rcu::call_rcu(|| std::panic::panic_any(PanicsOnDrop));
     let (tx, rx) = std::sync::mpsc::channel();
@@ -221,7 +216,7 @@ fn panic_payload_with_panicking_drop_is_contained() {
 
 #[test]
 fn ten_thousand_short_lived_threads_do_not_grow_the_registry() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let before = rcu::registered_readers();
     let mut peak = 0;
     for batch in 0..100 {
@@ -257,7 +252,7 @@ fn thread_local_destructor_may_read() {
     thread_local! {
         static LATE: ReadsOnDrop = const { ReadsOnDrop };
     }
-    let _x = exclusive();
+    let _x = common::exclusive();
     let before = rcu::registered_readers();
     thread::spawn(|| LATE.with(|_| ())).join().unwrap();
     assert_registry_back_to(before);
@@ -266,7 +261,7 @@ fn thread_local_destructor_may_read() {
 #[test]
 #[should_panic(expected = "synchronize_rcu() called inside an RCU read-side critical section")]
 fn synchronize_inside_read_section_panics() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let _g = rcu::read_lock();
     rcu::synchronize_rcu();
 }
@@ -274,14 +269,14 @@ fn synchronize_inside_read_section_panics() {
 #[test]
 #[should_panic(expected = "drain_call_rcu() called inside an RCU read-side critical section")]
 fn drain_inside_read_section_panics() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let _g = rcu::read_lock();
     rcu::drain_call_rcu();
 }
 
 #[test]
 fn drain_from_a_callback_panics_and_is_contained() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let before = rcu::stats();
     let ok = Arc::new(AtomicBool::new(false));
     let ok2 = Arc::clone(&ok);
@@ -299,7 +294,7 @@ fn drain_from_a_callback_panics_and_is_contained() {
 
 #[test]
 fn reader_modes_can_be_mixed_and_changed_outside_sections() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     thread::spawn(|| {
         assert_eq!(rcu::reader_mode(), rcu::ReaderMode::Membarrier);
         rcu::set_reader_mode(rcu::ReaderMode::Fenced);
@@ -318,14 +313,14 @@ fn reader_modes_can_be_mixed_and_changed_outside_sections() {
 #[test]
 #[should_panic(expected = "set_reader_mode() called inside an RCU read-side critical section")]
 fn reader_mode_change_inside_section_panics() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let _g = rcu::read_lock();
     rcu::set_reader_mode(rcu::ReaderMode::Fenced);
 }
 
 #[test]
 fn grace_periods_skip_membarrier_when_all_other_readers_fence() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     if !rcu::stats().membarrier {
         // Still meaningful: every barrier is then a local fence.
         eprintln!("membarrier unavailable or disabled: only checking fences");
@@ -361,7 +356,7 @@ fn grace_periods_skip_membarrier_when_all_other_readers_fence() {
 /// `stats()` (and on stderr, once).
 #[test]
 fn stalling_reader_is_named_in_stats() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     let before = rcu::stats().stalls;
     let (entered_tx, entered_rx) = std::sync::mpsc::channel();
     let (leave_tx, leave_rx) = std::sync::mpsc::channel::<()>();
@@ -398,7 +393,7 @@ fn stalling_reader_is_named_in_stats() {
 /// `membarrier`, not two (none before the phase advance, none on re-scans).
 #[test]
 fn idle_reader_grace_period_issues_one_membarrier() {
-    let _x = exclusive();
+    let _x = common::exclusive();
     drop(rcu::read_lock()); // initialises (probes membarrier)
     if !rcu::stats().membarrier {
         eprintln!("membarrier unavailable or disabled: nothing to count");

@@ -1,7 +1,8 @@
-//! Checks shared by the per-strategy test binaries (each binary is its own
+//! Helpers shared by the rcu test binaries ([`exclusive`], [`wait_until`]),
+//! and the checks of the per-strategy binaries (each binary is its own
 //! process, so each runs the call_rcu thread with one strategy).
 
-#![allow(dead_code)]
+#![allow(dead_code)] // Each binary uses part of it.
 
 use rcu::{RcuCell, ReadGuard};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// Serialises the tests of one binary: they compare global counters, and a
-/// concurrent test's readers or `force_rcu` calls would change them.
+/// Serialises the tests of one binary: they compare process-wide counters
+/// (readers registered, grace periods, stats) or share global state, and a
+/// concurrent test's readers, grace periods or `force_rcu` calls would change
+/// them.
 pub static EXCLUSIVE: Mutex<()> = Mutex::new(());
 
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
@@ -323,6 +326,7 @@ pub fn strategy_cannot_change_once_started(strategy: rcu::WakeupStrategy) {
 /// Defines the per-strategy binary's tests: each check of this module, run
 /// after `select_strategy($strategy)`. The strategy is process-wide and fixed
 /// once the call_rcu thread starts, hence one test binary per strategy.
+#[allow(unused_macros)] // Only the per-strategy binaries use it.
 macro_rules! wakeup_strategy_tests {
     ($strategy:expr) => {
         common::wakeup_strategy_tests!(@each $strategy;
@@ -353,4 +357,5 @@ macro_rules! wakeup_strategy_tests {
         )+
     };
 }
+#[allow(unused_imports)] // As above.
 pub(crate) use wakeup_strategy_tests;
