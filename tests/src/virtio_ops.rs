@@ -3,13 +3,17 @@
 //! virtio-mmio registers: a driver's handshake, and a queue whose rings lie
 //! outside guest memory, which breaks the device on the first notification.
 
-use crate::guest_driver::{GuestDriver, Op, OpResult};
+use crate::bare_vm::{BareVm, TEST_MMIO};
+use crate::guest_driver::{GuestDriver, Op, OpResult, Privilege, runner, start_runner};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use virtio_bindings::virtio_mmio::{
     VIRTIO_MMIO_DRIVER_FEATURES, VIRTIO_MMIO_DRIVER_FEATURES_SEL, VIRTIO_MMIO_QUEUE_AVAIL_LOW,
     VIRTIO_MMIO_QUEUE_DESC_LOW, VIRTIO_MMIO_QUEUE_NOTIFY, VIRTIO_MMIO_QUEUE_NUM,
     VIRTIO_MMIO_QUEUE_READY, VIRTIO_MMIO_QUEUE_SEL, VIRTIO_MMIO_QUEUE_USED_LOW, VIRTIO_MMIO_STATUS,
 };
+use vmm::test_utils::Hotplug;
+use vmm::test_utils::SLOT_SIZE;
 
 /// Where the virtio-mmio window of the hot-plug device is in a bare VM.
 pub const VIRTIO: u64 = 0xd000_1000;
@@ -120,4 +124,31 @@ pub fn break_device(driver: &mut GuestDriver, round: u64, within: Duration) {
         broken = run(driver, "poll", &notify_and_poll_broken(1 << 16)[1..])[0].matched;
     }
     assert!(broken, "round {round}: DEVICE_NEEDS_RESET not set");
+}
+
+/// A bare VM (2 vCPUs, 64 MiB of RAM, a virtio-mem device over 8 hot-plug
+/// slots) running the `guest_driver` runner at CPL3 on vCPU 0, with a
+/// heartbeat on vCPU 1; returns it and its virtio-mem device, whose
+/// virtio-mmio window is checked to be at [`VIRTIO`].
+pub fn runner_vm_with_virtio_mem() -> (BareVm, Arc<Hotplug>) {
+    let vm = BareVm::with_hotplug(2, 64 << 20, 8 * SLOT_SIZE, runner(), 0);
+    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
+    assert_eq!(hp.mmio_base, VIRTIO, "the virtio-mmio window moved");
+    start_runner(&vm, Privilege::User, true);
+    (vm, hp)
+}
+
+/// The driver's first batch: one read of [`TEST_MMIO`], which the runner
+/// answers once the VM runs. The VMM has installed its panic hook by then,
+/// so this puts `panic_watch`'s in front of it.
+pub fn first_read_then_watch_panics(driver: &mut GuestDriver) {
+    run(
+        driver,
+        "first read",
+        &[Op::Read {
+            addr: TEST_MMIO,
+            width: 8,
+        }],
+    );
+    crate::panic_watch::install();
 }

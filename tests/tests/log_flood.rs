@@ -27,15 +27,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::ExitRequest;
-use tests::bare_vm::{BareVm, TEST_MMIO};
-use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
+use tests::bare_vm::TEST_MMIO;
+use tests::guest_driver::{GuestDriver, Op, run_driven};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
-use tests::virtio_ops::{QUEUE_NOTIFY, STATUS, VIRTIO, break_device, r32, run, w32};
-use vmm::test_utils::Hotplug;
-use vmm::test_utils::SLOT_SIZE;
-use vmm::test_utils::StopReason;
+use tests::virtio_ops::{
+    QUEUE_NOTIFY, STATUS, VIRTIO, break_device, first_read_then_watch_panics, r32, run,
+    runner_vm_with_virtio_mem, w32,
+};
+use vmm::test_utils::{Hotplug, StopReason};
 
-const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(600);
 /// How long the control thread may take to answer one notification (it
 /// shares two cores with spinning vCPUs and other work here).
@@ -95,16 +95,7 @@ fn abuse_ops() -> Vec<Op> {
 
 fn drive(mut driver: GuestDriver, hp: &Hotplug) {
     // The runner answers: the VM runs.
-    run(
-        &mut driver,
-        "first read",
-        &[Op::Read {
-            addr: TEST_MMIO,
-            width: 8,
-        }],
-    );
-    // The VMM has installed its panic hook by now: put the watch in front.
-    tests::panic_watch::install();
+    first_read_then_watch_panics(&mut driver);
     for cycle in 0..CYCLES {
         break_device(&mut driver, cycle, ANSWER_WITHIN);
     }
@@ -136,10 +127,7 @@ fn a_guest_looping_on_logged_paths_prints_little_on_stderr() {
     let path = std::env::temp_dir().join(format!("vmm-log-flood-{}.stderr", std::process::id()));
     let file = std::fs::File::create(&path).unwrap();
 
-    let mut vm = BareVm::with_hotplug(2, 64 * MIB, 8 * SLOT_SIZE, runner(), 0);
-    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
-    assert_eq!(hp.mmio_base, VIRTIO, "the virtio-mmio window moved");
-    start_runner(&vm, Privilege::User, true);
+    let (mut vm, hp) = runner_vm_with_virtio_mem();
 
     let redirect = StderrRedirect::to(&file);
     vmm::logger::init();

@@ -27,15 +27,14 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use devices::ExitRequest;
-use tests::bare_vm::{BareVm, TEST_MMIO};
-use tests::guest_driver::{GuestDriver, Op, Privilege, run_driven, runner, start_runner};
+use tests::bare_vm::TEST_MMIO;
+use tests::guest_driver::{GuestDriver, Op, run_driven};
 use tests::stderr_redirect::{StderrRedirect, default_log_level};
-use tests::virtio_ops::{QUEUE_NOTIFY, VIRTIO, break_device, run, w32};
-use vmm::test_utils::Hotplug;
-use vmm::test_utils::SLOT_SIZE;
-use vmm::test_utils::StopReason;
+use tests::virtio_ops::{
+    QUEUE_NOTIFY, break_device, first_read_then_watch_panics, run, runner_vm_with_virtio_mem, w32,
+};
+use vmm::test_utils::{Hotplug, StopReason};
 
-const MIB: u64 = 1 << 20;
 const LIMIT: Duration = Duration::from_secs(600);
 /// How long the guest driver waits for one batch.
 const BATCH_WITHIN: Duration = Duration::from_secs(60);
@@ -109,15 +108,7 @@ fn grace_period_ends() -> bool {
 
 fn drive(mut driver: GuestDriver, hp: &Hotplug) {
     driver.timeout = BATCH_WITHIN;
-    run(
-        &mut driver,
-        "first read",
-        &[Op::Read {
-            addr: TEST_MMIO,
-            width: 8,
-        }],
-    );
-    tests::panic_watch::install();
+    first_read_then_watch_panics(&mut driver);
     for round in 0..ROUNDS {
         break_device(&mut driver, round, BATCH_WITHIN);
         assert!(
@@ -151,10 +142,7 @@ fn a_full_stderr_pipe_nobody_reads_does_not_block_the_vmm() {
     let capacity = shrink_pipe(&writer);
     writer.write_all(&vec![b'.'; capacity]).unwrap();
 
-    let mut vm = BareVm::with_hotplug(2, 64 * MIB, 8 * SLOT_SIZE, runner(), 0);
-    let hp = Arc::clone(vm.machine.hotplug.first().expect("hot-plug device"));
-    assert_eq!(hp.mmio_base, VIRTIO, "the virtio-mmio window moved");
-    start_runner(&vm, Privilege::User, true);
+    let (mut vm, hp) = runner_vm_with_virtio_mem();
 
     let redirect = StderrRedirect::to(&writer);
     vmm::logger::init();
