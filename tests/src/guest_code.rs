@@ -24,6 +24,11 @@
 /// with the user stack in r13, it `iretq`s to the next instruction with SS
 /// and CS set to the user selectors of `boot::cpu::gdt` (0x33, 0x3b), so
 /// the given lines run at CPL3. rax is clobbered.
+///
+/// `fn name(start, end) then power off { ... }` appends the ACPI power-off
+/// the tiny guests share (SLP_EN with S5's sleep type, 0x34, to the sleep
+/// control port 0x600), then halts for good (label `2`). The tail is
+/// assembled in the mode the lines leave in force.
 #[macro_export]
 macro_rules! guest_code {
     ($(#[$doc:meta])* $vis:vis fn $name:ident($start:ident, $end:ident) in user mode { $($line:literal),* $(,)? }) => {
@@ -40,6 +45,19 @@ macro_rules! guest_code {
                 "iretq",
                 "1:",
                 $($line,)*
+            }
+        }
+    };
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($start:ident, $end:ident) then power off { $($line:literal),* $(,)? }) => {
+        $crate::guest_code! {
+            $(#[$doc])*
+            $vis fn $name($start, $end) {
+                $($line,)*
+                "mov dx, 0x600",
+                "mov al, 0x34",
+                "out dx, al",
+                "2: hlt",
+                "jmp 2b",
             }
         }
     };

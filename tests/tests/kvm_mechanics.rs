@@ -19,7 +19,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 guest_code! {
     /// 64-bit guest: port I/O out and in, MMIO write and read (with a value
     /// only 64-bit code can produce), then ACPI power-off.
-    fn io_and_mmio(io_and_mmio_start, io_and_mmio_end) {
+    fn io_and_mmio(io_and_mmio_start, io_and_mmio_end) then power off {
         ".code64",
         "mov dx, 0x80",
         "mov eax, 0x12345678",
@@ -32,11 +32,6 @@ guest_code! {
         "mov qword ptr [rbx], rax",
         "mov rax, qword ptr [rbx + 8]",
         "mov qword ptr [rbx + 16], rax",
-        "mov dx, 0x600",
-        "mov al, 0x34",
-        "out dx, al",
-        "2: hlt",
-        "jmp 2b",
     }
 }
 
@@ -156,7 +151,7 @@ fn application_processor_starts_through_init_sipi() {
 guest_code! {
     /// Installs a #BP handler that reports its return RIP over MMIO, then
     /// executes int3. Before that it reports where int3 should return to.
-    fn breakpoint(breakpoint_start, breakpoint_end) {
+    fn breakpoint(breakpoint_start, breakpoint_end) then power off {
         ".code64",
         "lea rax, [rip + 5f]",
         "mov rdi, 0x60000",
@@ -181,11 +176,6 @@ guest_code! {
         "5:",
         "mov rax, qword ptr [rsp]",
         "mov qword ptr [rbx], rax",
-        "mov dx, 0x600",
-        "mov al, 0x34",
-        "out dx, al",
-        "6: hlt",
-        "jmp 6b",
     }
 }
 

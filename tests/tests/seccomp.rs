@@ -48,31 +48,21 @@ impl BusDevice for FileCreator {
 
 guest_code! {
     /// Writes to the file-creating device, then powers off.
-    fn create_then_off(create_then_off_start, create_then_off_end) {
+    fn create_then_off(create_then_off_start, create_then_off_end) then power off {
         ".code64",
         "mov dx, 0x90",
         "mov al, 1",
         "out dx, al",
-        "mov dx, 0x600",
-        "mov al, 0x34",
-        "out dx, al",
-        "2: hlt",
-        "jmp 2b",
     }
 }
 
 guest_code! {
     /// Reports to the test port, then powers off.
-    fn report_then_off(report_then_off_start, report_then_off_end) {
+    fn report_then_off(report_then_off_start, report_then_off_end) then power off {
         ".code64",
         "mov dx, 0x80",
         "mov eax, 0x5ec",
         "out dx, eax",
-        "mov dx, 0x600",
-        "mov al, 0x34",
-        "out dx, al",
-        "2: hlt",
-        "jmp 2b",
     }
 }
 
