@@ -122,6 +122,19 @@ def after_exit(res, vm):
     return check_rcu_file(res, vm)
 
 
+def power_off_after_hotplug(res, vm):
+    """How every hot-plug scenario ends: checks the guest's dmesg holds no
+    virtio_mem error, ends the guest with `poweroff -f` (timed, as
+    end_from_guest does) and checks the vmm's RCU report."""
+    dm = vm.sh_ok("dmesg | grep -i 'virtio_mem' || true")
+    bad = [line for line in dm.splitlines()
+           if re.search(r"error|fail|warn|bug|unable|could not", line, re.I)]
+    res.check("no virtio_mem error in the guest's dmesg", not bad, bad[:10])
+    s0 = clock_sample(vm)
+    end_from_guest(res, vm, "poweroff -f", "Power down", s0)
+    check_rcu_file(res, vm)
+
+
 # ---------------------------------------------------------------- scenarios
 
 

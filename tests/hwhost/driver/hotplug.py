@@ -2,11 +2,10 @@
 
 import json
 import os
-import re
 import time
 
-from guest_checks import (GIB, boot, check_rcu_file, clock_sample, end_from_guest,
-                          meminfo_kib, site_calls, wait_memtotal, wait_size)
+from guest_checks import (GIB, boot, meminfo_kib, power_off_after_hotplug, site_calls,
+                          wait_memtotal, wait_size)
 from l2_vm import MIB, Vm, new_ranges, proc_maps, vm_flags
 
 
@@ -107,13 +106,7 @@ def hotplug(res, args):
             res.figure(f"cycle {c}: vmm RSS after unplug", rss // 1024, "MiB")
             res.figure(f"cycle {c}: call_rcu / force_rcu / map swaps / retirements",
                        f"{d_call} / {d_force} / {swaps} / {retires}")
-        dm = vm.sh_ok("dmesg | grep -i 'virtio_mem' || true")
-        bad = [line for line in dm.splitlines()
-               if re.search(r"error|fail|warn|bug|unable|could not", line, re.I)]
-        res.check("no virtio_mem error in the guest's dmesg", not bad, bad[:10])
-        s0 = clock_sample(vm)
-        end_from_guest(res, vm, "poweroff -f", "Power down", s0)
-        check_rcu_file(res, vm)
+        power_off_after_hotplug(res, vm)
     finally:
         vm.kill()
 
@@ -203,13 +196,7 @@ def hotplug_memfd(res, args):
             res.figure(f"cycle {c}: plug {plug >> 20} MiB with prealloc (QMP to size reached)",
                        round(plug_s, 1), "s")
             res.figure(f"cycle {c}: unplug to 0 (QMP to size 0)", round(unplug_s, 1), "s")
-        dm = vm.sh_ok("dmesg | grep -i 'virtio_mem' || true")
-        bad = [line for line in dm.splitlines()
-               if re.search(r"error|fail|warn|bug|unable|could not", line, re.I)]
-        res.check("no virtio_mem error in the guest's dmesg", not bad, bad[:10])
-        s0 = clock_sample(vm)
-        end_from_guest(res, vm, "poweroff -f", "Power down", s0)
-        check_rcu_file(res, vm)
+        power_off_after_hotplug(res, vm)
     finally:
         vm.kill()
 
