@@ -31,6 +31,15 @@ pub fn require_kvm() {
     }
 }
 
+/// A fresh, empty scratch directory for one test: `vmm-<name>-<pid>` in the
+/// temporary directory (what an earlier run left there is removed first).
+pub fn scratch_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// The Python with QEMU's `qemu.qmp` client: `$QMP_PYTHON`, or the venv
 /// `scripts/install-deps.sh` makes (`$VMM_PY_VENV`, default
 /// `/var/cache/vmm-venv`). Panics with what to run if it is missing.

@@ -93,10 +93,7 @@ hello_guest! {
 }
 
 fn sock_path(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-reset-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join("qmp.sock")
+    tests::scratch_dir(&format!("reset-{name}")).join("qmp.sock")
 }
 
 /// Runs `vm` with `--on-reset restart`, QMP at `sock` and console output

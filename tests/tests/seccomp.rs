@@ -131,10 +131,7 @@ fn describe(out: &Output) -> String {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-seccomp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tests::scratch_dir(&format!("seccomp-{name}"))
 }
 
 #[test]

@@ -98,10 +98,7 @@ impl BusDevice for Gate {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-stuck-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tests::scratch_dir(&format!("stuck-{name}"))
 }
 
 /// A negotiated QMP connection (tests::raw_qmp), run by command name.

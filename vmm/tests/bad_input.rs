@@ -13,9 +13,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 /// A scratch directory that user `nobody` can read.
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-bad-input-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+    let d = tests::scratch_dir(&format!("bad-input-{name}"));
     std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
     d
 }

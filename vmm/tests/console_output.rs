@@ -16,10 +16,7 @@ use tests::raw_qmp;
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-console-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tests::scratch_dir(&format!("console-{name}"))
 }
 
 /// Where the tiny kernel is loaded and entered.

@@ -27,8 +27,7 @@ fn script_says(root: Option<&Path>) -> String {
 /// A directory that looks like `/` of a host with the given module and
 /// CPU flags (`None`: no /proc/cpuinfo at all).
 fn fake_root(name: &str, pvm: bool, flags: Option<&str>) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-host-kind-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = tests::scratch_dir(&format!("host-kind-{name}"));
     std::fs::create_dir_all(dir.join("proc")).unwrap();
     if pvm {
         std::fs::create_dir_all(dir.join("sys/module/kvm_pvm")).unwrap();

@@ -20,10 +20,7 @@ use vmm::test_utils::qmp::{CpuInfo, MemoryDeviceInfo, QmpServer};
 
 /// A fresh scratch directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-qmp-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tests::scratch_dir(&format!("qmp-it-{name}"))
 }
 
 /// A QMP server on its own event-loop thread, as the control thread runs it.
