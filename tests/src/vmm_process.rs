@@ -2,8 +2,8 @@
 //! at what it and the guest printed.
 
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::{Command, ExitStatus, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -224,6 +224,25 @@ impl Drop for Session {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `vmm` child process and the scratch directory that holds its files (QMP
+/// socket, console, reports). Dropping it kills and reaps the process, so a
+/// failing test leaves no VMM running, and removes the directory.
+#[derive(Debug)]
+pub struct ScratchVmm {
+    /// The process.
+    pub child: Child,
+    /// Its directory (see [`crate::scratch_dir`]).
+    pub dir: PathBuf,
+}
+
+impl Drop for ScratchVmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -15,9 +15,10 @@
 
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::raw_qmp::{RawQmp, connect, execute_ok, wait_event, wait_exit};
+use tests::vmm_process::ScratchVmm;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -28,25 +29,15 @@ const SLOT: u64 = 128 * MIB;
 const GUEST_LIMIT: Duration = Duration::from_secs(600);
 
 struct Vm {
-    child: Child,
+    vmm: ScratchVmm,
     sock: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 fn start(name: &str, cmdline: &str) -> Vm {
     tests::require_kvm();
     let kernel = tests::kit::file("vmlinux");
     let initrd = tests::kit::file("initramfs-idle.cpio");
-    let dir = std::env::temp_dir().join(format!("vmm-resize-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tests::scratch_dir(&format!("resize-{name}"));
     let sock = dir.join("qmp.sock");
     let child = Command::new(VMM)
         .args(["--kernel", kernel.to_str().unwrap()])
@@ -59,7 +50,10 @@ fn start(name: &str, cmdline: &str) -> Vm {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    Vm { child, sock, dir }
+    Vm {
+        vmm: ScratchVmm { child, dir },
+        sock,
+    }
 }
 
 fn hotplug_state(c: &mut RawQmp) -> Value {
@@ -106,7 +100,7 @@ fn script(sock: &Path, options: &[&str], size: &str) -> (Option<i32>, String, St
 
 fn quit(vm: &mut Vm, c: &mut RawQmp) {
     execute_ok(c, json!({"execute": "quit"}));
-    let status = wait_exit(&mut vm.child, Duration::from_secs(60));
+    let status = wait_exit(&mut vm.vmm.child, Duration::from_secs(60));
     assert_eq!(
         status.and_then(|s| s.code()),
         Some(0),

@@ -17,10 +17,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Test code.
 
 use serde_json::{Value, json};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tests::raw_qmp::{RawQmp, connect, execute_ok, wait_event, wait_exit};
+use tests::vmm_process::ScratchVmm;
 
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 const MIB: u64 = 1 << 20;
@@ -31,21 +31,6 @@ const SLOT: u64 = 128 * MIB;
 const FIRST_KVM_SLOT: u64 = vmm::test_utils::FIRST_HOTPLUG_KVM_SLOT as u64;
 /// Generous: the guest kernel runs under KVM's instruction emulator here.
 const GUEST_LIMIT: Duration = Duration::from_secs(600);
-
-struct Vm {
-    child: Child,
-    sock: PathBuf,
-    console: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn devices(c: &mut RawQmp) -> Vec<Value> {
     execute_ok(c, json!({"execute": "query-memory-devices"}))
@@ -101,8 +86,7 @@ fn two_devices_are_plugged_independently_by_id() {
     tests::require_kvm();
     let kernel = tests::kit::file("vmlinux");
     let initrd = tests::kit::file("initramfs-idle.cpio");
-    let dir = std::env::temp_dir().join(format!("vmm-several-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tests::scratch_dir("several");
     let sock = dir.join("qmp.sock");
     let console = dir.join("console.txt");
     let child = Command::new(VMM)
@@ -117,13 +101,8 @@ fn two_devices_are_plugged_independently_by_id() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut vm = Vm {
-        child,
-        sock,
-        console,
-        dir,
-    };
-    let mut c = connect(&vm.sock);
+    let mut vm = ScratchVmm { child, dir };
+    let mut c = connect(&sock);
 
     // The layout, derived from the rules: 128 MiB of RAM ends below the
     // 32-bit hole, so hot-plug starts at 4 GiB; the second region follows
@@ -241,7 +220,7 @@ fn two_devices_are_plugged_independently_by_id() {
 
     // What the guest reported: the SRAT among its ACPI tables (there is one
     // because of node=1), and one virtio-mem driver per region.
-    let log = std::fs::read_to_string(&vm.console).unwrap();
+    let log = std::fs::read_to_string(&console).unwrap();
     assert!(
         log.lines().any(|l| l.contains("ACPI: SRAT ")),
         "the guest lists no SRAT:\n{log}"
