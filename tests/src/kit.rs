@@ -23,6 +23,20 @@ pub fn file(name: &str) -> PathBuf {
     p
 }
 
+/// `--kernel <kit image> --initrd <kit initrd>`: the `vmm` arguments that
+/// boot the kit's minimal kernel `image` (`vmlinux`, entered through PVH, or
+/// `bzImage`) on its initramfs `initrd` (`initramfs-idle.cpio` idles,
+/// `initramfs-halt.cpio` ends the boot). Panics as [`file`] if one is missing.
+pub fn boot_args(image: &str, initrd: &str) -> [String; 4] {
+    let path = |name| file(name).to_str().expect("a UTF-8 kit path").to_string();
+    [
+        "--kernel".to_string(),
+        path(image),
+        "--initrd".to_string(),
+        path(initrd),
+    ]
+}
+
 /// The kernel arguments that work on emulation-only hosts (from the kit).
 pub fn emulated_cmdline() -> String {
     std::fs::read_to_string(file("cmdline-emulated.txt"))

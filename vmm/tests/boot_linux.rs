@@ -18,39 +18,32 @@ const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 /// Generous: a boot takes about a minute here, two at once take longer.
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-boot-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Boots the minimal kernel and checks the guest's own report of it.
 fn boot_minimal(image: &str, cpus: u32) {
     tests::require_kvm();
-    let kernel = tests::kit::file(image);
-    let initrd = tests::kit::file("initramfs-halt.cpio");
-    let d = scratch(&format!("{image}-{cpus}"));
+    let boot = tests::kit::boot_args(image, "initramfs-halt.cpio");
+    let d = tests::scratch_dir(&format!("boot-{image}-{cpus}"));
     let stats = d.join("rcu.json");
     let metrics = d.join("metrics.json");
     let cpus_s = cpus.to_string();
     let r = run(
         Path::new(VMM),
         &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--cpus",
-            &cpus_s,
-            "--memory",
-            "128M",
-            "--cmdline",
-            "panic=-1",
-            "--rcu-stats",
-            stats.to_str().unwrap(),
-            "--metrics",
-            metrics.to_str().unwrap(),
-        ],
+            boot.each_ref().map(String::as_str).as_slice(),
+            &[
+                "--cpus",
+                &cpus_s,
+                "--memory",
+                "128M",
+                "--cmdline",
+                "panic=-1",
+                "--rcu-stats",
+                stats.to_str().unwrap(),
+                "--metrics",
+                metrics.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
         b"",
         BOOT_LIMIT,
     );

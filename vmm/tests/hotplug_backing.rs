@@ -36,18 +36,12 @@ struct Vm {
 
 fn start(name: &str, hotplug: &str) -> Vm {
     tests::require_kvm();
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
-    let dir = std::env::temp_dir().join(format!("vmm-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tests::scratch_dir(name);
     let sock = dir.join("qmp.sock");
     let stderr = dir.join("stderr");
     let mut child = Command::new(VMM)
+        .args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
         .args([
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
             "--memory",
             "128M",
             "--hotplug-memory",

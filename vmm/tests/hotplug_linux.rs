@@ -86,30 +86,27 @@ fn mapped_bytes(maps: &[Value]) -> u64 {
 fn memory_hotplug_over_qmp_with_a_linux_guest() {
     tests::require_kvm();
     let python = tests::qmp_python();
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
-    let dir = std::env::temp_dir().join(format!("vmm-hotplug-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tests::scratch_dir("hotplug");
     let sock = dir.join("qmp.sock");
     let stats = dir.join("rcu.json");
 
     let start = Instant::now();
-    let vmm = Captured::spawn(Command::new(VMM).args([
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cpus",
-        "2",
-        "--memory",
-        "128M",
-        "--hotplug-memory",
-        "1G",
-        "--qmp",
-        sock.to_str().unwrap(),
-        "--rcu-stats",
-        stats.to_str().unwrap(),
-    ]));
+    let vmm = Captured::spawn(
+        Command::new(VMM)
+            .args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
+            .args([
+                "--cpus",
+                "2",
+                "--memory",
+                "128M",
+                "--hotplug-memory",
+                "1G",
+                "--qmp",
+                sock.to_str().unwrap(),
+                "--rcu-stats",
+                stats.to_str().unwrap(),
+            ]),
+    );
 
     let sizes: Vec<String> = CYCLES.iter().map(u64::to_string).collect();
     let session = Command::new(&python)

@@ -55,33 +55,30 @@ fn wait_size(q: &mut RawQmp, want: u64, what: &str) {
 #[test]
 fn hotplugged_memory_is_unplugged_on_reset_and_plugged_again_by_the_rebooted_guest() {
     tests::require_kvm();
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
-    let dir = std::env::temp_dir().join(format!("vmm-reset-linux-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = tests::scratch_dir("reset-linux");
     let sock = dir.join("qmp.sock");
     let stats = dir.join("rcu.json");
     let metrics = dir.join("metrics.json");
-    let vmm = Captured::spawn(Command::new(VMM).args([
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--cpus",
-        "2",
-        "--memory",
-        "128M",
-        "--hotplug-memory",
-        "1G",
-        "--on-reset",
-        "restart",
-        "--qmp",
-        sock.to_str().unwrap(),
-        "--rcu-stats",
-        stats.to_str().unwrap(),
-        "--metrics",
-        metrics.to_str().unwrap(),
-    ]));
+    let vmm = Captured::spawn(
+        Command::new(VMM)
+            .args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
+            .args([
+                "--cpus",
+                "2",
+                "--memory",
+                "128M",
+                "--hotplug-memory",
+                "1G",
+                "--on-reset",
+                "restart",
+                "--qmp",
+                sock.to_str().unwrap(),
+                "--rcu-stats",
+                stats.to_str().unwrap(),
+                "--metrics",
+                metrics.to_str().unwrap(),
+            ]),
+    );
 
     let mut q = raw_qmp::connect(&sock);
     let r = raw_qmp::execute(

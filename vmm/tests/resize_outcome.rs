@@ -35,13 +35,10 @@ struct Vm {
 
 fn start(name: &str, cmdline: &str) -> Vm {
     tests::require_kvm();
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
     let dir = tests::scratch_dir(&format!("resize-{name}"));
     let sock = dir.join("qmp.sock");
     let child = Command::new(VMM)
-        .args(["--kernel", kernel.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
         .args(["--memory", "128M", "--hotplug-memory", "1G"])
         .args(["--cmdline", cmdline])
         .args(["--qmp", sock.to_str().unwrap()])

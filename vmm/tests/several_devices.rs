@@ -84,14 +84,11 @@ fn size_change_ids(seen: &[Value]) -> Vec<String> {
 #[test]
 fn two_devices_are_plugged_independently_by_id() {
     tests::require_kvm();
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
     let dir = tests::scratch_dir("several");
     let sock = dir.join("qmp.sock");
     let console = dir.join("console.txt");
     let child = Command::new(VMM)
-        .args(["--kernel", kernel.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
         .args(["--memory", "128M"])
         .args(["--hotplug-memory", "512M"])
         .args(["--hotplug-memory", "size=512M,id=fast,node=1"])
