@@ -15,20 +15,14 @@ use tests::raw_qmp;
 const VMM: &str = env!("CARGO_BIN_EXE_vmm");
 
 fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("vmm-faults-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    tests::scratch_dir(&format!("faults-{name}"))
 }
 
 /// The VMM on the kit's minimal kernel and idle initramfs with `cpus` vCPUs
 /// and 128 MiB, plus `extra`; stdin and stdout null, stderr piped.
 fn vmm_command(cpus: &str, extra: &[&str]) -> Command {
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
     let mut c = Command::new(VMM);
-    c.args(["--kernel", kernel.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
+    c.args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
         .args(["--cpus", cpus, "--memory", "128M"])
         .args(extra)
         .stdin(Stdio::null())
@@ -226,13 +220,10 @@ fn broken_stdout_and_stderr_pipe_does_not_end_the_vm() {
     let d = scratch("broken-pipe");
     let stats = d.join("rcu.json");
     let metrics = d.join("metrics.json");
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-halt.cpio");
     let (mut reader, writer) = std::io::pipe().unwrap();
     let writer2 = writer.try_clone().unwrap();
     let mut child = Command::new(VMM)
-        .args(["--kernel", kernel.to_str().unwrap()])
-        .args(["--initrd", initrd.to_str().unwrap()])
+        .args(tests::kit::boot_args("vmlinux", "initramfs-halt.cpio"))
         .args(["--cpus", "1", "--memory", "128M", "--cmdline", "panic=-1"])
         .args(["--rcu-stats", stats.to_str().unwrap()])
         .args(["--metrics", metrics.to_str().unwrap()])
@@ -283,12 +274,9 @@ fn reports_through_a_link_to_stdout_and_over_a_planted_link() {
     std::fs::write(&victim, b"precious").unwrap();
     let metrics = d.join("metrics.json");
     std::os::unix::fs::symlink(&victim, &metrics).unwrap();
-    let kernel = tests::kit::file("vmlinux");
-    let initrd = tests::kit::file("initramfs-idle.cpio");
     let mut vmm = Reaped(
         Command::new(VMM)
-            .args(["--kernel", kernel.to_str().unwrap()])
-            .args(["--initrd", initrd.to_str().unwrap()])
+            .args(tests::kit::boot_args("vmlinux", "initramfs-idle.cpio"))
             .args(["--cpus", "1", "--memory", "128M", "--quiet"])
             .args(["--rcu-stats", out.to_str().unwrap()])
             .args(["--metrics", metrics.to_str().unwrap()])
