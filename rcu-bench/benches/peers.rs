@@ -76,7 +76,12 @@
 //!   writer lowers its own side's reader figure in the row above; at one
 //!   rate the reader figures compare the read sides alone. The pacing loop
 //!   is the same Rust code for both sides; `RCU_BENCH_PACED_WORK=sync` makes
-//!   each tick a grace period only, `=none` nothing (see `paced_work`).
+//!   each tick a grace period only, `=none` nothing, `=membarrier` one bare
+//!   `membarrier` call, `=cross` a grace period of the *other* side (ours
+//!   for liburcu's reader and liburcu's for ours), to tell a reader that
+//!   suffers from grace periods from a writer whose grace periods hurt (see
+//!   `paced_work`). `RCU_BENCH_PIN=R,W` pins every two-thread row's reader
+//!   to CPU R and writer to CPU W, on every side alike.
 //! * **synchronize_rcu**: the caller (registered once, before timing, on
 //!   both sides; ours as a fenced reader, so the other reader's mode alone
 //!   decides whether our grace periods issue membarrier) runs grace periods
@@ -497,12 +502,19 @@ enum PacedWork {
     Swap,
     Sync,
     Nothing,
+    Membarrier,
+    /// The other side's grace period: liburcu's for our reader and ours
+    /// for liburcu's, to tell a reader that suffers from grace periods
+    /// from a writer whose grace periods hurt.
+    Cross,
 }
 
 fn paced_work() -> PacedWork {
     match std::env::var("RCU_BENCH_PACED_WORK").as_deref() {
         Ok("sync") => PacedWork::Sync,
         Ok("none") => PacedWork::Nothing,
+        Ok("membarrier") => PacedWork::Membarrier,
+        Ok("cross") => PacedWork::Cross,
         _ => PacedWork::Swap,
     }
 }
@@ -512,7 +524,7 @@ fn paced_work() -> PacedWork {
 /// in page `n`, waits for a grace period and frees, `sync()` only waits for
 /// one. One Rust loop for both sides, so the writer spins alike on both.
 #[inline(never)]
-fn pub_write_paced(swap: impl Fn(u64), sync: impl Fn()) -> u64 {
+fn pub_write_paced(swap: impl Fn(u64), sync: impl Fn(), other_sync: impl Fn()) -> u64 {
     let work = paced_work();
     let period = Duration::from_nanos(PACE_NS);
     let mut next = Instant::now();
@@ -527,14 +539,23 @@ fn pub_write_paced(swap: impl Fn(u64), sync: impl Fn()) -> u64 {
         match work {
             PacedWork::Swap => swap(n),
             PacedWork::Sync => sync(),
+            PacedWork::Cross => other_sync(),
             PacedWork::Nothing => {}
+            PacedWork::Membarrier => {
+                // SAFETY: membarrier takes integers only.
+                unsafe { libc::syscall(libc::SYS_membarrier, 1 << 3, 0) };
+            }
         }
     }
     n
 }
 
 fn pub_write_paced_rcu() -> u64 {
-    pub_write_paced(|n| RCU_PAGE.replace_sync([n; 512]), rcu::synchronize_rcu)
+    pub_write_paced(
+        |n| RCU_PAGE.replace_sync([n; 512]),
+        rcu::synchronize_rcu,
+        || urcu::shim_sync_loop(1),
+    )
 }
 
 #[inline(never)]
@@ -616,7 +637,11 @@ fn pub_write_sync_urcu() -> u64 {
 }
 
 fn pub_write_paced_urcu() -> u64 {
-    pub_write_paced(|n| urcu::shim_page_swap_sync(n), || urcu::shim_sync_loop(1))
+    pub_write_paced(
+        |n| urcu::shim_page_swap_sync(n),
+        || urcu::shim_sync_loop(1),
+        rcu::synchronize_rcu,
+    )
 }
 
 /// The paced synchronous writers' period: 20 k swaps per second, well below
@@ -976,6 +1001,29 @@ fn idle_once(peer: Idle, threads: usize, n: u64) -> Option<f64> {
     Some(ns / windows.len() as f64)
 }
 
+/// Which thread of a two-thread row is being pinned.
+#[derive(Clone, Copy)]
+enum PinRole {
+    Reader,
+    Writer,
+}
+
+/// Pins the calling thread as `RCU_BENCH_PIN` asks (see
+/// [`rcu_bench::pinning`]); says once on stderr if it cannot.
+fn pin(role: PinRole) {
+    let Some((r, w)) = rcu_bench::pinning() else {
+        return;
+    };
+    let cpu = match role {
+        PinRole::Reader => r,
+        PinRole::Writer => w,
+    };
+    if let Err(e) = rcu_bench::pin_current_thread(cpu) {
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| eprintln!("peers: cannot pin to CPU {cpu}: {e}"));
+    }
+}
+
 /// One publish run of `dur`: (reader M sections per CPU second, writer k
 /// swaps per CPU second), or `None` if the two did not run in parallel.
 fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)> {
@@ -983,6 +1031,7 @@ fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)
     let barrier = Barrier::new(3);
     let (r, w) = thread::scope(|s| {
         let reader = s.spawn(|| {
+            pin(PinRole::Reader);
             peer.reader_setup();
             barrier.wait();
             let (w, (sum, n)) = timed(|| peer.read());
@@ -991,6 +1040,7 @@ fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)
             (w, n)
         });
         let writer = s.spawn(|| {
+            pin(PinRole::Writer);
             peer.writer_setup(mode != Writer::Deferred);
             barrier.wait();
             let (w, n) = timed(|| match mode {
@@ -1513,6 +1563,22 @@ fn main() {
         "\nrounds: {rounds} · load after: {} · vs liburcu: median of per-round ratios \
          (lower is better for ns/µs, higher for M/s and k/s) · par: rounds that counted",
         loadavg()
+    );
+    // What our grace periods did over the whole run, to attribute the rows:
+    // a grace period that had to ask a reader to report (a wake request)
+    // costs that reader a futex wake when it leaves its section.
+    let st = rcu::stats();
+    println!(
+        "rcu over this run: {} grace periods ({} by synchronize_rcu, {} shared), {} reader \
+         waits, {} wake requests, {} sleeps, {} membarriers ({} not needed)",
+        st.grace_periods,
+        st.synchronize_rcu,
+        st.shared_grace_periods,
+        st.reader_waits,
+        st.wake_requests,
+        st.gp_sleeps,
+        st.membarriers,
+        st.membarriers_skipped
     );
     urcu::shim_unregister();
 }

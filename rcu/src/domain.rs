@@ -159,6 +159,10 @@ struct GpState {
     done: u64,
     /// A grace period is running (`started == done + 1`).
     running: bool,
+    /// Threads waiting on `gp_done` (callers behind a running grace period,
+    /// `set_fenced`): the runner notifies only when there are some, so an
+    /// uncontended grace period makes no futex call.
+    waiters: u32,
 }
 
 /// The registry and grace-period state shared by all readers and writers.
@@ -202,6 +206,7 @@ macro_rules! domain_init {
                 started: 0,
                 done: 0,
                 running: false,
+                waiters: 0,
             }),
             gp_done: Condvar::new(),
             hurry_requested: AtomicBool::new(false),
@@ -313,7 +318,9 @@ impl Domain {
     pub(crate) fn set_fenced(&self, slot: &Slot, fenced: bool) {
         let mut st = lock(&self.gp_state);
         while st.running {
+            st.waiters += 1;
             st = wait(&self.gp_done, st);
+            st.waiters -= 1;
         }
         let v = slot.ctr.load(Ordering::Relaxed);
         let v = if fenced { v | FENCED } else { v & !FENCED };
@@ -410,13 +417,17 @@ impl Domain {
                 st.done = me;
                 st.running = false;
                 self.hurry_requested.store(false, Ordering::Relaxed);
-                self.gp_done.notify_all();
+                if st.waiters > 0 {
+                    self.gp_done.notify_all();
+                }
                 return;
             }
             if pacer.is_none() {
                 self.hurry_requested.store(true, Ordering::Relaxed);
             }
+            st.waiters += 1;
             st = wait(&self.gp_done, st);
+            st.waiters -= 1;
         }
     }
 

@@ -559,3 +559,31 @@ fn loom_two_consecutive_grace_periods() {
         writer.join().expect("writer");
     });
 }
+
+/// Two `synchronize` callers at once, one of them the writer: one runs the
+/// grace period while the other waits behind it on `gp_done` (counted in
+/// `GpState::waiters`, so the runner notifies it) or finds it done. A
+/// notification skipped while someone waits deadlocks that caller; a writer
+/// that returns on a grace period started before its update races with the
+/// reader's section on the free.
+#[test]
+fn loom_two_callers_share_grace_periods() {
+    model(|| {
+        let d = Arc::new(Domain::new());
+        let data = Arc::new(Published::new());
+        let slot = d.register_owned(true);
+        let other = {
+            let d = Arc::clone(&d);
+            thread::spawn(move || d.synchronize(None, None))
+        };
+        let reader = {
+            let (d, data) = (Arc::clone(&d), Arc::clone(&data));
+            thread::spawn(move || read_section(&d, &slot, &data))
+        };
+        data.publish_new();
+        d.synchronize(None, None);
+        data.free_old();
+        other.join().expect("other caller");
+        reader.join().expect("reader");
+    });
+}
