@@ -159,6 +159,36 @@ pub fn tls_use(lines: &[String]) -> TlsUse {
     u
 }
 
+/// Pins the calling thread to CPU `cpu` (`sched_setaffinity`); `Err` with
+/// the OS error if the CPU does not exist or is not allowed.
+pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: CPU_SET writes one bit of `set`; `cpu` is within the set's
+    // capacity (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the
+    // calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The CPUs two-thread rows pin their threads to, from `RCU_BENCH_PIN`
+/// (`reader,writer`, e.g. `1,0`); `None` (the default) leaves placement to
+/// the scheduler. Pinning applies to every side alike.
+pub fn pinning() -> Option<(usize, usize)> {
+    let v = std::env::var("RCU_BENCH_PIN").ok()?;
+    let (r, w) = v.split_once(',')?;
+    Some((r.trim().parse().ok()?, w.trim().parse().ok()?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,34 +231,4 @@ mod tests {
         }
         assert!(thread_cpu_time() > t0);
     }
-}
-
-/// Pins the calling thread to CPU `cpu` (`sched_setaffinity`); `Err` with
-/// the OS error if the CPU does not exist or is not allowed.
-pub fn pin_current_thread(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: an all-zero cpu_set_t is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    // SAFETY: CPU_SET writes one bit of `set`; `cpu` is within the set's
-    // capacity (checked above).
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; pid 0 is the
-    // calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// The CPUs two-thread rows pin their threads to, from `RCU_BENCH_PIN`
-/// (`reader,writer`, e.g. `1,0`); `None` (the default) leaves placement to
-/// the scheduler. Pinning applies to every side alike.
-pub fn pinning() -> Option<(usize, usize)> {
-    let v = std::env::var("RCU_BENCH_PIN").ok()?;
-    let (r, w) = v.split_once(',')?;
-    Some((r.trim().parse().ok()?, w.trim().parse().ok()?))
 }
