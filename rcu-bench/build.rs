@@ -1,8 +1,11 @@
 //! Builds the liburcu comparison shim for the benchmark, and only for it.
 //!
-//! The shim runs liburcu's inline memb-flavour read side
-//! (`urcu/urcu-memb.h` with `_LGPL_SOURCE`) in loops written in C, so the
-//! benchmark measures what a C program gets. It is compiled with `-O2` and
+//! The shim runs liburcu's inline read side (`_LGPL_SOURCE`) in loops
+//! written in C, so the benchmark measures what a C program gets. It is
+//! built twice: for the memb flavour (`urcu/urcu-memb.h`, readers without
+//! fences, the peer of our membarrier reader mode) and, with `SHIM_MB`, for
+//! the mb flavour (`urcu/urcu-mb.h`, readers with fences, the peer of our
+//! fenced mode), whose entry points are named `shim_mb_*`. It is compiled with `-O2` and
 //! `-ftls-model=initial-exec`, so the reader's thread-local is reached
 //! through `%fs` like the Rust side's, never through a `__tls_get_addr`
 //! call (the benchmark and `tests/shim_tls.rs` check the machine code).
@@ -16,7 +19,7 @@ fn main() {
     println!("cargo::rerun-if-changed=benches/urcu_shim.c");
     println!("cargo::rerun-if-changed=build.rs");
     let found = std::process::Command::new("pkg-config")
-        .args(["--exists", "liburcu-memb"])
+        .args(["--exists", "liburcu-memb", "liburcu-mb"])
         .status()
         .is_ok_and(|s| s.success());
     if !found {
@@ -29,8 +32,17 @@ fn main() {
         .flag("-ftls-model=initial-exec")
         .cargo_metadata(false)
         .compile("urcushim");
+    cc::Build::new()
+        .file("benches/urcu_shim.c")
+        .define("SHIM_MB", None)
+        .opt_level(2)
+        .flag("-ftls-model=initial-exec")
+        .cargo_metadata(false)
+        .compile("urcushim_mb");
     println!("cargo::rustc-link-arg-benches={out}/liburcushim.a");
+    println!("cargo::rustc-link-arg-benches={out}/liburcushim_mb.a");
     println!("cargo::rustc-link-arg-benches=-lurcu-memb");
+    println!("cargo::rustc-link-arg-benches=-lurcu-mb");
     println!("cargo::rustc-link-arg-benches=-lurcu-common");
     println!("cargo::rustc-link-arg-benches=-lpthread");
     println!("cargo::rustc-cfg=have_liburcu");

@@ -1,5 +1,7 @@
-//! The `rcu` crate against its peers, in one run: liburcu's memb flavour
-//! (its whole timed loop in C, `benches/urcu_shim.c`), crossbeam-epoch, seize
+//! The `rcu` crate against its peers, in one run: liburcu's memb and mb
+//! flavours (their whole timed loops in C, `benches/urcu_shim.c`; memb's
+//! readers skip fences like our membarrier mode, mb's fence like our fenced
+//! mode, the one the VMM's vCPU threads use), crossbeam-epoch, seize
 //! (Hyaline), arc-swap, `std::sync::RwLock`, a QEMU-style reader (`depth++`
 //! in a thread-local and a snapshot of a global counter, in Rust here) and a
 //! bare thread-local increment as the floor.
@@ -42,7 +44,9 @@
 //! Each line gives the median over the rounds that counted and the range
 //! (min–max). `vs liburcu` is the median over rounds of this peer's figure
 //! divided by liburcu's *in the same round*: below 1.0 is better for times
-//! (ns, µs), above 1.0 is better for rates (M/s, k/s). The idle rows add
+//! (ns, µs), above 1.0 is better for rates (M/s, k/s); liburcu there is
+//! the memb flavour, and a line under the table gives the same ratio of our
+//! fenced reader against liburcu-mb. The idle rows add
 //! `vs TLS++`, the same ratio against a bare thread-local increment plus the
 //! dereference, the floor any reader can reach. The QEMU-style reader shows
 //! what `depth++` in a thread-local plus a global snapshot costs on its own,
@@ -125,6 +129,122 @@ mod urcu {
         /// `stop` must stay valid until the call returns.
         pub fn shim_busy_reader(stop: *const i32);
         pub safe fn shim_call_latency_loop(n: u64);
+
+        // The same loops built for the mb flavour (`-DSHIM_MB`).
+        pub safe fn shim_mb_register();
+        pub safe fn shim_mb_unregister();
+        pub safe fn shim_mb_barrier();
+        pub safe fn shim_mb_init_ptr(v: u64);
+        pub safe fn shim_mb_read_loop(n: u64) -> u64;
+        pub safe fn shim_mb_page_init();
+        /// `stop` must stay valid until the call returns; `count` must be
+        /// writable.
+        pub fn shim_mb_page_read_until(stop: *const i32, count: *mut u64) -> u64;
+        /// `stop` must stay valid until the call returns.
+        pub fn shim_mb_page_write_until(stop: *const i32) -> u64;
+        /// `stop` must stay valid until the call returns.
+        pub fn shim_mb_page_write_sync_until(stop: *const i32) -> u64;
+        pub safe fn shim_mb_page_swap_sync(n: u64);
+        pub safe fn shim_mb_sync_loop(n: u64);
+        /// `stop` must stay valid until the call returns.
+        pub fn shim_mb_busy_reader(stop: *const i32);
+    }
+}
+
+/// Which liburcu flavour a liburcu peer runs: memb (readers without fences,
+/// grace periods issue `membarrier`; the peer of our membarrier reader mode)
+/// or mb (readers with fences; the peer of our fenced mode, which the VMM's
+/// vCPU threads use).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Flavour {
+    Memb,
+    Mb,
+}
+
+/// The shim's entry points, for either flavour.
+impl Flavour {
+    fn register(self) {
+        match self {
+            Flavour::Memb => urcu::shim_register(),
+            Flavour::Mb => urcu::shim_mb_register(),
+        }
+    }
+    fn unregister(self) {
+        match self {
+            Flavour::Memb => urcu::shim_unregister(),
+            Flavour::Mb => urcu::shim_mb_unregister(),
+        }
+    }
+    /// Waits for the callbacks queued so far (`rcu_barrier`).
+    fn barrier(self) {
+        match self {
+            Flavour::Memb => urcu::shim_barrier(),
+            Flavour::Mb => urcu::shim_mb_barrier(),
+        }
+    }
+    fn init(self, v: u64) {
+        match self {
+            Flavour::Memb => {
+                urcu::shim_init_ptr(v);
+                urcu::shim_page_init();
+            }
+            Flavour::Mb => {
+                urcu::shim_mb_init_ptr(v);
+                urcu::shim_mb_page_init();
+            }
+        }
+    }
+    fn read_loop(self, n: u64) -> u64 {
+        match self {
+            Flavour::Memb => urcu::shim_read_loop(n),
+            Flavour::Mb => urcu::shim_mb_read_loop(n),
+        }
+    }
+    fn page_read(self) -> (u64, u64) {
+        let mut n = 0;
+        let sum = match self {
+            // SAFETY: STOP is a static; `n` outlives the call.
+            Flavour::Memb => unsafe { urcu::shim_page_read_until(STOP.as_ptr(), &mut n) },
+            // SAFETY: as above.
+            Flavour::Mb => unsafe { urcu::shim_mb_page_read_until(STOP.as_ptr(), &mut n) },
+        };
+        (sum, n)
+    }
+    fn page_write(self) -> u64 {
+        match self {
+            // SAFETY: STOP is a static.
+            Flavour::Memb => unsafe { urcu::shim_page_write_until(STOP.as_ptr()) },
+            // SAFETY: STOP is a static.
+            Flavour::Mb => unsafe { urcu::shim_mb_page_write_until(STOP.as_ptr()) },
+        }
+    }
+    fn page_write_sync(self) -> u64 {
+        match self {
+            // SAFETY: STOP is a static.
+            Flavour::Memb => unsafe { urcu::shim_page_write_sync_until(STOP.as_ptr()) },
+            // SAFETY: STOP is a static.
+            Flavour::Mb => unsafe { urcu::shim_mb_page_write_sync_until(STOP.as_ptr()) },
+        }
+    }
+    fn page_swap_sync(self, n: u64) {
+        match self {
+            Flavour::Memb => urcu::shim_page_swap_sync(n),
+            Flavour::Mb => urcu::shim_mb_page_swap_sync(n),
+        }
+    }
+    fn sync_loop(self, n: u64) {
+        match self {
+            Flavour::Memb => urcu::shim_sync_loop(n),
+            Flavour::Mb => urcu::shim_mb_sync_loop(n),
+        }
+    }
+    fn busy_reader(self) {
+        match self {
+            // SAFETY: STOP is a static.
+            Flavour::Memb => unsafe { urcu::shim_busy_reader(STOP.as_ptr()) },
+            // SAFETY: STOP is a static.
+            Flavour::Mb => unsafe { urcu::shim_mb_busy_reader(STOP.as_ptr()) },
+        }
     }
 }
 
@@ -318,7 +438,7 @@ fn idle_rwlock(n: u64) -> u64 {
 enum Idle {
     RcuMemb,
     RcuFenced,
-    Liburcu,
+    Liburcu(Flavour),
     Qemu,
     BareTls,
     Epoch,
@@ -327,10 +447,11 @@ enum Idle {
     RwLock,
 }
 
-const IDLE: [Idle; 9] = [
+const IDLE: [Idle; 10] = [
     Idle::RcuMemb,
     Idle::RcuFenced,
-    Idle::Liburcu,
+    Idle::Liburcu(Flavour::Memb),
+    Idle::Liburcu(Flavour::Mb),
     Idle::Qemu,
     Idle::BareTls,
     Idle::Epoch,
@@ -344,7 +465,8 @@ impl Idle {
         match self {
             Idle::RcuMemb => "rcu (membarrier reader)",
             Idle::RcuFenced => "rcu (fenced reader)",
-            Idle::Liburcu => "liburcu-memb (C loop)",
+            Idle::Liburcu(Flavour::Memb) => "liburcu-memb (C loop)",
+            Idle::Liburcu(Flavour::Mb) => "liburcu-mb (C loop)",
             Idle::Qemu => "QEMU-style depth++ (Rust)",
             Idle::BareTls => "bare TLS++ + deref",
             Idle::Epoch => "crossbeam-epoch pin",
@@ -364,20 +486,20 @@ impl Idle {
                 });
                 drop(rcu::read_lock());
             }
-            Idle::Liburcu => urcu::shim_register(),
+            Idle::Liburcu(f) => f.register(),
             _ => {}
         }
         black_box(self.run(1000));
     }
     fn teardown(self) {
-        if self == Idle::Liburcu {
-            urcu::shim_unregister();
+        if let Idle::Liburcu(f) = self {
+            f.unregister();
         }
     }
     fn run(self, n: u64) -> u64 {
         match self {
             Idle::RcuMemb | Idle::RcuFenced => idle_rcu(n),
-            Idle::Liburcu => urcu::shim_read_loop(n),
+            Idle::Liburcu(f) => f.read_loop(n),
             Idle::Qemu => idle_qemu(n),
             Idle::BareTls => idle_bare_tls(n),
             Idle::Epoch => idle_epoch(n),
@@ -619,27 +741,10 @@ fn pub_write_rwlock() -> u64 {
     n
 }
 
-fn pub_read_urcu() -> (u64, u64) {
-    let mut n = 0;
-    // SAFETY: STOP is a static; `n` outlives the call.
-    let sum = unsafe { urcu::shim_page_read_until(STOP.as_ptr(), &mut n) };
-    (sum, n)
-}
-
-fn pub_write_urcu() -> u64 {
-    // SAFETY: STOP is a static.
-    unsafe { urcu::shim_page_write_until(STOP.as_ptr()) }
-}
-
-fn pub_write_sync_urcu() -> u64 {
-    // SAFETY: STOP is a static.
-    unsafe { urcu::shim_page_write_sync_until(STOP.as_ptr()) }
-}
-
-fn pub_write_paced_urcu() -> u64 {
+fn pub_write_paced_urcu(f: Flavour) -> u64 {
     pub_write_paced(
-        |n| urcu::shim_page_swap_sync(n),
-        || urcu::shim_sync_loop(1),
+        |n| f.page_swap_sync(n),
+        || f.sync_loop(1),
         rcu::synchronize_rcu,
     )
 }
@@ -653,17 +758,18 @@ const PACE_NS: u64 = 50_000;
 enum Publish {
     RcuMemb,
     RcuFenced,
-    Liburcu,
+    Liburcu(Flavour),
     Epoch,
     Seize,
     ArcSwap,
     RwLock,
 }
 
-const PUBLISH: [Publish; 7] = [
+const PUBLISH: [Publish; 8] = [
     Publish::RcuMemb,
     Publish::RcuFenced,
-    Publish::Liburcu,
+    Publish::Liburcu(Flavour::Memb),
+    Publish::Liburcu(Flavour::Mb),
     Publish::Epoch,
     Publish::Seize,
     Publish::ArcSwap,
@@ -675,7 +781,8 @@ impl Publish {
         match self {
             Publish::RcuMemb => "rcu (membarrier reader)",
             Publish::RcuFenced => "rcu (fenced reader)",
-            Publish::Liburcu => "liburcu-memb (C loops)",
+            Publish::Liburcu(Flavour::Memb) => "liburcu-memb (C loops)",
+            Publish::Liburcu(Flavour::Mb) => "liburcu-mb (C loops)",
             Publish::Epoch => "crossbeam-epoch",
             Publish::Seize => "seize",
             Publish::ArcSwap => "arc-swap",
@@ -692,7 +799,7 @@ impl Publish {
                 });
                 drop(rcu::read_lock());
             }
-            Publish::Liburcu => urcu::shim_register(),
+            Publish::Liburcu(f) => f.register(),
             _ => {}
         }
     }
@@ -702,7 +809,7 @@ impl Publish {
     /// sides' grace periods run from a registered thread.
     fn writer_setup(self, sync: bool) {
         match self {
-            Publish::Liburcu => urcu::shim_register(),
+            Publish::Liburcu(f) => f.register(),
             Publish::RcuMemb | Publish::RcuFenced if sync => {
                 rcu::set_reader_mode(ReaderMode::Fenced);
                 drop(rcu::read_lock());
@@ -711,14 +818,14 @@ impl Publish {
         }
     }
     fn teardown(self) {
-        if self == Publish::Liburcu {
-            urcu::shim_unregister();
+        if let Publish::Liburcu(f) = self {
+            f.unregister();
         }
     }
     fn read(self) -> (u64, u64) {
         match self {
             Publish::RcuMemb | Publish::RcuFenced => pub_read_rcu(),
-            Publish::Liburcu => pub_read_urcu(),
+            Publish::Liburcu(f) => f.page_read(),
             Publish::Epoch => pub_read_epoch(),
             Publish::Seize => pub_read_seize(),
             Publish::ArcSwap => pub_read_arcswap(),
@@ -728,7 +835,7 @@ impl Publish {
     fn write(self) -> u64 {
         match self {
             Publish::RcuMemb | Publish::RcuFenced => pub_write_rcu(),
-            Publish::Liburcu => pub_write_urcu(),
+            Publish::Liburcu(f) => f.page_write(),
             Publish::Epoch => pub_write_epoch(),
             Publish::Seize => pub_write_seize(),
             Publish::ArcSwap => pub_write_arcswap(),
@@ -743,7 +850,7 @@ impl Publish {
     fn write_sync(self) -> Option<u64> {
         match self {
             Publish::RcuMemb | Publish::RcuFenced => Some(pub_write_sync_rcu()),
-            Publish::Liburcu => Some(pub_write_sync_urcu()),
+            Publish::Liburcu(f) => Some(f.page_write_sync()),
             Publish::Epoch | Publish::Seize => None,
             Publish::ArcSwap => Some(pub_write_arcswap()),
             Publish::RwLock => Some(pub_write_rwlock()),
@@ -757,7 +864,7 @@ impl Publish {
     fn write_paced(self) -> Option<u64> {
         match self {
             Publish::RcuMemb | Publish::RcuFenced => Some(pub_write_paced_rcu()),
-            Publish::Liburcu => Some(pub_write_paced_urcu()),
+            Publish::Liburcu(f) => Some(pub_write_paced_urcu(f)),
             _ => None,
         }
     }
@@ -767,7 +874,7 @@ impl Publish {
     fn drain(self) {
         match self {
             Publish::RcuMemb | Publish::RcuFenced => rcu::drain_call_rcu(),
-            Publish::Liburcu => urcu::shim_barrier(),
+            Publish::Liburcu(f) => f.barrier(),
             _ => {}
         }
     }
@@ -817,17 +924,23 @@ fn call_latency_rcu(n: u64, force: bool) {
 enum Grace {
     RcuMemb,
     RcuFenced,
-    Liburcu,
+    Liburcu(Flavour),
 }
 
-const GRACE: [Grace; 3] = [Grace::RcuMemb, Grace::RcuFenced, Grace::Liburcu];
+const GRACE: [Grace; 4] = [
+    Grace::RcuMemb,
+    Grace::RcuFenced,
+    Grace::Liburcu(Flavour::Memb),
+    Grace::Liburcu(Flavour::Mb),
+];
 
 impl Grace {
     fn name(self) -> &'static str {
         match self {
             Grace::RcuMemb => "rcu (membarrier reader)",
             Grace::RcuFenced => "rcu (fenced reader)",
-            Grace::Liburcu => "liburcu-memb (C loop)",
+            Grace::Liburcu(Flavour::Memb) => "liburcu-memb (C loop)",
+            Grace::Liburcu(Flavour::Mb) => "liburcu-mb (C loop)",
         }
     }
     /// The other reader thread: registered, then idle or busy until STOP.
@@ -857,20 +970,19 @@ impl Grace {
                 }
                 (thread_cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64()
             }
-            Grace::Liburcu => {
-                urcu::shim_register();
+            Grace::Liburcu(f) => {
+                f.register();
                 let (c0, t0) = (thread_cpu_time(), Instant::now());
                 READY.store(true, Ordering::Release);
                 if busy {
-                    // SAFETY: STOP is a static.
-                    unsafe { urcu::shim_busy_reader(STOP.as_ptr()) };
+                    f.busy_reader();
                 } else {
                     while !stopped() {
                         thread::sleep(Duration::from_millis(1));
                     }
                 }
                 let frac = (thread_cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64();
-                urcu::shim_unregister();
+                f.unregister();
                 frac
             }
         }
@@ -878,7 +990,7 @@ impl Grace {
     fn sync(self, n: u64) {
         match self {
             Grace::RcuMemb | Grace::RcuFenced => sync_rcu_loop(n),
-            Grace::Liburcu => urcu::shim_sync_loop(n),
+            Grace::Liburcu(f) => f.sync_loop(n),
         }
     }
 }
@@ -1144,6 +1256,8 @@ struct Row {
     floor: Option<&'static str>,
     /// Per peer, the other reader's CPU/wall in each round (grace periods).
     notes: Vec<(&'static str, Vec<f64>)>,
+    /// Further comparisons printed under the table: (peer, against).
+    pairs: Vec<(&'static str, &'static str)>,
 }
 
 impl Row {
@@ -1155,6 +1269,7 @@ impl Row {
             reference,
             floor: None,
             notes: Vec::new(),
+            pairs: Vec::new(),
         }
     }
     fn push(&mut self, peer: &'static str, v: Option<f64>) {
@@ -1261,6 +1376,13 @@ fn print_row(row: &Row) {
             format!("{}–{}", fmt(lo), fmt(hi)),
         );
     }
+    for (peer, against) in &row.pairs {
+        if let (Some(vs), Some(other)) = (row.values(peer), row.values(against))
+            && let Some(r) = ratio(vs, other)
+        {
+            println!("  {peer} vs {against}: {r:.2}× (median of per-round ratios)");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1280,6 +1402,8 @@ fn check_tls() -> Result<(), String> {
     for needle in [
         "shim_read_loop",
         "shim_page_read_until",
+        "shim_mb_read_loop",
+        "shim_mb_page_read_until",
         "idle_rcu",
         "pub_read_rcu",
         "idle_qemu",
@@ -1342,7 +1466,7 @@ fn loadavg() -> String {
 }
 
 fn main() {
-    if rcu_bench::SHIM_ARCHIVE.is_none() {
+    if rcu_bench::SHIM_ARCHIVES.is_none() {
         eprintln!("peers: {NO_LIBURCU}");
         std::process::exit(1);
     }
@@ -1395,13 +1519,14 @@ fn main() {
         black_box(std::ptr::from_ref(&PLAIN_VALUE).cast_mut()),
         Ordering::Release,
     );
-    urcu::shim_init_ptr(7);
-    urcu::shim_page_init();
+    Flavour::Memb.init(7);
+    Flavour::Mb.init(7);
     LazyLock::force(&SEIZE_VALUE);
     // The grace-period caller is registered once, on both sides. Ours is a
     // fenced reader, so whether our grace periods issue membarrier depends
     // only on the other reader's mode, as in a VMM whose vCPUs read fenced.
-    urcu::shim_register();
+    Flavour::Memb.register();
+    Flavour::Mb.register();
     rcu::set_reader_mode(ReaderMode::Fenced);
     drop(rcu::read_lock());
 
@@ -1434,57 +1559,80 @@ fn main() {
     let mut idle1 = Row::new(
         "idle read, 1 thread: lock + dereference + unlock, thread CPU time per section",
         Unit::Ns,
-        Idle::Liburcu.name(),
+        Idle::Liburcu(Flavour::Memb).name(),
     );
     let mut idle2 = Row::new(
         "idle read, 2 threads at once: per section per thread",
         Unit::Ns,
-        Idle::Liburcu.name(),
+        Idle::Liburcu(Flavour::Memb).name(),
     );
     idle1.floor = Some(Idle::BareTls.name());
     idle2.floor = Some(Idle::BareTls.name());
+    for row in [&mut idle1, &mut idle2] {
+        row.pairs
+            .push((Idle::RcuFenced.name(), Idle::Liburcu(Flavour::Mb).name()));
+    }
     let mut pub_r = Row::new(
         "publish 4 KiB: reader sections per reader CPU second, writer replacing continuously",
         Unit::MPerS,
-        Publish::Liburcu.name(),
+        Publish::Liburcu(Flavour::Memb).name(),
     );
     let mut pub_w = Row::new(
         "publish 4 KiB: writer swaps per writer CPU second (same runs)",
         Unit::KPerS,
-        Publish::Liburcu.name(),
+        Publish::Liburcu(Flavour::Memb).name(),
     );
     let mut sync_r = Row::new(
         "publish 4 KiB, synchronous writer (swap, synchronize_rcu, free; 2 threads): \
          reader sections per reader CPU second",
         Unit::MPerS,
-        Publish::Liburcu.name(),
+        Publish::Liburcu(Flavour::Memb).name(),
     );
     let mut sync_w = Row::new(
         "publish 4 KiB, synchronous writer: writer swaps per writer CPU second (same runs)",
         Unit::KPerS,
-        Publish::Liburcu.name(),
+        Publish::Liburcu(Flavour::Memb).name(),
     );
     let mut paced_r = Row::new(
         "publish 4 KiB, synchronous writer paced to 20 k swaps/s (same grace periods on \
          both sides): reader sections per reader CPU second",
         Unit::MPerS,
-        Publish::Liburcu.name(),
+        Publish::Liburcu(Flavour::Memb).name(),
     );
     let mut grace_idle = Row::new(
         "synchronize_rcu, one other registered reader idle: wall time per call",
         Unit::Us,
-        Grace::Liburcu.name(),
+        Grace::Liburcu(Flavour::Memb).name(),
     );
     let mut grace_busy = Row::new(
         "synchronize_rcu, one other registered reader busy: wall time per call",
         Unit::Us,
-        Grace::Liburcu.name(),
+        Grace::Liburcu(Flavour::Memb).name(),
     );
     let mut callback = Row::new(
         "call_rcu -> callback run, caller spinning: wall time per call",
         Unit::Us,
         Callback::Liburcu.name(),
     );
+
+    // Our fenced mode (the VMM's vCPU readers) against the flavour whose
+    // readers fence too.
+    for row in [
+        &mut pub_r,
+        &mut pub_w,
+        &mut sync_r,
+        &mut sync_w,
+        &mut paced_r,
+    ] {
+        row.pairs.push((
+            Publish::RcuFenced.name(),
+            Publish::Liburcu(Flavour::Mb).name(),
+        ));
+    }
+    for row in [&mut grace_idle, &mut grace_busy] {
+        row.pairs
+            .push((Grace::RcuFenced.name(), Grace::Liburcu(Flavour::Mb).name()));
+    }
 
     for round in 0..rounds {
         eprintln!("round {}/{rounds} (load {})", round + 1, loadavg());
@@ -1513,7 +1661,10 @@ fn main() {
         }
         for i in 0..PUBLISH.len() * usize::from(want("paced")) {
             let p = PUBLISH[rot(PUBLISH.len(), i)];
-            if !matches!(p, Publish::RcuMemb | Publish::RcuFenced | Publish::Liburcu) {
+            if !matches!(
+                p,
+                Publish::RcuMemb | Publish::RcuFenced | Publish::Liburcu(_)
+            ) {
                 continue;
             }
             let r = publish_once(p, pub_dur, Writer::Paced);
@@ -1580,5 +1731,6 @@ fn main() {
         st.membarriers,
         st.membarriers_skipped
     );
-    urcu::shim_unregister();
+    Flavour::Memb.unregister();
+    Flavour::Mb.unregister();
 }

@@ -1,5 +1,6 @@
 /*
- * liburcu's memb flavour for the same-run benchmark (benches/rcu.rs).
+ * liburcu's memb flavour (and, compiled with -DSHIM_MB, its mb flavour) for
+ * the same-run benchmark (benches/peers.rs).
  *
  * Every timed loop lives here, in C, so liburcu's inline fast path
  * (urcu/static/urcu-memb.h through _LGPL_SOURCE) is what gets measured, with
@@ -12,7 +13,18 @@
  * run until it is set test it once per 1024 sections, as the Rust loops do.
  */
 #define _LGPL_SOURCE
+#ifdef SHIM_MB
+/* The mb flavour: readers execute real fences (smp_mb in read_lock and
+ * read_unlock) and grace periods issue none on their behalf, as our fenced
+ * reader mode. Its entry points are named shim_mb_*. */
+#include <urcu/urcu-mb.h>
+#define FL(name) urcu_mb_##name
+#define SHIM(name) shim_mb_##name
+#else
 #include <urcu/urcu-memb.h>
+#define FL(name) urcu_memb_##name
+#define SHIM(name) shim_##name
+#endif
 #include <urcu/uatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,16 +35,16 @@
 
 #define STOP_EVERY 1024
 
-void shim_register(void) { urcu_memb_register_thread(); }
-void shim_unregister(void) { urcu_memb_unregister_thread(); }
-void shim_barrier(void) { urcu_memb_barrier(); }
+void SHIM(register)(void) { FL(register_thread)(); }
+void SHIM(unregister)(void) { FL(unregister_thread)(); }
+void SHIM(barrier)(void) { FL(barrier)(); }
 
 /* ---- idle read: lock + dereference + unlock ---- */
 
 struct shim_obj { uint64_t value; };
 static struct shim_obj *shim_ptr;
 
-void shim_init_ptr(uint64_t v)
+void SHIM(init_ptr)(uint64_t v)
 {
     struct shim_obj *o = malloc(sizeof(*o));
     if (!o)
@@ -42,14 +54,14 @@ void shim_init_ptr(uint64_t v)
 }
 
 /* n sections; returns the sum of the values read. */
-uint64_t shim_read_loop(uint64_t n)
+uint64_t SHIM(read_loop)(uint64_t n)
 {
     uint64_t sum = 0;
     for (uint64_t i = 0; i < n; i++) {
-        urcu_memb_read_lock();
+        FL(read_lock)();
         struct shim_obj *o = rcu_dereference(shim_ptr);
         sum += o->value;
-        urcu_memb_read_unlock();
+        FL(read_unlock)();
     }
     return sum;
 }
@@ -77,24 +89,24 @@ static void page_free(struct rcu_head *h)
     free(caa_container_of(h, struct page, head));
 }
 
-void shim_page_init(void)
+void SHIM(page_init)(void)
 {
     struct page *old = rcu_xchg_pointer(&page_ptr, page_new(0));
     if (old)
-        urcu_memb_call_rcu(&old->head, page_free);
+        FL(call_rcu)(&old->head, page_free);
 }
 
 /* Reads the page's last word until *stop; *count gets the number of
  * sections, the return value is the sum read. */
-uint64_t shim_page_read_until(const int *stop, uint64_t *count)
+uint64_t SHIM(page_read_until)(const int *stop, uint64_t *count)
 {
     uint64_t sum = 0, n = 0;
     while (!uatomic_read(stop)) {
         for (int i = 0; i < STOP_EVERY; i++) {
-            urcu_memb_read_lock();
+            FL(read_lock)();
             struct page *p = rcu_dereference(page_ptr);
             sum += p->words[PAGE_WORDS - 1];
-            urcu_memb_read_unlock();
+            FL(read_unlock)();
         }
         n += STOP_EVERY;
     }
@@ -104,13 +116,13 @@ uint64_t shim_page_read_until(const int *stop, uint64_t *count)
 
 /* Replaces the page until *stop, freeing each old one after a grace period
  * with call_rcu (as RcuCell::replace does); returns the number of swaps. */
-uint64_t shim_page_write_until(const int *stop)
+uint64_t SHIM(page_write_until)(const int *stop)
 {
     uint64_t n = 0;
     while (!uatomic_read(stop)) {
         n++;
         struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
-        urcu_memb_call_rcu(&old->head, page_free);
+        FL(call_rcu)(&old->head, page_free);
     }
     return n;
 }
@@ -118,13 +130,13 @@ uint64_t shim_page_write_until(const int *stop)
 /* Replaces the page until *stop, waiting for a grace period after each
  * swap and freeing the old page on this thread (no call_rcu thread: only
  * the reader and this writer run); returns the number of swaps. */
-uint64_t shim_page_write_sync_until(const int *stop)
+uint64_t SHIM(page_write_sync_until)(const int *stop)
 {
     uint64_t n = 0;
     while (!uatomic_read(stop)) {
         n++;
         struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
-        urcu_memb_synchronize_rcu();
+        FL(synchronize_rcu)();
         free(old);
     }
     return n;
@@ -133,30 +145,30 @@ uint64_t shim_page_write_sync_until(const int *stop)
 /* One synchronous swap (swap, synchronize_rcu, free here), for the paced
  * writer: the pacing loop is the harness's, the same Rust code for both
  * sides, so the writer thread spins alike between swaps. */
-void shim_page_swap_sync(uint64_t n)
+void SHIM(page_swap_sync)(uint64_t n)
 {
     struct page *old = rcu_xchg_pointer(&page_ptr, page_new(n));
-    urcu_memb_synchronize_rcu();
+    FL(synchronize_rcu)();
     free(old);
 }
 
 /* ---- synchronize_rcu ---- */
 
-void shim_sync_loop(uint64_t n)
+void SHIM(sync_loop)(uint64_t n)
 {
     for (uint64_t i = 0; i < n; i++)
-        urcu_memb_synchronize_rcu();
+        FL(synchronize_rcu)();
 }
 
 /* A reader that keeps entering and leaving sections (50 pause
  * instructions inside each) until *stop. */
-void shim_busy_reader(const int *stop)
+void SHIM(busy_reader)(const int *stop)
 {
     while (!uatomic_read(stop)) {
-        urcu_memb_read_lock();
+        FL(read_lock)();
         for (int i = 0; i < 50; i++)
             caa_cpu_relax();
-        urcu_memb_read_unlock();
+        FL(read_unlock)();
     }
 }
 
@@ -173,7 +185,7 @@ static void flag_cb(struct rcu_head *h)
 }
 
 /* n times: queue one callback and spin until it has run. */
-void shim_call_latency_loop(uint64_t n)
+void SHIM(call_latency_loop)(uint64_t n)
 {
     for (uint64_t i = 0; i < n; i++) {
         int done = 0;
@@ -181,7 +193,7 @@ void shim_call_latency_loop(uint64_t n)
         if (!f)
             abort();
         f->done = &done;
-        urcu_memb_call_rcu(&f->head, flag_cb);
+        FL(call_rcu)(&f->head, flag_cb);
         while (!uatomic_read(&done))
             caa_cpu_relax();
     }

@@ -1,5 +1,5 @@
 //! Support for the same-run benchmark of the `rcu` crate against
-//! liburcu-memb and Rust peers (`benches/peers.rs`): per-thread CPU time and
+//! liburcu (memb and mb flavours) and Rust peers (`benches/peers.rs`): per-thread CPU time and
 //! a check of the machine code of the timed loops.
 //!
 //! Nothing here is linked into the VMM.
@@ -8,17 +8,22 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-/// The archive holding the compiled liburcu shim (`benches/urcu_shim.c`),
-/// when `liburcu-dev` was found at build time; `None` otherwise.
+/// The archives holding the compiled liburcu shim (`benches/urcu_shim.c`),
+/// memb flavour then mb flavour, when `liburcu-dev` was found at build
+/// time; `None` otherwise.
 #[cfg(have_liburcu)]
-pub const SHIM_ARCHIVE: Option<&str> = Some(concat!(env!("OUT_DIR"), "/liburcushim.a"));
-/// The archive holding the compiled liburcu shim (`benches/urcu_shim.c`),
-/// when `liburcu-dev` was found at build time; `None` otherwise.
+pub const SHIM_ARCHIVES: Option<[&str; 2]> = Some([
+    concat!(env!("OUT_DIR"), "/liburcushim.a"),
+    concat!(env!("OUT_DIR"), "/liburcushim_mb.a"),
+]);
+/// The archives holding the compiled liburcu shim (`benches/urcu_shim.c`),
+/// memb flavour then mb flavour, when `liburcu-dev` was found at build
+/// time; `None` otherwise.
 #[cfg(not(have_liburcu))]
-pub const SHIM_ARCHIVE: Option<&str> = None;
+pub const SHIM_ARCHIVES: Option<[&str; 2]> = None;
 
 /// What to tell a user when the shim could not be built.
-pub const NO_LIBURCU: &str = "liburcu-dev (pkg-config liburcu-memb) was not found when rcu-bench \
+pub const NO_LIBURCU: &str = "liburcu-dev (pkg-config liburcu-memb liburcu-mb) was not found when rcu-bench \
      was built: run scripts/install-deps.sh as root, then rebuild";
 
 /// CPU time consumed so far by the calling thread
