@@ -3,9 +3,10 @@
 # virtualization): Debian's cloud kernel and a busybox initramfs that loads the
 # kernel's own virtio, virtio_ring, virtio_mmio, virtio_pci (for QEMU q35 in
 # the comparisons) and virtio_mem modules, evdev and button for the ACPI power
-# button (busybox acpid runs a handler that powers off), and memcheck, a
-# static program that fills and verifies memory (memcheck.c, built here with
-# the host's gcc).
+# button (busybox acpid runs a handler that powers off), memcheck, a static
+# program that fills and verifies memory (memcheck.c), and memscan, which
+# reads guest physical memory through /proc/kcore (memscan.c); both built
+# here with the host's gcc.
 # The packages are fetched with `apt-get download` and unpacked with
 # `dpkg-deb -x`; nothing is installed on the host. This file's contents are part
 # of the cache key that build-kit.sh computes.
@@ -122,6 +123,8 @@ build() {
 
     gcc -static -O2 -Wall -Wextra -Werror -o "$work/memcheck" "$here/memcheck.c" ||
         die "building memcheck.c failed (gcc and libc6-dev: scripts/install-deps.sh)"
+    gcc -static -O2 -Wall -Wextra -Werror -o "$work/memscan" "$here/memscan.c" ||
+        die "building memscan.c failed (gcc and libc6-dev: scripts/install-deps.sh)"
     # busybox acpid runs /etc/acpi/PWRF/00000080 when the power button
     # (ACPI's PWRF event, code 0x80) is pressed.
     # acpid runs it with its log file as stdout: say it on the console.
@@ -136,6 +139,7 @@ build() {
             echo "dir $d 0755 0 0"
         done
         echo "file /bin/memcheck $work/memcheck 0755 0 0"
+        echo "file /bin/memscan $work/memscan 0755 0 0"
         echo "file /etc/acpi/PWRF/00000080 $work/power-button 0755 0 0"
         echo "nod /dev/console 0600 0 0 c 5 1"
         echo "file /bin/busybox $work/busybox/bin/busybox 0755 0 0"

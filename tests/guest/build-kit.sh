@@ -132,7 +132,7 @@ distro_dir=
 if [ "$want_distro" -eq 1 ]; then
     resolved=$("$here/build-distro.sh" resolve)
     distro_key=$(hash_inputs "$here/build-distro.sh" "$here/distro-init.sh" "$here/mkcpio.py" \
-        "$here/memcheck.c" -- "$resolved" "$(gcc --version | head -n 1)")
+        "$here/memcheck.c" "$here/memscan.c" -- "$resolved" "$(gcc --version | head -n 1)")
     distro_dir=$cache/distro-$distro_key
     if [ -f "$distro_dir/vmlinuz" ] && [ -f "$distro_dir/initramfs.cpio.gz" ]; then
         say "distro: cached ($distro_dir)"

@@ -14,6 +14,17 @@ def fd_count(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def memscan(vm, addr, mib):
+    """The guest's own reading of guest physical memory [addr, addr + mib
+    MiB) through /proc/kcore (tests/guest/memscan.c), as a dict of its
+    counts."""
+    out = vm.sh_ok(f"memscan {addr:#x} {mib}", timeout=1800)
+    line = next((ln for ln in out.splitlines() if ln.startswith("MEMSCAN ok ")), None)
+    if line is None:
+        raise Failed(f"memscan {addr:#x} {mib}: {out.strip()!r}")
+    return {k: int(v) for k, v in (f.split("=") for f in line.split()[2:])}
+
+
 def wait_shell(vm, start, limit=900):
     """Waits for the rebooted guest's /init report after console offset
     START, then for its shell."""
@@ -25,15 +36,25 @@ def wait_shell(vm, start, limit=900):
 
 def reboot_in_place(res, args):
     """2 vCPUs, 1 GiB, 2 GiB hot-plug region, `--on-reset restart`: plug
-    1 GiB, `memcheck 768` writes and verifies a pattern in it, `reboot -f`:
-    RESET (guest-reset) over QMP, the same process, nothing plugged or
-    mapped, requested-size kept; the rebooted guest plugs 1 GiB again and
-    memcheck passes again (its memory is fresh: every word is rewritten and
-    checked); then REBOOTS more `reboot -f` in a row (default 10): RSS,
+    1 GiB, `memcheck 768` writes and verifies a pattern in it (the guest's
+    `memscan` of the region through /proc/kcore must then find pages with
+    that pattern: the check below can see it), `reboot -f`: RESET
+    (guest-reset) over QMP, the same process, nothing plugged or mapped,
+    requested-size kept; the rebooted guest plugs 1 GiB again and its
+    `memscan` of the region finds no page of the pattern (the memory is
+    fresh), then memcheck passes again; then REBOOTS more `reboot -f` in a row (default 10): RSS,
     mappings and descriptors after the last within a small margin of after
     the second; `poweroff -f` -> exit 0 and callbacks_run == call_rcu."""
     reboots = args.cycles or 10
-    vm = Vm("reboot", 2, "1G", hotplug="2G", extra=["--on-reset", "restart"])
+    # VMM_LOG=info: the vmm says on stderr (echoed to the test host's
+    # console) each reset and what asked for it: a device, or a triple fault.
+    log_before = os.environ.get("VMM_LOG")
+    os.environ["VMM_LOG"] = log_before or "info"
+    try:
+        vm = Vm("reboot", 2, "1G", hotplug="2G", extra=["--on-reset", "restart"])
+    finally:
+        if log_before is None:
+            del os.environ["VMM_LOG"]
     try:
         boot(res, vm)
         vm.connect_qmp()
@@ -43,6 +64,14 @@ def reboot_in_place(res, args):
         wait_memtotal(vm, base_kib + GIB // 1024, 120)
         out = vm.sh_ok("memcheck 768", timeout=1800)
         res.check("first boot: memcheck 768 in plugged memory", "MEMCHECK ok" in out, out.strip())
+        addr = vm.cmd("query-memory-devices")[0]["data"]["memaddr"]
+        region_mib = 2048
+        before = memscan(vm, addr, region_mib)
+        res.data("memscan of the region before the reboot", before)
+        res.check("first boot: the guest reads memcheck's pattern in the region (memscan)",
+                  before["pattern"] > 0, before)
+        res.figure("region pages holding memcheck's pattern before the reboot",
+                   before["pattern"])
         rss_filled = vm.rss_kib()
         res.figure("vmm RSS with 768 MiB filled", rss_filled // 1024, "MiB")
         pid = vm.pid
@@ -71,6 +100,12 @@ def reboot_in_place(res, args):
                            round(time.monotonic() - t0, 1), "s")
                 res.check("rebooted guest: MemTotal has the 1 GiB again",
                           got == base_kib + GIB // 1024, {"base_kib": base_kib, "now_kib": got})
+                after = memscan(vm, addr, region_mib)
+                res.data("memscan of the region after the reboot", after)
+                res.check("rebooted guest: no page of the region holds memcheck's pattern",
+                          after["pattern"] == 0, {"before": before, "after": after})
+                res.figure("region pages non-zero after the reboot (the guest kernel's own use)",
+                           after["nonzero"])
                 out = vm.sh_ok("memcheck 768", timeout=1800)
                 res.check("rebooted guest: memcheck 768 in plugged memory",
                           "MEMCHECK ok" in out, out.strip())
