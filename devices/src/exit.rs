@@ -89,7 +89,7 @@ impl ExitSink {
             .compare_exchange(0, request.code(), Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if won {
-            log::debug!("guest requested {request:?}");
+            log::info!("guest requested {request:?}");
             if let Err(e) = self.evt.write(1) {
                 log::error!("cannot signal the exit request {request:?}: {e}");
             }

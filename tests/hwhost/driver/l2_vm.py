@@ -160,9 +160,16 @@ class Vm:
             line = bytearray(rest)
 
     def _read_stderr(self):
-        data = self.proc.stderr.read()
+        # Echoed as it comes, labelled, so that what the vmm logged (a
+        # reset it saw, a warning) is in the test host's console log even
+        # when the scenario fails and the vmm is killed.
+        data = bytearray()
+        for line in iter(self.proc.stderr.readline, b""):
+            data += line
+            print(f"[{self.name} vmm stderr] {line.decode(errors='replace').rstrip()}",
+                  flush=True)
         with self._cv:
-            self.stderr = data
+            self.stderr = bytes(data)
             self._cv.notify_all()
 
     @property
