@@ -32,7 +32,7 @@ cd "$repo"
 target=${CARGO_TARGET_DIR:-$repo/target}
 
 ci_set=(lifecycle-1cpu lifecycle-2cpu lifecycle-8cpu reset-during-command hotplug hotplug-numa reboot-in-place cargo-tests)
-all_set=("${ci_set[@]}" hotplug-memfd hotplug-numa reboot-in-place experiment qemu-count bench-boot bench-hotplug demo)
+all_set=("${ci_set[@]}" hotplug-memfd experiment qemu-count bench-boot bench-hotplug demo)
 
 say() { echo "hwhost: $*" >&2; }
 die() { echo "hwhost: ERROR: $*" >&2; exit 1; }
