@@ -177,15 +177,36 @@ boot_and_run "${scenarios[@]}" || status=$?
 # The test host's own kernel reporting a soft lockup or an RCU stall is a
 # fault of the emulation underneath (QEMU's TCG running nested SVM; seen
 # about once in ten hot-plug runs, with a vCPU thread stuck inside the test
-# host's KVM): nothing our vmm does in user space can stall that kernel. The
-# scenarios that did not pass then run once more in a fresh test host, and
-# the run says so. Any other failure stands.
-host_fault='^\[ *[0-9.]+\] (watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall)'
-if [ "$status" -ne 0 ] && grep -qE "$host_fault" "$out/console.log"; then
+# host's KVM): nothing our vmm does in user space can stall that kernel. A
+# guest kernel's stall counts as the same fault only when the failure's
+# report of the vmm's threads has every vCPU thread inside KVM_RUN (the
+# test host's KVM was running or halting it: the vmm had handed it over);
+# a vCPU thread anywhere else may be the vmm's own fault, and the failure
+# stands. The driver indents failure reasons ("  | "), so a guest line they
+# quote is never taken for the test host's. The scenarios that did not pass
+# then run once more in a fresh test host, and the run says why. Any other
+# failure stands.
+stall='(watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall)'
+host_fault="^\[ *[0-9.]+\] $stall"
+guest_fault="^\[[^]]+\] .*\[ *[0-9.]+\] $stall"
+vcpu_line='^  \|   [0-9]+ vcpu[0-9]+: '
+why=
+if [ "$status" -ne 0 ]; then
+    if grep -qE "$host_fault" "$out/console.log"; then
+        why="the test host's kernel itself stalled:"
+        fault=$host_fault
+    elif grep -qE "$guest_fault" "$out/console.log" &&
+        grep -qE "$vcpu_line" "$out/console.log" &&
+        ! grep -E "$vcpu_line" "$out/console.log" | grep -qv ' in KVM_RUN,'; then
+        why="a guest kernel stalled while every vCPU thread of its vmm was inside KVM_RUN:"
+        fault=$guest_fault
+    fi
+fi
+if [ -n "$why" ]; then
     read -r -a again <<<"$(not_passed "${scenarios[@]}")"
     if [ "${#again[@]}" -gt 0 ]; then
-        say "the test host's kernel itself stalled:"
-        grep -E "$host_fault" "$out/console.log" | head -n 3 | sed 's/^/hwhost:   /' >&2
+        say "$why"
+        grep -E "$fault" "$out/console.log" | head -n 3 | sed 's/^/hwhost:   /' >&2
         say "that is the emulation's fault, not the vmm's; running ${again[*]} again in a fresh test host"
         run_out=$out/retry
         status=0

@@ -82,7 +82,9 @@ def main():
         res.emit({"t": "end", "ok": ok, "secs": secs, "error": err})
         print(f"hwhost: scenario {s} {'passed' if ok else 'FAILED'} in {secs} s", flush=True)
         if err:
-            print(err, flush=True)
+            # Indented: the reason may quote guest console lines, which
+            # run.sh must not take for the test host's own kernel messages.
+            print("\n".join(f"  | {line}" for line in err.splitlines()), flush=True)
     res.scenario = None
     res.emit({"t": "done"})
     return 0

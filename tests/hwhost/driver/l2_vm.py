@@ -159,6 +159,38 @@ class Vm:
                 print(f"[{self.name}] {w.decode(errors='replace').rstrip()}", flush=True)
             line = bytearray(rest)
 
+    def thread_report(self):
+        """One line per thread of the vmm: name, scheduler state, the
+        system call it is in (KVM_RUN for a vCPU the kernel is running or
+        halting; a number otherwise; 'running' in user space) and wchan. It
+        tells a guest stalled by the emulation (its vCPU threads in KVM_RUN)
+        from one stalled by the vmm (a vCPU thread anywhere else)."""
+        lines = []
+        try:
+            tids = sorted(os.listdir(f"/proc/{self.pid}/task"), key=int)
+        except OSError as e:
+            return f"  (cannot list: {e})"
+        for tid in tids:
+            base = f"/proc/{self.pid}/task/{tid}"
+            try:
+                with open(f"{base}/comm") as f:
+                    comm = f.read().strip()
+                with open(f"{base}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(f"{base}/syscall") as f:
+                    sc = f.read().split()
+                with open(f"{base}/wchan") as f:
+                    wchan = f.read().strip() or "-"
+            except OSError as e:
+                lines.append(f"  {tid}: (gone: {e})")
+                continue
+            if sc and sc[0] == "16" and len(sc) > 2 and int(sc[2], 16) == 0xAE80:
+                call = "KVM_RUN"
+            else:
+                call = sc[0] if sc else "?"
+            lines.append(f"  {tid} {comm}: state {state}, in {call}, wchan {wchan}")
+        return "\n".join(lines)
+
     def _read_stderr(self):
         # Echoed as it comes, labelled, so that what the vmm logged (a
         # reset it saw, a warning) is in the test host's console log even
@@ -214,7 +246,8 @@ class Vm:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Failed(f"{what or pattern!r} did not appear within {timeout} s; "
-                                 f"console tail:\n{self.tail()}")
+                                 f"console tail:\n{self.tail()}\n"
+                                 f"vmm threads:\n{self.thread_report()}")
                 self._cv.wait(min(left, 1.0))
 
     def type(self, text):
