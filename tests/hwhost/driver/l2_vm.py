@@ -159,36 +159,65 @@ class Vm:
                 print(f"[{self.name}] {w.decode(errors='replace').rstrip()}", flush=True)
             line = bytearray(rest)
 
-    def thread_report(self):
-        """One line per thread of the vmm: name, scheduler state, the
-        system call it is in (KVM_RUN for a vCPU the kernel is running or
-        halting; a number otherwise; 'running' in user space) and wchan. It
-        tells a guest stalled by the emulation (its vCPU threads in KVM_RUN)
-        from one stalled by the vmm (a vCPU thread anywhere else)."""
-        lines = []
+    def thread_report(self, sample_s=1.0):
+        """One line per thread of the vmm: name, scheduler state, where it
+        is and wchan. Where: KVM_RUN for a vCPU thread in that ioctl, a
+        system call's number, or, for a thread on a CPU (the kernel cannot
+        name a running thread's system call: /proc's syscall file says
+        'running' even inside KVM_RUN), what its CPU time over SAMPLE_S
+        seconds went to. A running thread whose time went to the guest or
+        the kernel, not to user space, counts as in KVM_RUN (the test
+        host's KVM running the guest, or emulating it). It tells a guest
+        stalled by the emulation (its vCPU threads in KVM_RUN) from one
+        stalled by the vmm (a vCPU thread anywhere else)."""
+        hz = os.sysconf("SC_CLK_TCK")
+
+        def read(base):
+            with open(f"{base}/comm") as f:
+                comm = f.read().strip()
+            with open(f"{base}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"{base}/syscall") as f:
+                sc = f.read().split()
+            with open(f"{base}/wchan") as f:
+                wchan = f.read().strip() or "-"
+            # stat fields 14 utime, 15 stime, 43 guest_time (utime
+            # includes it), counted from field 3, the state.
+            ticks = (int(fields[11]), int(fields[12]), int(fields[40]))
+            return comm, fields[0], sc, wchan, ticks
+
         try:
             tids = sorted(os.listdir(f"/proc/{self.pid}/task"), key=int)
         except OSError as e:
             return f"  (cannot list: {e})"
+        first = {}
         for tid in tids:
-            base = f"/proc/{self.pid}/task/{tid}"
             try:
-                with open(f"{base}/comm") as f:
-                    comm = f.read().strip()
-                with open(f"{base}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
-                with open(f"{base}/syscall") as f:
-                    sc = f.read().split()
-                with open(f"{base}/wchan") as f:
-                    wchan = f.read().strip() or "-"
-            except OSError as e:
+                first[tid] = read(f"/proc/{self.pid}/task/{tid}")[4]
+            except (OSError, IndexError, ValueError):
+                pass
+        time.sleep(sample_s)
+        lines = []
+        for tid in tids:
+            try:
+                comm, state, sc, wchan, ticks = read(f"/proc/{self.pid}/task/{tid}")
+            except (OSError, IndexError, ValueError) as e:
                 lines.append(f"  {tid}: (gone: {e})")
                 continue
+            extra = ""
             if sc and sc[0] == "16" and len(sc) > 2 and int(sc[2], 16) == 0xAE80:
                 call = "KVM_RUN"
+            elif sc and sc[0] == "running" and tid in first:
+                u, k, g = (b - a for a, b in zip(first[tid], ticks))
+                user, guest, kernel = (max(u - g, 0), g, k)
+                ms = lambda t: round(1000 * t / hz)
+                extra = (f", CPU over {sample_s:g} s: guest {ms(guest)} ms, kernel "
+                         f"{ms(kernel)} ms, user space {ms(user)} ms")
+                busy = user + guest + kernel
+                call = "KVM_RUN" if busy > 0 and 4 * user < busy else "running"
             else:
                 call = sc[0] if sc else "?"
-            lines.append(f"  {tid} {comm}: state {state}, in {call}, wchan {wchan}")
+            lines.append(f"  {tid} {comm}: state {state}, in {call}, wchan {wchan}{extra}")
         return "\n".join(lines)
 
     def _read_stderr(self):
