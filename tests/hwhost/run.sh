@@ -186,9 +186,9 @@ boot_and_run "${scenarios[@]}" || status=$?
 # quote is never taken for the test host's. The scenarios that did not pass
 # then run once more in a fresh test host, and the run says why. Any other
 # failure stands.
-stall='(watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall)'
-host_fault="^\[ *[0-9.]+\] $stall"
-guest_fault="^\[[^]]+\] .*\[ *[0-9.]+\] $stall"
+stall_rx='(watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall)'
+host_fault="^\[ *[0-9.]+\] $stall_rx"
+guest_fault="^\[[^]]+\] .*\[ *[0-9.]+\] $stall_rx"
 vcpu_line='^  \|   [0-9]+ vcpu[0-9]+: '
 why=
 if [ "$status" -ne 0 ]; then

@@ -25,7 +25,7 @@ def memscan(vm, addr, mib):
     return {k: int(v) for k, v in (f.split("=") for f in line.split()[2:])}
 
 
-def wait_shell(vm, start, limit=900):
+def wait_shell(vm, start, limit=300):
     """Waits for the rebooted guest's /init report after console offset
     START, then for its shell."""
     vm.wait_for(r"UPTIME=", limit, start, what="the rebooted guest's /init report")
