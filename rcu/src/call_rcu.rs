@@ -10,6 +10,15 @@
 //! `force_rcu()` makes the thread skip that batching for everything queued
 //! before it.
 //!
+//! Under sustained load (callbacks arriving faster than grace periods end)
+//! the thread also keeps [`BATCH_GAP`] between the end of one lazy batch and
+//! the start of the next, as liburcu's thread sleeps after each batch: at a
+//! million `call_rcu` a second it then wakes at most about a thousand times
+//! a second instead of once per grace period, and each wake-up that would
+//! preempt a reader or a writer on a busy machine takes a larger batch.
+//! Callbacks queued after a quiet spell do not wait for the gap, and a
+//! `force_rcu()` ends it at once.
+//!
 //! How the thread is woken is a strategy ([`WakeupStrategy`]), after the
 //! discussion in QEMU of `force_rcu()` (2025-11): a boolean event that the
 //! thread resets and re-checks (QEMU's code), or a counting semaphore (the
@@ -31,6 +40,11 @@ pub const MIN_BATCH: usize = 30;
 
 /// Length of one lazy poll for slow readers (QEMU: 10 ms).
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Least time between the end of one batch and the start of a lazy batch
+/// after it (liburcu sleeps 10 ms after every batch; QEMU not at all). A
+/// forced batch never waits for it.
+pub const BATCH_GAP: Duration = Duration::from_millis(1);
 
 /// How the call_rcu thread is woken when work arrives or is forced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -133,6 +147,7 @@ pub(crate) struct WorkerStats {
     pub(crate) forced_batches: AtomicU64,
     pub(crate) max_batch: AtomicU64,
     pub(crate) lazy_polls: AtomicU64,
+    pub(crate) paced_batches: AtomicU64,
     pub(crate) latency: Histogram,
     pub(crate) sites: SiteTable,
 }
@@ -150,6 +165,7 @@ impl WorkerStats {
             forced_batches: AtomicU64::new(0),
             max_batch: AtomicU64::new(0),
             lazy_polls: AtomicU64::new(0),
+            paced_batches: AtomicU64::new(0),
             latency: Histogram::new(),
             sites: SiteTable::new(),
         }
@@ -232,7 +248,12 @@ impl CallRcu {
     /// period, without batching sleeps.
     pub(crate) fn force(&self) {
         bump(&self.stats.force_rcu);
-        self.forced.store(true, Ordering::SeqCst);
+        // A swap, not a store: the same `xchg` on x86-64, and loom then
+        // orders it after the thread's own swaps of `forced`. loom lets a
+        // read-modify-write read a value older than a plain store it runs
+        // concurrently with (tokio-rs/loom#254), so with a store the models
+        // report a force request lost that no real execution loses.
+        self.forced.swap(true, Ordering::SeqCst);
         self.signal.as_signal().notify();
     }
 
@@ -262,7 +283,13 @@ impl CallRcu {
     /// it has one (a callback may have registered it), so grace periods do
     /// not wait for or send barriers to the thread running them.
     pub(crate) fn run(&self, domain: &Domain, caller: &dyn Fn() -> Option<&'static Slot>) {
+        let mut gap = Gap::default();
         while let Some((n, lazy)) = self.wait_for_work() {
+            if lazy && gap.due() {
+                // Held back; then take the count (and any force) afresh.
+                self.keep_gap(&mut gap);
+                continue;
+            }
             domain.synchronize(caller(), if lazy { Some(self) } else { None });
             self.pending.fetch_sub(n, Ordering::SeqCst);
             bump(&self.stats.batches);
@@ -280,6 +307,40 @@ impl CallRcu {
                         thread; aborting\n"]);
                 }
             }
+            gap.batch_ended();
+        }
+    }
+
+    /// Sleeps until [`BATCH_GAP`] has passed since the last batch ended, or
+    /// until `force_rcu` (or `stop`) notifies the thread. The caller then
+    /// reads the count and the force request afresh.
+    fn keep_gap(&self, gap: &mut Gap) {
+        bump(&self.stats.paced_batches);
+        gap.waited = true;
+        loop {
+            // Reset, re-check, sleep (the event's protocol): a force request
+            // after the reset sets the event again, so it ends the sleep. The
+            // reset loses nothing: the caller re-reads every condition. A
+            // semaphore needs no reset; a unit left from a notification the
+            // thread already handled only costs one more round.
+            if let Some(ev) = self.signal.event() {
+                ev.reset();
+            }
+            if self.forced.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let Some(left) = gap.left() else { return };
+            #[cfg(loom)]
+            let forbidden = self.batching_sleep_forbidden.as_ref().is_some_and(|f| f());
+            if !self.signal.as_signal().wait_timeout(left) {
+                #[cfg(loom)]
+                assert!(
+                    !forbidden,
+                    "batching sleep after force_rcu() returned, with its callback pending"
+                );
+                return;
+            }
+            bump(&self.stats.wakeups);
         }
     }
 
@@ -394,6 +455,53 @@ impl CallRcu {
             if let Err(again) = std::panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
                 std::mem::forget(again);
             }
+        }
+    }
+}
+
+/// When the call_rcu thread last ended a batch, and whether the batch to
+/// come already waited for [`BATCH_GAP`]. Under loom, whose timers expire at
+/// once, every lazy batch after another is held back once, so the models
+/// check that a `force_rcu` cuts the gap short.
+#[derive(Default)]
+struct Gap {
+    #[cfg(not(loom))]
+    last_end: Option<std::time::Instant>,
+    #[cfg(loom)]
+    had_batch: bool,
+    waited: bool,
+}
+
+impl Gap {
+    /// Whether a lazy batch starting now must first wait.
+    fn due(&self) -> bool {
+        !self.waited && self.left().is_some()
+    }
+
+    /// Time left until the gap has passed, if any.
+    fn left(&self) -> Option<Duration> {
+        #[cfg(not(loom))]
+        {
+            let end = self.last_end?;
+            BATCH_GAP
+                .checked_sub(end.elapsed())
+                .filter(|d| !d.is_zero())
+        }
+        #[cfg(loom)]
+        {
+            self.had_batch.then_some(BATCH_GAP)
+        }
+    }
+
+    fn batch_ended(&mut self) {
+        self.waited = false;
+        #[cfg(not(loom))]
+        {
+            self.last_end = Some(std::time::Instant::now());
+        }
+        #[cfg(loom)]
+        {
+            self.had_batch = true;
         }
     }
 }

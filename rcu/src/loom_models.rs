@@ -393,6 +393,59 @@ fn loom_forced_callback_never_batches_semaphore() {
     forced_callback_never_batches(Variant::Semaphore);
 }
 
+/// (c') A force request during the gap the call_rcu thread keeps between
+/// batches under load ([`crate::call_rcu::BATCH_GAP`]; loom holds every lazy
+/// batch after another back once). No reader blocks grace periods: the
+/// producer queues A, waits until A has run (so the next lazy batch is due
+/// for the gap), queues B and forces. Once `force_rcu` has returned, the
+/// gap must not be slept to its end while B waits.
+fn forced_callback_cuts_the_gap_short(variant: Variant) {
+    model(move || {
+        let d = Arc::new(Domain::new());
+        let force_done = Arc::new(AtomicBool::new(false));
+        let b_ran = Arc::new(AtomicBool::new(false));
+        let mut c = CallRcu::new(variant);
+        {
+            let (force_done, b_ran) = (Arc::clone(&force_done), Arc::clone(&b_ran));
+            c.batching_sleep_forbidden = Some(Box::new(move || {
+                force_done.load(Ordering::SeqCst) && !b_ran.load(Ordering::SeqCst)
+            }));
+        }
+        let c = Arc::new(c);
+        let (a_done, b_done) = (Arc::new(Flag::default()), Arc::new(Flag::default()));
+        let worker = CallRcuThread::spawn(&d, &c);
+        let here = std::panic::Location::caller();
+        let a = Arc::clone(&a_done);
+        c.call(move || a.set(), here, "A");
+        a_done.wait();
+        {
+            let (b_ran, b_done) = (Arc::clone(&b_ran), Arc::clone(&b_done));
+            c.call(
+                move || {
+                    b_ran.store(true, Ordering::SeqCst);
+                    b_done.set();
+                },
+                here,
+                "B",
+            );
+        }
+        c.force();
+        force_done.store(true, Ordering::SeqCst);
+        b_done.wait();
+        worker.stop();
+    });
+}
+
+#[test]
+fn loom_forced_callback_cuts_the_gap_short_event() {
+    forced_callback_cuts_the_gap_short(Variant::Event);
+}
+
+#[test]
+fn loom_forced_callback_cuts_the_gap_short_semaphore() {
+    forced_callback_cuts_the_gap_short(Variant::Semaphore);
+}
+
 /// The model has teeth: the event strategy with `forced` sampled before the
 /// count and the event reset afterwards (the variant Akihiko Odaki showed
 /// broken in the thread) loses the force request in the seed's

@@ -57,6 +57,9 @@ pub struct Stats {
     pub max_batch: u64,
     /// 10 ms batching polls that ran to their end (lazy grace periods).
     pub lazy_polls: u64,
+    /// Lazy batches held back because the previous batch ended less than
+    /// [`BATCH_GAP`](crate::BATCH_GAP) before (sustained load).
+    pub paced_batches: u64,
     /// Passes of a grace period that found a reader still inside a section.
     pub reader_waits: u64,
     /// `membarrier` system calls issued by grace periods.

@@ -221,6 +221,52 @@ pub fn unforced_callback_batches_lazily() {
     assert_eq!(after.forced_batches, before.forced_batches);
 }
 
+/// Callbacks queued without pause for a while: the call_rcu thread keeps
+/// [`rcu::BATCH_GAP`] between the end of one lazy batch and the start of
+/// the next, so the number of lazy batches is bounded by the time the load
+/// lasted, however fast the grace periods are (a bound the implementation
+/// guarantees on any machine, not a timing).
+pub fn sustained_load_batches_are_paced() {
+    let _x = exclusive();
+    settle();
+    let stop = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(AtomicUsize::new(0));
+    let producer = {
+        let (stop, queued) = (Arc::clone(&stop), Arc::clone(&queued));
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                rcu::call_rcu(|| {});
+                queued.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    // Let the load start before the window opens.
+    assert!(wait_until(Duration::from_secs(30), || {
+        queued.load(Ordering::Relaxed) > 10_000
+    }));
+    let before = rcu::stats();
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_millis(300));
+    let after = rcu::stats();
+    let window = t0.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    producer.join().unwrap();
+    rcu::drain_call_rcu();
+    let lazy = (after.batches - after.forced_batches) - (before.batches - before.forced_batches);
+    let bound = 1 + (window.as_nanos() / rcu::BATCH_GAP.as_nanos()) as u64;
+    println!(
+        "{} callbacks queued; {lazy} lazy batches in {window:?} (bound {bound}), {} held for the gap",
+        queued.load(Ordering::Relaxed),
+        after.paced_batches - before.paced_batches
+    );
+    assert!(lazy >= 1, "no batch ran under load: {after:#?}");
+    assert!(
+        lazy <= bound,
+        "{lazy} lazy batches in {window:?}: more than one per BATCH_GAP"
+    );
+    assert!(after.paced_batches > before.paced_batches, "{after:#?}");
+}
+
 /// A panicking callback is caught and counted; the thread survives.
 pub fn panicking_callback_is_contained() {
     let _x = exclusive();
@@ -336,6 +382,7 @@ macro_rules! wakeup_strategy_tests {
             per_site_counts_are_exact,
             forced_callback_skips_batching,
             unforced_callback_batches_lazily,
+            sustained_load_batches_are_paced,
             panicking_callback_is_contained,
             callbacks_can_call_rcu,
             rcu_cell_update_is_atomic,

@@ -110,11 +110,13 @@ fn table(s: &Stats, heading: String) -> String {
         (
             "grace periods",
             format!(
-                "{} ({} by synchronize_rcu; {}, {} forced, largest {})",
+                "{} ({} by synchronize_rcu; {}, {} forced, {} held for the batch gap, \
+                 largest {})",
                 s.grace_periods,
                 s.synchronize_rcu,
                 plural(s.batches, "batch", "batches"),
                 s.forced_batches,
+                s.paced_batches,
                 s.max_batch
             ),
         ),
