@@ -27,7 +27,7 @@
 
 use crate::domain::{Domain, Pacer, Slot};
 use crate::primitive::{AtomicBool, AtomicUsize, CachePadded};
-use crate::queue::{Callback, Queue};
+use crate::queue::{Callback, Node, Queue};
 use crate::stats::{Histogram, SiteTable};
 use crate::wait::{Event, Semaphore, Signal};
 use std::panic::{AssertUnwindSafe, Location};
@@ -237,6 +237,31 @@ impl CallRcu {
     ) {
         self.stats.sites.count_call(site, label);
         self.queue.push(f, site, label);
+        self.count_queued();
+    }
+
+    /// Queues `node`, whose value is dropped after a grace period. Wait-free,
+    /// and allocates nothing.
+    ///
+    /// # Safety
+    /// As [`Queue::push_drop`]: `node` comes from `Node::boxed`, is owned by
+    /// the caller and is in no queue.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) unsafe fn call_drop<T: Send>(
+        &self,
+        node: *mut Node<T>,
+        site: &'static Location<'static>,
+        label: &'static str,
+    ) {
+        self.stats.sites.count_call(site, label);
+        // SAFETY: the caller's contract is push_drop's.
+        unsafe { self.queue.push_drop(node, site, label) };
+        self.count_queued();
+    }
+
+    /// Counts one queued callback and wakes the thread if the queue was
+    /// empty.
+    fn count_queued(&self) {
         // SeqCst: pairs with the thread's reset-then-read (Event) so that
         // either it sees this count or this notification follows its reset.
         if self.pending.fetch_add(1, Ordering::SeqCst) == 0 {

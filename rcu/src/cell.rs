@@ -1,6 +1,7 @@
 //! `RcuCell<T>`: a value published to lock-free readers and replaced
 //! copy-on-write, the old value freed after a grace period.
 
+use crate::queue::Node;
 use crate::reader::{ReadGuard, read_lock};
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicPtr, Ordering};
@@ -22,9 +23,13 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 ///   are never lost.
 ///
 /// Every `replace`/`update` counts one `call_rcu` under the caller's source
-/// location and, if the cell has one, its label.
+/// location and, if the cell has one, its label. Each value is one
+/// allocation, made when it is published; retiring it allocates nothing
+/// more (the callback's queue header was allocated with the value).
 pub struct RcuCell<T: Send + Sync + 'static> {
-    ptr: AtomicPtr<T>,
+    /// The published value, in a node that will carry it to the call_rcu
+    /// thread when it is replaced.
+    ptr: AtomicPtr<Node<T>>,
     label: &'static str,
     _owns: PhantomData<Box<T>>,
 }
@@ -34,24 +39,6 @@ impl<T: Send + Sync + 'static> std::fmt::Debug for RcuCell<T> {
         f.debug_struct("RcuCell")
             .field("label", &self.label)
             .finish_non_exhaustive()
-    }
-}
-
-/// A pointer handed to the call_rcu thread for freeing.
-struct Retired<T>(*mut T);
-
-// SAFETY: the pointee is a `T: Send` that nobody else owns any more (it was
-// unlinked from the cell); moving the pointer moves that ownership.
-unsafe impl<T: Send> Send for Retired<T> {}
-
-impl<T> Retired<T> {
-    /// Drops the value. Consuming `self` makes the closure capture the whole
-    /// wrapper (which is `Send`) rather than its raw-pointer field.
-    fn free(self) {
-        // SAFETY: the pointer came from `Box::into_raw`, was unlinked from
-        // its cell by exactly one swap or compare-exchange, and a grace
-        // period has passed, so no reader can still hold a reference.
-        drop(unsafe { Box::from_raw(self.0) });
     }
 }
 
@@ -65,7 +52,7 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
     /// in [`stats`](crate::stats) (for example "memory map replace").
     pub fn with_label(value: T, label: &'static str) -> Self {
         Self {
-            ptr: AtomicPtr::new(Box::into_raw(Box::new(value))),
+            ptr: AtomicPtr::new(Node::boxed(value)),
             label,
             _owns: PhantomData,
         }
@@ -77,11 +64,11 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
         // Acquire pairs with the release half of the swap in `replace`: the
         // new value's contents are visible.
         let p = self.ptr.load(Ordering::Acquire);
-        // SAFETY: `p` is always a live Box pointer. A replaced value is freed
-        // only after a grace period, and this thread is inside a read section
-        // (it holds `guard`) that began before it loaded `p`, so the grace
+        // SAFETY: `p` is always a live node. A replaced value is freed only
+        // after a grace period, and this thread is inside a read section (it
+        // holds `guard`) that began before it loaded `p`, so the grace
         // period cannot end while the returned reference lives.
-        unsafe { &*p }
+        unsafe { &*Node::value(p) }
     }
 
     /// Runs `f` on the current value inside a read section of its own.
@@ -94,7 +81,7 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
     /// thread after a grace period. Never blocks.
     #[track_caller]
     pub fn replace(&self, value: T) {
-        let new = Box::into_raw(Box::new(value));
+        let new = Node::boxed(value);
         let old = self.ptr.swap(new, Ordering::AcqRel);
         self.retire(old);
     }
@@ -115,10 +102,12 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
             "RcuCell::replace_sync() called inside an RCU read-side critical section: \
              it would wait for itself forever"
         );
-        let new = Box::into_raw(Box::new(value));
+        let new = Node::boxed(value);
         let old = self.ptr.swap(new, Ordering::AcqRel);
         crate::synchronize_rcu();
-        Retired(old).free();
+        // SAFETY: `old` was unlinked by the swap above (so this thread owns
+        // it) and the grace period has passed: no reader holds it.
+        unsafe { Node::free(old) };
     }
 
     /// Read-copy-update: clones the current value, lets `f` modify the copy,
@@ -135,9 +124,9 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
             let cur = self.ptr.load(Ordering::Acquire);
             // SAFETY: as in `read`: `cur` was loaded inside the section held
             // by `guard`, so it cannot be freed before `guard` drops.
-            let mut copy = unsafe { &*cur }.clone();
+            let mut copy = unsafe { &*Node::value(cur) }.clone();
             let r = f(&mut copy);
-            let new = Box::into_raw(Box::new(copy));
+            let new = Node::boxed(copy);
             match self
                 .ptr
                 .compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire)
@@ -149,7 +138,7 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
                 }
                 Err(_) => {
                     // SAFETY: `new` was never published; we still own it.
-                    drop(unsafe { Box::from_raw(new) });
+                    unsafe { Node::free(new) };
                 }
             }
         }
@@ -157,8 +146,8 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
 
     /// Mutable access: `&mut self` proves there are no readers.
     pub fn get_mut(&mut self) -> &mut T {
-        // SAFETY: exclusive access to the cell; the pointer is a live Box.
-        unsafe { &mut *self.ptr.load(Ordering::Relaxed) }
+        // SAFETY: exclusive access to the cell; the pointer is a live node.
+        unsafe { &mut *Node::value(self.ptr.load(Ordering::Relaxed)) }
     }
 
     /// The label replacements are counted under.
@@ -167,14 +156,16 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
     }
 
     #[track_caller]
-    fn retire(&self, old: *mut T) {
-        let retired = Retired(old);
+    fn retire(&self, old: *mut Node<T>) {
         let label = if self.label.is_empty() {
             "RcuCell::replace"
         } else {
             self.label
         };
-        crate::call_rcu_labeled(label, move || retired.free());
+        // SAFETY: `old` was unlinked from the cell by exactly one swap or
+        // compare-exchange, so this thread owns it; readers that still hold
+        // it only read the value, and it is dropped after a grace period.
+        unsafe { crate::global::retire_node(label, old) };
     }
 }
 
@@ -182,7 +173,7 @@ impl<T: Send + Sync + 'static> Drop for RcuCell<T> {
     fn drop(&mut self) {
         // SAFETY: `&mut self`: no reader holds a reference (they borrow the
         // cell), and the current value was never retired.
-        drop(unsafe { Box::from_raw(*self.ptr.get_mut()) });
+        unsafe { Node::free(*self.ptr.get_mut()) };
     }
 }
 

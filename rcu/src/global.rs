@@ -3,6 +3,7 @@
 
 use crate::call_rcu::{CallRcu, WakeupStrategy};
 use crate::domain::Domain;
+use crate::queue::Node;
 use crate::reader::{current_slot_forever, in_read_section, with_current_slot};
 use crate::stats::Stats;
 use crate::wait::Event;
@@ -170,6 +171,18 @@ pub fn call_rcu<F: FnOnce() + Send + 'static>(f: F) {
 #[track_caller]
 pub fn call_rcu_labeled<F: FnOnce() + Send + 'static>(label: &'static str, f: F) {
     worker().call(f, Location::caller(), label);
+}
+
+/// Drops the value in `node` on the call_rcu thread after a grace period,
+/// counted as a `call_rcu` under `label` and the caller's location.
+///
+/// # Safety
+/// `node` comes from `Node::boxed`, is owned by the caller (unlinked from
+/// wherever readers found it) and is in no queue.
+#[track_caller]
+pub(crate) unsafe fn retire_node<T: Send + 'static>(label: &'static str, node: *mut Node<T>) {
+    // SAFETY: the caller's contract is call_drop's.
+    unsafe { worker().call_drop(node, Location::caller(), label) };
 }
 
 /// Asks the call_rcu thread to stop batching now: the callbacks queued

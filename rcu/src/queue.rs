@@ -4,7 +4,10 @@
 //! the consumer keeps a stub node so the queue is never empty of nodes.
 //!
 //! A node is `Node<F>`: a type-erased header followed by the closure, one
-//! allocation per callback.
+//! allocation per callback. A value an `RcuCell` publishes lives in a node
+//! from the start ([`Node::boxed`]), so retiring it queues that node and
+//! allocates nothing ([`Queue::push_drop`]): one allocation per replaced
+//! value, as with liburcu's `rcu_head` embedded in the object.
 
 use crate::primitive::{AtomicPtr, CachePadded, spin_yield};
 use std::panic::Location;
@@ -24,10 +27,46 @@ pub(crate) struct Header {
     pub(crate) queued_at: u64,
 }
 
+/// A header and what it carries: a closure, or a value to drop.
 #[repr(C)]
-struct Node<F> {
+pub(crate) struct Node<F> {
     header: Header,
     f: F,
+}
+
+impl<T> Node<T> {
+    /// A new node holding `value`, in no queue; free it with
+    /// [`Node::free`] or hand it to [`Queue::push_drop`].
+    pub(crate) fn boxed(value: T) -> *mut Node<T> {
+        Box::into_raw(Box::new(Node {
+            header: Header {
+                next: AtomicPtr::new(std::ptr::null_mut()),
+                consume: drop_value::<T>,
+                site: Location::caller(),
+                label: "",
+                queued_at: 0,
+            },
+            f: value,
+        }))
+    }
+
+    /// The value inside `node`. The pointer is valid as long as the node.
+    pub(crate) fn value(node: *mut Node<T>) -> *mut T {
+        // SAFETY: only computes the field's address (no reference to the
+        // node is made, so readers of the value are not aliased), and
+        // `node` points at a live node by the caller's use of it.
+        unsafe { &raw mut (*node).f }
+    }
+
+    /// Drops the value and frees the node.
+    ///
+    /// # Safety
+    /// `node` comes from [`Node::boxed`], is owned by the caller, is in no
+    /// queue, and is not used afterwards.
+    pub(crate) unsafe fn free(node: *mut Node<T>) {
+        // SAFETY: per the contract, a Box pointer owned by the caller.
+        drop(unsafe { Box::from_raw(node) });
+    }
 }
 
 /// A callback taken off the queue, owned by the consumer.
@@ -88,6 +127,14 @@ unsafe fn consume<F: FnOnce()>(p: *mut Header, run: bool) {
     }
 }
 
+/// `consume` of a node from [`Node::boxed`]: drops the value, run or not.
+unsafe fn drop_value<T>(p: *mut Header, _run: bool) {
+    // SAFETY: `p` was produced by `Node::<T>::boxed` for this very `T` (the
+    // function pointer is monomorphised with it), and Header is the first
+    // field of the repr(C) Node.
+    drop(unsafe { Box::from_raw(p.cast::<Node<T>>()) });
+}
+
 unsafe fn consume_stub(_p: *mut Header, _run: bool) {}
 
 /// Multi-producer, single-consumer queue of callbacks.
@@ -145,6 +192,36 @@ impl Queue {
             },
             f,
         }));
+        self.link(node.cast::<Header>());
+    }
+
+    /// Appends `node`, whose value is dropped when the callback runs (or is
+    /// dropped). Wait-free, and allocates nothing.
+    ///
+    /// # Safety
+    /// `node` comes from [`Node::boxed`], is owned by the caller (no other
+    /// thread writes it; readers may still read its value) and is in no
+    /// queue; the queue owns it afterwards.
+    pub(crate) unsafe fn push_drop<T: Send>(
+        &self,
+        node: *mut Node<T>,
+        site: &'static Location<'static>,
+        label: &'static str,
+    ) {
+        // SAFETY: only computes the field's address of a live node (no
+        // reference is made, so readers of the value beside it are not
+        // aliased).
+        let header = unsafe { &raw mut (*node).header };
+        // SAFETY: the header is the caller's to write (per the contract).
+        unsafe {
+            header.write(Header {
+                next: AtomicPtr::new(std::ptr::null_mut()),
+                consume: drop_value::<T>,
+                site,
+                label,
+                queued_at: crate::clock::now(),
+            });
+        }
         self.link(node.cast::<Header>());
     }
 
