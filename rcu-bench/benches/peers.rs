@@ -62,7 +62,12 @@
 //!   while a writer thread replaces the value as fast as it can (each old
 //!   value freed after a grace period: `call_rcu`, `defer_destroy`, `retire`,
 //!   arc-swap's reference count, the lock). Reader M sections/s and writer
-//!   k swaps/s, both per CPU second of the thread.
+//!   k swaps/s, both per CPU second of the thread. The same runs count the
+//!   wake-ups per second of the process's other threads (voluntary context
+//!   switches in `/proc/self/task/*/status`, the reader, the writer and the
+//!   main thread left out), which is the reclamation thread's (call_rcu's)
+//!   on the sides that have one: each wake-up can take a CPU from the
+//!   reader or the writer. Counted in every round, parallel or not.
 //! * **publish 4 KiB, synchronous writer** (group `sync`): the same reader,
 //!   while the writer swaps the pointer, waits for a grace period itself and
 //!   frees the old value on its own thread (liburcu: `rcu_xchg_pointer` +
@@ -1136,15 +1141,27 @@ fn pin(role: PinRole) {
     }
 }
 
-/// One publish run of `dur`: (reader M sections per CPU second, writer k
-/// swaps per CPU second), or `None` if the two did not run in parallel.
-fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)> {
+/// One publish run's figures.
+struct PublishRun {
+    /// Reader M sections per CPU second and writer k swaps per CPU second,
+    /// or `None` if the two did not run in parallel.
+    rates: Option<(f64, f64)>,
+    /// Wake-ups per wall second of the process's other threads (a
+    /// reclamation thread such as call_rcu's) while the two ran, counted
+    /// alike for every peer (see [`rcu_bench::voluntary_switches`]).
+    wakeups_per_s: f64,
+}
+
+/// One publish run of `dur`.
+fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> PublishRun {
     STOP.store(0, Ordering::Relaxed);
     let barrier = Barrier::new(3);
-    let (r, w) = thread::scope(|s| {
+    let tids = [AtomicI32::new(0), AtomicI32::new(0)];
+    let (r, w, wakeups_per_s) = thread::scope(|s| {
         let reader = s.spawn(|| {
             pin(PinRole::Reader);
             peer.reader_setup();
+            tids[0].store(rcu_bench::thread_id(), Ordering::Relaxed);
             barrier.wait();
             let (w, (sum, n)) = timed(|| peer.read());
             black_box(sum);
@@ -1154,6 +1171,7 @@ fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)
         let writer = s.spawn(|| {
             pin(PinRole::Writer);
             peer.writer_setup(mode != Writer::Deferred);
+            tids[1].store(rcu_bench::thread_id(), Ordering::Relaxed);
             barrier.wait();
             let (w, n) = timed(|| match mode {
                 Writer::Deferred => peer.write(),
@@ -1167,11 +1185,22 @@ fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)
             (w, n)
         });
         barrier.wait();
+        let before = rcu_bench::voluntary_switches();
+        let t0 = Instant::now();
         thread::sleep(dur);
+        let after = rcu_bench::voluntary_switches();
+        let window = t0.elapsed();
         STOP.store(1, Ordering::Relaxed);
+        let exclude = [
+            tids[0].load(Ordering::Relaxed),
+            tids[1].load(Ordering::Relaxed),
+            rcu_bench::thread_id(),
+        ];
+        let wakeups = rcu_bench::wakeups_between(&before, &after, &exclude);
         (
             reader.join().expect("reader"),
             writer.join().expect("writer"),
+            wakeups as f64 / window.as_secs_f64(),
         )
     });
     if !parallel(&r.0, &w.0) {
@@ -1185,12 +1214,18 @@ fn publish_once(peer: Publish, dur: Duration, mode: Writer) -> Option<(f64, f64)
             peer.name(),
             busy_note(&r.0, &w.0)
         );
-        return None;
+        return PublishRun {
+            rates: None,
+            wakeups_per_s,
+        };
     }
-    Some((
-        r.1 as f64 / r.0.cpu.as_secs_f64() / 1e6,
-        w.1 as f64 / w.0.cpu.as_secs_f64() / 1e3,
-    ))
+    PublishRun {
+        rates: Some((
+            r.1 as f64 / r.0.cpu.as_secs_f64() / 1e6,
+            w.1 as f64 / w.0.cpu.as_secs_f64() / 1e3,
+        )),
+        wakeups_per_s,
+    }
 }
 
 /// Wall µs per `synchronize_rcu` from this (registered) thread while one
@@ -1234,6 +1269,7 @@ enum Unit {
     Us,
     MPerS,
     KPerS,
+    PerS,
 }
 
 impl Unit {
@@ -1243,6 +1279,7 @@ impl Unit {
             Unit::Us => "µs",
             Unit::MPerS => "M/s",
             Unit::KPerS => "k/s",
+            Unit::PerS => "/s",
         }
     }
 }
@@ -1582,6 +1619,12 @@ fn main() {
         Unit::KPerS,
         Publish::Liburcu(Flavour::Memb).name(),
     );
+    let mut pub_wake = Row::new(
+        "publish 4 KiB: wake-ups per second of the process's other threads (the \
+         reclamation thread, e.g. call_rcu's; fewer is better), same runs, every round",
+        Unit::PerS,
+        Publish::Liburcu(Flavour::Memb).name(),
+    );
     let mut sync_r = Row::new(
         "publish 4 KiB, synchronous writer (swap, synchronize_rcu, free; 2 threads): \
          reader sections per reader CPU second",
@@ -1647,15 +1690,16 @@ fn main() {
         for i in 0..PUBLISH.len() * usize::from(want("publish")) {
             let p = PUBLISH[rot(PUBLISH.len(), i)];
             let r = publish_once(p, pub_dur, Writer::Deferred);
-            pub_r.push(p.name(), r.map(|r| r.0));
-            pub_w.push(p.name(), r.map(|r| r.1));
+            pub_r.push(p.name(), r.rates.map(|r| r.0));
+            pub_w.push(p.name(), r.rates.map(|r| r.1));
+            pub_wake.push(p.name(), Some(r.wakeups_per_s));
         }
         for i in 0..PUBLISH.len() * usize::from(want("sync")) {
             let p = PUBLISH[rot(PUBLISH.len(), i)];
             if !p.has_sync_form() {
                 continue;
             }
-            let r = publish_once(p, pub_dur, Writer::Sync);
+            let r = publish_once(p, pub_dur, Writer::Sync).rates;
             sync_r.push(p.name(), r.map(|r| r.0));
             sync_w.push(p.name(), r.map(|r| r.1));
         }
@@ -1667,7 +1711,7 @@ fn main() {
             ) {
                 continue;
             }
-            let r = publish_once(p, pub_dur, Writer::Paced);
+            let r = publish_once(p, pub_dur, Writer::Paced).rates;
             paced_r.push(p.name(), r.map(|r| r.0));
         }
         for i in 0..GRACE.len() * usize::from(want("grace")) {
@@ -1692,6 +1736,7 @@ fn main() {
         &mut idle2,
         &mut pub_r,
         &mut pub_w,
+        &mut pub_wake,
         &mut sync_r,
         &mut sync_w,
         &mut paced_r,

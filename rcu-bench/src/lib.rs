@@ -43,6 +43,55 @@ pub fn thread_cpu_time() -> Duration {
     )
 }
 
+/// The kernel's id of the calling thread (`gettid`).
+pub fn thread_id() -> i32 {
+    // SAFETY: gettid has no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// Voluntary context switches so far of every thread of this process,
+/// by thread id (`voluntary_ctxt_switches` in `/proc/self/task/*/status`).
+/// A thread that sleeps and is woken again counts one per sleep, so the
+/// difference of two samples, over the threads present in both, counts
+/// wake-ups. Threads whose status cannot be read (they just exited) are
+/// left out.
+pub fn voluntary_switches() -> std::collections::HashMap<i32, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        if let Some(n) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            out.insert(tid, n);
+        }
+    }
+    out
+}
+
+/// Wake-ups between two [`voluntary_switches`] samples of the threads
+/// present in both, leaving out the threads in `exclude`.
+pub fn wakeups_between(
+    before: &std::collections::HashMap<i32, u64>,
+    after: &std::collections::HashMap<i32, u64>,
+    exclude: &[i32],
+) -> u64 {
+    after
+        .iter()
+        .filter(|(tid, _)| !exclude.contains(tid))
+        .filter_map(|(tid, n)| before.get(tid).map(|b| n.saturating_sub(*b)))
+        .sum()
+}
+
 /// How one function's machine code reaches thread-local storage.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsUse {
@@ -224,6 +273,39 @@ mod tests {
         assert_eq!(
             tls_use(&at(&f, 0x200).expect("present").body).instructions,
             1
+        );
+    }
+
+    #[test]
+    fn each_sleep_of_another_thread_counts_as_a_wake_up() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            tx.send(thread_id()).expect("send");
+            go_rx.recv().expect("go");
+            for _ in 0..5 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            go_rx.recv().expect("end");
+        });
+        let tid = rx.recv().expect("tid");
+        // Let it block in its first recv.
+        std::thread::sleep(Duration::from_millis(50));
+        let before = voluntary_switches();
+        go_tx.send(()).expect("send");
+        std::thread::sleep(Duration::from_millis(200));
+        let after = voluntary_switches();
+        go_tx.send(()).expect("send");
+        t.join().expect("join");
+        // Five sleeps, then blocking in a receive, which may park more
+        // than once.
+        let n = after[&tid] - before[&tid];
+        assert!((6..=8).contains(&n), "{n} wake-ups counted");
+        // Leaving the thread out takes exactly its wake-ups out of the sum
+        // (other test threads of this process may have woken meanwhile).
+        assert_eq!(
+            wakeups_between(&before, &after, &[]) - wakeups_between(&before, &after, &[tid]),
+            n
         );
     }
 
