@@ -349,3 +349,98 @@ fn qmp_system_reset_with_exit_ends_the_run() {
     assert_eq!(ev["event"], "SHUTDOWN", "{ev}");
     assert_eq!(ev["data"]["reason"], "host-qmp-system-reset", "{ev}");
 }
+
+/// Where the test devices of the tests below sit on the MMIO bus: the page
+/// after the bare VM's recorder.
+const RESET_DEVICE_MMIO: u64 = tests::bare_vm::TEST_MMIO + 0x1000;
+
+/// An MMIO register whose first read asks for a machine reset and is held
+/// until that reset has reached the reading vCPU (it was kicked out of the
+/// guest), so that the vCPU leaves the access with KVM still owing the
+/// guest the end of the instruction. Reads return `0x5a` bytes.
+struct ResetOnFirstRead {
+    exit: Arc<devices::ExitSink>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+impl devices::BusDevice for ResetOnFirstRead {
+    fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
+        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.exit.request(ExitRequest::Reset);
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            while !vmm::test_utils::this_vcpu_was_kicked() {
+                assert!(
+                    std::time::Instant::now() < end,
+                    "the reset was not asked of the vCPU within 60 s"
+                );
+                std::thread::yield_now();
+            }
+        }
+        data.fill(0x5a);
+    }
+
+    fn write(&self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+guest_code! {
+    /// Reports 1 on port 0x80, reads the register at RESET_DEVICE_MMIO
+    /// (whose first read resets the machine), reports 2, powers off.
+    fn report_read_report(report_read_start, report_read_end) then power off {
+        ".code64",
+        "mov eax, 1",
+        "out 0x80, eax",
+        "mov rbx, 0xd8001000",
+        "mov eax, dword ptr [rbx]",
+        "mov eax, 2",
+        "out 0x80, eax",
+    }
+}
+
+/// Runs `vm` with `--on-reset restart` until the guest powers off (120 s
+/// at most), no QMP, vCPU threads filtered as the `vmm` command does.
+fn run_until_power_off(vm: &mut BareVm) -> RunOutcome {
+    vm.machine
+        .run(RunOptions {
+            console: false,
+            timeout: Some(Duration::from_secs(120)),
+            qmp: None,
+            seccomp: vmm::test_utils::SeccompMode::VcpuThreads,
+            console_out: None,
+            on_reset: OnReset::Restart,
+        })
+        .expect("run")
+}
+
+/// A reset that reaches a vCPU while KVM still owes it the end of an MMIO
+/// read (KVM finishes an I/O or MMIO instruction in the next `KVM_RUN`)
+/// reboots that vCPU from its power-on state all the same: the rebooted
+/// guest starts at its entry point and reports 1 again, instead of KVM
+/// finishing the old guest's read on top of the power-on registers and
+/// resuming after it (which reports 2 at once).
+#[test]
+fn a_reset_during_an_mmio_read_reboots_from_the_power_on_state() {
+    let _serial = one_at_a_time();
+    assert_eq!(RESET_DEVICE_MMIO, 0xd800_1000, "the guest's address");
+    let mut vm = BareVm::new(1, 64 << 20, report_read_report(), 0);
+    vm.start_long_mode(0, false);
+    let device = Arc::new(ResetOnFirstRead {
+        exit: Arc::clone(&vm.machine.devices.exit),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    });
+    vm.machine
+        .devices
+        .add_mmio(
+            devices::BusRange::new(RESET_DEVICE_MMIO, 4096).unwrap(),
+            device,
+        )
+        .unwrap();
+    let outcome = run_until_power_off(&mut vm);
+    assert_eq!(outcome.reason, StopReason::Guest(ExitRequest::PowerOff));
+    assert_eq!(vm.machine.devices.exit.count(ExitRequest::Reset), 1);
+    let reports: Vec<u64> = vm.pio.writes().into_iter().map(|(_, v)| v).collect();
+    assert_eq!(
+        reports,
+        vec![1, 1, 2],
+        "what the cold boot and the rebooted guest reported"
+    );
+}

@@ -46,6 +46,12 @@ pub use crate::memory::memory_manager::{FIRST_HOTPLUG_KVM_SLOT, MAX_RETIRED_SLOT
 /// `tests/tests/grace_period_exits.rs`.
 pub use crate::kvm::kvm_stats::KvmStats;
 
+/// Whether the calling vCPU thread has been kicked out of the guest (a
+/// pause or reset is pending). User: `tests/tests/reset_in_place.rs` (a
+/// device that holds an MMIO read until the reset it asked for reaches its
+/// vCPU).
+pub use crate::kvm::kick::this_vcpu_was_kicked;
+
 /// The label of a bus replacement in the RCU lifetime record. User:
 /// `tests/tests/kvm_mechanics.rs`.
 pub use crate::device_manager::BUS_LABEL;

@@ -61,6 +61,19 @@ pub(crate) unsafe fn set_thread_vcpu(immediate_exit: *mut u8) {
     IMMEDIATE_EXIT.with(|c| c.set(immediate_exit));
 }
 
+/// Whether the calling thread is a vCPU thread that was kicked (a pause,
+/// reset or stop was asked of it) since it last came out of `KVM_RUN`: its
+/// `immediate_exit` is set. For test devices that must hold a guest access
+/// until the vCPU running it has been asked to stop running the guest.
+#[cfg(any(test, feature = "test-utils"))]
+pub fn this_vcpu_was_kicked() -> bool {
+    let p = IMMEDIATE_EXIT.with(Cell::get);
+    // SAFETY: a non-null pointer was set by this thread to its own vCPU's
+    // kvm_run mapping, which lives until `clear_thread_vcpu`; a one-byte
+    // volatile read races at worst with this thread's own signal handler.
+    !p.is_null() && unsafe { std::ptr::read_volatile(p) } != 0
+}
+
 /// Forgets the calling thread's vCPU (before the vCPU is dropped).
 pub(crate) fn clear_thread_vcpu() {
     IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
