@@ -613,8 +613,20 @@ fn run_loop(
     power_on: Option<&VcpuState>,
 ) {
     let mut first = true;
+    // Set while the last exit was port I/O or MMIO: KVM finishes such an
+    // instruction (stores what a read returned, moves RIP past it) only at
+    // the start of the next KVM_RUN. Before the thread parks (and so before
+    // a reset puts the power-on state back) or ends, it gives KVM that
+    // KVM_RUN with immediate_exit set, which finishes the instruction and
+    // runs no further guest code (KVM's API documentation, KVM_EXIT_IO and
+    // KVM_EXIT_MMIO). Without it, the first KVM_RUN after a reset finished
+    // the old guest's read on top of the restored registers and resumed
+    // after it.
+    let mut io_unfinished = false;
     loop {
-        if control.pending.swap(false, Ordering::SeqCst)
+        if io_unfinished && control.pending.load(Ordering::SeqCst) {
+            vcpu.set_kvm_immediate_exit(1);
+        } else if control.pending.swap(false, Ordering::SeqCst)
             && !answer_requests(control, vcpu, power_on)
         {
             return;
@@ -631,6 +643,13 @@ fn run_loop(
         }
         let result = vcpu.run();
         let t = Instant::now();
+        io_unfinished = matches!(
+            result,
+            Ok(VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
         let handled = match result {
             Ok(exit) => handle_exit(index, exit, ctx, stats),
             Err(e) => Handled::Done(match e.errno() {
