@@ -444,3 +444,769 @@ fn a_reset_during_an_mmio_read_reboots_from_the_power_on_state() {
         "what the cold boot and the rebooted guest reported"
     );
 }
+
+/// Local APIC registers each vCPU reports at boot (offsets in its page),
+/// in the order of `report_lapic`'s table.
+const LAPIC_REGS: [(u16, &str); 35] = [
+    (0x20, "ID"),
+    (0x30, "version"),
+    (0x80, "TPR"),
+    (0xd0, "LDR"),
+    (0xe0, "DFR"),
+    (0xf0, "SVR"),
+    (0x100, "ISR0"),
+    (0x110, "ISR1"),
+    (0x120, "ISR2"),
+    (0x130, "ISR3"),
+    (0x140, "ISR4"),
+    (0x150, "ISR5"),
+    (0x160, "ISR6"),
+    (0x170, "ISR7"),
+    (0x180, "TMR0"),
+    (0x190, "TMR1"),
+    (0x1a0, "TMR2"),
+    (0x1b0, "TMR3"),
+    (0x1c0, "TMR4"),
+    (0x1d0, "TMR5"),
+    (0x1e0, "TMR6"),
+    (0x1f0, "TMR7"),
+    (0x200, "IRR0"),
+    (0x210, "IRR1"),
+    (0x220, "IRR2"),
+    (0x230, "IRR3"),
+    (0x240, "IRR4"),
+    (0x250, "IRR5"),
+    (0x260, "IRR6"),
+    (0x270, "IRR7"),
+    (0x320, "LVT timer"),
+    (0x350, "LVT LINT0"),
+    (0x360, "LVT LINT1"),
+    (0x380, "timer initial count"),
+    (0x390, "timer current count"),
+];
+
+guest_code! {
+    /// Subroutine (at REPORT_LAPIC_ADDR): writes this vCPU's local APIC
+    /// registers (LAPIC_REGS, then ESR, LVT error and the divide
+    /// configuration) and its TSC-deadline MSR (low, high) to port `dx`.
+    /// Clobbers rax, rcx, rdx, r8, r9.
+    fn report_lapic(report_lapic_start, report_lapic_end) {
+        ".code64",
+        "push rbx",
+        "push rsi",
+        "mov r8d, edx",
+        "mov rbx, 0xfee00000",
+        "lea rsi, [rip + 20f]",
+        "10:",
+        "movzx eax, word ptr [rsi]",
+        "cmp eax, 0xffff",
+        "je 11f",
+        "mov eax, dword ptr [rbx + rax]",
+        "out dx, eax",
+        "add rsi, 2",
+        "jmp 10b",
+        "11:",
+        "mov ecx, 0x6e0",
+        "rdmsr",
+        "mov r9d, edx",
+        "mov edx, r8d",
+        "out dx, eax",
+        "mov eax, r9d",
+        "out dx, eax",
+        "pop rsi",
+        "pop rbx",
+        "ret",
+        "20:",
+        ".short 0x20, 0x30, 0x80, 0xd0, 0xe0, 0xf0",
+        ".short 0x100, 0x110, 0x120, 0x130, 0x140, 0x150, 0x160, 0x170",
+        ".short 0x180, 0x190, 0x1a0, 0x1b0, 0x1c0, 0x1d0, 0x1e0, 0x1f0",
+        ".short 0x200, 0x210, 0x220, 0x230, 0x240, 0x250, 0x260, 0x270",
+        ".short 0x320, 0x350, 0x360, 0x380, 0x390",
+        ".short 0xffff",
+    }
+}
+
+/// Where `report_lapic` is loaded.
+const REPORT_LAPIC_ADDR: u64 = tests::bare_vm::CODE_ADDR + 0x2000;
+/// Where the second vCPU's code is loaded.
+const AP_CODE_ADDR: u64 = tests::bare_vm::CODE_ADDR + 0x1000;
+/// The port of the boot counter (reads return 0 at the first boot, 1 at
+/// the next...).
+const BOOT_COUNTER_PORT: u16 = 0x88;
+/// The guest-RAM flag the second vCPU sets once its part of a boot is done.
+const AP_DONE_FLAG: u64 = 0x20_0000;
+
+guest_code! {
+    /// The boot vCPU. Every boot: reads its boot number N from the boot
+    /// counter; reports on port 0x80 N, its local APIC and TSC deadline,
+    /// the IOAPIC's 24 redirection entries (low, high), both PICs' IMR, IRR
+    /// and ISR and the ELCR, the PIT's read-back status of channels 0-2 and
+    /// port 0x61 (without the refresh bit), then N on port 0x81 (end of the
+    /// report). Then it enables its local APIC and takes interrupts for a
+    /// while (none was enabled: with the null IDT, one would triple-fault),
+    /// reports N on port 0x82 and waits for the second vCPU's flag.
+    /// Boot 0 then makes the in-kernel devices busy: both PICs initialised
+    /// and unmasked, LINT0 ExtINT unmasked, IOAPIC pin 0 (PIT, edge, vector
+    /// 0x30) and pin 4 (COM1, level, vector 0x34) unmasked, PIT channel 0
+    /// periodic, channel 2 running with its gate on, COM1's THR-empty
+    /// interrupt enabled, the local APIC timer one-shot (vector 0x40); with
+    /// interrupts off it waits until the three vectors are pending, reports
+    /// the local APIC's IRR words 1 and 2, IOAPIC entry 4 and the master
+    /// PIC's IRR on port 0x83, arms the local APIC timer again (far away)
+    /// and resets through the i8042 (or, if bit 8 of the boot number is
+    /// set, halts with interrupts off and waits for a reset from outside).
+    /// Later boots (low byte of the number not 0) power off instead.
+    fn busy_then_reset(busy_reset_start, busy_reset_end) then power off {
+        ".code64",
+        "in eax, 0x88",
+        "mov r12d, eax",
+        "mov dx, 0x80",
+        "out dx, eax",
+        "mov rax, 0x102000",
+        "call rax",
+        "mov dx, 0x80",
+        "mov rdi, 0xfec00000",
+        "xor ecx, ecx",
+        "12:",
+        "lea eax, [rcx * 2 + 0x10]",
+        "mov dword ptr [rdi], eax",
+        "mov eax, dword ptr [rdi + 0x10]",
+        "out dx, eax",
+        "lea eax, [rcx * 2 + 0x11]",
+        "mov dword ptr [rdi], eax",
+        "mov eax, dword ptr [rdi + 0x10]",
+        "out dx, eax",
+        "inc ecx",
+        "cmp ecx, 24",
+        "jb 12b",
+        "in al, 0x21",
+        "movzx eax, al",
+        "out dx, eax",
+        "in al, 0xa1",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov al, 0x0a",
+        "out 0x20, al",
+        "in al, 0x20",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov al, 0x0b",
+        "out 0x20, al",
+        "in al, 0x20",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov al, 0x0a",
+        "out 0xa0, al",
+        "in al, 0xa0",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov al, 0x0b",
+        "out 0xa0, al",
+        "in al, 0xa0",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov dx, 0x4d0",
+        "in al, dx",
+        "movzx eax, al",
+        "mov dx, 0x80",
+        "out dx, eax",
+        "mov dx, 0x4d1",
+        "in al, dx",
+        "movzx eax, al",
+        "mov dx, 0x80",
+        "out dx, eax",
+        "mov al, 0xe2",
+        "out 0x43, al",
+        "in al, 0x40",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov al, 0xe4",
+        "out 0x43, al",
+        "in al, 0x41",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov al, 0xe8",
+        "out 0x43, al",
+        "in al, 0x42",
+        "movzx eax, al",
+        "out dx, eax",
+        "in al, 0x61",
+        "and al, 0xef",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov eax, r12d",
+        "out 0x81, eax",
+        // Interrupts on for a while: none may come.
+        "mov rbx, 0xfee00000",
+        "mov dword ptr [rbx + 0xf0], 0x1ff",
+        "sti",
+        "mov ecx, 100000",
+        "13:",
+        "pause",
+        "dec ecx",
+        "jnz 13b",
+        "cli",
+        "mov eax, r12d",
+        "out 0x82, eax",
+        // Wait for the second vCPU (bounded).
+        "mov ecx, 0x1000000",
+        "18:",
+        "cmp dword ptr [0x200000], 1",
+        "je 19f",
+        "pause",
+        "dec ecx",
+        "jnz 18b",
+        "19:",
+        "test r12d, 0xff",
+        "jnz 40f",
+        // Boot 0: busy devices, then a reset.
+        "mov al, 0x11",
+        "out 0x20, al",
+        "mov al, 0x20",
+        "out 0x21, al",
+        "mov al, 0x04",
+        "out 0x21, al",
+        "mov al, 0x01",
+        "out 0x21, al",
+        "mov al, 0x11",
+        "out 0xa0, al",
+        "mov al, 0x28",
+        "out 0xa1, al",
+        "mov al, 0x02",
+        "out 0xa1, al",
+        "mov al, 0x01",
+        "out 0xa1, al",
+        "xor eax, eax",
+        "out 0x21, al",
+        "out 0xa1, al",
+        "mov dx, 0x4d1",
+        "mov al, 0x0e",
+        "out dx, al",
+        "mov dword ptr [rbx + 0x350], 0x700",
+        "mov dword ptr [rdi], 0x10",
+        "mov dword ptr [rdi + 0x10], 0x30",
+        "mov dword ptr [rdi], 0x11",
+        "mov dword ptr [rdi + 0x10], 0",
+        "mov dword ptr [rdi], 0x18",
+        "mov dword ptr [rdi + 0x10], 0x8034",
+        "mov dword ptr [rdi], 0x19",
+        "mov dword ptr [rdi + 0x10], 0",
+        "mov al, 0x34",
+        "out 0x43, al",
+        "xor eax, eax",
+        "out 0x40, al",
+        "mov al, 0x10",
+        "out 0x40, al",
+        "mov al, 0xb6",
+        "out 0x43, al",
+        "xor eax, eax",
+        "out 0x42, al",
+        "mov al, 0x08",
+        "out 0x42, al",
+        "in al, 0x61",
+        "or al, 3",
+        "out 0x61, al",
+        "mov dx, 0x3f9",
+        "mov al, 0x02",
+        "out dx, al",
+        "mov dword ptr [rbx + 0x3e0], 0xb",
+        "mov dword ptr [rbx + 0x320], 0x40",
+        "mov dword ptr [rbx + 0x380], 0x10000",
+        "mov ecx, 0x100000",
+        "15:",
+        "mov eax, dword ptr [rbx + 0x210]",
+        "and eax, 0x110000",
+        "cmp eax, 0x110000",
+        "jne 16f",
+        "test dword ptr [rbx + 0x220], 1",
+        "jnz 17f",
+        "16:",
+        "dec ecx",
+        "jnz 15b",
+        "17:",
+        "mov dx, 0x83",
+        "mov eax, dword ptr [rbx + 0x210]",
+        "out dx, eax",
+        "mov eax, dword ptr [rbx + 0x220]",
+        "out dx, eax",
+        "mov dword ptr [rdi], 0x18",
+        "mov eax, dword ptr [rdi + 0x10]",
+        "out dx, eax",
+        "mov al, 0x0a",
+        "out 0x20, al",
+        "in al, 0x20",
+        "movzx eax, al",
+        "out dx, eax",
+        "mov dword ptr [rbx + 0x380], 0xffffffff",
+        "test r12d, 0x100",
+        "jnz 14f",
+        "mov al, 0xfe",
+        "out 0x64, al",
+        "14:",
+        "hlt",
+        "jmp 14b",
+        "40:",
+    }
+}
+
+guest_code! {
+    /// The second vCPU (at AP_CODE_ADDR). Every boot: reports its local
+    /// APIC and TSC deadline on port 0x84, then the boot's end marker on
+    /// 0x85 (one byte, as the markers on 0x86 and 0x87: the recorder's
+    /// ports end at 0x87); enables its local APIC and takes interrupts for a while (none
+    /// may come), marks 0x87; then arms its TSC-deadline timer (vector
+    /// 0x41) close, waits with interrupts off until the vector is pending,
+    /// reports the low half of IRR word 2 on port 0x86, arms the timer again far away, sets
+    /// the flag at AP_DONE_FLAG and halts with interrupts off.
+    fn ap_busy(ap_busy_start, ap_busy_end) {
+        ".code64",
+        "mov dx, 0x84",
+        "mov rax, 0x102000",
+        "call rax",
+        "xor eax, eax",
+        "out 0x85, al",
+        "mov rbx, 0xfee00000",
+        "mov dword ptr [rbx + 0xf0], 0x1ff",
+        "sti",
+        "mov ecx, 100000",
+        "13:",
+        "pause",
+        "dec ecx",
+        "jnz 13b",
+        "cli",
+        "xor eax, eax",
+        "out 0x87, al",
+        "mov dword ptr [rbx + 0x320], 0x40041",
+        "rdtsc",
+        "shl rdx, 32",
+        "or rax, rdx",
+        "add rax, 0x10000",
+        "mov rdx, rax",
+        "shr rdx, 32",
+        "mov ecx, 0x6e0",
+        "wrmsr",
+        "mov ecx, 0x100000",
+        "15:",
+        "test dword ptr [rbx + 0x220], 2",
+        "jnz 17f",
+        "dec ecx",
+        "jnz 15b",
+        "17:",
+        "mov eax, dword ptr [rbx + 0x220]",
+        "out 0x86, ax",
+        "rdtsc",
+        "shl rdx, 32",
+        "or rax, rdx",
+        "mov rsi, 0x10000000000",
+        "add rax, rsi",
+        "mov rdx, rax",
+        "shr rdx, 32",
+        "mov ecx, 0x6e0",
+        "wrmsr",
+        "mov dword ptr [0x200000], 1",
+        "14:",
+        "cli",
+        "hlt",
+        "jmp 14b",
+    }
+}
+
+/// Reads return how many reads came before (the guest's boot number),
+/// plus the initial value.
+#[derive(Default)]
+struct BootCounter(std::sync::atomic::AtomicU32);
+
+impl devices::BusDevice for BootCounter {
+    fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        for (d, s) in data.iter_mut().zip(n.to_le_bytes()) {
+            *d = s;
+        }
+    }
+
+    fn write(&self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+/// Two vCPUs running `busy_then_reset` and `ap_busy`, with the boot
+/// counter at BOOT_COUNTER_PORT counting from `first_boot`.
+fn busy_vm(first_boot: u32) -> BareVm {
+    let vm = BareVm::new(2, 64 << 20, busy_then_reset(), 0);
+    assert_eq!(REPORT_LAPIC_ADDR, 0x10_2000, "the guest's address");
+    assert_eq!(AP_DONE_FLAG, 0x20_0000, "the guest's address");
+    assert_eq!(BOOT_COUNTER_PORT, 0x88, "the guest's port");
+    vm.write(REPORT_LAPIC_ADDR, report_lapic());
+    vm.write(AP_CODE_ADDR, ap_busy());
+    vm.machine
+        .devices
+        .add_pio(
+            devices::BusRange::new(u64::from(BOOT_COUNTER_PORT), 4).unwrap(),
+            Arc::new(BootCounter(std::sync::atomic::AtomicU32::new(first_boot))),
+        )
+        .unwrap();
+    vm.start_long_mode(0, false);
+    vm.start_vcpu(
+        1,
+        AP_CODE_ADDR - tests::bare_vm::CODE_ADDR,
+        0x7_0000,
+        false,
+        |_| {},
+    );
+    vm
+}
+
+/// Names of the values of the boot vCPU's report, in its order.
+fn bsp_report_names() -> Vec<String> {
+    let mut names = vec!["boot number".to_string()];
+    names.extend(LAPIC_REGS.iter().map(|(_, n)| format!("LAPIC {n}")));
+    names.push("TSC deadline low".into());
+    names.push("TSC deadline high".into());
+    for pin in 0..24 {
+        names.push(format!("IOAPIC pin {pin} low"));
+        names.push(format!("IOAPIC pin {pin} high"));
+    }
+    for n in [
+        "PIC master IMR",
+        "PIC slave IMR",
+        "PIC master IRR",
+        "PIC master ISR",
+        "PIC slave IRR",
+        "PIC slave ISR",
+        "ELCR 0x4d0",
+        "ELCR 0x4d1",
+        "PIT channel 0 status",
+        "PIT channel 1 status",
+        "PIT channel 2 status",
+        "port 0x61 (no refresh bit)",
+    ] {
+        names.push(n.into());
+    }
+    names
+}
+
+/// The values written to `port`, in order.
+fn written_to(vm: &BareVm, port: u16) -> Vec<u64> {
+    vm.pio
+        .writes()
+        .into_iter()
+        .filter(|&(a, _)| a == u64::from(port))
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Splits a run of reports of `len` values each into reports.
+fn reports(values: &[u64], len: usize) -> Vec<Vec<u64>> {
+    values.chunks(len).map(<[u64]>::to_vec).collect()
+}
+
+/// The differences between two reports, named.
+fn differences(names: &[String], cold: &[u64], rebooted: &[u64]) -> Vec<String> {
+    names
+        .iter()
+        .zip(cold.iter().zip(rebooted))
+        .filter(|(_, (a, b))| a != b)
+        .map(|(n, (a, b))| format!("{n}: cold boot {a:#x}, rebooted {b:#x}"))
+        .collect()
+}
+
+/// A guest that resets while the in-kernel interrupt controllers and
+/// timers are busy (PIT channel 0 periodic with a tick pending and
+/// unacknowledged, channel 2 running, both PICs programmed, an IOAPIC level
+/// pin waiting for its EOI, local APIC timers armed, one-shot on vCPU 0 and
+/// TSC-deadline on vCPU 1, vectors pending in both local APICs, COM1's
+/// interrupt raised) finds them, after the reboot in place, as it found
+/// them at the cold boot: each vCPU's local APIC and TSC deadline, the
+/// IOAPIC, the PICs and the PIT read the same, and no interrupt arrives
+/// that the rebooted guest did not enable.
+#[test]
+fn a_rebooted_guest_finds_the_interrupt_controllers_and_timers_as_at_cold_boot() {
+    let _serial = one_at_a_time();
+    let mut vm = busy_vm(0);
+    let outcome = run_until_power_off(&mut vm);
+    assert_eq!(outcome.reason, StopReason::Guest(ExitRequest::PowerOff));
+    assert_eq!(
+        vm.machine.devices.exit.count(ExitRequest::Reset),
+        1,
+        "one reset (an unexpected interrupt would triple-fault: another)"
+    );
+
+    // The busy state was reached before the reset.
+    let busy = written_to(&vm, 0x83);
+    assert_eq!(busy.len(), 4, "boot 0's busy state: {busy:x?}");
+    assert_ne!(
+        busy[0] & (1 << 16),
+        0,
+        "vector 0x30 (PIT) pending: {busy:x?}"
+    );
+    assert_ne!(
+        busy[0] & (1 << 20),
+        0,
+        "vector 0x34 (COM1) pending: {busy:x?}"
+    );
+    assert_ne!(
+        busy[1] & 1,
+        0,
+        "vector 0x40 (APIC timer) pending: {busy:x?}"
+    );
+    assert_ne!(busy[2] & (1 << 14), 0, "IOAPIC pin 4 remote IRR: {busy:x?}");
+    let ap_busy = written_to(&vm, 0x86);
+    assert!(
+        ap_busy.first().is_some_and(|v| v & 2 != 0),
+        "vector 0x41 (TSC deadline) pending on vCPU 1: {ap_busy:x?}"
+    );
+
+    // Both boots took interrupts for a while and got none.
+    assert_eq!(
+        written_to(&vm, 0x82),
+        vec![0, 1],
+        "boot vCPU's quiet probes"
+    );
+    assert_eq!(written_to(&vm, 0x87), vec![0, 0], "vCPU 1's quiet probes");
+
+    let names = bsp_report_names();
+    let bsp = reports(&written_to(&vm, 0x80), names.len());
+    assert_eq!(bsp.len(), 2, "two boot reports: {bsp:x?}");
+    assert_eq!(written_to(&vm, 0x81), vec![0, 1], "two whole boot reports");
+    let mut diffs = differences(&names[1..], &bsp[0][1..], &bsp[1][1..]);
+    let ap_names: Vec<String> = names[1..LAPIC_REGS.len() + 3]
+        .iter()
+        .map(|n| format!("vCPU 1 {n}"))
+        .collect();
+    let ap = reports(&written_to(&vm, 0x84), ap_names.len());
+    assert_eq!(ap.len(), 2, "two reports of vCPU 1: {ap:x?}");
+    diffs.extend(differences(&ap_names, &ap[0], &ap[1]));
+    assert!(
+        diffs.is_empty(),
+        "the rebooted guest found, unlike the cold boot:\n{}",
+        diffs.join("\n")
+    );
+}
+
+/// KVM's vCPU ioctls, for reading a parked vCPU's state from the test's
+/// thread (the VMM's vCPU threads own their `VcpuFd`s).
+mod vcpu_ioctls {
+    use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
+    const KVMIO: u32 = 0xae;
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_bindings::kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_bindings::kvm_lapic_state);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_bindings::kvm_mp_state);
+    ioctl_ior_nr!(
+        KVM_GET_VCPU_EVENTS,
+        KVMIO,
+        0x9f,
+        kvm_bindings::kvm_vcpu_events
+    );
+}
+
+/// A vCPU file descriptor of the machine under test, by number.
+struct RawVcpu(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for RawVcpu {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// What KVM reports of a vCPU.
+#[derive(Debug, Clone, PartialEq)]
+struct VcpuView {
+    mp_state: u32,
+    events: kvm_bindings::kvm_vcpu_events,
+    lapic: Vec<u8>,
+    msrs: std::collections::BTreeMap<u32, u64>,
+}
+
+/// Reads what KVM reports of the vCPU `fd` (which must not be in
+/// `KVM_RUN`: its thread not started, or parked), with the MSRs of
+/// `msr_indexes` that it can read.
+fn vcpu_view(fd: std::os::fd::RawFd, msr_indexes: &[u32]) -> VcpuView {
+    use vmm_sys_util::ioctl::{ioctl_with_mut_ptr, ioctl_with_mut_ref};
+    let fd = RawVcpu(fd);
+    let mut mp = kvm_bindings::kvm_mp_state::default();
+    // SAFETY: KVM writes one kvm_mp_state into `mp`.
+    let rc = unsafe { ioctl_with_mut_ref(&fd, vcpu_ioctls::KVM_GET_MP_STATE(), &mut mp) };
+    assert_eq!(rc, 0, "KVM_GET_MP_STATE");
+    let mut events = kvm_bindings::kvm_vcpu_events::default();
+    // SAFETY: KVM writes one kvm_vcpu_events into `events`.
+    let rc = unsafe { ioctl_with_mut_ref(&fd, vcpu_ioctls::KVM_GET_VCPU_EVENTS(), &mut events) };
+    assert_eq!(rc, 0, "KVM_GET_VCPU_EVENTS");
+    let mut lapic = kvm_bindings::kvm_lapic_state::default();
+    // SAFETY: KVM writes one kvm_lapic_state into `lapic`.
+    let rc = unsafe { ioctl_with_mut_ref(&fd, vcpu_ioctls::KVM_GET_LAPIC(), &mut lapic) };
+    assert_eq!(rc, 0, "KVM_GET_LAPIC");
+    let mut msrs = std::collections::BTreeMap::new();
+    for &index in msr_indexes {
+        let mut one = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .unwrap();
+        // SAFETY: `one` is a kvm_msrs with room for the one entry it
+        // announces; KVM writes at most that entry's data.
+        let n = unsafe {
+            ioctl_with_mut_ptr(
+                &fd,
+                vcpu_ioctls::KVM_GET_MSRS(),
+                one.as_mut_fam_struct_ptr(),
+            )
+        };
+        if n == 1 {
+            msrs.insert(index, one.as_slice()[0].data);
+        }
+    }
+    VcpuView {
+        mp_state: mp.mp_state,
+        events,
+        lapic: lapic.regs.iter().map(|&b| b as u8).collect(),
+        msrs,
+    }
+}
+
+/// What KVM reports of the PIT, the PICs and the IOAPIC, and of each vCPU.
+#[derive(Debug, Clone)]
+struct KvmView {
+    pit: kvm_bindings::kvm_pit_state2,
+    chips: Vec<Vec<u8>>,
+    vcpus: Vec<VcpuView>,
+}
+
+fn kvm_view(vm: &VmFd, vcpu_fds: &[std::os::fd::RawFd], msrs: &[u32]) -> KvmView {
+    let pit = vm.get_pit2().unwrap();
+    let chips = (0..3)
+        .map(|chip_id| {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip).unwrap();
+            // SAFETY: every field of the union is plain bytes; `dummy`
+            // covers all 512 of them.
+            unsafe { chip.chip.dummy }
+                .iter()
+                .map(|&b| b as u8)
+                .collect()
+        })
+        .collect();
+    let vcpus = vcpu_fds.iter().map(|&fd| vcpu_view(fd, msrs)).collect();
+    KvmView { pit, chips, vcpus }
+}
+
+use kvm_ioctls::VmFd;
+
+/// The differences between a cold boot's view and a rebooted one, named.
+/// Left out, as they differ between any two readings: each PIT channel's
+/// `count_load_time` (a host clock reading), the local APIC timer's
+/// current count, and the TSC.
+fn view_differences(cold: &KvmView, rebooted: &KvmView) -> Vec<String> {
+    let mut d = Vec::new();
+    let (mut a, mut b) = (cold.pit, rebooted.pit);
+    for c in a.channels.iter_mut().chain(b.channels.iter_mut()) {
+        c.count_load_time = 0;
+    }
+    if a != b {
+        d.push(format!("PIT: cold boot {a:?}, rebooted {b:?}"));
+    }
+    for (i, (x, y)) in cold.chips.iter().zip(&rebooted.chips).enumerate() {
+        for (off, (p, q)) in x.iter().zip(y).enumerate() {
+            if p != q {
+                d.push(format!(
+                    "irqchip {i} byte {off}: cold boot {p:#x}, rebooted {q:#x}"
+                ));
+            }
+        }
+    }
+    for (n, (x, y)) in cold.vcpus.iter().zip(&rebooted.vcpus).enumerate() {
+        if x.mp_state != y.mp_state {
+            d.push(format!(
+                "vCPU {n} mp_state: {} -> {}",
+                x.mp_state, y.mp_state
+            ));
+        }
+        if x.events != y.events {
+            d.push(format!(
+                "vCPU {n} events: cold boot {:?}, rebooted {:?}",
+                x.events, y.events
+            ));
+        }
+        for reg in (0..x.lapic.len()).step_by(16) {
+            if reg == 0x390 {
+                continue;
+            }
+            let (p, q) = (&x.lapic[reg..reg + 4], &y.lapic[reg..reg + 4]);
+            if p != q {
+                d.push(format!(
+                    "vCPU {n} LAPIC {reg:#x}: cold boot {p:x?}, rebooted {q:x?}"
+                ));
+            }
+        }
+        for (index, v) in &x.msrs {
+            if *index == 0x10 {
+                continue;
+            }
+            let w = y.msrs.get(index);
+            if w != Some(v) {
+                d.push(format!(
+                    "vCPU {n} MSR {index:#x}: cold boot {v:#x}, rebooted {w:x?}"
+                ));
+            }
+        }
+    }
+    d
+}
+
+/// What KVM itself reports after a reset made while the in-kernel
+/// interrupt controllers, timers and vCPUs were busy (as in the test
+/// above, reset by QMP `system_reset` while the VM is paused, so the
+/// vCPUs stay parked and nothing runs between the restore and the
+/// reading) is what it reported before the cold boot: the PIT (all but
+/// the load times), both PICs and the IOAPIC byte for byte, and each
+/// vCPU's MP state, pending events, local APIC registers (all but the
+/// timer's current count) and every MSR it can read (all but the TSC).
+#[test]
+fn after_a_reset_kvm_reports_the_cold_boot_state() {
+    let _serial = one_at_a_time();
+    let mut vm = busy_vm(0x100);
+    let fds: Vec<std::os::fd::RawFd> = vm
+        .machine
+        .vcpu_fds()
+        .iter()
+        .map(std::os::fd::AsRawFd::as_raw_fd)
+        .collect();
+    let msr_indexes = vm.machine.vm.kvm().get_msr_index_list().unwrap();
+    let msr_indexes = msr_indexes.as_slice().to_vec();
+    let cold = kvm_view(vm.machine.vm.fd(), &fds, &msr_indexes);
+    let kvm_vm = Arc::clone(&vm.machine.vm);
+    let pio = Arc::clone(&vm.pio);
+    let sock = sock_path("kvm-view");
+    let s2 = sock.clone();
+    let (outcome, _console, rebooted) = run_restart(&mut vm, &sock, OnReset::Restart, move |_| {
+        let mut a = raw_qmp::connect(&s2);
+        let end = std::time::Instant::now() + Duration::from_secs(60);
+        let busy = |port: u64| pio.writes().iter().filter(|(p, _)| *p == port).count();
+        while busy(0x83) < 4 || busy(0x86) < 1 {
+            assert!(std::time::Instant::now() < end, "the guest never got busy");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let r = raw_qmp::execute(&mut a, r#"{"execute":"stop"}"#);
+        assert!(r.get("return").is_some(), "{r}");
+        let r = raw_qmp::execute(&mut a, r#"{"execute":"system_reset"}"#);
+        assert!(r.get("return").is_some(), "{r}");
+        loop {
+            let ev = next_event(&mut a).expect("RESET");
+            if ev["event"] == "RESET" {
+                break;
+            }
+        }
+        let rebooted = kvm_view(kvm_vm.fd(), &fds, &msr_indexes);
+        let r = raw_qmp::execute(&mut a, r#"{"execute":"quit"}"#);
+        assert!(r.get("return").is_some(), "{r}");
+        rebooted
+    });
+    assert_eq!(outcome.reason, StopReason::Qmp(QmpStop::Quit));
+    assert!(cold.vcpus.iter().all(|v| !v.msrs.is_empty()));
+    let diffs = view_differences(&cold, &rebooted);
+    assert!(
+        diffs.is_empty(),
+        "after the reset KVM reports, unlike before the cold boot:\n{}",
+        diffs.join("\n")
+    );
+}
