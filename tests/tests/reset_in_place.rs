@@ -396,6 +396,22 @@ guest_code! {
     }
 }
 
+guest_code! {
+    /// As `report_read_report`, reading port RESET_DEVICE_PORT instead.
+    fn report_in_report(report_in_start, report_in_end) then power off {
+        ".code64",
+        "mov eax, 1",
+        "out 0x80, eax",
+        "mov dx, 0x8c",
+        "in eax, dx",
+        "mov eax, 2",
+        "out 0x80, eax",
+    }
+}
+
+/// Where the reset-on-read device sits on the port-I/O bus (4 ports).
+const RESET_DEVICE_PORT: u16 = 0x8c;
+
 /// Runs `vm` with `--on-reset restart` until the guest powers off (120 s
 /// at most), no QMP, vCPU threads filtered as the `vmm` command does.
 fn run_until_power_off(vm: &mut BareVm) -> RunOutcome {
@@ -411,6 +427,31 @@ fn run_until_power_off(vm: &mut BareVm) -> RunOutcome {
         .expect("run")
 }
 
+/// Runs `code` (which reports 1, reads the reset-on-read device at
+/// `range` on the port-I/O bus if `pio`, else the MMIO bus, reports 2 and
+/// powers off) and returns what it reported over both boots.
+fn reports_around_a_reset_during_a_read(
+    code: &[u8],
+    pio: bool,
+    range: devices::BusRange,
+) -> Vec<u64> {
+    let mut vm = BareVm::new(1, 64 << 20, code, 0);
+    vm.start_long_mode(0, false);
+    let device = Arc::new(ResetOnFirstRead {
+        exit: Arc::clone(&vm.machine.devices.exit),
+        armed: std::sync::atomic::AtomicBool::new(true),
+    });
+    if pio {
+        vm.machine.devices.add_pio(range, device).unwrap();
+    } else {
+        vm.machine.devices.add_mmio(range, device).unwrap();
+    }
+    let outcome = run_until_power_off(&mut vm);
+    assert_eq!(outcome.reason, StopReason::Guest(ExitRequest::PowerOff));
+    assert_eq!(vm.machine.devices.exit.count(ExitRequest::Reset), 1);
+    vm.pio.writes().into_iter().map(|(_, v)| v).collect()
+}
+
 /// A reset that reaches a vCPU while KVM still owes it the end of an MMIO
 /// read (KVM finishes an I/O or MMIO instruction in the next `KVM_RUN`)
 /// reboots that vCPU from its power-on state all the same: the rebooted
@@ -421,25 +462,26 @@ fn run_until_power_off(vm: &mut BareVm) -> RunOutcome {
 fn a_reset_during_an_mmio_read_reboots_from_the_power_on_state() {
     let _serial = one_at_a_time();
     assert_eq!(RESET_DEVICE_MMIO, 0xd800_1000, "the guest's address");
-    let mut vm = BareVm::new(1, 64 << 20, report_read_report(), 0);
-    vm.start_long_mode(0, false);
-    let device = Arc::new(ResetOnFirstRead {
-        exit: Arc::clone(&vm.machine.devices.exit),
-        armed: std::sync::atomic::AtomicBool::new(true),
-    });
-    vm.machine
-        .devices
-        .add_mmio(
-            devices::BusRange::new(RESET_DEVICE_MMIO, 4096).unwrap(),
-            device,
-        )
-        .unwrap();
-    let outcome = run_until_power_off(&mut vm);
-    assert_eq!(outcome.reason, StopReason::Guest(ExitRequest::PowerOff));
-    assert_eq!(vm.machine.devices.exit.count(ExitRequest::Reset), 1);
-    let reports: Vec<u64> = vm.pio.writes().into_iter().map(|(_, v)| v).collect();
+    let range = devices::BusRange::new(RESET_DEVICE_MMIO, 4096).unwrap();
     assert_eq!(
-        reports,
+        reports_around_a_reset_during_a_read(report_read_report(), false, range),
+        vec![1, 1, 2],
+        "what the cold boot and the rebooted guest reported"
+    );
+}
+
+/// The same with a port read (`in`). Where KVM emulates `in` (as on
+/// hosts without hardware virtualization) it finishes it as it finishes an
+/// MMIO read; KVM's fast path for `in` (with hardware virtualization,
+/// `complete_fast_pio_in` in arch/x86/kvm/x86.c) finishes it only if RIP
+/// did not change, so there the old read was dropped rather than resumed.
+#[test]
+fn a_reset_during_a_port_read_reboots_from_the_power_on_state() {
+    let _serial = one_at_a_time();
+    assert_eq!(RESET_DEVICE_PORT, 0x8c, "the guest's port");
+    let range = devices::BusRange::new(u64::from(RESET_DEVICE_PORT), 4).unwrap();
+    assert_eq!(
+        reports_around_a_reset_during_a_read(report_in_report(), true, range),
         vec![1, 1, 2],
         "what the cold boot and the rebooted guest reported"
     );
