@@ -32,7 +32,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tests::bare_vm::BareVm;
 use tests::guest_code;
-use vmm::test_utils::{MAX_RETIRED_SLOTS, SLOT_SIZE};
+use vmm::test_utils::{Hotplug, MAX_RETIRED_SLOTS, SLOT_SIZE};
 
 const HOTPLUG_BASE: u64 = 1 << 32;
 
@@ -78,6 +78,17 @@ fn busy_vm_with(slots: u64) -> BareVm {
     vm.map_high(HOTPLUG_BASE, 1 << 30);
     let _ = BusRange::new(0, 1);
     vm
+}
+
+/// Polls every `poll` until fewer than `limit` retired slots wait for
+/// their grace period; whether it had to wait.
+fn wait_retired_below(hp: &Hotplug, limit: u64, poll: Duration) -> bool {
+    let mut waited = false;
+    while hp.manager.retired_pending() >= limit {
+        waited = true;
+        std::thread::sleep(poll);
+    }
+    waited
 }
 
 fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
@@ -169,11 +180,8 @@ fn stress_child(strategy: &str, per_sec: u64) {
             // A plug that needs a new slot is refused while MAX_RETIRED_SLOTS
             // retired slots wait for their grace period (the call_rcu thread
             // is behind): wait for it, as a guest retrying the plug would.
-            if hp.manager.retired_pending() >= MAX_RETIRED_SLOTS {
+            if wait_retired_below(&hp, MAX_RETIRED_SLOTS, Duration::from_micros(100)) {
                 backlog_waits += 1;
-                while hp.manager.retired_pending() >= MAX_RETIRED_SLOTS {
-                    std::thread::sleep(Duration::from_micros(100));
-                }
             }
             hp.manager.plug(gpa, SLOT_SIZE).expect("plug");
             hp.manager.unplug(gpa, SLOT_SIZE).expect("unplug");
@@ -411,9 +419,7 @@ fn scale() {
             hp.manager.unplug(gpa, SLOT_SIZE).expect("unplug");
             unplug.push(((thread_cpu() - t).as_secs_f64() * 1e6, before));
             // Stay under the retired-slot cap: let the grace period pass.
-            while hp.manager.retired_pending() > 32 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            wait_retired_below(&hp, 33, Duration::from_millis(1));
         }
         rcu::drain_call_rcu();
         let left = hp.manager.mapped_slots();
