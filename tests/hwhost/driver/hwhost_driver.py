@@ -17,6 +17,7 @@ hotplug_numa, reboot, cargo_tests, comparisons).
 """
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -62,6 +63,12 @@ def main():
     args = ap.parse_args()
     if args.loud:
         l2_vm.GUEST_QUIET.clear()
+    # Every vmm logs at info (unless VMM_LOG says otherwise): a guest reset
+    # or power-off then says on stderr, echoed to the test host's console,
+    # what asked for it (a device, or a triple fault), so a VM that ends by
+    # surprise in any scenario can be told apart. Info has a handful of
+    # messages, none per exit.
+    os.environ.setdefault("VMM_LOG", "info")
     res = Results(args.results)
     for s in args.scenarios:
         res.scenario = s
