@@ -14,6 +14,8 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs -o size=90% tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
+# KVM's per-VM statistics (exits, page faults fixed, ...) for bench-hotplug.
+mount -t debugfs nodev /sys/kernel/debug 2>/dev/null
 mkdir -p /root
 stty -F /dev/ttyS1 raw -echo 2>/dev/null
 results=/dev/ttyS1

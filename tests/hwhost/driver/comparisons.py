@@ -173,6 +173,36 @@ HP_REGION = "64G"  # 512 slots of 128 MiB: address space only until plugged
 VCPU_THREAD = re.compile(r"^(vcpu\d+|CPU \d+/KVM)$")
 
 
+def kvm_stats(pid):
+    """KVM's statistics of PID's VMs, from debugfs (the VM's own counters
+    and its vCPUs' summed: exits, pf_fixed, pf_taken, mmio_exits,
+    remote_tlb_flush, ...), or {} where debugfs is not there. The same
+    source for every VMM."""
+    root = "/sys/kernel/debug/kvm"
+    total = {}
+    try:
+        dirs = [d for d in os.listdir(root) if d.startswith(f"{pid}-")]
+    except OSError:
+        return {}
+    for d in dirs:
+        for name in os.listdir(f"{root}/{d}"):
+            path = f"{root}/{d}/{name}"
+            if not os.path.isfile(path):
+                continue
+            try:
+                with open(path) as f:
+                    total[name] = total.get(name, 0) + int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def kvm_stats_delta(a, b):
+    """What changed between two kvm_stats() snapshots (counters that moved;
+    gauges such as pages_4k may go down)."""
+    return {k: b[k] - a.get(k, 0) for k in sorted(b) if b[k] != a.get(k, 0)}
+
+
 def task_cpu(pid):
     """{tid: (comm, ns, ticks)} for every thread of PID: on-CPU time from
     schedstat (nanoseconds; None if the kernel has no schedstat) and
@@ -243,15 +273,17 @@ def resize_window(vm, size, limit):
     """qom-set requested-size SIZE and waits for MEMORY_DEVICE_SIZE_CHANGE
     with that size: no QMP command or guest shell command runs in between,
     so the VMM's CPU in the window is the resize's (plus its idle cost).
-    Returns (t0, t_size, cpu snapshot before, after)."""
+    Returns (t0, t_size, cpu snapshot before, after, the event count
+    before, what KVM counted in the window)."""
     ev0 = len(vm.pull_events())
+    k0 = kvm_stats(vm.pid)
     c0 = task_cpu(vm.pid)
     t0 = time.monotonic()
     vm.cmd("qom-set", path="vmem0", property="requested-size", value=size)
     ev = vm.wait_event("MEMORY_DEVICE_SIZE_CHANGE", limit,
                        lambda e: e["data"]["size"] == size, after=ev0)
     c1 = task_cpu(vm.pid)
-    return t0, ev["_t"], c0, c1, ev0
+    return t0, ev["_t"], c0, c1, ev0, kvm_stats_delta(k0, kvm_stats(vm.pid))
 
 
 def measure_hotplug(res, vm, name, ours, plug, fill_mib, idle_s):
@@ -278,7 +310,7 @@ def measure_hotplug(res, vm, name, ours, plug, fill_mib, idle_s):
 
     # ---- plug
     mark = guest_watch(vm, 1, "lt", base_kib + plug // 1024)
-    t0, t_size, c0, c1, ev0 = resize_window(vm, plug, 900)
+    t0, t_size, c0, c1, ev0, kvm = resize_window(vm, plug, 900)
     m = vm.wait_for(r"HPMARK_1 (\d+)\r?\n", 1200, mark, what="the guest seeing the plug")
     t_seen = vm.time_of(m.start())
     res.check(f"{name}: guest MemTotal grew by the plugged size",
@@ -291,7 +323,8 @@ def measure_hotplug(res, vm, name, ours, plug, fill_mib, idle_s):
                 "others_cpu_ms": round(cpu_ms(c0, c1, pid, "others"), 2),
                 "window_s": round(t_size - t0, 2),
                 "size_reached_s": round(t_size - t0, 2),
-                "guest_visible_s": round(t_seen - t0, 2)}
+                "guest_visible_s": round(t_seen - t0, 2),
+                "kvm": kvm}
     if ours:
         done = [e for e in vm.pull_events()[ev0:] if e["event"] == "X_MEMORY_DEVICE_RESIZE_DONE"
                 and e["data"]["size"] == plug]
@@ -316,7 +349,7 @@ def measure_hotplug(res, vm, name, ours, plug, fill_mib, idle_s):
     samples, stop = [], threading.Event()
     sampler = rss_sampler(vm, stop, samples)
     try:
-        t0, t_size, c0, c1, ev0 = resize_window(vm, 0, 1800)
+        t0, t_size, c0, c1, ev0, kvm = resize_window(vm, 0, 1800)
         m = vm.wait_for(r"HPMARK_2 (\d+)\r?\n", 1200, mark, what="the guest seeing the unplug")
         t_seen = vm.time_of(m.start())
         # The guest keeps the plugged memory's memmap (64 bytes per 4 KiB
@@ -340,7 +373,8 @@ def measure_hotplug(res, vm, name, ours, plug, fill_mib, idle_s):
                   "window_s": round(t_size - t0, 2),
                   "size_reached_s": round(t_size - t0, 2),
                   "guest_visible_s": round(t_seen - t0, 2),
-                  "memory_returned_s": round(back[0] - t0, 2)}
+                  "memory_returned_s": round(back[0] - t0, 2),
+                  "kvm": kvm}
     if ours:
         done = [e for e in vm.pull_events()[ev0:] if e["event"] == "X_MEMORY_DEVICE_RESIZE_DONE"
                 and e["data"]["size"] == 0]
@@ -386,13 +420,17 @@ def bench_hotplug(res, args):
     loop; QEMU's: the main thread, its main loop), time from qom-set to
     the size reached (MEMORY_DEVICE_SIZE_CHANGE) and to the guest's
     MemTotal, and from the unplug request to the RSS back down."""
-    need_qemu(res)
+    if args.vmms != "ours":
+        need_qemu(res)
     runs = args.runs or 1
     plug = (args.plug_mib or 4096) * MIB
     fill_mib = args.fill_mib if args.fill_mib is not None else plug // MIB // 4
     cpus, mem, idle_s = 2, "1G", 10
+    sides = [(who, dyn) for who, dyn in
+             (("ours", None), ("qemu-q35", False), ("qemu-q35-dynamic", True))
+             if not args.vmms or who in args.vmms.split(",")]
     for r in range(1, runs + 1):
-        for who, dyn in (("ours", None), ("qemu-q35", False), ("qemu-q35-dynamic", True)):
+        for who, dyn in sides:
             name = f"bhp-{who}-{r}"
             ours = who == "ours"
             # QEMU q35 in the test host now and then resets or stalls

@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--cycles", type=int)
     ap.add_argument("--plug-mib", type=int)
     ap.add_argument("--fill-mib", type=int)
+    ap.add_argument("--vmms", help="bench-hotplug: the sides to run, comma-separated "
+                    "(ours,qemu-q35,qemu-q35-dynamic; default all)")
     ap.add_argument("--loud", action="store_true", help="guest kernels without 'quiet'")
     ap.add_argument("scenarios", nargs="*")
     args = ap.parse_args()
