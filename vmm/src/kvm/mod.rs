@@ -18,6 +18,8 @@
 //! * `kvm_stats` (tests only): KVM's binary statistics of a vCPU (`KVM_GET_STATS_FD`).
 //! * [`emulation`]: `KVM_EXIT_INTERNAL_ERROR`, explained (and `int3`
 //!   completed).
+//! * [`triple_fault`]: the vCPU's state at a triple fault, logged with the
+//!   reset it causes.
 //! * [`guest_pagewalk`]: a guest linear address to a guest-physical one, by
 //!   walking the guest's page tables (to show the bytes at a failing RIP).
 //! * [`host`]: what kind of KVM this host has (hardware or emulation only)
@@ -30,6 +32,7 @@ pub(crate) mod host;
 pub(crate) mod kick;
 #[cfg(any(test, feature = "test-utils"))]
 pub(crate) mod kvm_stats;
+pub(crate) mod triple_fault;
 pub(crate) mod vcpu;
 pub(crate) mod vcpu_state;
 pub(crate) mod vm;

@@ -8,6 +8,7 @@
 
 use crate::kvm::emulation::{self, Outcome};
 use crate::kvm::kick;
+use crate::kvm::triple_fault;
 use crate::kvm::vcpu_state::VcpuState;
 use crate::memory::guest_memory::SharedGuestMap;
 use devices::{Bus, ExitRequest, ExitSink};
@@ -602,6 +603,9 @@ enum Handled {
     /// the vCPU itself (its registers), so it runs after the exit data is
     /// dropped.
     NeedsEmulation,
+    /// A triple fault: the guest resets. Its state is logged first, which
+    /// needs the vCPU itself.
+    TripleFault,
 }
 
 fn run_loop(
@@ -679,6 +683,19 @@ fn run_loop(
                     }
                     Outcome::Fatal(msg) => ExitAction::Fatal(msg),
                 }
+            }
+            Handled::TripleFault => {
+                // Said apart from a reset the guest asks for, which a
+                // device logs; the state is the only trace a surprise
+                // reset leaves.
+                let g = rcu::read_lock();
+                log::info!(
+                    "vCPU {index}: triple fault: the guest resets; {}",
+                    triple_fault::describe(vcpu, ctx.memory.read(&g))
+                );
+                drop(g);
+                ctx.exit.request(ExitRequest::Reset);
+                ExitAction::Park
             }
         };
         stats.handling_ns.fetch_add(
@@ -785,12 +802,9 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext, stats: &VcpuSt
         }
         VcpuExit::Shutdown => {
             // Triple fault: a reset. The control thread reboots the
-            // machine or ends it (`--on-reset`). Said apart from a reset
-            // the guest asks for, which a device logs.
+            // machine or ends it (`--on-reset`).
             stats.other.fetch_add(1, Ordering::Relaxed);
-            log::info!("vCPU {index}: triple fault: the guest resets");
-            ctx.exit.request(ExitRequest::Reset);
-            done(ExitAction::Park)
+            Handled::TripleFault
         }
         VcpuExit::SystemEvent(kind, _) => {
             stats.other.fetch_add(1, Ordering::Relaxed);
