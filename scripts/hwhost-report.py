@@ -166,7 +166,7 @@ def print_hotplug_bench(groups):
                     b = sum(r[kind]["control_ms_per_gib"] for r in ours) / len(ours)
                     ratio.append(f"{kind} {a / b:.1f}x" if b > 0 else f"{kind} n/a")
                 print(f"{vmm}'s control-thread CPU per GiB against ours (means): {', '.join(ratio)}.")
-        keys = ("exits", "pf_fixed", "pf_taken", "mmio_exits", "io_exits", "halt_exits",
+        keys = ("exits", "pf_fixed", "pages_4k", "pages_2m", "mmio_exits", "halt_exits",
                 "remote_tlb_flush", "tlb_flush")
         if any(r["unplug"].get("kvm") for r in recs):
             print("\nWhat the test host's KVM counted in each window (debugfs, the VM's counters "

@@ -276,7 +276,7 @@ impl Machine {
             vm.memslot_limit() as u64,
             phys_bits,
         )?;
-        let mem = guest_memory::map_ram(&map.mmap_ranges())?;
+        let (mem, ram) = guest_memory::map_ram(&map.mmap_ranges())?;
         // Dropped after the helper is joined, whatever happens here, so the
         // slots never point at memory that was unmapped.
         let registered_mem = mem.clone();
@@ -287,12 +287,13 @@ impl Machine {
                 .spawn_scoped(scope, register);
             // No thread to spare: register here, before anything else.
             let inline = helper.is_err().then(register);
-            let machine = Self::assemble(spec, start, host, map, &vm, mem).and_then(|mut m| {
-                if let Some(config) = config {
-                    m.load_linux(config)?;
-                }
-                Ok(m)
-            });
+            let machine =
+                Self::assemble(spec, start, host, map, &vm, mem, ram).and_then(|mut m| {
+                    if let Some(config) = config {
+                        m.load_linux(config)?;
+                    }
+                    Ok(m)
+                });
             let registered = match helper {
                 Ok(handle) => handle
                     .join()
@@ -313,6 +314,7 @@ impl Machine {
         map: boot::RamLayout,
         vm: &Arc<Vm>,
         mem: vm_memory::GuestMemoryMmap,
+        ram: guest_memory::AlignedRam,
     ) -> Result<Self, MachineError> {
         let vm = Arc::clone(vm);
         let devices = DeviceManager::new(&vm)?;
@@ -327,7 +329,7 @@ impl Machine {
             );
         }
         let memory: SharedGuestMap = Arc::new(RcuCell::with_label(
-            guest_memory::GuestMap::first(mem),
+            guest_memory::GuestMap::first(mem, ram),
             MEMORY_MAP_LABEL,
         ));
         let numa = spec.hotplug.iter().any(|d| d.node.is_some());

@@ -224,7 +224,8 @@ mod tests {
     #[test]
     fn restore_ram_brings_back_the_loaded_pages_and_zeroes_the_rest() {
         let vm = Vm::new(crate::kvm::dev_kvm::open(1).unwrap()).unwrap();
-        let mem = crate::memory::guest_memory::map_ram(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let (mem, _ram) =
+            crate::memory::guest_memory::map_ram(&[(GuestAddress(0), 64 << 20)]).unwrap();
         mem.write_slice(b"kernel", GuestAddress(0x10_0000)).unwrap();
         let image = PowerOnImage::capture(&vm, &mem).unwrap();
         assert!(image.loaded_bytes() >= page_size());

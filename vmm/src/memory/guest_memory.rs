@@ -38,6 +38,8 @@ pub struct GuestMap {
 pub(crate) struct MapVersions {
     freed_up_to: AtomicU64,
     published: AtomicU64,
+    /// Boot RAM: emptied when the last version goes (held, never read).
+    _ram: Option<AlignedRam>,
 }
 
 impl MapVersions {
@@ -49,9 +51,13 @@ impl MapVersions {
 }
 
 impl GuestMap {
-    /// The first version of a VM's map.
-    pub fn first(mem: GuestMemoryMmap) -> Self {
-        let versions = Arc::new(MapVersions::default());
+    /// The first version of a VM's map, over `ram` (the mappings of
+    /// [`map_ram`]), which is kept until every version of the map is gone.
+    pub fn first(mem: GuestMemoryMmap, ram: AlignedRam) -> Self {
+        let versions = Arc::new(MapVersions {
+            _ram: Some(ram),
+            ..MapVersions::default()
+        });
         versions.published.store(1, Ordering::Relaxed);
         Self {
             mem,
@@ -120,7 +126,7 @@ pub enum GuestMemoryError {
         size: usize,
         /// Why.
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
     /// A region could not be given to KVM.
     #[error("cannot register guest RAM with KVM")]
@@ -132,25 +138,112 @@ pub enum GuestMemoryError {
 
 /// Maps guest RAM for `ranges` (anonymous, private, lazily allocated,
 /// named, with transparent huge pages advised) without telling KVM; see
-/// [`register_ram`].
+/// [`register_ram`]. Each range's host address is congruent to its guest
+/// address modulo [`HUGE_PAGE`] (see [`AlignedRam`]). The mappings stay
+/// for the rest of the process: the map's regions do not own them, and
+/// [`GuestMap::first`] empties them when the VM's last map goes.
 pub(crate) fn map_ram(
     ranges: &[(GuestAddress, usize)],
-) -> Result<GuestMemoryMmap, GuestMemoryError> {
+) -> Result<(GuestMemoryMmap, AlignedRam), GuestMemoryError> {
     let mut regions = Vec::with_capacity(ranges.len());
+    let mut ram = AlignedRam { ranges: Vec::new() };
     for &(gpa, size) in ranges {
-        let r = vm_memory::GuestRegionMmap::from_range(gpa, size, None).map_err(|source| {
-            GuestMemoryError::Map {
-                gpa: gpa.0,
-                size,
-                source,
-            }
-        })?;
+        let map_err = |source| GuestMemoryError::Map {
+            gpa: gpa.0,
+            size,
+            source,
+        };
+        let host = map_aligned(size, (gpa.0 % HUGE_PAGE as u64) as usize).map_err(map_err)?;
+        ram.ranges.push((host as usize, size));
+        // SAFETY: `host` is the start of a mapping of `size` bytes made just
+        // now, which is never unmapped (`AlignedRam`).
+        let mapping = unsafe {
+            vm_memory::mmap::MmapRegionBuilder::new(size)
+                .with_raw_mmap_pointer(host)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(RAM_FLAGS)
+        }
+        .build()
+        .map_err(|e| map_err(std::io::Error::other(e)))?;
+        let r = vm_memory::GuestRegionMmap::new(mapping, gpa)
+            .ok_or_else(|| map_err(std::io::Error::from_raw_os_error(libc::EINVAL)))?;
         name_mapping(&r, "guest-ram");
         advise_hugepages(&r);
         exclude_from_core_dumps(&r);
         regions.push(r);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(GuestMemoryError::Layout)
+    let mem = GuestMemoryMmap::from_regions(regions).map_err(GuestMemoryError::Layout)?;
+    Ok((mem, ram))
+}
+
+/// Size of an x86-64 huge page: KVM maps guest memory with 2 MiB pages only
+/// where the host address and the guest address agree modulo it (and the
+/// host backs it with a transparent huge page). `mmap` alone gives 4 KiB
+/// alignment on the kernels our users run (Linux aligns large anonymous
+/// mappings itself only from 6.7), so guest RAM mapped by chance at an odd
+/// 4 KiB is mapped 4 KiB by 4 KiB in the nested page tables: 512 times the
+/// page faults after every memory slot deletion, which zaps them all
+/// (measured in `tests/hwhost/README.md`). QEMU aligns its RAM the same way.
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
+
+/// The flags guest RAM is mapped with (those vm-memory's own regions use).
+const RAM_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+
+/// The guest RAM mappings of one VM. They are never unmapped, so no map,
+/// region or KVM memory slot that still points into them can reach memory
+/// that is not guest RAM; when this is dropped their memory goes back to
+/// the host (`MADV_DONTNEED`) and only the address space stays.
+#[derive(Debug)]
+pub struct AlignedRam {
+    ranges: Vec<(usize, usize)>,
+}
+
+impl Drop for AlignedRam {
+    fn drop(&mut self) {
+        for &(host, len) in &self.ranges {
+            if let Err(e) = discard_range(host as *const u8, len) {
+                log::warn!("cannot return guest RAM at {host:#x}+{len:#x} to the host: {e}");
+            }
+        }
+    }
+}
+
+/// A new private anonymous read-write mapping of `size` bytes whose start
+/// is `phase` bytes past a [`HUGE_PAGE`] boundary: a larger mapping is made
+/// where the kernel picks, and its head and tail are unmapped.
+fn map_aligned(size: usize, phase: usize) -> std::io::Result<*mut u8> {
+    let len = size
+        .checked_add(HUGE_PAGE)
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+    // SAFETY: a new anonymous mapping at an address the kernel picks (no
+    // MAP_FIXED): no existing memory is touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            RAM_FLAGS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let start = p as usize;
+    // The first address at or after `start` with the phase asked for.
+    let host = (start + phase).next_multiple_of(HUGE_PAGE) - phase;
+    let end = host + size;
+    if host > start {
+        // SAFETY: the head `[start, host)` is part of the mapping made
+        // above (`host - start < HUGE_PAGE`), which nothing refers to yet.
+        unsafe { libc::munmap(p, host - start) };
+    }
+    if start + len > end {
+        // SAFETY: likewise the tail `[end, start + len)`.
+        unsafe { libc::munmap(end as *mut libc::c_void, start + len - end) };
+    }
+    Ok(host as *mut u8)
 }
 
 /// Registers each region of `mem` as a KVM memory slot numbered from 0 and
@@ -298,6 +391,7 @@ pub(crate) fn advise_hugepages(region: &vm_memory::GuestRegionMmap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vm_memory::Bytes;
 
     /// The `VmFlags` of this process's mapping that holds `addr`.
     fn vm_flags(addr: u64) -> String {
@@ -317,8 +411,49 @@ mod tests {
     }
 
     #[test]
+    fn guest_ram_host_addresses_agree_with_guest_addresses_modulo_a_huge_page() {
+        let ranges = [
+            (GuestAddress(0), 4 << 20),
+            (GuestAddress(0x50_0000), 3 << 20),
+            (GuestAddress(1 << 32), (2 << 20) + 4096),
+        ];
+        // Several times: the kernel's choice of address differs as other
+        // mappings come and go.
+        let mut kept = Vec::new();
+        for _ in 0..8 {
+            let (mem, ram) = map_ram(&ranges).unwrap();
+            for r in mem.iter() {
+                assert_eq!(
+                    r.as_ptr() as u64 % HUGE_PAGE as u64,
+                    r.start_addr().0 % HUGE_PAGE as u64,
+                    "guest {:#x} at host {:p}",
+                    r.start_addr().0,
+                    r.as_ptr()
+                );
+            }
+            // An odd-sized mapping (malloc maps large buffers) between
+            // rounds moves the kernel's next choice.
+            kept.push((mem, ram, vec![0u8; 3 * 4096 + 12345 * 4096]));
+        }
+    }
+
+    #[test]
+    fn dropped_guest_ram_goes_back_to_the_host_and_stays_mapped() {
+        let (mem, ram) = map_ram(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        mem.write_slice(&[0xa5; 8192], GuestAddress(0x1000))
+            .unwrap();
+        assert!(resident_bytes(&mem) >= 8192);
+        drop(ram);
+        assert_eq!(resident_bytes(&mem), 0);
+        let mut back = [0xffu8; 16];
+        mem.read_slice(&mut back, GuestAddress(0x1000)).unwrap();
+        assert_eq!(back, [0; 16]);
+    }
+
+    #[test]
     fn guest_ram_is_left_out_of_core_dumps() {
-        let mem = map_ram(&[(GuestAddress(0), 4 << 20), (GuestAddress(1 << 32), 2 << 20)]).unwrap();
+        let (mem, _ram) =
+            map_ram(&[(GuestAddress(0), 4 << 20), (GuestAddress(1 << 32), 2 << 20)]).unwrap();
         for r in mem.iter() {
             let flags = vm_flags(r.as_ptr() as u64);
             assert!(

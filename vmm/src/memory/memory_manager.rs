@@ -753,8 +753,8 @@ mod tests {
     fn manager_with(base: u64, slots: u64, backing: MemoryBacking) -> (Arc<Vm>, MemoryManager) {
         let kvm = kvm_ioctls::Kvm::new().expect("these tests need /dev/kvm");
         let vm = Arc::new(Vm::new(kvm).unwrap());
-        let ram = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let memory: SharedGuestMap = Arc::new(rcu::RcuCell::new(GuestMap::first(ram)));
+        let (ram, owner) = map_ram(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let memory: SharedGuestMap = Arc::new(rcu::RcuCell::new(GuestMap::first(ram, owner)));
         let mm = MemoryManager::new(
             Arc::clone(&vm),
             memory,
