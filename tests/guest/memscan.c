@@ -7,10 +7,11 @@
  * from before, or fresh memory. Prints one line:
  *   MEMSCAN ok pages=P nonzero=Z pattern=M unreadable=U
  *   MEMSCAN error ...
- * where `pattern` counts pages whose first word is one memcheck writes to
- * the first word of a page (never zero; chance of a false match about
- * 2^-47 per page) and `unreadable` pages the kernel has no direct mapping
- * for (not online). Exits 0 after "ok". Static, no dependencies beyond libc.
+ * where `pattern` counts pages whose first two words are those memcheck
+ * writes to the first two words of one of its pages (a false match needs
+ * two 64-bit words to agree) and `unreadable` pages the kernel has no
+ * direct mapping for (not online). Exits 0 after "ok". Static, no
+ * dependencies beyond libc.
  */
 #include <elf.h>
 #include <errno.h>
@@ -23,10 +24,14 @@
 
 #define PAGE 4096ull
 
-/* memcheck's pattern(page, 0) is (page << 12) * K | 1: undo it. */
-static int is_pattern_first_word(uint64_t v)
+/* memcheck's pattern(page, word) is (page << 12 | word) * K | 1. A page
+ * holds the pattern if its first word undoes to some page's word 0 and its
+ * second word is that page's word 1: the first word alone matches too
+ * much (pattern(0, 0) is 1, a common first word of a kernel page). */
+static int is_pattern_page(const uint64_t *pg)
 {
     const uint64_t k = 0x9e3779b97f4a7c15ull;
+    uint64_t v = pg[0];
     /* The inverse of the odd K modulo 2^64, by Newton's iteration. */
     uint64_t inv = k;
     for (int i = 0; i < 6; i++)
@@ -38,7 +43,7 @@ static int is_pattern_first_word(uint64_t v)
     for (int i = 0; i < 2; i++) {
         uint64_t x = cand[i];
         /* word 0 of a page below 2^28 pages (1 TiB, memcheck's limit) */
-        if ((x & 0xfff) == 0 && (x >> 12) < (1ull << 28))
+        if ((x & 0xfff) == 0 && (x >> 12) < (1ull << 28) && pg[1] == ((x | 1) * k | 1))
             return 1;
     }
     return 0;
@@ -117,7 +122,7 @@ int main(int argc, char **argv)
             for (size_t w = 0; w < PAGE / 8 && !any; w++)
                 any = pg[w] != 0;
             nonzero += any;
-            pattern += any && is_pattern_first_word(pg[0]);
+            pattern += any && is_pattern_page(pg);
         }
         p += n;
     }
