@@ -23,6 +23,7 @@ import time
 import traceback
 
 import l2_vm
+import tracing
 from cargo_tests import cargo_tests
 from comparisons import bench_boot, bench_hotplug, experiment, qemu_count
 from hotplug import demo, hotplug, hotplug_memfd
@@ -72,6 +73,9 @@ def main():
     # messages, none per exit.
     os.environ.setdefault("VMM_LOG", "info")
     res = Results(args.results)
+    no_trace = tracing.watch_shutdowns()
+    if no_trace:
+        print(f"hwhost: guest triple faults will not be traced: {no_trace}", flush=True)
     for s in args.scenarios:
         res.scenario = s
         res.emit({"t": "begin"})
@@ -88,6 +92,10 @@ def main():
         except Exception:  # a bug in the driver or the guest misbehaving
             ok, err = False, traceback.format_exc()
         secs = round(time.monotonic() - t0, 1)
+        # A triple fault of any L2 guest in this scenario, expected or not,
+        # with where the guest was (the vmm's own log cannot say, above).
+        for line in tracing.shutdown_exits():
+            res.figure("KVM shutdown exit (guest triple fault) in the test host", line)
         res.emit({"t": "end", "ok": ok, "secs": secs, "error": err})
         print(f"hwhost: scenario {s} {'passed' if ok else 'FAILED'} in {secs} s", flush=True)
         if err:

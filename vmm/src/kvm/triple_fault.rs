@@ -5,7 +5,9 @@
 //! shutdown (where the guest was, its page tables and descriptor tables,
 //! the exception being delivered) is the only trace. QEMU prints the CPU
 //! state on such events with `-d cpu_reset`; this VMM logs one line of it
-//! with the reset, at info.
+//! with the reset, at info. On Intel hosts KVM keeps the state of the
+//! fault; on AMD hosts it puts the vCPU through INIT first (the VMCB is
+//! undefined after a shutdown), and the line says so.
 
 use crate::kvm::guest_pagewalk::read_linear;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_vcpu_events};
@@ -30,12 +32,25 @@ pub(crate) fn describe(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> String {
     };
     let mut code = [0u8; CODE_BYTES];
     let n = read_linear(mem, &sregs, sregs.cs.base.wrapping_add(regs.rip), &mut code);
-    format_state(
+    let line = format_state(
         &regs,
         &sregs,
         vcpu.get_vcpu_events().ok().as_ref(),
         &code[..n],
-    )
+    );
+    if is_init_state(&regs, &sregs) {
+        format!(
+            "{line} (the INIT state: KVM on AMD resets a vCPU before it reports a shutdown, \
+             so where the guest was is lost; the kvm:kvm_exit tracepoint still has its RIP)"
+        )
+    } else {
+        line
+    }
+}
+
+/// Whether the vCPU is at the reset vector in real mode, as INIT leaves it.
+fn is_init_state(regs: &kvm_regs, sregs: &kvm_sregs) -> bool {
+    regs.rip == 0xfff0 && sregs.cs.base == 0xffff_0000 && sregs.cr0 & 1 == 0
 }
 
 /// [`describe`]'s line from the values read.
@@ -134,5 +149,16 @@ mod tests {
         let none = format_state(&regs, &sregs, Some(&kvm_vcpu_events::default()), &[]);
         assert!(none.contains("(bytes (unreadable))") && none.ends_with("exception none"));
         assert!(format_state(&regs, &sregs, None, &[]).ends_with("exception unreadable"));
+        assert!(!is_init_state(&regs, &sregs));
+        let init = kvm_regs {
+            rip: 0xfff0,
+            ..Default::default()
+        };
+        let mut real = kvm_sregs {
+            cr0: 0x10,
+            ..Default::default()
+        };
+        real.cs.base = 0xffff_0000;
+        assert!(is_init_state(&init, &real));
     }
 }
