@@ -178,12 +178,12 @@ pub(crate) fn map_ram(
 
 /// Size of an x86-64 huge page: KVM maps guest memory with 2 MiB pages only
 /// where the host address and the guest address agree modulo it (and the
-/// host backs it with a transparent huge page). `mmap` alone gives 4 KiB
-/// alignment on the kernels our users run (Linux aligns large anonymous
-/// mappings itself only from 6.7), so guest RAM mapped by chance at an odd
-/// 4 KiB is mapped 4 KiB by 4 KiB in the nested page tables: 512 times the
-/// page faults after every memory slot deletion, which zaps them all
-/// (measured in `tests/hwhost/README.md`). QEMU aligns its RAM the same way.
+/// host backs it with a transparent huge page). `mmap` alone promises 4 KiB
+/// alignment (some recent kernels align large anonymous mappings; Debian
+/// 12's 6.1 does not), so guest RAM mapped by chance at an odd 4 KiB is
+/// mapped 4 KiB by 4 KiB in the nested page tables: 512 times the page
+/// faults after every memory slot deletion, which zaps them all (measured
+/// in `tests/hwhost/README.md`). QEMU and Firecracker align their RAM too.
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// The flags guest RAM is mapped with (those vm-memory's own regions use).
