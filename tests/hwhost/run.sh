@@ -211,22 +211,25 @@ vcpu_line='^  \|   [0-9]+ vcpu[0-9]+: '
 irq_shutdown='KVM shutdown exit \(guest triple fault\)[^"]*","value":"[^"]*rip 0xffffffff[0-9a-f]{8} [^"]*intr_info 0x80000[0-9a-f]{3} '
 spin_line='^  \|   [0-9]+ vcpu[0-9]+: state R, in KVM_RUN, wchan [^,]*, CPU over 1 s: guest [0-9]+ ms, kernel [0-9]+ ms, user space 0 ms'
 fault_log=$out/console.log
+# Whether the console has a thread report and every vCPU thread in it was
+# inside KVM_RUN.
+every_vcpu_in_kvm_run() {
+    grep -qE "$vcpu_line" "$out/console.log" &&
+        ! grep -E "$vcpu_line" "$out/console.log" | grep -qv ' in KVM_RUN,'
+}
 why=
 if [ "$status" -ne 0 ]; then
     if grep -qE "$host_fault" "$out/console.log"; then
         why="the test host's kernel itself stalled:"
         fault=$host_fault
-    elif grep -qE "$guest_fault" "$out/console.log" &&
-        grep -qE "$vcpu_line" "$out/console.log" &&
-        ! grep -E "$vcpu_line" "$out/console.log" | grep -qv ' in KVM_RUN,'; then
+    elif grep -qE "$guest_fault" "$out/console.log" && every_vcpu_in_kvm_run; then
         why="a guest kernel stalled while every vCPU thread of its vmm was inside KVM_RUN:"
         fault=$guest_fault
     elif grep -qE "$irq_shutdown" "$out/results.jsonl"; then
         why="a guest kernel triple-faulted while an event was being delivered to it:"
         fault=$irq_shutdown
         fault_log=$out/results.jsonl
-    elif grep -qE "$spin_line" "$out/console.log" &&
-        ! grep -E "$vcpu_line" "$out/console.log" | grep -qv ' in KVM_RUN,'; then
+    elif grep -qE "$spin_line" "$out/console.log" && every_vcpu_in_kvm_run; then
         why="a guest stopped answering while a vCPU spun inside KVM_RUN with no exit to the vmm:"
         fault=$spin_line
     fi

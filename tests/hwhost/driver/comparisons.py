@@ -420,15 +420,15 @@ def bench_hotplug(res, args):
     loop; QEMU's: the main thread, its main loop), time from qom-set to
     the size reached (MEMORY_DEVICE_SIZE_CHANGE) and to the guest's
     MemTotal, and from the unplug request to the RSS back down."""
-    if args.vmms != "ours":
+    sides = [(who, dyn) for who, dyn in
+             (("ours", None), ("qemu-q35", False), ("qemu-q35-dynamic", True))
+             if not args.vmms or who in args.vmms.split(",")]
+    if any(who != "ours" for who, _ in sides):
         need_qemu(res)
     runs = args.runs or 1
     plug = (args.plug_mib or 4096) * MIB
     fill_mib = args.fill_mib if args.fill_mib is not None else plug // MIB // 4
     cpus, mem, idle_s = 2, "1G", 10
-    sides = [(who, dyn) for who, dyn in
-             (("ours", None), ("qemu-q35", False), ("qemu-q35-dynamic", True))
-             if not args.vmms or who in args.vmms.split(",")]
     for r in range(1, runs + 1):
         for who, dyn in sides:
             name = f"bhp-{who}-{r}"

@@ -34,12 +34,12 @@ pub struct GuestMap {
 }
 
 /// Bookkeeping shared by all versions of one VM's map.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct MapVersions {
     freed_up_to: AtomicU64,
     published: AtomicU64,
     /// Boot RAM: emptied when the last version goes (held, never read).
-    _ram: Option<AlignedRam>,
+    _ram: AlignedRam,
 }
 
 impl MapVersions {
@@ -55,10 +55,10 @@ impl GuestMap {
     /// [`map_ram`]), which is kept until every version of the map is gone.
     pub fn first(mem: GuestMemoryMmap, ram: AlignedRam) -> Self {
         let versions = Arc::new(MapVersions {
-            _ram: Some(ram),
-            ..MapVersions::default()
+            freed_up_to: AtomicU64::new(0),
+            published: AtomicU64::new(1),
+            _ram: ram,
         });
-        versions.published.store(1, Ordering::Relaxed);
         Self {
             mem,
             generation: 1,
