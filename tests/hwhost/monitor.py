@@ -6,6 +6,9 @@ Usage: monitor.py --out DIR --timeout S --stall S -- QEMU-COMMAND...
 QEMU's first serial port is written to DIR/console.log (the test host's
 console, with the L2 consoles the driver echoes), the second to
 DIR/results.jsonl (the driver's JSON lines, see driver/hwhost_driver.py).
+DIR/outcome gets one line on how the run ended: 'done', 'qemu-exited' (QEMU
+ended before the driver said it was done), 'killed' or 'fatal', then
+QEMU's exit status.
 Prints each scenario's checks and figures as they come, then a summary,
 and the closing line 'hwhost: N passed, M failed'. Exits 0 only if every
 scenario passed and the driver said it was done. Kills QEMU when the whole
@@ -137,6 +140,7 @@ def main():
     failed = [s for s, r in ended.items() if not r["ok"]]
     missing = [s for s in expected if s not in ended]
     ok = not failed and not missing and done is not None and not fatal and not killed
+    why = ""
     if not ok:
         why = fatal or killed or ("QEMU exited before the driver finished" if done is None else "")
         if why:
@@ -153,6 +157,13 @@ def main():
             print(f"            why: {r['error'][-3000:]}")
     for s in missing:
         print(f"  NOT RUN {s}")
+    # How the run ended, for run.sh's retry rules: one line, a word first.
+    early = "fatal" if fatal else "killed" if killed else "qemu-exited" if done is None else "done"
+    with open(os.path.join(a.out, "outcome"), "w") as f:
+        f.write(f"{early} {proc.returncode}\n")
+    if not ok and why:
+        # Once more at the very end, where CI's excerpt of a long log starts.
+        print(f"hwhost: the run ended early: {why}; QEMU status {proc.returncode}", flush=True)
     print(f"hwhost: {len(passed)} passed, {len(failed) + len(missing)} failed", flush=True)
     return 0 if ok else 1
 
