@@ -29,6 +29,9 @@ pub type SharedGuestMap = Arc<RcuCell<GuestMap>>;
 #[derive(Debug)]
 pub struct GuestMap {
     mem: GuestMemoryMmap,
+    /// The mappings of hot-plug slots in `mem`, whose regions do not own
+    /// them: each is unmapped when the last version holding it goes.
+    slots: Vec<Arc<HostMapping>>,
     generation: u64,
     versions: Arc<MapVersions>,
 }
@@ -61,17 +64,34 @@ impl GuestMap {
         });
         Self {
             mem,
+            slots: Vec::new(),
             generation: 1,
             versions,
         }
     }
 
-    /// The version after `self`, holding `mem`. Control thread only (one
-    /// writer keeps versions in publication order).
-    pub fn next(&self, mem: GuestMemoryMmap) -> Self {
+    /// The version after `self`, holding `mem`, whose hot-plug slots are
+    /// this version's without the mappings starting at the host addresses
+    /// in `unmapped` and with `mapped` added: every mapping a region of
+    /// `mem` points into that the region does not own must be in the list.
+    /// Control thread only (one writer keeps versions in publication order).
+    pub(crate) fn next(
+        &self,
+        mem: GuestMemoryMmap,
+        mapped: &[Arc<HostMapping>],
+        unmapped: &[u64],
+    ) -> Self {
         let generation = self.versions.published.fetch_add(1, Ordering::Relaxed) + 1;
+        let slots = self
+            .slots
+            .iter()
+            .filter(|m| !unmapped.contains(&m.host()))
+            .chain(mapped)
+            .cloned()
+            .collect();
         Self {
             mem,
+            slots,
             generation,
             versions: Arc::clone(&self.versions),
         }
@@ -153,7 +173,9 @@ pub(crate) fn map_ram(
             size,
             source,
         };
-        let host = map_aligned(size, (gpa.0 % HUGE_PAGE as u64) as usize).map_err(map_err)?;
+        let phase = (gpa.0 % HUGE_PAGE as u64) as usize;
+        let host = map_aligned(size, phase, HUGE_PAGE, libc::PROT_READ | libc::PROT_WRITE)
+            .map_err(map_err)?;
         ram.ranges.push((host as usize, size));
         // SAFETY: `host` is the start of a mapping of `size` bytes made just
         // now, which is never unmapped (`AlignedRam`).
@@ -187,7 +209,8 @@ pub(crate) fn map_ram(
 pub(crate) const HUGE_PAGE: usize = 2 << 20;
 
 /// The flags guest RAM is mapped with (those vm-memory's own regions use).
-const RAM_FLAGS: libc::c_int = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+pub(crate) const RAM_FLAGS: libc::c_int =
+    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
 
 /// The guest RAM mappings of one VM. They are never unmapped, so no map,
 /// region or KVM memory slot that still points into them can reach memory
@@ -208,35 +231,69 @@ impl Drop for AlignedRam {
     }
 }
 
-/// A new private anonymous read-write mapping of `size` bytes whose start
-/// is `phase` bytes past a [`HUGE_PAGE`] boundary: a larger mapping is made
-/// where the kernel picks, and its head and tail are unmapped.
-fn map_aligned(size: usize, phase: usize) -> std::io::Result<*mut u8> {
+/// A mapping of `size` bytes this process made for guest memory that no
+/// region owns (see [`GuestMap::next`]): unmapped when dropped.
+#[derive(Debug)]
+pub(crate) struct HostMapping {
+    host: usize,
+    size: usize,
+}
+
+impl HostMapping {
+    /// A new private anonymous mapping of `size` bytes with protection
+    /// `prot`, holding no memory until written, that starts at a multiple
+    /// of `align` (a power of two, at least [`HUGE_PAGE`]).
+    pub(crate) fn aligned(size: usize, align: usize, prot: libc::c_int) -> std::io::Result<Self> {
+        let host = map_aligned(size, 0, align, prot)? as usize;
+        Ok(Self { host, size })
+    }
+
+    /// Where the mapping starts.
+    pub(crate) fn host(&self) -> u64 {
+        self.host as u64
+    }
+
+    /// Its length in bytes.
+    pub(crate) fn size(&self) -> usize {
+        self.size
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: the range is the mapping made by `aligned`, which only
+        // this value owns; every region pointing into it is gone (the map
+        // versions and the slot holding it keep it alive).
+        unsafe { libc::munmap(self.host as *mut libc::c_void, self.size) };
+    }
+}
+
+/// A new private anonymous mapping of `size` bytes with protection `prot`
+/// whose start is `phase` bytes past a multiple of `align` (a power of
+/// two): a larger mapping is made where the kernel picks, and its head and
+/// tail are unmapped.
+fn map_aligned(
+    size: usize,
+    phase: usize,
+    align: usize,
+    prot: libc::c_int,
+) -> std::io::Result<*mut u8> {
     let len = size
-        .checked_add(HUGE_PAGE)
+        .checked_add(align)
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
     // SAFETY: a new anonymous mapping at an address the kernel picks (no
     // MAP_FIXED): no existing memory is touched.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            RAM_FLAGS,
-            -1,
-            0,
-        )
-    };
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, RAM_FLAGS, -1, 0) };
     if p == libc::MAP_FAILED {
         return Err(std::io::Error::last_os_error());
     }
     let start = p as usize;
     // The first address at or after `start` with the phase asked for.
-    let host = (start + phase).next_multiple_of(HUGE_PAGE) - phase;
+    let host = (start + phase).next_multiple_of(align) - phase;
     let end = host + size;
     if host > start {
         // SAFETY: the head `[start, host)` is part of the mapping made
-        // above (`host - start < HUGE_PAGE`), which nothing refers to yet.
+        // above (`host - start < align`), which nothing refers to yet.
         unsafe { libc::munmap(p, host - start) };
     }
     if start + len > end {

@@ -68,11 +68,12 @@
 //! filter allows the calls they make (`seccomp/control.rs`).
 
 use crate::cli::size::format_size;
-use crate::memory::guest_memory::{advise_range, name_range};
+use crate::memory::guest_memory::{HUGE_PAGE, HostMapping, RAM_FLAGS, advise_range, name_range};
 use crate::memory::memory_manager::SLOT_MAPPING_NAME;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
 use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
 
@@ -387,16 +388,20 @@ impl MemoryBacking {
 
     /// Maps the `size`-byte slot at `gpa` with every block unplugged:
     /// read-only, reading as zeros, holding no host memory. Named
-    /// `[anon:vmm-hotplug-slot-<gpa>]` and left out of core dumps.
-    pub(crate) fn map_slot(&self, gpa: u64, size: u64) -> Result<GuestRegionMmap, BackingError> {
+    /// `[anon:vmm-hotplug-slot-<gpa>]` and left out of core dumps. The
+    /// mapping starts at a multiple of [`HUGE_PAGE`] (and of the hugetlbfs
+    /// page size), like the slot's guest address, so KVM can map it with
+    /// huge pages. The region does not own it: the [`HostMapping`] does,
+    /// and must outlive the region and every copy of it.
+    pub(crate) fn map_slot(
+        &self,
+        gpa: u64,
+        size: u64,
+    ) -> Result<(GuestRegionMmap, Arc<HostMapping>), BackingError> {
         let map_err = |source| BackingError::MapSlot { gpa, source };
-        let region = match self.backend {
-            Backend::Ram => {
-                let r = GuestRegionMmap::from_range(GuestAddress(gpa), size as usize, None)
-                    .map_err(|e| map_err(io::Error::other(e)))?;
-                protect(&r, 0, size, false).map_err(map_err)?;
-                r
-            }
+        let align = (self.hugetlb.unwrap_or(0) as usize).max(HUGE_PAGE);
+        let file = match self.backend {
+            Backend::Ram => None,
             Backend::Memfd => {
                 let fd = memfd(self.memfd_flags()).map_err(|source| BackingError::Memfd {
                     what: "create",
@@ -414,30 +419,46 @@ impl MemoryBacking {
                     gpa,
                     source,
                 })?;
-                // Mapping the memfd itself gets an address range aligned
-                // for its pages (hugetlbfs), owned by the region (unmapped
-                // when it is dropped) together with the descriptor. Without
-                // a reservation: the anonymous memory below replaces it at
-                // once.
-                let mapping = MmapRegion::build(
-                    Some(FileOffset::new(file, 0)),
-                    size as usize,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED | libc::MAP_NORESERVE,
-                )
-                .map_err(|e| map_err(io::Error::other(e)))?;
-                let r = GuestRegionMmap::new(mapping, GuestAddress(gpa))
-                    .ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
-                lay_unplugged(&r, 0, size).map_err(map_err)?;
-                r
+                Some(file)
             }
         };
+        // Read-only anonymous memory is the unplugged state of a `ram`
+        // slot; for a memfd slot it only holds the address range until the
+        // memfd is mapped over it.
+        let mapping =
+            HostMapping::aligned(size as usize, align, libc::PROT_READ).map_err(map_err)?;
+        let (flags, file_offset) = match file {
+            None => (RAM_FLAGS, None),
+            Some(file) => {
+                map_memfd_over(&mapping, &file).map_err(map_err)?;
+                (
+                    libc::MAP_SHARED | libc::MAP_NORESERVE,
+                    Some(FileOffset::new(file, 0)),
+                )
+            }
+        };
+        let mut builder = vm_memory::mmap::MmapRegionBuilder::new(size as usize)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags);
+        if let Some(f) = file_offset {
+            builder = builder.with_file_offset(f);
+        }
+        // SAFETY: `mapping` is a mapping of `size` bytes that the caller
+        // keeps until the region and every copy of it are gone (see above).
+        let region = unsafe { builder.with_raw_mmap_pointer(mapping.host() as *mut u8) }
+            .build()
+            .map_err(|e| map_err(io::Error::other(e)))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(gpa))
+            .ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::EINVAL)))?;
+        if self.backend == Backend::Memfd {
+            lay_unplugged(&region, 0, size).map_err(map_err)?;
+        }
         crate::memory::guest_memory::name_mapping(&region, &slot_name(gpa));
         crate::memory::guest_memory::exclude_from_core_dumps(&region);
         if self.thp && self.backend == Backend::Ram {
             crate::memory::guest_memory::advise_hugepages(&region);
         }
-        Ok(region)
+        Ok((region, Arc::new(mapping)))
     }
 
     /// Makes the `len` bytes at `offset` of a slot mapped by
@@ -606,6 +627,29 @@ pub(crate) struct Unplugged {
 /// The `/proc/PID/maps` name of the slot at `gpa`.
 pub(crate) fn slot_name(gpa: u64) -> String {
     format!("{SLOT_MAPPING_NAME}-{gpa:x}")
+}
+
+/// Maps all of `file` (read-only, shared) over `mapping`, which must be
+/// exactly as long as the file.
+fn map_memfd_over(mapping: &HostMapping, file: &File) -> io::Result<()> {
+    // SAFETY: MAP_FIXED replaces `mapping`'s own range, made just now by
+    // the caller and not yet referred to by any region, slot or memory
+    // slot; `mapping` unmaps the whole range (whatever is mapped there)
+    // when dropped.
+    let p = unsafe {
+        libc::mmap(
+            mapping.host() as *mut libc::c_void,
+            mapping.size(),
+            libc::PROT_READ,
+            libc::MAP_SHARED | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn in_bounds(region: &GuestRegionMmap, offset: u64, len: u64) -> bool {
