@@ -32,7 +32,7 @@ cd "$repo"
 target=${CARGO_TARGET_DIR:-$repo/target}
 
 ci_set=(lifecycle-1cpu lifecycle-2cpu lifecycle-8cpu reset-during-command hotplug hotplug-numa reboot-in-place cargo-tests)
-all_set=("${ci_set[@]}" hotplug-memfd experiment qemu-count bench-boot bench-hotplug demo)
+all_set=("${ci_set[@]}" hotplug-memfd experiment qemu-count bench-boot bench-hotplug fault-rate demo)
 
 say() { echo "hwhost: $*" >&2; }
 die() { echo "hwhost: ERROR: $*" >&2; exit 1; }
@@ -198,7 +198,7 @@ boot_and_run "${scenarios[@]}" || status=$?
 # a vCPU thread anywhere else may be the vmm's own fault, and the failure
 # stands. The driver indents failure reasons ("  | "), so a guest line they
 # quote is never taken for the test host's. The scenarios that did not pass
-# then run once more in a fresh test host, and the run says why. The same
+# then run again in a fresh test host, up to twice, and the run says why. The same
 # holds for a guest Linux kernel that triple-faulted while an event was
 # being delivered to it (the driver traces KVM's shutdown exits with the
 # guest's RIP and the event): seen on 2026-12-05 at native_safe_halt+0xb
@@ -221,8 +221,13 @@ boot_and_run "${scenarios[@]}" || status=$?
 # its own): the test host's CPU triple-faulted (QEMU's -d cpu_reset log then
 # says "Triple fault") or QEMU itself died; nothing in the test host's user
 # space, our vmm included, can end it so (seen once, in CI on 2026-12-05,
-# in lifecycle-8cpu after its guest's shell answered). Any other failure
-# stands.
+# in lifecycle-8cpu after its guest's shell answered). The test host's own
+# kernel crashing counts too (a "BUG:", "Oops" or "Kernel panic" line of
+# its own): seen on 2026-12-05 in lifecycle-2cpu's paste, "TASK stack guard
+# page was hit" in the vCPU thread, the kernel faulting again and again on
+# a %gs-relative load in exc_page_fault ("Fatal exception in interrupt"),
+# as if an interrupt had been taken with the guest's GS base still loaded
+# around the world switch. Any other failure stands.
 stall_rx='(watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall)'
 host_fault="^\[ *[0-9.]+\] $stall_rx"
 guest_fault="^\[[^]]+\] .*\[ *[0-9.]+\] $stall_rx"
@@ -232,46 +237,57 @@ irq_shutdown='KVM shutdown exit \(guest triple fault\)[^"]*","value":"[^"]*rip 0
 spin_line='^  \|   [0-9]+ vcpu[0-9]+: state R, in KVM_RUN, wchan [^,]*, CPU over 1 s: guest [0-9]+ ms, kernel [0-9]+ ms, user space 0 ms'
 # What the test host's driver or kernel says when it ends the run itself.
 l1_said='^(hwhost: the driver exited|\[ *[0-9.]+\] (Kernel panic|reboot: ))'
-fault_log=$out/console.log
-# Whether the console has a thread report and every vCPU thread in it was
-# inside KVM_RUN.
+# The test host's own kernel crashing (its lines are not prefixed with a
+# guest's name).
+host_crash='^\[ *[0-9.]+\] (BUG: |Oops|Kernel panic)'
+# Whether the console in $1 has a thread report and every vCPU thread in
+# it was inside KVM_RUN.
 every_vcpu_in_kvm_run() {
-    grep -qE "$vcpu_line" "$out/console.log" &&
-        ! grep -E "$vcpu_line" "$out/console.log" | grep -qv ' in KVM_RUN,'
+    grep -qE "$vcpu_line" "$1/console.log" &&
+        ! grep -E "$vcpu_line" "$1/console.log" | grep -qv ' in KVM_RUN,'
 }
-why=
-if [ "$status" -ne 0 ]; then
-    if grep -qE "$host_fault" "$out/console.log"; then
+# Sets why, fault and fault_log for the failed run whose logs are in $1,
+# by the rules above; why stays empty if none applies.
+classify() {
+    local d=$1
+    why= fault_log=$d/console.log
+    if grep -qE "$host_fault" "$d/console.log"; then
         why="the test host's kernel itself stalled:"
         fault=$host_fault
-    elif grep -qE "$guest_fault" "$out/console.log" && every_vcpu_in_kvm_run; then
+    elif grep -qE "$host_crash" "$d/console.log"; then
+        why="the test host's kernel itself crashed:"
+        fault=$host_crash
+    elif grep -qE "$guest_fault" "$d/console.log" && every_vcpu_in_kvm_run "$d"; then
         why="a guest kernel stalled while every vCPU thread of its vmm was inside KVM_RUN:"
         fault=$guest_fault
-    elif grep -qE "$irq_shutdown" "$out/results.jsonl"; then
+    elif grep -qE "$irq_shutdown" "$d/results.jsonl"; then
         why="a guest kernel triple-faulted while an event was being delivered to it:"
         fault=$irq_shutdown
-        fault_log=$out/results.jsonl
-    elif grep -qE "$spin_line" "$out/console.log" && every_vcpu_in_kvm_run; then
+        fault_log=$d/results.jsonl
+    elif grep -qE "$spin_line" "$d/console.log" && every_vcpu_in_kvm_run "$d"; then
         why="a guest stopped answering while a vCPU spun inside KVM_RUN with no exit to the vmm:"
         fault=$spin_line
-    elif [ "$(cut -d' ' -f1 "$out/outcome" 2>/dev/null)" = qemu-exited ] &&
-        ! grep -qE "$l1_said" "$out/console.log"; then
-        why="the test host ended while its driver ran, with no word from its driver or kernel (QEMU status $(cut -d' ' -f2 "$out/outcome")):"
-        fault='Triple fault' fault_log=$out/qemu-reset.log
-        grep -q "$fault" "$fault_log" || fault=. fault_log=$out/outcome
+    elif [ "$(cut -d' ' -f1 "$d/outcome" 2>/dev/null)" = qemu-exited ] &&
+        ! grep -qE "$l1_said" "$d/console.log"; then
+        why="the test host ended while its driver ran, with no word from its driver or kernel (QEMU status $(cut -d' ' -f2 "$d/outcome")):"
+        fault='Triple fault' fault_log=$d/qemu-reset.log
+        grep -q "$fault" "$fault_log" || fault=. fault_log=$d/outcome
     fi
-fi
-if [ -n "$why" ]; then
-    read -r -a again <<<"$(not_passed "${scenarios[@]}")"
-    if [ "${#again[@]}" -gt 0 ]; then
-        say "$why"
-        grep -E "$fault" "$fault_log" | head -n 3 | cut -c1-400 | sed 's/^/hwhost:   /' >&2
-        say "taken for the emulation's fault (the rules are in run.sh); running ${again[*]} again in a fresh test host"
-        run_out=$out/retry
-        status=0
-        boot_and_run "${again[@]}" || status=$?
-    fi
-fi
+}
+pending=("${scenarios[@]}")
+for attempt in 2 3; do
+    [ "$status" -ne 0 ] || break
+    classify "$run_out"
+    [ -n "$why" ] || break
+    read -r -a pending <<<"$(not_passed "${pending[@]}")"
+    [ "${#pending[@]}" -gt 0 ] || break
+    say "$why"
+    grep -E "$fault" "$fault_log" | head -n 3 | cut -c1-400 | sed 's/^/hwhost:   /' >&2
+    say "taken for the emulation's fault (the rules are in run.sh); running ${pending[*]} again in a fresh test host (attempt $attempt of 3)"
+    run_out=$out/retry$attempt
+    status=0
+    boot_and_run "${pending[@]}" || status=$?
+done
 # The comparisons send their figures whole: print them as tables.
 if [ -s "$out/data.jsonl" ] &&
     printf '%s\n' "${scenarios[@]}" | grep -qxE 'experiment|qemu-count|bench-boot|bench-hotplug'; then

@@ -9,9 +9,9 @@ import threading
 import time
 
 import l2_vm
-from guest_checks import GIB, boot, lifetime, meminfo_kib
+from guest_checks import GIB, boot, lifetime, meminfo_kib, wait_size
 from l2_vm import L2_INITRD, L2_KERNEL, MIB, Failed, Vm, parse_size
-from tracing import Trace, load_base, rss_less_guest_kib
+from tracing import Trace, load_base, rss_less_guest_kib, shutdown_exits
 
 
 def experiment(res, args):
@@ -474,3 +474,79 @@ def bench_hotplug(res, args):
                        f"net of idle {u['control_net_ms_per_gib']}), size reached "
                        f"{u['size_reached_s']} s, guest MemTotal {u['guest_visible_s']} s, "
                        f"RSS returned {u['memory_returned_s']} s")
+
+
+# ---------------------------------------------------------------- fault-rate
+
+def fault_rate(res, args):
+    """Whose fault are the L2 guests' triple faults and hangs? Our vmm and
+    QEMU q35 take turns, RUNS lifetimes each (default 8), in one shape: 2
+    vCPUs, 1 GiB and a hot-plug region, boot to the shell, a 6 KiB paste,
+    CYCLES plug/unplug cycles of 1 GiB (default 2), `poweroff -f`. Same
+    kernel and initramfs, both under the test host's KVM. For each side:
+    lifetimes that ended cleanly, those that failed (how), and the shutdown
+    exits (triple faults) its vCPU threads took, from the test host's
+    kvm_exit tracepoint (ours are named vcpuN, QEMU's CPU N/KVM). Sends the
+    tallies as data and as figures; the scenario fails only if a side could
+    not be run at all, never on a rate."""
+    need_qemu(res)
+    runs = args.runs or 8
+    cycles = args.cycles if args.cycles is not None else 2
+    tally = {who: {"lifetimes": 0, "clean": 0, "failed": [], "triple_faults": []}
+             for who in ("ours", "qemu-q35")}
+    paste = ("true # " + "x" * 33 + "\n") * 150 + "echo pasted-$((40+2))\n"
+    for r in range(1, runs + 1):
+        for who in ("ours", "qemu-q35"):
+            name = f"fr-{who}-{r}"
+            if who == "ours":
+                vm = Vm(name, 2, "1G", hotplug="4G")
+            else:
+                vm = Vm(name, 2, "1G", argv=qemu_argv("q35", 2, "1G", "4G"))
+            t = tally[who]
+            t["lifetimes"] += 1
+            try:
+                boot(res, vm, limit=300)
+                start = vm.mark()
+                vm.type(paste)
+                vm.wait_for(r"pasted-42", 120, start, what="the paste's last line")
+                lifetime_rest(vm, cycles)
+                t["clean"] += 1
+            except Exception as e:  # noqa: BLE001 - tallied, not raised
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                t["failed"].append(f"run {r}: {first}")
+                res.figure(f"{name}: failed", first)
+            finally:
+                vm.kill()
+            # Our vCPU threads are vcpuN, QEMU's CPU N/KVM: each side's
+            # exits are told apart by the thread name the trace line starts
+            # with.
+            for line in shutdown_lines():
+                side = "ours" if line.startswith("vcpu") else "qemu-q35"
+                tally[side]["triple_faults"].append(f"run {r}: {line[:300]}")
+    for who, t in tally.items():
+        res.figure(f"{who}: lifetimes clean / failed / triple faults",
+                   f"{t['clean']} / {len(t['failed'])} / {len(t['triple_faults'])} "
+                   f"of {t['lifetimes']}")
+        res.data(f"fault-rate-{who}", {"vmm": who, **t})
+        res.check(f"{who}: at least one lifetime ended cleanly", t["clean"] > 0, t)
+
+
+def lifetime_rest(vm, cycles):
+    """CYCLES plug/unplug cycles of 1 GiB over QMP, then `poweroff -f` and
+    exit status 0; raises Failed otherwise."""
+    vm.connect_qmp()
+    for _ in range(cycles):
+        vm.cmd("qom-set", path="vmem0", property="requested-size", value=GIB)
+        wait_size(vm, GIB, 300)
+        vm.cmd("qom-set", path="vmem0", property="requested-size", value=0)
+        wait_size(vm, 0, 300)
+    vm.type("poweroff -f\n")
+    status = vm.wait_exit(120)
+    if status != 0:
+        raise Failed(f"exit status {status} after poweroff")
+
+
+def shutdown_lines():
+    """The shutdown exits traced since the last call (tracing.py), with the
+    trace's leading spaces cut."""
+    return [line.lstrip() for line in shutdown_exits()]

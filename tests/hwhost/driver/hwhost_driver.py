@@ -25,7 +25,7 @@ import traceback
 import l2_vm
 import tracing
 from cargo_tests import cargo_tests
-from comparisons import bench_boot, bench_hotplug, experiment, qemu_count
+from comparisons import bench_boot, bench_hotplug, experiment, fault_rate, qemu_count
 from hotplug import demo, hotplug, hotplug_memfd
 from hotplug_numa import hotplug_numa
 from l2_vm import Failed
@@ -49,6 +49,7 @@ SCENARIOS = {
     "qemu-count": qemu_count,
     "bench-boot": bench_boot,
     "bench-hotplug": bench_hotplug,
+    "fault-rate": fault_rate,
 }
 
 
