@@ -9,7 +9,7 @@ import threading
 import time
 
 import l2_vm
-from guest_checks import GIB, boot, lifetime, meminfo_kib, wait_size
+from guest_checks import GIB, boot, lifetime, meminfo_kib, wait_shell, wait_size
 from l2_vm import L2_INITRD, L2_KERNEL, MIB, Failed, Vm, parse_size
 from tracing import Trace, load_base, rss_less_guest_kib, shutdown_exits
 
@@ -51,15 +51,18 @@ QEMU_SYMBOLS = "/opt/qemu/symbols.txt"
 QEMU_CMDLINE = "console=ttyS0 memhp_default_state=online_movable"
 
 
-def qemu_argv(machine, cpus, memory, hotplug=None, dynamic=False, reserve=True):
+def qemu_argv(machine, cpus, memory, hotplug=None, dynamic=False, reserve=True,
+              reboot=False):
     """QEMU under L1's KVM with the same kernel and initramfs as ours.
     q35 carries virtio-mem-pci when HOTPLUG is given (DYNAMIC: its
     dynamic-memslots=on, slot by slot as our vmm always maps; RESERVE
     False: the backend's reserve=off, MAP_NORESERVE, so a region larger
-    than the test host's memory is only address space, as ours is)."""
+    than the test host's memory is only address space, as ours is).
+    A guest reset ends QEMU (-no-reboot) unless REBOOT."""
     argv = [QEMU, "-L", "/opt/qemu/share", "-accel", "kvm", "-cpu", "host",
             "-smp", str(cpus), "-kernel", L2_KERNEL, "-initrd", L2_INITRD,
-            "-append", " ".join([QEMU_CMDLINE, *l2_vm.GUEST_QUIET]), "-display", "none", "-nodefaults", "-no-reboot",
+            "-append", " ".join([QEMU_CMDLINE, *l2_vm.GUEST_QUIET]), "-display", "none",
+            "-nodefaults", *([] if reboot else ["-no-reboot"]),
             "-serial", "stdio", "-qmp", "unix:{qmp},server=on,wait=off"]
     if machine == "microvm":
         return argv + ["-M", "microvm", "-bios", "/opt/qemu/share/qboot.rom", "-m", memory]
@@ -482,6 +485,8 @@ def fault_rate(res, args):
     """Whose fault are the L2 guests' triple faults and hangs? Our vmm and
     QEMU q35 take turns, RUNS lifetimes each (default 8), in one shape: 2
     vCPUs, 1 GiB and a hot-plug region, boot to the shell, a 6 KiB paste,
+    REBOOTS `reboot -f` in place (default 0; ours with `--on-reset
+    restart`, QEMU without -no-reboot), each waited for to the shell,
     CYCLES plug/unplug cycles of 1 GiB (default 2), `poweroff -f`. Same
     kernel and initramfs, both under the test host's KVM. For each side:
     lifetimes that ended cleanly, those that failed (how), and the shutdown
@@ -492,6 +497,7 @@ def fault_rate(res, args):
     need_qemu(res)
     runs = args.runs or 8
     cycles = args.cycles if args.cycles is not None else 2
+    reboots = args.reboots or 0
     tally = {who: {"lifetimes": 0, "clean": 0, "failed": [], "triple_faults": []}
              for who in ("ours", "qemu-q35")}
     paste = ("true # " + "x" * 33 + "\n") * 150 + "echo pasted-$((40+2))\n"
@@ -499,9 +505,10 @@ def fault_rate(res, args):
         for who in ("ours", "qemu-q35"):
             name = f"fr-{who}-{r}"
             if who == "ours":
-                vm = Vm(name, 2, "1G", hotplug="4G")
+                vm = Vm(name, 2, "1G", hotplug="4G",
+                        extra=["--on-reset", "restart"] if reboots else [])
             else:
-                vm = Vm(name, 2, "1G", argv=qemu_argv("q35", 2, "1G", "4G"))
+                vm = Vm(name, 2, "1G", argv=qemu_argv("q35", 2, "1G", "4G", reboot=reboots > 0))
             t = tally[who]
             t["lifetimes"] += 1
             try:
@@ -509,6 +516,13 @@ def fault_rate(res, args):
                 start = vm.mark()
                 vm.type(paste)
                 vm.wait_for(r"pasted-42", 120, start, what="the paste's last line")
+                for n in range(1, reboots + 1):
+                    start = vm.mark()
+                    vm.type("reboot -f\n")
+                    try:
+                        wait_shell(vm, start)
+                    except Failed as e:
+                        raise Failed(f"reboot {n}: {e}") from e
                 lifetime_rest(vm, cycles)
                 t["clean"] += 1
             except Exception as e:  # noqa: BLE001 - tallied, not raised

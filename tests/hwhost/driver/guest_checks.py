@@ -185,3 +185,12 @@ def lifetime(res, vm, cycles, size, limit=BOOT_LIMIT):
     res.check(f"{vm.name}: exit 0 after poweroff", status == 0,
               {"status": status, "stderr": vm.stderr.decode(errors="replace")[-1500:]})
     return t_shell, vm.t_exit - t0
+
+
+def wait_shell(vm, start, limit=300):
+    """Waits for the rebooted guest's /init report after console offset
+    START, then for its shell."""
+    vm.wait_for(r"UPTIME=", limit, start, what="the rebooted guest's /init report")
+    out, rc = vm.sh("echo $((6*7))", timeout=120)
+    if rc != 0 or out.strip() != "42":
+        raise Failed(f"the rebooted guest's shell does not answer: {out!r} {rc}")

@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--results", required=True)
     ap.add_argument("--runs", type=int)
     ap.add_argument("--cycles", type=int)
+    ap.add_argument("--reboots", type=int, help="fault-rate: `reboot -f` in place per lifetime")
     ap.add_argument("--plug-mib", type=int)
     ap.add_argument("--fill-mib", type=int)
     ap.add_argument("--vmms", help="bench-hotplug: the sides to run, comma-separated "

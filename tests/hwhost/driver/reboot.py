@@ -6,7 +6,8 @@ and descriptors flat."""
 import os
 import time
 
-from guest_checks import GIB, boot, check_rcu_file, meminfo_kib, wait_memtotal, wait_size
+from guest_checks import (GIB, boot, check_rcu_file, meminfo_kib, wait_memtotal, wait_shell,
+                          wait_size)
 from l2_vm import Failed, Vm, proc_maps
 
 
@@ -23,15 +24,6 @@ def memscan(vm, addr, mib):
     if line is None:
         raise Failed(f"memscan {addr:#x} {mib}: {out.strip()!r}")
     return {k: int(v) for k, v in (f.split("=") for f in line.split()[2:])}
-
-
-def wait_shell(vm, start, limit=300):
-    """Waits for the rebooted guest's /init report after console offset
-    START, then for its shell."""
-    vm.wait_for(r"UPTIME=", limit, start, what="the rebooted guest's /init report")
-    out, rc = vm.sh("echo $((6*7))", timeout=120)
-    if rc != 0 or out.strip() != "42":
-        raise Failed(f"the rebooted guest's shell does not answer: {out!r} {rc}")
 
 
 def reboot_in_place(res, args):
