@@ -835,8 +835,25 @@ impl Machine {
         }
         crate::kvm::vcpu::pause_all(vcpus, ANSWER_DEADLINE).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + ANSWER_DEADLINE;
+        let started = Instant::now();
         for v in vcpus {
             v.reset(deadline)?;
+        }
+        // Each vCPU writes back the TSC it was captured with, one after
+        // another. KVM treats TSC writes less than a second apart as one
+        // synchronisation (`kvm_synchronize_tsc`); further apart, the
+        // rebooted guest's CPUs would see different TSCs.
+        let took = started.elapsed();
+        if took >= std::time::Duration::from_secs(1) {
+            log::warn!(
+                "vCPU power-on states took {} ms to restore: their TSCs may differ",
+                took.as_millis()
+            );
+        } else {
+            log::info!(
+                "vCPU power-on states restored in {:.1} ms",
+                took.as_secs_f64() * 1e3
+            );
         }
         image
             .restore_interrupt_controllers(&self.vm)
