@@ -1036,20 +1036,28 @@ struct Window {
     wall: Duration,
     start: Instant,
     end: Instant,
+    /// The thread's sleeps (voluntary context switches) and preemptions
+    /// (involuntary ones) in the window, read just outside it.
+    sleeps: u64,
+    preemptions: u64,
 }
 
 fn timed<R>(f: impl FnOnce() -> R) -> (Window, R) {
+    let (v0, n0) = rcu_bench::own_switches();
     let c0 = thread_cpu_time();
     let start = Instant::now();
     let r = f();
     let end = Instant::now();
     let cpu = thread_cpu_time() - c0;
+    let (v1, n1) = rcu_bench::own_switches();
     (
         Window {
             cpu,
             wall: end - start,
             start,
             end,
+            sleeps: v1.saturating_sub(v0),
+            preemptions: n1.saturating_sub(n0),
         },
         r,
     )
@@ -1074,10 +1082,14 @@ fn busy_note(a: &Window, b: &Window) -> String {
         .min(b.end)
         .saturating_duration_since(a.start.max(b.start));
     format!(
-        "CPU/wall {:.2} and {:.2}, overlap {:.2}",
+        "CPU/wall {:.2} and {:.2}, overlap {:.2}; sleeps {} and {}, preemptions {} and {}",
         frac(a),
         frac(b),
-        overlap.as_secs_f64() / a.wall.max(b.wall).as_secs_f64().max(1e-9)
+        overlap.as_secs_f64() / a.wall.max(b.wall).as_secs_f64().max(1e-9),
+        a.sleeps,
+        b.sleeps,
+        a.preemptions,
+        b.preemptions
     )
 }
 

@@ -78,6 +78,27 @@ pub fn voluntary_switches() -> std::collections::HashMap<i32, u64> {
     out
 }
 
+/// The calling thread's context switches so far: (voluntary, involuntary),
+/// from `/proc/thread-self/status`. A voluntary switch is a sleep (a futex
+/// wait on a lock, say); an involuntary one is a preemption by another
+/// thread or process. `(0, 0)` if the file cannot be read.
+pub fn own_switches() -> (u64, u64) {
+    let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (
+        field("voluntary_ctxt_switches:"),
+        field("nonvoluntary_ctxt_switches:"),
+    )
+}
+
 /// Wake-ups between two [`voluntary_switches`] samples of the threads
 /// present in both, leaving out the threads in `exclude`.
 pub fn wakeups_between(
