@@ -11,13 +11,16 @@
 //! before it.
 //!
 //! Under sustained load (callbacks arriving faster than grace periods end)
-//! the thread also keeps [`BATCH_GAP`] between the end of one lazy batch and
-//! the start of the next, as liburcu's thread sleeps after each batch: at a
-//! million `call_rcu` a second it then wakes at most about a thousand times
-//! a second instead of once per grace period, and each wake-up that would
-//! preempt a reader or a writer on a busy machine takes a larger batch.
-//! Callbacks queued after a quiet spell do not wait for the gap, and a
-//! `force_rcu()` ends it at once.
+//! the thread also keeps a gap between the end of one lazy batch and the
+//! start of the next, as liburcu's thread sleeps after each batch. The gap
+//! starts at [`BATCH_GAP`] and doubles with every batch it held back, up to
+//! [`MAX_BATCH_GAP`] (liburcu's 10 ms): at a million `call_rcu` a second the
+//! thread then wakes about a hundred times a second instead of once per
+//! grace period, and each wake-up that would preempt a reader or a writer
+//! on a busy machine takes a larger batch. A gap never holds back more than
+//! [`GAP_CAP`] callbacks, which bounds the memory it keeps from being freed.
+//! Callbacks queued after a quiet spell do not wait for a gap (and the gap
+//! falls back to [`BATCH_GAP`]), and a `force_rcu()` ends it at once.
 //!
 //! How the thread is woken is a strategy ([`WakeupStrategy`]), after the
 //! discussion in QEMU of `force_rcu()` (2025-11): a boolean event that the
@@ -42,9 +45,19 @@ pub const MIN_BATCH: usize = 30;
 pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Least time between the end of one batch and the start of a lazy batch
-/// after it (liburcu sleeps 10 ms after every batch; QEMU not at all). A
-/// forced batch never waits for it.
+/// after it: the gap after a batch that nothing held back (liburcu sleeps
+/// 10 ms after every batch; QEMU not at all). A forced batch never waits for
+/// a gap.
 pub const BATCH_GAP: Duration = Duration::from_millis(1);
+
+/// Longest gap: reached after a few batches in a row were held back, that
+/// is, while callbacks keep arriving (liburcu's sleep after every batch).
+pub const MAX_BATCH_GAP: Duration = Duration::from_millis(10);
+
+/// Pending callbacks at which a batch held back for its gap stops waiting:
+/// the most callbacks (and so the most memory awaiting its free) a gap keeps
+/// back.
+pub const GAP_CAP: usize = 16384;
 
 /// How the call_rcu thread is woken when work arrives or is forced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
@@ -148,6 +161,7 @@ pub(crate) struct WorkerStats {
     pub(crate) max_batch: AtomicU64,
     pub(crate) lazy_polls: AtomicU64,
     pub(crate) paced_batches: AtomicU64,
+    pub(crate) capped_gaps: AtomicU64,
     pub(crate) latency: Histogram,
     pub(crate) sites: SiteTable,
 }
@@ -166,6 +180,7 @@ impl WorkerStats {
             max_batch: AtomicU64::new(0),
             lazy_polls: AtomicU64::new(0),
             paced_batches: AtomicU64::new(0),
+            capped_gaps: AtomicU64::new(0),
             latency: Histogram::new(),
             sites: SiteTable::new(),
         }
@@ -260,11 +275,12 @@ impl CallRcu {
     }
 
     /// Counts one queued callback and wakes the thread if the queue was
-    /// empty.
+    /// empty, or if the count reaches [`GAP_CAP`] (ending a gap early).
     fn count_queued(&self) {
         // SeqCst: pairs with the thread's reset-then-read (Event) so that
         // either it sees this count or this notification follows its reset.
-        if self.pending.fetch_add(1, Ordering::SeqCst) == 0 {
+        let before = self.pending.fetch_add(1, Ordering::SeqCst);
+        if before == 0 || before + 1 == GAP_CAP {
             self.signal.as_signal().notify();
         }
     }
@@ -336,9 +352,10 @@ impl CallRcu {
         }
     }
 
-    /// Sleeps until [`BATCH_GAP`] has passed since the last batch ended, or
-    /// until `force_rcu` (or `stop`) notifies the thread. The caller then
-    /// reads the count and the force request afresh.
+    /// Sleeps until the gap has passed since the last batch ended, until
+    /// [`GAP_CAP`] callbacks are pending, or until `force_rcu` (or `stop`)
+    /// notifies the thread. The caller then reads the count and the force
+    /// request afresh.
     fn keep_gap(&self, gap: &mut Gap) {
         bump(&self.stats.paced_batches);
         gap.waited = true;
@@ -352,6 +369,10 @@ impl CallRcu {
                 ev.reset();
             }
             if self.forced.load(Ordering::SeqCst) || self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            if self.pending.load(Ordering::SeqCst) >= GAP_CAP {
+                bump(&self.stats.capped_gaps);
                 return;
             }
             let Some(left) = gap.left() else { return };
@@ -484,17 +505,32 @@ impl CallRcu {
     }
 }
 
-/// When the call_rcu thread last ended a batch, and whether the batch to
-/// come already waited for [`BATCH_GAP`]. Under loom, whose timers expire at
-/// once, every lazy batch after another is held back once, so the models
-/// check that a `force_rcu` cuts the gap short.
-#[derive(Default)]
+/// When the call_rcu thread last ended a batch, how long the gap after it
+/// is, and whether the batch to come already waited for it. Under loom,
+/// whose timers expire at once, every lazy batch after another is held back
+/// once, so the models check that a `force_rcu` cuts the gap short.
 struct Gap {
     #[cfg(not(loom))]
     last_end: Option<std::time::Instant>,
     #[cfg(loom)]
     had_batch: bool,
+    /// [`BATCH_GAP`] after a batch nothing held back; doubled (up to
+    /// [`MAX_BATCH_GAP`]) after each batch that was held back.
+    len: Duration,
     waited: bool,
+}
+
+impl Default for Gap {
+    fn default() -> Self {
+        Self {
+            #[cfg(not(loom))]
+            last_end: None,
+            #[cfg(loom)]
+            had_batch: false,
+            len: BATCH_GAP,
+            waited: false,
+        }
+    }
 }
 
 impl Gap {
@@ -508,17 +544,22 @@ impl Gap {
         #[cfg(not(loom))]
         {
             let end = self.last_end?;
-            BATCH_GAP
-                .checked_sub(end.elapsed())
-                .filter(|d| !d.is_zero())
+            self.len.checked_sub(end.elapsed()).filter(|d| !d.is_zero())
         }
         #[cfg(loom)]
         {
-            self.had_batch.then_some(BATCH_GAP)
+            self.had_batch.then_some(self.len)
         }
     }
 
+    /// Notes that a batch ended now: the next gap doubles if this batch was
+    /// held back (callbacks kept coming), else it is [`BATCH_GAP`] again.
     fn batch_ended(&mut self) {
+        self.len = if self.waited {
+            (self.len * 2).min(MAX_BATCH_GAP)
+        } else {
+            BATCH_GAP
+        };
         self.waited = false;
         #[cfg(not(loom))]
         {
@@ -549,5 +590,87 @@ impl Pacer for CallRcu {
             "batching sleep after force_rcu() returned, with its callback pending"
         );
         false
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, mpsc};
+    use std::time::Instant;
+
+    #[test]
+    fn gap_doubles_while_batches_are_held_back_and_falls_back_after_one_that_was_not() {
+        let mut gap = Gap::default();
+        assert_eq!(gap.len, BATCH_GAP);
+        gap.batch_ended();
+        assert_eq!(gap.len, BATCH_GAP, "a batch nothing held back");
+        let mut lens = Vec::new();
+        for _ in 0..6 {
+            gap.waited = true;
+            gap.batch_ended();
+            lens.push(gap.len);
+        }
+        let ms = Duration::from_millis;
+        assert_eq!(lens, [ms(2), ms(4), ms(8), ms(10), ms(10), ms(10)]);
+        assert_eq!(MAX_BATCH_GAP, ms(10));
+        gap.batch_ended();
+        assert_eq!(gap.len, BATCH_GAP, "after a batch that was not held back");
+    }
+
+    /// Runs `keep_gap` on its own thread with a gap of an hour that has just
+    /// begun, calls `feed` on this thread, and returns once `keep_gap` has
+    /// returned (failing after a minute: it then slept on).
+    fn keep_an_hour_gap(variant: Variant, feed: impl FnOnce(&CallRcu)) -> Arc<CallRcu> {
+        let c = Arc::new(CallRcu::new(variant));
+        let (done, returned) = mpsc::channel();
+        let worker = Arc::clone(&c);
+        std::thread::spawn(move || {
+            let mut gap = Gap {
+                last_end: Some(Instant::now()),
+                len: Duration::from_secs(3600),
+                ..Gap::default()
+            };
+            worker.keep_gap(&mut gap);
+            // The gap had not passed: whatever ended it, it was not time.
+            let _ = done.send(gap.left().is_some());
+        });
+        feed(&c);
+        let early = returned
+            .recv_timeout(Duration::from_secs(60))
+            .expect("keep_gap slept on with GAP_CAP callbacks pending");
+        assert!(early);
+        c
+    }
+
+    fn queue(c: &CallRcu, n: usize) {
+        for _ in 0..n {
+            c.call(|| {}, Location::caller(), "test");
+        }
+    }
+
+    #[test]
+    fn a_gap_ends_when_gap_cap_callbacks_are_pending() {
+        for variant in [Variant::Event, Variant::Semaphore] {
+            // Already pending when the gap begins.
+            let c = CallRcu::new(variant);
+            queue(&c, GAP_CAP);
+            let mut gap = Gap {
+                last_end: Some(Instant::now()),
+                len: Duration::from_secs(3600),
+                ..Gap::default()
+            };
+            c.keep_gap(&mut gap);
+            assert_eq!(c.stats.capped_gaps.load(Ordering::Relaxed), 1);
+            // Reaching the cap while the thread sleeps in the gap wakes it.
+            let c = keep_an_hour_gap(variant, |c| {
+                queue(c, GAP_CAP - 1);
+                // Most likely asleep by now (the test holds either way).
+                std::thread::sleep(Duration::from_millis(100));
+                queue(c, 1);
+            });
+            assert_eq!(c.stats.capped_gaps.load(Ordering::Relaxed), 1);
+            assert_eq!(c.pending(), GAP_CAP);
+        }
     }
 }

@@ -315,6 +315,7 @@ pub fn stats() -> Stats {
         s.max_batch = r(&w.max_batch);
         s.lazy_polls = r(&w.lazy_polls);
         s.paced_batches = r(&w.paced_batches);
+        s.capped_gaps = r(&w.capped_gaps);
         s.latency = w.latency.snapshot();
         s.by_site = w.sites.snapshot();
         s.thread_cpu_ns = worker_cpu_ns();

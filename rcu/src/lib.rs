@@ -10,9 +10,10 @@
 //!
 //! The semantics follow QEMU's `util/rcu.c` (itself liburcu's
 //! memory-barrier flavour), including QEMU 10.2's lazy, batching call_rcu
-//! thread and `force_rcu()`; under sustained load the thread also keeps
-//! [`BATCH_GAP`] between batches, as liburcu's does, so it wakes a bounded
-//! number of times a second. The call_rcu thread's wake-up is a
+//! thread and `force_rcu()`; under sustained load the thread also keeps a
+//! gap between batches, as liburcu's does, so it wakes a bounded number of
+//! times a second: [`BATCH_GAP`], growing to [`MAX_BATCH_GAP`] while the
+//! load lasts, and never holding back more than [`GAP_CAP`] callbacks. The call_rcu thread's wake-up is a
 //! [`WakeupStrategy`]: QEMU's boolean event, or the counting semaphore that
 //! was proposed instead; choose with [`set_wakeup_strategy`] before first use.
 //!
@@ -175,7 +176,7 @@ mod reader;
 mod stats;
 mod wait;
 
-pub use call_rcu::{BATCH_GAP, MIN_BATCH, POLL_INTERVAL, WakeupStrategy};
+pub use call_rcu::{BATCH_GAP, GAP_CAP, MAX_BATCH_GAP, MIN_BATCH, POLL_INTERVAL, WakeupStrategy};
 #[cfg(not(loom))]
 pub use cell::RcuCell;
 pub use domain::LAZY_POLLS;

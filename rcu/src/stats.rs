@@ -57,9 +57,14 @@ pub struct Stats {
     pub max_batch: u64,
     /// 10 ms batching polls that ran to their end (lazy grace periods).
     pub lazy_polls: u64,
-    /// Lazy batches held back because the previous batch ended less than
-    /// [`BATCH_GAP`](crate::BATCH_GAP) before (sustained load).
+    /// Lazy batches held back because the previous batch ended less than a
+    /// gap before (sustained load): [`BATCH_GAP`](crate::BATCH_GAP), doubled
+    /// after each batch held back, up to
+    /// [`MAX_BATCH_GAP`](crate::MAX_BATCH_GAP).
     pub paced_batches: u64,
+    /// Of those, batches that stopped waiting because
+    /// [`GAP_CAP`](crate::GAP_CAP) callbacks were pending.
+    pub capped_gaps: u64,
     /// Passes of a grace period that found a reader still inside a section.
     pub reader_waits: u64,
     /// `membarrier` system calls issued by grace periods.

@@ -221,11 +221,13 @@ pub fn unforced_callback_batches_lazily() {
     assert_eq!(after.forced_batches, before.forced_batches);
 }
 
-/// Callbacks queued without pause for a while: the call_rcu thread keeps
-/// [`rcu::BATCH_GAP`] between the end of one lazy batch and the start of
-/// the next, so the number of lazy batches is bounded by the time the load
-/// lasted, however fast the grace periods are (a bound the implementation
-/// guarantees on any machine, not a timing).
+/// Callbacks queued without pause for a while: the call_rcu thread keeps a
+/// gap of at least [`rcu::BATCH_GAP`] between the end of one lazy batch and
+/// the start of the next unless [`rcu::GAP_CAP`] callbacks are pending, so
+/// the number of lazy batches is bounded by the time the load lasted plus
+/// the gaps cut short by the cap, each of which took at least `GAP_CAP`
+/// callbacks, however fast the grace periods are (bounds the implementation
+/// guarantees on any machine, not timings).
 pub fn sustained_load_batches_are_paced() {
     let _x = exclusive();
     settle();
@@ -252,17 +254,23 @@ pub fn sustained_load_batches_are_paced() {
     stop.store(true, Ordering::Relaxed);
     producer.join().unwrap();
     rcu::drain_call_rcu();
+    let queued = queued.load(Ordering::Relaxed) as u64;
     let lazy = (after.batches - after.forced_batches) - (before.batches - before.forced_batches);
-    let bound = 1 + (window.as_nanos() / rcu::BATCH_GAP.as_nanos()) as u64;
+    let capped = after.capped_gaps - before.capped_gaps;
+    let bound = 1 + (window.as_nanos() / rcu::BATCH_GAP.as_nanos()) as u64 + capped;
     println!(
-        "{} callbacks queued; {lazy} lazy batches in {window:?} (bound {bound}), {} held for the gap",
-        queued.load(Ordering::Relaxed),
+        "{queued} callbacks queued; {lazy} lazy batches in {window:?} (bound {bound}), {} held \
+         for the gap, {capped} of them cut short by the cap",
         after.paced_batches - before.paced_batches
     );
     assert!(lazy >= 1, "no batch ran under load: {after:#?}");
     assert!(
         lazy <= bound,
-        "{lazy} lazy batches in {window:?}: more than one per BATCH_GAP"
+        "{lazy} lazy batches in {window:?}: more than one per BATCH_GAP besides {capped} capped gaps"
+    );
+    assert!(
+        capped <= queued / rcu::GAP_CAP as u64,
+        "{capped} gaps cut short by the cap with only {queued} callbacks queued"
     );
     assert!(after.paced_batches > before.paced_batches, "{after:#?}");
 }

@@ -110,13 +110,18 @@ fn table(s: &Stats, heading: String) -> String {
         (
             "grace periods",
             format!(
-                "{} ({} by synchronize_rcu; {}, {} forced, {} held for the batch gap, \
+                "{} ({} by synchronize_rcu; {}, {} forced, {} held for the batch gap{}, \
                  largest {})",
                 s.grace_periods,
                 s.synchronize_rcu,
                 plural(s.batches, "batch", "batches"),
                 s.forced_batches,
                 s.paced_batches,
+                if s.capped_gaps == 0 {
+                    String::new()
+                } else {
+                    format!(" ({} cut short by the cap)", s.capped_gaps)
+                },
                 s.max_batch
             ),
         ),
