@@ -82,8 +82,11 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
     #[track_caller]
     pub fn replace(&self, value: T) {
         let new = Node::boxed(value);
+        // Read before the swap: after it, readers keep pulling the pointer's
+        // cache line (which the label shares) away from this thread.
+        let label = self.retire_label();
         let old = self.ptr.swap(new, Ordering::AcqRel);
-        self.retire(old);
+        self.retire(old, label);
     }
 
     /// Publishes `value`, waits for a grace period
@@ -120,6 +123,7 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
         T: Clone,
     {
         let guard = read_lock();
+        let label = self.retire_label();
         loop {
             let cur = self.ptr.load(Ordering::Acquire);
             // SAFETY: as in `read`: `cur` was loaded inside the section held
@@ -133,7 +137,7 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
             {
                 Ok(_) => {
                     drop(guard);
-                    self.retire(cur);
+                    self.retire(cur, label);
                     return r;
                 }
                 Err(_) => {
@@ -155,13 +159,17 @@ impl<T: Send + Sync + 'static> RcuCell<T> {
         self.label
     }
 
-    #[track_caller]
-    fn retire(&self, old: *mut Node<T>) {
-        let label = if self.label.is_empty() {
+    /// The label `retire` counts a retired value under.
+    fn retire_label(&self) -> &'static str {
+        if self.label.is_empty() {
             "RcuCell::replace"
         } else {
             self.label
-        };
+        }
+    }
+
+    #[track_caller]
+    fn retire(&self, old: *mut Node<T>, label: &'static str) {
         // SAFETY: `old` was unlinked from the cell by exactly one swap or
         // compare-exchange, so this thread owns it; readers that still hold
         // it only read the value, and it is dropped after a grace period.
