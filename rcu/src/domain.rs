@@ -341,17 +341,26 @@ impl Domain {
     #[must_use]
     pub(crate) fn reader_enter(&self, slot: &Slot) -> bool {
         let tmp = slot.ctr.load(Ordering::Relaxed);
-        if tmp & (NEST_MASK | UNREGISTERED) == 0 {
+        // Two outermost branches, so that the value stored depends on
+        // `gp_ctr` only, not on `tmp` (which the previous section's exit
+        // just stored): no data dependency runs from one section's word to
+        // the next one's through memory, only a predicted branch.
+        if tmp & (NEST_MASK | UNREGISTERED | FENCED) == 0 {
             // Acquire pairs with the Release advance of `gp_ctr`: a section
             // that starts with the new phase sees what was published before.
-            let v = self.gp_ctr.load(Ordering::Acquire) | (tmp & FENCED);
+            let v = self.gp_ctr.load(Ordering::Acquire);
             // Release: a grace period that reads this value (Acquire) also
             // sees everything this reader did before. Then (R1): order the
             // store to ctr before the loads of RCU-protected pointers in the
             // section. Pairs with (W) in `synchronize`: either the grace
             // period sees this section, or this section sees the pointers
             // published before the grace period started.
-            store_then_barrier(&slot.ctr, v, v & FENCED != 0);
+            store_then_barrier(&slot.ctr, v, false);
+            true
+        } else if tmp & (NEST_MASK | UNREGISTERED) == 0 {
+            // The same in fenced mode, with the full barrier.
+            let v = self.gp_ctr.load(Ordering::Acquire) | FENCED;
+            store_then_barrier(&slot.ctr, v, true);
             true
         } else {
             reader_enter_nested(slot, tmp)
