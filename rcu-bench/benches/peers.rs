@@ -595,10 +595,11 @@ fn pub_read_rwlock() -> (u64, u64) {
 
 #[inline(never)]
 fn pub_write_rcu() -> u64 {
+    let cell = &*RCU_PAGE; // the LazyLock checked once, outside the loop
     let mut n = 0;
     while !stopped() {
         n += 1;
-        RCU_PAGE.replace([n; 512]);
+        cell.replace([n; 512]);
     }
     n
 }
@@ -687,21 +688,23 @@ fn pub_write_paced_rcu() -> u64 {
 
 #[inline(never)]
 fn pub_write_sync_rcu_loop() -> u64 {
+    let cell = &*RCU_PAGE; // the LazyLock checked once, outside the loop
     let mut n = 0;
     while !stopped() {
         n += 1;
-        RCU_PAGE.replace_sync([n; 512]);
+        cell.replace_sync([n; 512]);
     }
     n
 }
 
 #[inline(never)]
 fn pub_write_epoch() -> u64 {
+    let atomic = &*EPOCH_PAGE; // the LazyLock checked once, outside the loop
     let mut n = 0;
     while !stopped() {
         n += 1;
         let guard = crossbeam_epoch::pin();
-        let old = EPOCH_PAGE.swap(
+        let old = atomic.swap(
             crossbeam_epoch::Owned::new([n; 512]),
             Ordering::AcqRel,
             &guard,
@@ -715,23 +718,26 @@ fn pub_write_epoch() -> u64 {
 
 #[inline(never)]
 fn pub_write_seize() -> u64 {
+    // The LazyLocks checked once, outside the loop.
+    let (page, collector) = (&*SEIZE_PAGE, &*SEIZE);
     let mut n = 0;
     while !stopped() {
         n += 1;
-        let old = SEIZE_PAGE.swap(Box::into_raw(Box::new([n; 512])), Ordering::AcqRel);
+        let old = page.swap(Box::into_raw(Box::new([n; 512])), Ordering::AcqRel);
         // SAFETY: `old` came from `Box::into_raw` and is unreachable now;
         // `retire` waits for the guards that may hold it.
-        unsafe { SEIZE.retire(old, seize::reclaim::boxed) };
+        unsafe { collector.retire(old, seize::reclaim::boxed) };
     }
     n
 }
 
 #[inline(never)]
 fn pub_write_arcswap() -> u64 {
+    let swap = &*ARCSWAP_PAGE; // the LazyLock checked once, outside the loop
     let mut n = 0;
     while !stopped() {
         n += 1;
-        ARCSWAP_PAGE.store(std::sync::Arc::new([n; 512]));
+        swap.store(std::sync::Arc::new([n; 512]));
     }
     n
 }
