@@ -13,9 +13,10 @@
 //! thread and `force_rcu()`; under sustained load the thread also keeps a
 //! gap between batches, as liburcu's does, so it wakes a bounded number of
 //! times a second: [`BATCH_GAP`], growing to [`MAX_BATCH_GAP`] while the
-//! load lasts, and never holding back more than [`GAP_CAP`] callbacks. The call_rcu thread's wake-up is a
-//! [`WakeupStrategy`]: QEMU's boolean event, or the counting semaphore that
-//! was proposed instead; choose with [`set_wakeup_strategy`] before first use.
+//! load lasts, and never holding back more than [`GAP_CAP`] callbacks. The
+//! call_rcu thread's wake-up is a [`WakeupStrategy`]: QEMU's boolean event,
+//! or the counting semaphore that was proposed instead; choose with
+//! [`set_wakeup_strategy`] before first use.
 //!
 //! # The read side
 //!
