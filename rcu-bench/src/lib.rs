@@ -67,11 +67,7 @@ pub fn voluntary_switches() -> std::collections::HashMap<i32, u64> {
         let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
             continue;
         };
-        if let Some(n) = status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse().ok())
-        {
+        if let Some(n) = status_field(&status, "voluntary_ctxt_switches:") {
             out.insert(tid, n);
         }
     }
@@ -86,17 +82,19 @@ pub fn own_switches() -> (u64, u64) {
     let Ok(status) = std::fs::read_to_string("/proc/thread-self/status") else {
         return (0, 0);
     };
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |name| status_field(&status, name).unwrap_or(0);
     (
         field("voluntary_ctxt_switches:"),
         field("nonvoluntary_ctxt_switches:"),
     )
+}
+
+/// The number after `name` (with its colon) in a `/proc/.../status` text.
+fn status_field(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Wake-ups between two [`voluntary_switches`] samples of the threads
