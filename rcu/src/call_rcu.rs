@@ -618,6 +618,15 @@ mod tests {
         assert_eq!(gap.len, BATCH_GAP, "after a batch that was not held back");
     }
 
+    /// A gap of an hour that has just begun.
+    fn hour_gap() -> Gap {
+        Gap {
+            last_end: Some(Instant::now()),
+            len: Duration::from_secs(3600),
+            ..Gap::default()
+        }
+    }
+
     /// Runs `keep_gap` on its own thread with a gap of an hour that has just
     /// begun, calls `feed` on this thread, and returns once `keep_gap` has
     /// returned (failing after a minute: it then slept on).
@@ -626,11 +635,7 @@ mod tests {
         let (done, returned) = mpsc::channel();
         let worker = Arc::clone(&c);
         std::thread::spawn(move || {
-            let mut gap = Gap {
-                last_end: Some(Instant::now()),
-                len: Duration::from_secs(3600),
-                ..Gap::default()
-            };
+            let mut gap = hour_gap();
             worker.keep_gap(&mut gap);
             // The gap had not passed: whatever ended it, it was not time.
             let _ = done.send(gap.left().is_some());
@@ -655,11 +660,7 @@ mod tests {
             // Already pending when the gap begins.
             let c = CallRcu::new(variant);
             queue(&c, GAP_CAP);
-            let mut gap = Gap {
-                last_end: Some(Instant::now()),
-                len: Duration::from_secs(3600),
-                ..Gap::default()
-            };
+            let mut gap = hour_gap();
             c.keep_gap(&mut gap);
             assert_eq!(c.stats.capped_gaps.load(Ordering::Relaxed), 1);
             // Reaching the cap while the thread sleeps in the gap wakes it.
