@@ -259,8 +259,8 @@ impl CallRcu {
     /// and allocates nothing.
     ///
     /// # Safety
-    /// As [`Queue::push_drop`]: `node` comes from `Node::boxed`, is owned by
-    /// the caller and is in no queue.
+    /// As [`Queue::push_drop`]: `node` comes from `Node::boxed` or
+    /// `Node::boxed_with`, is owned by the caller and is in no queue.
     #[cfg_attr(loom, allow(dead_code))]
     pub(crate) unsafe fn call_drop<T: Send>(
         &self,

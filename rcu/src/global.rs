@@ -177,8 +177,8 @@ pub fn call_rcu_labeled<F: FnOnce() + Send + 'static>(label: &'static str, f: F)
 /// counted as a `call_rcu` under `label` and the caller's location.
 ///
 /// # Safety
-/// `node` comes from `Node::boxed`, is owned by the caller (unlinked from
-/// wherever readers found it) and is in no queue.
+/// `node` comes from `Node::boxed` or `Node::boxed_with`, is owned by the
+/// caller (unlinked from wherever readers found it) and is in no queue.
 #[track_caller]
 pub(crate) unsafe fn retire_node<T: Send + 'static>(label: &'static str, node: *mut Node<T>) {
     // SAFETY: the caller's contract is call_drop's.

@@ -162,6 +162,33 @@ fn callback_leaking_a_section_aborts() {
     );
 }
 
+/// `RcuCell::replace_with` builds its value in place, which the compiler
+/// does only for a call that cannot unwind: a panicking closure aborts the
+/// process, saying so, instead of publishing or returning.
+#[test]
+fn replace_with_whose_closure_panics_aborts() {
+    const NAME: &str = "replace_with_whose_closure_panics_aborts";
+    if is_child(NAME) {
+        let cell = RcuCell::new([1u64; 512]);
+        cell.replace_with(|| -> [u64; 512] { panic!("no page today") });
+        println!("RETURNED with {}", cell.with(|v| v[0]));
+        return;
+    }
+    let _x = common::exclusive();
+    let out = run_child(NAME);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("RETURNED"),
+        "replace_with returned after its closure panicked"
+    );
+    assert_aborted_with(
+        &out,
+        &[
+            "no page today",
+            "rcu: the closure given to RcuCell::replace_with panicked",
+        ],
+    );
+}
+
 /// A grace period waiting for a thread stuck in its section keeps waiting:
 /// only the guard's drop ends the section.
 #[test]
