@@ -61,13 +61,16 @@
 //! * **publish 4 KiB**: a reader thread reads the last word of a 4 KiB value
 //!   while a writer thread replaces the value as fast as it can (each old
 //!   value freed after a grace period: `call_rcu`, `defer_destroy`, `retire`,
-//!   arc-swap's reference count, the lock). Reader M sections/s and writer
-//!   k swaps/s, both per CPU second of the thread. The same runs count the
-//!   wake-ups per second of the process's other threads (voluntary context
-//!   switches in `/proc/self/task/*/status`, the reader, the writer and the
-//!   main thread left out), which is the reclamation thread's (call_rcu's)
-//!   on the sides that have one: each wake-up can take a CPU from the
-//!   reader or the writer. Counted in every round, parallel or not.
+//!   arc-swap's reference count, the lock). Each new value is filled where
+//!   it will live, as C fills its `malloc`ed page (ours with
+//!   `RcuCell::replace_with`; arc-swap's `Arc` alone gets a copy, see
+//!   `page`). Reader M sections/s and writer k swaps/s, both per CPU second
+//!   of the thread. The same runs count the wake-ups per second of the
+//!   process's other threads (voluntary context switches in
+//!   `/proc/self/task/*/status`, the reader, the writer and the main thread
+//!   left out), which is the reclamation thread's (call_rcu's) on the sides
+//!   that have one: each wake-up can take a CPU from the reader or the
+//!   writer. Counted in every round, parallel or not.
 //! * **publish 4 KiB, synchronous writer** (group `sync`): the same reader,
 //!   while the writer swaps the pointer, waits for a grace period itself and
 //!   frees the old value on its own thread (liburcu: `rcu_xchg_pointer` +
@@ -285,6 +288,23 @@ static SEIZE_PAGE: LazyLock<AtomicPtr<Page>> =
 static ARCSWAP_PAGE: LazyLock<ArcSwap<Page>> = LazyLock::new(|| ArcSwap::from_pointee([0; 512]));
 /// Written in place under the lock: a lock's natural use needs no new value.
 static RWLOCK_PAGE: RwLock<Page> = RwLock::new([0; 512]);
+
+/// The page a writer publishes as its `n`th. Every writer that can builds
+/// its page where the page will live, as the C writer fills its `malloc`ed
+/// page: `page` cannot unwind (`extern "C"`), so a call to it that fills a
+/// fresh `Box` gets the box's address to write through. Where a call might
+/// unwind, rustc 1.95 builds the value on the stack and copies it (4 KiB
+/// per swap). `RcuCell::replace_with` does the same inside.
+#[inline(never)]
+#[allow(improper_ctypes_definitions)] // Called from Rust only.
+extern "C" fn page(n: u64) -> Page {
+    [n; 512]
+}
+
+/// Page `n` in a `Box` (crossbeam-epoch's `Owned` and seize take one).
+fn page_box(n: u64) -> Box<Page> {
+    Box::write(Box::new_uninit(), page(n))
+}
 
 /// Set to end the loops that run until told (publish writers and readers,
 /// busy readers); an `i32` so the C loops can read it too.
@@ -599,7 +619,7 @@ fn pub_write_rcu() -> u64 {
     let mut n = 0;
     while !stopped() {
         n += 1;
-        cell.replace([n; 512]);
+        cell.replace_with(|| [n; 512]);
     }
     n
 }
@@ -705,7 +725,7 @@ fn pub_write_epoch() -> u64 {
         n += 1;
         let guard = crossbeam_epoch::pin();
         let old = atomic.swap(
-            crossbeam_epoch::Owned::new([n; 512]),
+            crossbeam_epoch::Owned::from(page_box(n)),
             Ordering::AcqRel,
             &guard,
         );
@@ -723,7 +743,7 @@ fn pub_write_seize() -> u64 {
     let mut n = 0;
     while !stopped() {
         n += 1;
-        let old = page.swap(Box::into_raw(Box::new([n; 512])), Ordering::AcqRel);
+        let old = page.swap(Box::into_raw(page_box(n)), Ordering::AcqRel);
         // SAFETY: `old` came from `Box::into_raw` and is unreachable now;
         // `retire` waits for the guards that may hold it.
         unsafe { collector.retire(old, seize::reclaim::boxed) };
@@ -737,7 +757,9 @@ fn pub_write_arcswap() -> u64 {
     let mut n = 0;
     while !stopped() {
         n += 1;
-        swap.store(std::sync::Arc::new([n; 512]));
+        // Copied once into the Arc: no stable way to build in an `Arc`'s
+        // allocation was found (the optimiser does not know it writable).
+        swap.store(std::sync::Arc::new(page(n)));
     }
     n
 }
