@@ -3,8 +3,9 @@
 //! readers skip fences like our membarrier mode, mb's fence like our fenced
 //! mode, the one the VMM's vCPU threads use), crossbeam-epoch, seize
 //! (Hyaline), arc-swap, `std::sync::RwLock`, a QEMU-style reader (`depth++`
-//! in a thread-local and a snapshot of a global counter, in Rust here) and a
-//! bare thread-local increment as the floor.
+//! in a thread-local and a snapshot of a global counter, in Rust here), the
+//! least such a reader must do (a snapshot store, in Rust) and a bare
+//! thread-local increment as the floor.
 //!
 //! `cargo bench -p rcu-bench` runs five interleaved rounds (every row and
 //! peer once per round, the peer order rotating between rounds) and prints
@@ -51,9 +52,13 @@
 //! dereference, the floor any reader can reach. The QEMU-style reader shows
 //! what `depth++` in a thread-local plus a global snapshot costs on its own,
 //! so a gap between `rcu` and liburcu can be split into what the algorithm
-//! costs and what the implementation adds. The machine is shared: compare
-//! rows within one run, never across runs, and read the range before the
-//! median (the header prints the load average before and after).
+//! costs and what the implementation adds. The snapshot-store row is the
+//! floor of this family of readers: it only stores the counter's snapshot
+//! into its word, dereferences and stores 0 (no nesting, no wake-up of a
+//! waiting writer, so no reader anyone could use); no such reader can be
+//! cheaper than it. The machine is shared: compare rows within one run,
+//! never across runs, and read the range before the median (the header
+//! prints the load average before and after).
 //!
 //! Rows:
 //! * **idle read** (1 and 2 threads): `read_lock`, one dereference of a
@@ -370,6 +375,27 @@ fn qemu_read_unlock() {
     });
 }
 
+/// The least a reader can do that a grace period could see: store the
+/// grace-period counter's snapshot into its own word, dereference, store 0.
+/// No nesting and no wake-up of a waiting writer, so not a usable RCU: the
+/// floor under every reader of this family (liburcu's, QEMU's, ours), to
+/// measure how far any of them can get towards the bare increment.
+#[inline(never)]
+fn idle_floor(n: u64) -> u64 {
+    let mut sum = 0;
+    for _ in 0..n {
+        QEMU_READER.with(|r| {
+            r.ctr
+                .store(QEMU_GP_CTR.load(Ordering::Relaxed), Ordering::Relaxed);
+            compiler_fence(Ordering::SeqCst);
+            sum += plain_value();
+            compiler_fence(Ordering::SeqCst);
+            r.ctr.store(0, Ordering::Release);
+        });
+    }
+    sum
+}
+
 /// QEMU's `qemu_event_set(&rcu_gp_event)`; no writer runs here.
 #[cold]
 #[inline(never)]
@@ -465,6 +491,7 @@ enum Idle {
     RcuFenced,
     Liburcu(Flavour),
     Qemu,
+    Floor,
     BareTls,
     Epoch,
     Seize,
@@ -472,12 +499,13 @@ enum Idle {
     RwLock,
 }
 
-const IDLE: [Idle; 10] = [
+const IDLE: [Idle; 11] = [
     Idle::RcuMemb,
     Idle::RcuFenced,
     Idle::Liburcu(Flavour::Memb),
     Idle::Liburcu(Flavour::Mb),
     Idle::Qemu,
+    Idle::Floor,
     Idle::BareTls,
     Idle::Epoch,
     Idle::Seize,
@@ -493,6 +521,7 @@ impl Idle {
             Idle::Liburcu(Flavour::Memb) => "liburcu-memb (C loop)",
             Idle::Liburcu(Flavour::Mb) => "liburcu-mb (C loop)",
             Idle::Qemu => "QEMU-style depth++ (Rust)",
+            Idle::Floor => "snapshot store only (floor)",
             Idle::BareTls => "bare TLS++ + deref",
             Idle::Epoch => "crossbeam-epoch pin",
             Idle::Seize => "seize enter+protect",
@@ -526,6 +555,7 @@ impl Idle {
             Idle::RcuMemb | Idle::RcuFenced => idle_rcu(n),
             Idle::Liburcu(f) => f.read_loop(n),
             Idle::Qemu => idle_qemu(n),
+            Idle::Floor => idle_floor(n),
             Idle::BareTls => idle_bare_tls(n),
             Idle::Epoch => idle_epoch(n),
             Idle::Seize => idle_seize(n),
@@ -1484,6 +1514,7 @@ fn check_tls() -> Result<(), String> {
         "idle_rcu",
         "pub_read_rcu",
         "idle_qemu",
+        "idle_floor",
     ] {
         let Some(f) = find(&funcs, needle) else {
             return Err(format!("{needle} not found in the disassembly"));
