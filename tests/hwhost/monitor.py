@@ -7,7 +7,8 @@ QEMU's first serial port is written to DIR/console.log (the test host's
 console, with the L2 consoles the driver echoes), the second to
 DIR/results.jsonl (the driver's JSON lines, see driver/hwhost_driver.py).
 DIR/outcome gets one line on how the run ended: 'done', 'qemu-exited' (QEMU
-ended before the driver said it was done), 'killed' or 'fatal', then
+ended before the driver said it was done), 'stalled' (killed after --stall
+seconds with nothing new), 'killed' (killed at --timeout) or 'fatal', then
 QEMU's exit status.
 Prints each scenario's checks and figures as they come, then a summary,
 and the closing line 'hwhost: N passed, M failed'. Exits 0 only if every
@@ -57,6 +58,7 @@ def main():
     figures = {}  # scenario -> [(name, value, unit)]
     done = fatal = None
     killed = None
+    stalled = False
     data = open(os.path.join(a.out, "data.jsonl"), "w")
 
     def handle(rec):
@@ -127,6 +129,7 @@ def main():
             killed = f"the run exceeded its limit of {a.timeout:.0f} s"
         elif now - last_change > a.stall:
             killed = f"nothing new from the test host for {a.stall:.0f} s"
+            stalled = True
         if killed:
             proc.kill()
             proc.wait()
@@ -158,7 +161,8 @@ def main():
     for s in missing:
         print(f"  NOT RUN {s}")
     # How the run ended, for run.sh's retry rules: one line, a word first.
-    early = "fatal" if fatal else "killed" if killed else "qemu-exited" if done is None else "done"
+    early = ("fatal" if fatal else "stalled" if stalled else "killed" if killed
+             else "qemu-exited" if done is None else "done")
     with open(os.path.join(a.out, "outcome"), "w") as f:
         f.write(f"{early} {proc.returncode}\n")
     if not ok and why:

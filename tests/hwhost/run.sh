@@ -227,7 +227,14 @@ boot_and_run "${scenarios[@]}" || status=$?
 # page was hit" in the vCPU thread, the kernel faulting again and again on
 # a %gs-relative load in exc_page_fault ("Fatal exception in interrupt"),
 # as if an interrupt had been taken with the guest's GS base still loaded
-# around the world switch. Any other failure stands.
+# around the world switch. And for a test host that went silent: its
+# driver prints a heartbeat every minute from a thread of its own, whatever
+# its scenario waits for (and every wait of the driver has its own limit,
+# after which it reports the vmm's threads), so nothing at all from the test
+# host for --stall seconds (600 in CI) means its user space did not run:
+# seen in CI on 2026-12-06 in reboot-in-place, the guest's shell banner
+# after the second reboot the last line, where a 120 s wait for the shell
+# would have failed with a report. Any other failure stands.
 stall_rx='(watchdog: BUG: soft lockup|rcu: INFO: rcu_[a-z]+ (self-)?detected stall)'
 host_fault="^\[ *[0-9.]+\] $stall_rx"
 guest_fault="^\[[^]]+\] .*\[ *[0-9.]+\] $stall_rx"
@@ -237,6 +244,8 @@ irq_shutdown='KVM shutdown exit \(guest triple fault\)[^"]*","value":"[^"]*rip 0
 spin_line='^  \|   [0-9]+ vcpu[0-9]+: state R, in KVM_RUN, wchan [^,]*, CPU over 1 s: guest [0-9]+ ms, kernel [0-9]+ ms, user space 0 ms'
 # What the test host's driver or kernel says when it ends the run itself.
 l1_said='^(hwhost: the driver exited|\[ *[0-9.]+\] (Kernel panic|reboot: ))'
+# The driver's heartbeat (hwhost_driver.py).
+heartbeat='^hwhost: driver heartbeat [0-9]+ s'
 # The test host's own kernel crashing (its lines are not prefixed with a
 # guest's name).
 host_crash='^\[ *[0-9.]+\] (BUG: |Oops|Kernel panic)'
@@ -267,6 +276,13 @@ classify() {
     elif grep -qE "$spin_line" "$d/console.log" && every_vcpu_in_kvm_run "$d"; then
         why="a guest stopped answering while a vCPU spun inside KVM_RUN with no exit to the vmm:"
         fault=$spin_line
+    elif [ "$(cut -d' ' -f1 "$d/outcome" 2>/dev/null)" = stalled ] &&
+        grep -qE "$heartbeat" "$d/console.log"; then
+        why="the test host went silent, its driver's heartbeat (a line a minute, from a thread of its own) included, until QEMU was stopped:"
+        fault=$heartbeat
+        last_beat=$(grep -E "$heartbeat" "$d/console.log" | tail -n 1 | tr -d '\r')
+        fault_log=$d/last-heartbeat
+        printf '%s\n' "$last_beat" >"$fault_log"
     elif [ "$(cut -d' ' -f1 "$d/outcome" 2>/dev/null)" = qemu-exited ] &&
         ! grep -qE "$l1_said" "$d/console.log"; then
         why="the test host ended while its driver ran, with no word from its driver or kernel (QEMU status $(cut -d' ' -f2 "$d/outcome")):"

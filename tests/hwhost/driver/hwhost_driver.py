@@ -19,6 +19,7 @@ hotplug_numa, reboot, cargo_tests, comparisons).
 import argparse
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -53,7 +54,23 @@ SCENARIOS = {
 }
 
 
+# How often the driver says it is alive on the test host's console.
+HEARTBEAT_S = 60
+HEARTBEAT = "hwhost: driver heartbeat"
+
+
+def heartbeat():
+    """Prints a line every HEARTBEAT_S seconds, from a thread of its own,
+    whatever the scenarios wait for: a test host silent for much longer is
+    not running its user space at all (run.sh's rules)."""
+    t0 = time.monotonic()
+    while True:
+        time.sleep(HEARTBEAT_S)
+        print(f"{HEARTBEAT} {time.monotonic() - t0:.0f} s", flush=True)
+
+
 def main():
+    threading.Thread(target=heartbeat, daemon=True).start()
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", required=True)
     ap.add_argument("--runs", type=int)
