@@ -348,16 +348,7 @@ impl Domain {
         // section's word to the next one's through memory, only a predicted
         // branch.
         if tmp & (NEST_MASK | UNREGISTERED | FENCED) == 0 {
-            // Acquire pairs with the Release advance of `gp_ctr`: a section
-            // that starts with the new phase sees what was published before.
-            let v = self.gp_ctr.load(Ordering::Acquire);
-            // Release: a grace period that reads this value (Acquire) also
-            // sees everything this reader did before. Then (R1): order the
-            // store to ctr before the loads of RCU-protected pointers in the
-            // section. Pairs with (W) in `synchronize`: either the grace
-            // period sees this section, or this section sees the pointers
-            // published before the grace period started.
-            store_then_barrier(&slot.ctr, v, false);
+            self.enter_outermost(slot, false);
             true
         } else {
             self.reader_enter_slow(slot, tmp)
@@ -374,13 +365,26 @@ impl Domain {
     #[inline(never)]
     fn reader_enter_slow(&self, slot: &Slot, tmp: u64) -> bool {
         if tmp & (NEST_MASK | UNREGISTERED) == 0 {
-            // The outermost entry in fenced mode, with the full barrier.
-            let v = self.gp_ctr.load(Ordering::Acquire) | FENCED;
-            store_then_barrier(&slot.ctr, v, true);
+            self.enter_outermost(slot, true);
             true
         } else {
             reader_enter_nested(slot, tmp)
         }
+    }
+
+    /// The outermost `read_lock` on a registered slot in the given mode.
+    #[inline(always)]
+    fn enter_outermost(&self, slot: &Slot, fenced: bool) {
+        // Acquire pairs with the Release advance of `gp_ctr`: a section
+        // that starts with the new phase sees what was published before.
+        let v = self.gp_ctr.load(Ordering::Acquire) | if fenced { FENCED } else { 0 };
+        // Release: a grace period that reads this value (Acquire) also sees
+        // everything this reader did before. Then (R1): order the store to
+        // ctr before the loads of RCU-protected pointers in the section.
+        // Pairs with (W) in `synchronize`: either the grace period sees this
+        // section, or this section sees the pointers published before the
+        // grace period started.
+        store_then_barrier(&slot.ctr, v, fenced);
     }
 
     /// `read_unlock` on `slot`, by its owner.
@@ -393,16 +397,7 @@ impl Domain {
         // every path) has neither.
         let v = tmp.wrapping_sub(1);
         if v & (NEST_MASK | FENCED) == 0 {
-            // Release: the section's loads happen before a grace period that
-            // reads this value (Acquire) frees what they read. Then (R2):
-            // order the store to ctr before the load of `waiting`. Pairs
-            // with (W) after a hurried grace period sets `waiting`: either
-            // it sees this store, or this thread sees `waiting` and wakes
-            // it.
-            store_then_barrier(&slot.ctr, v, false);
-            if slot.waiting.load(Ordering::Relaxed) {
-                self.wake_grace_period(slot);
-            }
+            self.exit_outermost(slot, v, false);
         } else {
             self.reader_exit_slow(slot, tmp);
         }
@@ -414,13 +409,24 @@ impl Domain {
     #[inline(never)]
     fn reader_exit_slow(&self, slot: &Slot, tmp: u64) {
         if tmp & NEST_MASK == 1 {
-            // As in `reader_exit`, with the full barrier.
-            store_then_barrier(&slot.ctr, tmp - 1, true);
-            if slot.waiting.load(Ordering::Relaxed) {
-                self.wake_grace_period(slot);
-            }
+            self.exit_outermost(slot, tmp - 1, true);
         } else {
             slot.ctr.store(tmp - 1, Ordering::Relaxed);
+        }
+    }
+
+    /// The outermost `read_unlock`: stores `v` (the word with nesting 0)
+    /// and wakes a grace period waiting for this reader.
+    #[inline(always)]
+    fn exit_outermost(&self, slot: &Slot, v: u64, fenced: bool) {
+        // Release: the section's loads happen before a grace period that
+        // reads this value (Acquire) frees what they read. Then (R2): order
+        // the store to ctr before the load of `waiting`. Pairs with (W)
+        // after a hurried grace period sets `waiting`: either it sees this
+        // store, or this thread sees `waiting` and wakes it.
+        store_then_barrier(&slot.ctr, v, fenced);
+        if slot.waiting.load(Ordering::Relaxed) {
+            self.wake_grace_period(slot);
         }
     }
 
