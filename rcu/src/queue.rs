@@ -107,8 +107,9 @@ impl<T> Node<T> {
 #[inline(never)]
 #[allow(improper_ctypes_definitions)] // Called from Rust only.
 extern "C" fn build<T, F: FnOnce() -> T>(make: F) -> T {
-    /// Runs only while `make` unwinds; the unwind then reaches this
-    /// function's end, where Rust aborts the process.
+    /// Dropped only while `make` unwinds: says why and aborts (the unwind
+    /// would otherwise end in Rust's own abort at this function's edge,
+    /// which does not say).
     struct Unwinding;
     impl Drop for Unwinding {
         fn drop(&mut self) {
